@@ -1,0 +1,44 @@
+# Two commands for a new user: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.secateur-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+FORTUNES := /usr/share/games/fortunes/fortunes
+
+.PHONY: setup data demo test lint clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned to the CPU wheel; the project's own requirement is a range.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+data:
+	@if [ ! -f $(FMNIST) ] || [ ! -f $(FORTUNES) ]; then \
+	  echo "Installing Debian packages dataset-fashion-mnist and fortunes (needs root and apt-get)"; \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist fortunes >/dev/null; \
+	  elif command -v sudo >/dev/null; then \
+	    sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist fortunes >/dev/null; \
+	  else \
+	    echo "error: cannot install dataset-fashion-mnist: need apt-get as root (or sudo)." >&2; \
+	    echo "       Alternatively set SECATEUR_FASHION_MNIST to a folder with the IDX files." >&2; exit 1; \
+	  fi; \
+	fi
+
+demo: setup
+	$(VENV)/bin/secateur demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,33 @@
+"""secateur: neural network pruning for PyTorch.
+
+Pruning is composed from small pieces (see docs/architecture.md): a *scope* (which parameters),
+a *criterion* (how important each unit is), an *allocation* (how much to remove where), a
+*schedule* (when), and an *applier* (masks, then physical compaction).
+"""
+
+from secateur.errors import (
+    ChecksumError,
+    CompactionError,
+    ConfigError,
+    DataError,
+    GraphError,
+    ScopeError,
+    SecateurError,
+    SerializationError,
+    UnsupportedOpError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChecksumError",
+    "CompactionError",
+    "ConfigError",
+    "DataError",
+    "GraphError",
+    "ScopeError",
+    "SecateurError",
+    "SerializationError",
+    "UnsupportedOpError",
+    "__version__",
+]

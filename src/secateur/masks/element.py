@@ -1,0 +1,139 @@
+"""Element-wise masks held as PyTorch parametrizations.
+
+A masked parameter is exposed to the module as ``original * mask`` (``torch.nn.utils.parametrize``),
+so the effective weight is exactly zero wherever ``mask`` is False, whatever the optimizer does to
+``original`` (momentum, weight decay): the gradient reaching ``original`` is masked too, and the
+forward recomputes the product every call. This is the reversible applier of the design: masks can
+change at any step, and :func:`detach_masks` bakes them into plain weights with exact zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from secateur.errors import ConfigError
+
+
+class ElementMask(nn.Module):
+    """Parametrization ``w -> w * mask`` with a boolean ``mask`` buffer of the parameter's shape.
+
+    The mask is a buffer (saved in ``state_dict`` under ``<module>.parametrizations.<name>.0.mask``)
+    so checkpoints carry it. Shape: same as the masked parameter.
+    """
+
+    def __init__(self, shape: torch.Size, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+    def extra_repr(self) -> str:
+        density = self.mask.float().mean().item() if self.mask.numel() else 1.0
+        return f"shape={tuple(self.mask.shape)}, density={density:.4f}"
+
+
+def _element_mask(module: nn.Module, name: str) -> ElementMask | None:
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:
+        if isinstance(p, ElementMask):
+            return p
+    return None
+
+
+def has_mask(module: nn.Module, name: str = "weight") -> bool:
+    """True when ``module.<name>`` carries an :class:`ElementMask`."""
+    return _element_mask(module, name) is not None
+
+
+def attach_mask(module: nn.Module, name: str = "weight") -> ElementMask:
+    """Attach an all-ones mask to ``module.<name>`` (idempotent) and return it.
+
+    Raises:
+        ConfigError: if the module has no floating-point parameter called ``name``.
+    """
+    existing = _element_mask(module, name)
+    if existing is not None:
+        return existing
+    param = getattr(module, name, None)
+    if not isinstance(param, torch.Tensor):
+        raise ConfigError(f"{type(module).__name__} has no parameter {name!r} to mask")
+    if not param.is_floating_point():
+        raise ConfigError(
+            f"cannot mask {type(module).__name__}.{name}: dtype {param.dtype} is not floating point"
+        )
+    mask = ElementMask(param.shape, device=param.device)
+    parametrize.register_parametrization(module, name, mask)
+    return mask
+
+
+def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The boolean mask of ``module.<name>`` (shape of the parameter).
+
+    Raises:
+        ConfigError: if the parameter is not masked.
+    """
+    m = _element_mask(module, name)
+    if m is None:
+        raise ConfigError(f"{type(module).__name__}.{name} has no mask attached")
+    return m.mask
+
+
+def original(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The unmasked stored parameter behind a masked ``module.<name>`` (the optimizer's tensor)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
+
+
+@torch.no_grad()
+def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
+    """Replace the mask of ``module.<name>`` and zero the stored weights it removes.
+
+    Zeroing the stored (original) values too keeps the state clean: weight decay then keeps them
+    at zero, and a later :func:`detach_masks` needs no extra work.
+
+    Args:
+        mask: bool (or 0/1) tensor of the parameter's shape; True keeps an entry.
+
+    Raises:
+        ConfigError: if the shape does not match or the parameter is not masked.
+    """
+    m = _element_mask(module, name)
+    if m is None:
+        m = attach_mask(module, name)
+    if tuple(mask.shape) != tuple(m.mask.shape):
+        raise ConfigError(
+            f"mask for {type(module).__name__}.{name} has shape {tuple(mask.shape)}, "
+            f"expected {tuple(m.mask.shape)}"
+        )
+    m.mask.copy_(mask.to(dtype=torch.bool, device=m.mask.device))
+    orig = original(module, name)
+    orig.mul_(m.mask)
+
+
+def masked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """Yield ``(module_path, module, param_name)`` for every masked parameter of ``model``."""
+    for path, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for pname in list(module.parametrizations.keys()):
+            if _element_mask(module, pname) is not None:
+                yield path, module, pname
+
+
+@torch.no_grad()
+def detach_masks(model: nn.Module) -> nn.Module:
+    """Bake every element mask into its parameter and remove the parametrizations (in place).
+
+    Afterwards the model has plain ``nn.Parameter`` weights holding exact zeros where masks were
+    False, and its ``state_dict`` keys are the usual ones. Returns ``model``.
+    """
+    for _, module, pname in list(masked_parameters(model)):
+        parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+    return model

@@ -1,0 +1,136 @@
+"""Pruner: the element-wise sparsifier that ties scope, criterion, allocation and schedule.
+
+It follows torch.ao.pruning's split of *what* (scope, criterion, allocation) from *when*
+(schedule): call :meth:`Pruner.step` after each optimizer step of your own loop (or pass the
+pruner as a callback to :class:`secateur.train.Trainer`) and the schedule decides when masks
+change. Masks are parametrizations (see :mod:`secateur.masks`), so pruned weights stay exactly
+zero through training; :meth:`Pruner.remove` bakes them into plain weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateur.allocation import check_sparsity, get_allocation
+from secateur.criteria import Criterion, get_criterion
+from secateur.masks import attach_mask, detach_masks, get_mask, set_mask
+from secateur.masks.element import _element_mask
+from secateur.schedules import OneShot, Schedule
+from secateur.scope import Scope, Target
+
+
+class Pruner:
+    """Element-wise pruning of the parameters selected by ``scope``.
+
+    Args:
+        model: the network; its scoped weights get masks (in place) at construction.
+        schedule: a :mod:`secateur.schedules` object, or a float for one-shot pruning at step 0.
+        criterion: a registered criterion name ("magnitude", "random", ...) or an instance.
+        allocation: "global" (one threshold over all scoped weights) or "layerwise".
+        scope: a :class:`Scope`; default: every conv and linear weight.
+
+    Raises:
+        ConfigError / ScopeError: bad sparsity, unknown criterion or allocation, a pattern that
+            matches nothing, non-floating-point weights. Validation happens before any mask is
+            attached, so on error the model is untouched.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule | float,
+        criterion: str | Criterion = "magnitude",
+        allocation: str = "global",
+        scope: Scope | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(schedule, (OneShot,)) and isinstance(schedule, (int, float)):
+            schedule = OneShot(check_sparsity(schedule))
+        self.model = model
+        self.schedule = schedule
+        self.criterion = get_criterion(criterion)
+        self.allocate = get_allocation(allocation)
+        self.allocation = allocation
+        self.scope = scope or Scope()
+        self.targets: list[Target] = self.scope.resolve(model)
+        self.last_update: int | None = None
+        self.history: list[dict[str, float]] = []
+        attached = []
+        try:
+            for t in self.targets:
+                fresh = _element_mask(t.module, t.param_name) is None
+                attach_mask(t.module, t.param_name)
+                if fresh:
+                    attached.append(t)
+        except Exception:
+            from torch.nn.utils import parametrize
+
+            for t in attached:
+                parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
+            raise
+
+    # -- masks -------------------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Current boolean keep-masks, ``{"<module path>.weight": mask}``."""
+        return {t.name: get_mask(t.module, t.param_name) for t in self.targets}
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> dict[str, torch.Tensor]:
+        """Score, allocate and apply masks so that ``sparsity`` of the scoped weights are zero.
+
+        Already-pruned weights stay pruned. Returns the new masks.
+        """
+        sparsity = check_sparsity(sparsity)
+        scores = self.criterion.scores(self.targets)
+        masks = self.allocate(scores, sparsity, previous=self.masks())
+        for t in self.targets:
+            set_mask(t.module, masks[t.name], t.param_name)
+        return masks
+
+    def sparsity(self) -> float:
+        """Fraction of scoped weights that are masked (0 to 1)."""
+        total = pruned = 0
+        for m in self.masks().values():
+            total += m.numel()
+            pruned += int((~m).sum())
+        return pruned / max(total, 1)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Per scoped parameter, the fraction masked."""
+        return {n: float((~m).float().mean()) for n, m in self.masks().items()}
+
+    # -- schedule ----------------------------------------------------------------------------
+    def step(self, step: int) -> bool:
+        """Apply the schedule at training step ``step`` (optimizer steps done). True if masks changed."""
+        if self.last_update is not None and step <= self.last_update:
+            return False
+        target = self.schedule.update_at(step)
+        if target is None:
+            return False
+        self.prune_to(target)
+        self.last_update = step
+        self.history.append({"step": step, "target": target, "sparsity": self.sparsity()})
+        return True
+
+    def remove(self) -> nn.Module:
+        """Bake masks into plain weights (exact zeros) and drop the parametrizations."""
+        return detach_masks(self.model)
+
+    # -- trainer callback protocol -----------------------------------------------------------
+    def on_train_begin(self, trainer: Any) -> None:
+        self.step(int(trainer.global_step))
+
+    def on_step_end(self, trainer: Any) -> None:
+        self.step(int(trainer.global_step))
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state (the masks themselves live in the model's state_dict as buffers)."""
+        return {"last_update": self.last_update, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_update = state.get("last_update")
+        self.history = list(state.get("history", []))
