@@ -1,0 +1,173 @@
+"""Each allocation's defining property, checked against an independent computation."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from secateur.allocation import ALLOCATIONS, global_
+from secateur.allocation_extra import (
+    ResourceTarget,
+    Sensitivity,
+    erk,
+    erk_densities,
+    global_capped,
+    lamp,
+    sensitivity_sparsities,
+    sensitivity_sweep,
+    uniform,
+)
+from secateur.analysis import count_macs, count_params
+from secateur.errors import ConfigError
+from secateur.pruner import Pruner
+from secateur.scope import Scope
+
+
+def net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+def test_registered_names():
+    for name in ("uniform", "global_capped", "erk", "lamp"):
+        assert name in ALLOCATIONS
+    model = net()
+    pruner = Pruner(model, 0.6, allocation="erk")
+    pruner.step(0)
+    assert pruner.sparsity() == pytest.approx(0.6, abs=0.01)
+
+
+def test_uniform_is_the_same_fraction_everywhere():
+    scores = {"a": torch.rand(10, 4), "b": torch.rand(3, 3)}
+    masks = uniform(scores, 0.5)
+    assert int((~masks["a"]).sum()) == 20 and int((~masks["b"]).sum()) == 4
+
+
+def test_global_capped_never_exceeds_the_cap_and_redistributes():
+    torch.manual_seed(0)
+    scores = {"small": torch.rand(20) * 0.01, "big1": torch.rand(50), "big2": torch.rand(30) + 0.2}
+    masks = global_capped(scores, 0.4, max_sparsity=0.7)
+    k = math.floor(0.4 * 100)
+    assert sum(int((~m).sum()) for m in masks.values()) == k
+    # The small layer would be wiped out by a plain global threshold; the cap holds it at 70%.
+    assert int((~global_(scores, 0.4)["small"]).sum()) == 20
+    assert int((~masks["small"]).sum()) == 14
+    assert torch.equal(~masks["small"], scores["small"] <= torch.sort(scores["small"]).values[13])
+    # Independent: the remaining 26 go to the 26 lowest of the other layers together.
+    rest = torch.cat([scores["big1"], scores["big2"]])
+    thr = torch.sort(rest).values[25]
+    assert int((scores["big1"] <= thr).sum()) <= 35  # below big1's own cap
+    assert torch.equal(~masks["big1"], scores["big1"] <= thr)
+    assert torch.equal(~masks["big2"], scores["big2"] <= thr)
+    with pytest.raises(ConfigError, match="unreachable with max_sparsity 0.5"):
+        global_capped(scores, 0.6, max_sparsity=0.5)
+
+
+def test_erk_densities_are_proportional_to_the_erdos_renyi_kernel_ratio():
+    shapes = {"conv1": (8, 3, 3, 3), "conv2": (16, 8, 3, 3), "fc1": (32, 64), "fc2": (10, 32), "tiny": (2, 2)}
+    dens = erk_densities(shapes, 0.2)
+    ratio = {
+        "conv1": (3 + 8 + 3 + 3) / (3 * 8 * 3 * 3),
+        "conv2": (8 + 16 + 3 + 3) / (8 * 16 * 3 * 3),
+        "fc1": (64 + 32) / (64 * 32),  # (n_in + n_out) / (n_in * n_out)
+        "fc2": (32 + 10) / (32 * 10),
+        "tiny": (2 + 2) / (2 * 2),
+    }
+    assert dens["tiny"] == 1.0  # eps * 1 > 1: set dense and re-solved
+    sparse = [n for n in shapes if dens[n] < 1.0]
+    eps = {dens[n] / ratio[n] for n in sparse}
+    assert max(eps) == pytest.approx(min(eps))
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    assert sum(dens[n] * sizes[n] for n in shapes) == pytest.approx(0.2 * sum(sizes.values()))
+    scores = {n: torch.rand(s) for n, s in shapes.items()}
+    masks = erk(scores, 0.8)
+    for n in shapes:
+        assert int(masks[n].sum()) == pytest.approx(dens[n] * sizes[n], abs=1)
+
+
+def test_lamp_allocation_is_global_on_lamp_scores_and_keeps_every_layer_alive():
+    w = {"a": torch.randn(30), "b": torch.randn(40) * 1e-3}
+    masks = lamp({n: v.abs() for n, v in w.items()}, 0.9)
+    assert int(masks["b"].sum()) >= 1 and int(masks["a"].sum()) >= 1
+    assert int((~global_({n: v.abs() for n, v in w.items()}, 0.9)["a"]).sum()) < 30
+    # Independent: LAMP scores by the sorted suffix-sum formula, then one global threshold.
+    ref = {}
+    for n, v in w.items():
+        sq = v**2
+        ref[n] = torch.tensor([float(sq[u]) / float(sq[v.abs() >= v[u].abs()].sum()) for u in range(len(v))])
+    expected = global_(ref, 0.9)
+    for n in w:
+        assert torch.equal(masks[n], expected[n])
+
+
+def test_sensitivity_sweep_picks_largest_sparsity_within_tolerance():
+    model = net()
+    targets = Scope().resolve(model)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        dense = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return -float((model(x) - dense).pow(2).mean())
+
+    sweep = sensitivity_sweep(targets, evaluate, sparsities=(0.0, 0.3, 0.6, 0.9))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(sweep[t.name][0.0] == 0.0 for t in targets)
+    chosen = sensitivity_sparsities(sweep, baseline=0.0, tolerance=1e-3)
+    for name, curve in sweep.items():
+        within = [s for s, m in curve.items() if m >= -1e-3]
+        assert chosen[name] == max(within)
+    synthetic = {"a": {0.1: 0.9, 0.5: 0.89, 0.7: 0.8, 0.9: 0.895}, "b": {0.1: 0.5}}
+    assert sensitivity_sparsities(synthetic, 0.9, 0.02) == {"a": 0.9, "b": 0.0}
+
+    alloc = Sensitivity({"a": 0.5, "b": 0.9})
+    scores = {"a": torch.rand(100), "b": torch.rand(100)}
+    masks = alloc(scores, 0.7)
+    assert int((~masks["a"]).sum()) == 50 and int((~masks["b"]).sum()) == 90
+    half = alloc(scores, 0.35)
+    assert int((~half["a"]).sum()) == 25 and int((~half["b"]).sum()) == 45
+    with pytest.raises(ConfigError, match="sensitivity sweep allows at most 0.7"):
+        alloc(scores, 0.8)
+
+
+def test_params_target_counts_the_whole_model_and_names_protected_share():
+    model = net()
+    scope = Scope(exclude_first=True, exclude_last=True)
+    pruner = Pruner(model, 0.0, scope=scope)
+    total = count_params(model)["params"]
+    pruner.allocate = ResourceTarget(model, "params")
+    pruner.prune_to(0.5)
+    zeros = total - count_params(model)["nonzero_params"]
+    assert zeros == math.ceil(0.5 * total)
+    scoped = sum(t.module.weight.numel() for t in pruner.targets)
+    protected = 1 - scoped / total
+    with pytest.raises(ConfigError, match=rf"target 0.95 of parameters unreachable.*{protected:.1%}"):
+        pruner.prune_to(0.95)
+
+
+def test_macs_target_reaches_the_fraction_of_dense_macs():
+    model = net()
+    x = torch.randn(1, 3, 8, 8)
+    dense = count_macs(model, x)["macs"]
+    pruner = Pruner(model, 0.0, scope=Scope(exclude_first=True))
+    pruner.allocate = ResourceTarget(model, "macs", example_inputs=x)
+    pruner.prune_to(0.4)
+    sparse = count_macs(model, x)["sparse_macs"]
+    removed = 1 - sparse / dense
+    assert 0.4 <= removed <= 0.41
+    with pytest.raises(ConfigError, match="MACs unreachable"):
+        pruner.prune_to(0.9)  # the protected stem conv holds a large share of the MACs
+    with pytest.raises(ConfigError, match="example_inputs"):
+        ResourceTarget(model, "macs")
