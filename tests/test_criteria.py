@@ -47,7 +47,9 @@ def test_snip_equals_abs_w_times_g_on_one_batch():
     model = mlp()
     b = batch()
     targets = Scope().resolve(model)
-    scores = SNIP(model, b).scores(targets)
+    with torch.no_grad():  # Pruner.prune_to scores under no_grad; the criterion must still work
+        scores = SNIP(model, b).scores(targets)
+        assert not torch.is_grad_enabled()  # and the caller's grad mode is restored
     ref = reference_grads(model, [b])
     for t in targets:
         expected = (t.module.weight.detach() * ref[t.name]).abs()

@@ -142,12 +142,16 @@ def _session(model: nn.Module, targets: Sequence[Target], train: bool) -> Iterat
     requires = [p.requires_grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     weights = [original(t.module, t.param_name) for t in targets]
+    grad_mode = torch.is_grad_enabled()
     try:
+        # Pruner.prune_to runs criteria under no_grad; gradients are needed here.
+        torch.set_grad_enabled(True)
         model.train(train)
         for w in weights:
             w.requires_grad_(True)
         yield weights
     finally:
+        torch.set_grad_enabled(grad_mode)
         for w in weights:
             w.requires_grad_(False)
         for p, r in zip(params, requires):
