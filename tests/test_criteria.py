@@ -12,6 +12,15 @@ from secateur.criteria import get_criterion
 from secateur.criteria.at_init import SNIP, GraSP, SynFlow
 from secateur.criteria.lamp import LAMP, lamp_scores
 from secateur.criteria.saliency import TaylorFO
+from secateur.criteria.structured import (
+    TaylorAccumulator,
+    bn_scale_scores,
+    fisher_channel_scores,
+    fpgm_scores,
+    norm_scores,
+    redundant_features,
+    taylor_group_scores,
+)
 from secateur.errors import ConfigError
 from secateur.masks import masked_parameters
 from secateur.pruner import Pruner
@@ -208,3 +217,130 @@ def test_taylor_is_squared_w_times_g_averaged_over_batches():
         w = t.module.weight.detach()
         expected = sum((w * r[t.name]) ** 2 for r in refs) / 2
         torch.testing.assert_close(scores[t.name], expected)
+
+
+# -- structured criteria ---------------------------------------------------------------------------
+
+
+def test_norm_scores_are_per_filter_lp_norms():
+    filters = torch.randn(5, 3, 3, 3)
+    l1 = norm_scores(filters, p=1)
+    l2 = norm_scores(filters, p=2)
+    for i in range(5):
+        assert float(l1[i]) == pytest.approx(sum(abs(float(v)) for v in filters[i].flatten()), rel=1e-6)
+        assert float(l2[i]) == pytest.approx(
+            sum(float(v) ** 2 for v in filters[i].flatten()) ** 0.5, rel=1e-6
+        )
+
+
+def test_fpgm_prunes_the_filter_at_the_geometric_median():
+    c, v1, v2 = torch.randn(3, 4, 3, 3).unbind(0)
+    # A point set symmetric about c: its geometric median is c (the unit vectors cancel there).
+    filters = torch.stack([c + v1, c - v2, c, c - v1, c + v2])
+    scores = fpgm_scores(filters)
+    for i in range(5):
+        expected = sum(float((filters[i] - filters[j]).norm()) for j in range(5))
+        assert float(scores[i]) == pytest.approx(expected, rel=1e-6)
+    assert int(torch.argmin(scores)) == 2  # the lowest score is the filter closest to the median
+    median = fpgm_scores(filters, method="median")
+    assert int(torch.argmin(median)) == 2 and float(median[2]) < 1e-6
+
+
+def test_bn_scale_is_abs_gamma():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, -2.0, 0.0, 1.0]))
+    assert bn_scale_scores(bn).tolist() == [0.5, 2.0, 0.0, 1.0]
+    with pytest.raises(ConfigError, match="affine"):
+        bn_scale_scores(nn.BatchNorm2d(4, affine=False))
+
+
+def _components(sim: torch.Tensor, tau: float) -> list[set[int]]:
+    n = sim.shape[0]
+    seen, comps = set(), []
+    for s in range(n):
+        if s in seen:
+            continue
+        stack, comp = [s], set()
+        while stack:
+            u = stack.pop()
+            if u in comp:
+                continue
+            comp.add(u)
+            stack += [v for v in range(n) if v != u and float(sim[u, v]) >= tau]
+        seen |= comp
+        comps.append(comp)
+    return comps
+
+
+def test_redundant_features_single_linkage_is_threshold_graph_components():
+    filters = torch.randn(12, 2, 2)
+    flat = filters.flatten(1)
+    sim = F.cosine_similarity(flat[:, None], flat[None, :], dim=2)
+    tau = 0.3
+    labels, keep = redundant_features(filters, tau, linkage="single")
+    got = [set(torch.nonzero(labels == k).flatten().tolist()) for k in range(int(labels.max()) + 1)]
+    assert sorted(map(sorted, got)) == sorted(map(sorted, _components(sim, tau)))
+    for comp in got:
+        kept = [i for i in comp if keep[i]]
+        assert len(kept) == 1 and kept[0] == max(comp, key=lambda i: float(flat[i].norm()))
+
+
+@pytest.mark.parametrize("linkage", ["average", "complete"])
+def test_redundant_features_recovers_planted_clusters(linkage):
+    directions = torch.eye(3)
+    filters, planted = [], []
+    for k, size in enumerate((3, 2, 4)):
+        for _ in range(size):
+            filters.append((directions[k] + 0.05 * torch.randn(3)) * (0.5 + torch.rand(1)))
+            planted.append(k)
+    perm = torch.randperm(len(filters))
+    filters = torch.stack(filters)[perm]
+    planted = torch.tensor(planted)[perm]
+    labels, keep = redundant_features(filters, 0.9, linkage=linkage)
+    for a in range(len(planted)):
+        for b in range(len(planted)):
+            assert (labels[a] == labels[b]) == (planted[a] == planted[b])
+    assert int(keep.sum()) == 3
+
+
+def test_taylor_group_score_equals_gate_formulation_after_batchnorm():
+    conv, bn, fc = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Linear(3, 2)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 2, (4,))
+    gate = torch.ones(3, requires_grad=True)
+    h = bn(conv(x)) * gate[None, :, None, None]
+    loss = F.cross_entropy(fc(torch.relu(h).mean((2, 3))), y)
+    g_gamma, g_beta, g_gate = torch.autograd.grad(loss, [bn.weight, bn.bias, gate])
+    scores = taylor_group_scores([(bn.weight, g_gamma), (bn.bias, g_beta)])
+    torch.testing.assert_close(scores, (gate.detach().double() * g_gate.double()) ** 2)
+    # Members with another unit dimension (the next layer's input channels, dim 1).
+    w, g = torch.randn(3, 4), torch.randn(3, 4)
+    expected = ((w * g).sum(0)) ** 2
+    torch.testing.assert_close(taylor_group_scores([(w, g, 1)]), expected.double())
+
+
+def test_taylor_accumulator_averages_batches_and_smooths_steps():
+    acc = TaylorAccumulator(momentum=0.9)
+    acc.add("g", torch.tensor([1.0, 2.0]))
+    acc.add("g", torch.tensor([3.0, 4.0]))
+    assert acc.step()["g"].tolist() == [2.0, 3.0]
+    acc.add("g", torch.tensor([12.0, 3.0]))
+    torch.testing.assert_close(
+        acc.step()["g"], torch.tensor([0.9 * 2 + 0.1 * 12, 0.9 * 3 + 0.1 * 3]).double()
+    )
+    with pytest.raises(ConfigError, match="no mini-batch"):
+        acc.step()
+
+
+def test_fisher_channel_score_formula():
+    a, g = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    got = fisher_channel_scores(a, g)
+    for c in range(4):
+        total = 0.0
+        for n in range(3):
+            inner = sum(float(a[n, c, i, j] * g[n, c, i, j]) for i in range(2) for j in range(2))
+            total += inner**2
+        assert float(got[c]) == pytest.approx(total / (2 * 3), rel=1e-6)
