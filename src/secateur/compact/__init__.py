@@ -1,0 +1,441 @@
+"""Structured masks, physical compaction and the equivalence oracle.
+
+Flow: choose units per group -> :func:`make_plan` (plain JSON data: kept indices per tensor and dim, module
+attribute and config changes) -> :func:`mask_model` (zeroes what will go: the masked model computes what the
+compacted one will) or :func:`compact` (slices every tensor, updates module attributes and the Hugging Face
+config; transactional). :func:`check_equivalence` is the oracle used in the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateur.errors import CompactionError
+from secateur.graph.groups import DependencyGraph, Group
+from secateur.graph.tracer import call_model, iter_tensors
+
+PLAN_VERSION = 1
+
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "attention_heads", "num_attn_heads")
+KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_key_value_heads_per_partition")
+WIDTH_ATTRS = (
+    "all_head_size",
+    "inner_dim",
+    "split_size",
+    "inner_size",
+    "hidden_size_per_partition",
+    "projection_size",
+    "dim_head_total",
+)
+CONFIG_HEAD_KEYS = (
+    "num_attention_heads",
+    "n_head",
+    "n_heads",
+    "num_heads",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+)
+CONFIG_KV_KEYS = ("num_key_value_heads", "n_kv_heads", "multi_query_group_num")
+CONFIG_FF_KEYS = (
+    "intermediate_size",
+    "n_inner",
+    "d_ff",
+    "ffn_dim",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "hidden_dim",
+)
+
+
+def _owner(model: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    path, _, attr = qualname.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
+    """The pruning plan: JSON-serialisable dict.
+
+    Args:
+        graph: the traced graph.
+        removed: ``{group index in graph.groups: unit indices to remove}``.
+
+    Returns ``{"version", "tensors": {qualname: {dim(str): kept indices}}, "groups": [...],
+    "attributes": {module path: {attr: [old, new]}}, "config": {config path: {key: [old, new]}}}``.
+    Raises CompactionError if a removal empties a member or touches an unprunable unit.
+    """
+    model = graph.model
+    tensors: dict[str, dict[str, list[int]]] = {}
+    groups_out = []
+    kept_units: dict[int, np.ndarray] = {}
+    for gi, units in removed.items():
+        g = graph.groups[gi]
+        rm = np.unique(np.asarray(list(units), dtype=np.int64))
+        if rm.size == 0:
+            continue
+        if (rm < 0).any() or (rm >= g.n_units).any():
+            raise CompactionError(f"group {g.name}: unit index out of range 0..{g.n_units - 1}")
+        if not g.prunable[rm].all():
+            raise CompactionError(
+                f"group {g.name}: units {rm[~g.prunable[rm]].tolist()} are not prunable "
+                f"({'; '.join(g.reasons) or 'frozen'})"
+            )
+        keep = np.setdiff1d(np.arange(g.n_units), rm)
+        kept_units[gi] = keep
+        groups_out.append({"group": g.name, "n_units": g.n_units, "removed": rm.tolist()})
+        for m in g.members:
+            kept_idx = np.nonzero(np.isin(m.unit_of, keep))[0]
+            if kept_idx.size == 0:
+                raise CompactionError(
+                    f"group {g.name}: removing units {rm.tolist()} empties {m.name} dim {m.dim}"
+                )
+            tensors.setdefault(m.name, {})[str(m.dim)] = kept_idx.tolist()
+    attributes = _head_attributes(graph, kept_units)
+    plan = {
+        "version": PLAN_VERSION,
+        "tensors": tensors,
+        "groups": groups_out,
+        "attributes": attributes,
+        "config": {},
+    }
+    plan["config"] = _config_changes(model, graph, kept_units, attributes)
+    return plan
+
+
+def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) -> dict:
+    """num_heads-like attributes of the modules where a channel dim was split into heads."""
+    class_to_group: dict[int, tuple[int, int]] = {}
+    for gi, g in enumerate(graph.groups):
+        for u, c in enumerate(g.classes):
+            class_to_group[int(c)] = (gi, u)
+    attrs: dict[str, dict[str, list]] = {}
+    model = graph.model
+    for ev in graph.splits:
+        units = [class_to_group.get(int(c)) for c in ev.classes] if ev.classes is not None else []
+        if not units or any(u is None for u in units):
+            continue
+        gi = units[0][0]
+        if gi not in kept_units:
+            continue
+        keep = set(kept_units[gi].tolist())
+        n_new = sum(1 for _, u in units if u in keep)
+        if n_new == ev.n_outer:
+            continue
+        for path in ev.module_paths[:2]:
+            mod = model.get_submodule(path) if path else model
+            hit = False
+            for names in (HEAD_ATTRS, KV_HEAD_ATTRS):
+                for a in names:
+                    v = getattr(mod, a, None)
+                    if isinstance(v, int) and not isinstance(v, bool) and v == ev.n_outer:
+                        attrs.setdefault(path, {})[a] = [v, n_new]
+                        hit = True
+            if hit:
+                for a in WIDTH_ATTRS:
+                    v = getattr(mod, a, None)
+                    if isinstance(v, int) and not isinstance(v, bool) and v == ev.n_outer * ev.inner:
+                        attrs.setdefault(path, {})[a] = [v, n_new * ev.inner]
+                hd = getattr(mod, "head_dim", None)
+                if isinstance(hd, int) and hd != ev.inner:
+                    raise CompactionError(
+                        f"module {path}: head_dim {hd} differs from traced head size {ev.inner}"
+                    )
+                break
+    return attrs
+
+
+def _configs(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    out: dict[str, Any] = {}
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return out
+    out[""] = cfg
+    for k in ("text_config", "vision_config", "audio_config", "encoder", "decoder"):
+        sub = getattr(cfg, k, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            out[k] = sub
+    return out
+
+
+def _config_changes(
+    model: nn.Module, graph: DependencyGraph, kept_units: dict[int, np.ndarray], attributes: dict
+) -> dict:
+    """Hugging Face config keys to update, only where every layer agrees on the new value."""
+    cfgs = _configs(model)
+    if not cfgs:
+        return {}
+    changes: dict[str, dict[str, list]] = {}
+    # which config does a module path use: the closest ancestor with a .config attribute
+    cfg_ids = {id(c): k for k, c in cfgs.items()}
+
+    def cfg_key_of(path: str) -> str:
+        parts = path.split(".") if path else []
+        for i in range(len(parts), -1, -1):
+            p = ".".join(parts[:i])
+            mod = model.get_submodule(p) if p else model
+            c = getattr(mod, "config", None)
+            if c is not None and id(c) in cfg_ids:
+                return cfg_ids[id(c)]
+        return ""
+
+    proposals: dict[tuple[str, str], set] = {}
+    for path, d in attributes.items():
+        ck = cfg_key_of(path)
+        cfg = cfgs[ck]
+        for a, (old, new) in d.items():
+            keys = CONFIG_KV_KEYS if a in KV_HEAD_ATTRS else CONFIG_HEAD_KEYS if a in HEAD_ATTRS else ()
+            for k in keys:
+                if getattr(cfg, k, None) == old:
+                    proposals.setdefault((ck, k), set()).add(new)
+    for gi, keep in kept_units.items():
+        g = graph.groups[gi]
+        if any(True for p in attributes for m in g.members if m.module.startswith(p) and p):
+            continue
+        ck = cfg_key_of(g.members[0].module)
+        cfg = cfgs[ck]
+        for k in CONFIG_FF_KEYS:
+            if getattr(cfg, k, None) == g.n_units:
+                proposals.setdefault((ck, k), set()).add(int(keep.size))
+    for (ck, k), vals in proposals.items():
+        cfg = cfgs[ck]
+        old = getattr(cfg, k)
+        if len(vals) == 1:
+            changes.setdefault(ck, {})[k] = [old, vals.pop()]
+        else:
+            changes.setdefault(ck, {})["_inconsistent_" + k] = [old, sorted(vals)]
+    for ck, d in changes.items():
+        if any(k in d for k in CONFIG_HEAD_KEYS):
+            cfg = cfgs[ck]
+            hd = getattr(cfg, "head_dim", None)
+            hidden = getattr(cfg, "hidden_size", None)
+            heads_key = next(k for k in CONFIG_HEAD_KEYS if k in d)
+            if hd is None and hidden is not None:
+                d["head_dim"] = [None, hidden // d[heads_key][0]]
+    return changes
+
+
+# ------------------------------------------------------------------------------------------------------
+# masks
+# ------------------------------------------------------------------------------------------------------
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    d = dict(model.named_parameters(remove_duplicate=False))
+    d.update(dict(model.named_buffers(remove_duplicate=False)))
+    return d
+
+
+@torch.no_grad()
+def mask_model(model: nn.Module, plan: Mapping) -> nn.Module:
+    """Zero, in place, every index that :func:`compact` would remove (structured masks on groups).
+
+    The masked model computes what the compacted one will (checked by :func:`check_equivalence`).
+    """
+    named = _named_tensors(model)
+    for name, dims in plan["tensors"].items():
+        t = named[name]
+        for d, kept in dims.items():
+            d = int(d)
+            mask = torch.zeros(t.shape[d], dtype=torch.bool)
+            mask[torch.as_tensor(kept, dtype=torch.long)] = True
+            shape = [1] * t.dim()
+            shape[d] = -1
+            t.mul_(mask.view(shape).to(t.dtype))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------
+# compaction
+# ------------------------------------------------------------------------------------------------------
+def _slice(t: torch.Tensor, dim: int, kept: torch.Tensor) -> torch.Tensor:
+    """Keep ``kept`` indices of ``t`` along ``dim`` (a fresh contiguous tensor)."""
+    return t.index_select(dim, kept.to(t.device)).contiguous()
+
+
+class _Undo:
+    def __init__(self) -> None:
+        self.steps: list = []
+
+    def set_data(self, t: torch.Tensor, new: torch.Tensor) -> None:
+        self.steps.append(("data", t, t.data))
+        t.data = new
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        had = name in getattr(obj, "__dict__", {})
+        self.steps.append(("attr", obj, name, getattr(obj, name, None), had))
+        setattr(obj, name, value)
+
+    def rollback(self) -> None:
+        for step in reversed(self.steps):
+            if step[0] == "data":
+                step[1].data = step[2]
+            else:
+                _, obj, name, old, had = step
+                if had or not hasattr(obj, name):
+                    setattr(obj, name, old)
+                else:
+                    try:
+                        delattr(obj, name)
+                    except AttributeError:
+                        setattr(obj, name, old)
+
+
+def _update_module(mod: nn.Module, undo: _Undo) -> None:
+    """Refresh the size attributes of standard layers from their (new) parameter shapes."""
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        old_w = None
+        for step in undo.steps:
+            if step[0] == "data" and step[1] is mod.weight:
+                old_w = step[2]
+        g = mod.groups
+        if mod.transposed:  # weight (in, out/g, k)
+            if old_w is not None and g > 1:
+                g = g * w.shape[0] // old_w.shape[0]
+            undo.set_attr(mod, "groups", g)
+            undo.set_attr(mod, "in_channels", w.shape[0])
+            undo.set_attr(mod, "out_channels", w.shape[1] * g)
+        else:
+            if old_w is not None and g > 1:
+                g = g * w.shape[0] // old_w.shape[0]
+            undo.set_attr(mod, "groups", g)
+            undo.set_attr(mod, "out_channels", w.shape[0])
+            undo.set_attr(mod, "in_channels", w.shape[1] * g)
+    elif isinstance(mod, nn.Linear):
+        undo.set_attr(mod, "out_features", w.shape[0])
+        undo.set_attr(mod, "in_features", w.shape[1])
+    elif isinstance(mod, nn.modules.batchnorm._NormBase):
+        n = (w if w is not None else mod.running_mean).shape[0]
+        undo.set_attr(mod, "num_features", n)
+    elif isinstance(mod, nn.GroupNorm):
+        if w is not None:
+            undo.set_attr(mod, "num_groups", mod.num_groups * w.shape[0] // mod.num_channels)
+            undo.set_attr(mod, "num_channels", w.shape[0])
+    elif isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        if w is not None:
+            undo.set_attr(mod, "normalized_shape", tuple(w.shape))
+    elif isinstance(mod, nn.Embedding):
+        undo.set_attr(mod, "num_embeddings", w.shape[0])
+        undo.set_attr(mod, "embedding_dim", w.shape[1])
+    elif type(mod).__name__ == "Conv1D" and w is not None and w.dim() == 2:  # Hugging Face GPT-2
+        undo.set_attr(mod, "nf", w.shape[1])
+        if hasattr(mod, "nx"):
+            undo.set_attr(mod, "nx", w.shape[0])
+
+
+def compact(model: nn.Module, plan: Mapping, check: Any = None) -> nn.Module:
+    """Physically remove what ``plan`` drops: slice every listed parameter/buffer (tied tensors once),
+    update layer attributes (in/out_channels, groups, in/out_features, num_features, normalized_shape,
+    num_heads and the like) and the Hugging Face config. Returns ``model`` (changed in place).
+
+    Transactional: on any exception the model's tensors, attributes and config are restored bit-identical
+    and CompactionError is raised (chained to the cause). ``check(model)``, if given, runs inside the
+    transaction after the changes (e.g. the equivalence oracle); if it raises, the changes are undone.
+    """
+    undo = _Undo()
+    try:
+        named = _named_tensors(model)
+        done: dict[int, tuple] = {}
+        touched_modules: dict[str, nn.Module] = {}
+        for name, dims in plan["tensors"].items():
+            if name not in named:
+                raise CompactionError(f"plan names tensor {name!r}, which the model does not have")
+            t = named[name]
+            key = tuple(sorted((int(d), tuple(k)) for d, k in dims.items()))
+            if id(t) in done:
+                if done[id(t)] != key:
+                    raise CompactionError(f"tied tensor {name} is sliced two different ways")
+                continue
+            done[id(t)] = key
+            new = t.data
+            for d, kept in sorted(dims.items(), key=lambda kv: int(kv[0])):
+                new = _slice(new, int(d), torch.as_tensor(kept, dtype=torch.long))
+            undo.set_data(t, new)
+            path = name.rpartition(".")[0]
+            touched_modules[path] = model.get_submodule(path) if path else model
+        for mod in touched_modules.values():
+            _update_module(mod, undo)
+        for path, d in plan.get("attributes", {}).items():
+            mod = model.get_submodule(path) if path else model
+            for a, (_old, new) in d.items():
+                undo.set_attr(mod, a, new)
+            if any(a in HEAD_ATTRS for a in d) and hasattr(mod, "num_key_value_groups"):
+                h = next(d[a][1] for a in d if a in HEAD_ATTRS)
+                kv = next((d[a][1] for a in d if a in KV_HEAD_ATTRS), None)
+                if kv:
+                    undo.set_attr(mod, "num_key_value_groups", h // kv)
+        cfgs = _configs(model)
+        for ck, d in plan.get("config", {}).items():
+            cfg = cfgs.get(ck)
+            if cfg is None:
+                continue
+            for k, (_old, new) in d.items():
+                if not k.startswith("_inconsistent_"):
+                    undo.set_attr(cfg, k, new)
+        if check is not None:
+            check(model)
+    except Exception as e:
+        undo.rollback()
+        if isinstance(e, CompactionError):
+            raise
+        raise CompactionError(f"compaction failed and was rolled back: {e!r}") from e
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------
+# oracle
+# ------------------------------------------------------------------------------------------------------
+def _to_double(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_to_double(o) for o in obj)
+    if isinstance(obj, list):
+        return [_to_double(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_double(v) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def max_abs_diff(
+    a: nn.Module, b: nn.Module, example_inputs: Any, dtype: torch.dtype = torch.float64
+) -> float:
+    """Largest |a(x) - b(x)| over all output tensors, both run in ``dtype`` (copies; originals untouched)."""
+    ca, cb = copy.deepcopy(a).to(dtype), copy.deepcopy(b).to(dtype)
+    x = _to_double(example_inputs) if dtype == torch.float64 else example_inputs
+    oa = [t for t in iter_tensors(call_model(ca, x)) if t.is_floating_point()]
+    ob = [t for t in iter_tensors(call_model(cb, x)) if t.is_floating_point()]
+    if len(oa) != len(ob):
+        return float("inf")
+    diff = 0.0
+    for u, v in zip(oa, ob):
+        if u.shape != v.shape:
+            return float("inf")
+        if u.numel():
+            diff = max(diff, float((u - v).abs().max()))
+    return diff
+
+
+def check_equivalence(
+    masked: nn.Module, compacted: nn.Module, example_inputs: Any, atol: float = 1e-6
+) -> float:
+    """The oracle: the compacted model computes what the masked one does, in float64.
+
+    Returns the max abs difference; raises CompactionError if it exceeds ``atol`` or outputs differ in
+    structure or shape.
+    """
+    diff = max_abs_diff(masked, compacted, example_inputs)
+    if not diff <= atol:
+        raise CompactionError(
+            f"compacted output differs from masked output: max abs diff {diff:.3g} > {atol}"
+        )
+    return diff
+
+
+__all__ = ["PLAN_VERSION", "check_equivalence", "compact", "make_plan", "mask_model", "max_abs_diff"]
+
+_ = Group

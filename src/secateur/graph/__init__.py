@@ -1,0 +1,30 @@
+"""Dependency graph: which channels of which tensors must be pruned together.
+
+Public API: :class:`DependencyGraph` (``DependencyGraph.build(model, example_inputs)``), :class:`Group`,
+:class:`Member`, :func:`register_rule`, :func:`register_module_rule`, :class:`OpContext`.
+"""
+
+from secateur.graph.groups import DependencyGraph, Group, Member
+from secateur.graph.rules import (
+    broadcast_couple,
+    elementwise_rule,
+    identity_rule,
+    known_ops,
+    register_module_rule,
+    register_rule,
+)
+from secateur.graph.tracer import OpContext, SplitEvent
+
+__all__ = [
+    "DependencyGraph",
+    "Group",
+    "Member",
+    "OpContext",
+    "SplitEvent",
+    "broadcast_couple",
+    "elementwise_rule",
+    "identity_rule",
+    "known_ops",
+    "register_module_rule",
+    "register_rule",
+]

@@ -1,0 +1,230 @@
+"""Dependency graph and channel groups.
+
+A **group** is a set of coupled channel spaces: ``n_units`` units (a channel, an attention head, a whole conv
+group) that can only be removed together across every **member** (a parameter or buffer dimension). Criteria
+score units by reading each member's slice; allocations choose how many units of each group go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateur.graph.tracer import ParamDim, SplitEvent, iter_tensors, run_trace
+
+
+@dataclasses.dataclass
+class Member:
+    """One parameter/buffer dimension in a group.
+
+    ``unit_of``: int64 array, shape ``(size of that dim,)``: the group unit each index belongs to.
+    """
+
+    name: str
+    dim: int
+    unit_of: np.ndarray
+    aliases: tuple[str, ...] = ()
+    is_buffer: bool = False
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    def indices(self, unit: int) -> np.ndarray:
+        """Indices of this dim that belong to ``unit`` (may be empty)."""
+        return np.nonzero(self.unit_of == unit)[0]
+
+
+@dataclasses.dataclass
+class Group:
+    """Coupled channels that are pruned together.
+
+    Attributes:
+        name: readable id, the first member's ``"module.param:dim"``.
+        n_units: number of units (channels, heads, conv groups).
+        members: every parameter/buffer dim sliced when units go.
+        prunable: bool array ``(n_units,)``; False for units frozen by an op or protected by the user.
+        reasons: why some units are frozen (first few), for messages.
+        unit_size: indices per unit in the first member (e.g. head_dim for heads, 1 for channels).
+    """
+
+    name: str
+    n_units: int
+    members: list[Member]
+    prunable: np.ndarray
+    reasons: list[str]
+    classes: np.ndarray  # atom class label of each unit, shape (n_units,)
+
+    @property
+    def unit_size(self) -> int:
+        m = self.members[0]
+        return int(m.unit_of.size // max(self.n_units, 1))
+
+    @property
+    def n_prunable(self) -> int:
+        return int(self.prunable.sum())
+
+    def param_slices(self) -> Iterator[tuple[str, int, list[torch.Tensor]]]:
+        """Yield ``(qualname, dim, [index tensor of unit u for u in range(n_units)])`` for every member.
+
+        A criterion reads ``param.index_select(dim, idx)`` for each unit; indices are int64 tensors.
+        """
+        for m in self.members:
+            order = np.argsort(m.unit_of, kind="stable")
+            counts = np.bincount(m.unit_of, minlength=self.n_units)
+            chunks = np.split(order, np.cumsum(counts)[:-1])
+            yield m.name, m.dim, [torch.from_numpy(c) for c in chunks]
+
+    def __repr__(self) -> str:
+        return (
+            f"Group({self.name!r}, n_units={self.n_units}, prunable={self.n_prunable}, "
+            f"members={[f'{m.name}:{m.dim}' for m in self.members]})"
+        )
+
+
+class DependencyGraph:
+    """Channel groups of a model, traced from one forward pass on ``example_inputs``.
+
+    Build with :meth:`build`. ``groups`` lists every group (prunable or not); ``prunable_groups()`` those
+    with at least one prunable unit.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[Group], splits: list[SplitEvent], n_ops: int) -> None:
+        self.model = model
+        self.groups = groups
+        self.splits = splits
+        self.n_ops = n_ops
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        example_inputs: Any,
+        protect: Sequence[str] = (),
+        prune_outputs: bool = False,
+        device: str = "auto",
+    ) -> DependencyGraph:
+        """Trace ``model`` on ``example_inputs`` (tensor, tuple of args or dict of kwargs) and group channels.
+
+        Args:
+            protect: module name patterns (fnmatch, or regex if prefixed ``re:``) whose parameters are never
+                pruned (their groups become unprunable).
+            prune_outputs: allow pruning dims that reach the model's outputs (classes, vocabulary).
+            device: ``"auto"`` (meta tensors, real ones if the model reads values), ``"meta"`` or ``"real"``.
+
+        Raises:
+            UnsupportedOpError: an op without a rule ran on a tensor carrying channels (names op and module).
+            GraphError: the forward pass failed.
+        """
+        from secateur.graph.rules import MODULE_RULES, RULES
+
+        tracer, out = run_trace(model, example_inputs, RULES, MODULE_RULES, device)
+        atoms = tracer.atoms
+        if not prune_outputs:
+            for t in iter_tensors(out):
+                for d in tracer.dims(t):
+                    if d is not None:
+                        atoms.freeze(d, "reaches a model output (pass prune_outputs=True to allow)")
+        labels = atoms.solve()
+        for ev in tracer.splits:
+            ev.classes = labels[ev.atoms]
+        return cls(
+            model, _make_groups(tracer.param_dims, labels, atoms.frozen, protect), tracer.splits, tracer.n_ops
+        )
+
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.n_prunable > 0]
+
+    def group_of(self, name: str, dim: int) -> Group | None:
+        """The group holding parameter ``name`` along ``dim`` (aliases accepted), or None."""
+        for g in self.groups:
+            for m in g.members:
+                if m.dim == dim and (m.name == name or name in m.aliases):
+                    return g
+        return None
+
+    def __repr__(self) -> str:
+        return f"DependencyGraph({len(self.groups)} groups, {len(self.prunable_groups())} prunable)"
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.search(p[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") or name == p:
+            return True
+    return False
+
+
+def _make_groups(
+    param_dims: dict[tuple[str, int], ParamDim],
+    labels: np.ndarray,
+    frozen: list[tuple[np.ndarray, str]],
+    protect: Sequence[str],
+) -> list[Group]:
+    pds = list(param_dims.values())
+    if not pds:
+        return []
+    # classes of each member; a second union-find over classes joins classes sharing a member
+    cls_of = [labels[pd.atoms] for pd in pds]
+    uniq = np.unique(np.concatenate(cls_of))
+    pos = {int(c): i for i, c in enumerate(uniq)}
+    parent = np.arange(uniq.size)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for c in cls_of:
+        u = np.unique(c)
+        r0 = find(pos[int(u[0])])
+        for x in u[1:]:
+            r = find(pos[int(x)])
+            if r != r0:
+                parent[r] = r0
+    root_of_class = {int(c): find(i) for i, c in enumerate(uniq)}
+    frozen_cls: dict[int, str] = {}
+    for arr, why in frozen:
+        for c in np.unique(labels[arr]):
+            frozen_cls.setdefault(int(c), why)
+    by_root: dict[int, list[int]] = {}
+    for i in range(len(pds)):
+        by_root.setdefault(root_of_class[int(cls_of[i][0])], []).append(i)
+    groups = []
+    for members_idx in by_root.values():
+        classes = np.unique(np.concatenate([cls_of[i] for i in members_idx]))
+        members = []
+        for i in members_idx:
+            pd = pds[i]
+            unit_of = np.searchsorted(classes, cls_of[i])
+            members.append(Member(pd.name, pd.dim, unit_of, pd.aliases, pd.is_buffer))
+        prunable = np.array([int(c) not in frozen_cls for c in classes], dtype=bool)
+        reasons = list(dict.fromkeys(frozen_cls[int(c)] for c in classes if int(c) in frozen_cls))[:5]
+        if len({m.module for m in members}) == 1 and not prunable.any():
+            continue  # kernel dims, input channels of a stem, classifier rows: not worth listing
+        if protect:
+            hit = [
+                m.name
+                for m in members
+                if _match(m.module, protect) or any(_match(a.rpartition(".")[0], protect) for a in m.aliases)
+            ]
+            if hit:
+                prunable[:] = False
+                reasons.append(f"protected by the user ({hit[0]})")
+        if classes.size == 1 and prunable.all():
+            pass
+        first = members[0]
+        groups.append(
+            Group(f"{first.name}:{first.dim}", int(classes.size), members, prunable, reasons, classes)
+        )
+    return groups

@@ -1,0 +1,410 @@
+"""One real forward pass under a ``TorchFunctionMode`` that records channel couplings.
+
+Why this design: a ``TorchFunctionMode`` sees every torch-level call (functional ops, Tensor methods,
+operators) whatever Python control flow ran, needs no ``requires_grad`` and costs about one forward pass;
+by default the pass runs on ``meta`` tensors so it computes nothing (a real pass is the fallback for models
+whose Python code reads tensor values). Module hooks give every op the path of the module where it ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from secateur.errors import GraphError, UnsupportedOpError
+from secateur.graph.atoms import Atoms, AtomStore
+
+Dims = list  # list[Atoms | None], one entry per tensor dimension
+
+
+def op_name(func: Any) -> str:
+    """Registry key of a torch callable: bare name without underscores (``Tensor.__iadd__`` -> ``iadd``)."""
+    name = getattr(func, "__name__", None) or str(func)
+    if name == "__get__":  # property getters (Tensor.T, Tensor.data) arrive as their __get__
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name.strip("_")
+
+
+def iter_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Tensors inside nested tuples, lists, dicts and dataclasses (Hugging Face ModelOutput included).
+
+    Cache objects and other classes are not entered: a key/value cache is not a model output to protect.
+    """
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 6:
+        return
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from iter_tensors(o, depth + 1)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from iter_tensors(o, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from iter_tensors(getattr(obj, f.name, None), depth + 1)
+
+
+@dataclasses.dataclass
+class ParamDim:
+    """One dimension of one parameter or buffer taking part in the graph."""
+
+    name: str  # canonical qualname ("layer1.0.conv1.weight")
+    dim: int
+    atoms: Atoms  # shape (size,)
+    aliases: tuple[str, ...] = ()  # other qualnames of the same tensor (tied weights)
+    is_buffer: bool = False
+
+
+@dataclasses.dataclass
+class SplitEvent:
+    """A reshape that cut a channel dimension into (units, inner): attention heads, norm groups."""
+
+    module_paths: tuple[str, ...]  # innermost module first
+    n_outer: int  # number of units before pruning (e.g. num_heads)
+    inner: int  # size of one unit (e.g. head_dim)
+    atoms: Atoms  # shape (n_outer,), one atom per unit
+    op: str
+    classes: np.ndarray | None = None  # atom classes of the units, filled when the graph is solved
+
+
+class OpContext:
+    """What a coupling rule sees of one op, and the actions it may take.
+
+    Attributes: ``name`` (registry key), ``func``, ``args``, ``kwargs``, ``out`` (the op's result),
+    ``module_path`` (qualname of the innermost running module, ``""`` for the root).
+    """
+
+    def __init__(self, tracer: Tracer, func: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        self.tracer = tracer
+        self.func = func
+        self.name = name
+        self.args = args
+        self.kwargs = kwargs
+        self.out = out
+
+    # --- reading -------------------------------------------------------------------------------------
+    @property
+    def module_path(self) -> str:
+        return self.tracer.module_path()
+
+    def where(self) -> str:
+        """``"op 'x' in module 'a.b' (Class)"``, for messages."""
+        return self.tracer.where(self.name)
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """Positional argument ``i`` or keyword ``name``."""
+        if len(self.args) > i:
+            return self.args[i]
+        return self.kwargs.get(name, default)
+
+    def dims(self, t: Any) -> Dims:
+        """Atoms per dimension of a tensor (``None`` for non-channel dims); ``[]`` for a non-tensor."""
+        return self.tracer.dims(t)
+
+    def has_atoms(self, t: Any) -> bool:
+        return any(d is not None for d in self.dims(t))
+
+    def param_name(self, t: torch.Tensor) -> str | None:
+        """Qualname if ``t`` is a parameter or buffer of the model, else ``None``."""
+        return self.tracer.param_name(t)
+
+    def is_param_derived(self, t: Any) -> bool:
+        """True if ``t`` is a parameter/buffer or computed from them alone (a weight, not an activation)."""
+        return self.tracer.is_param_derived(t)
+
+    # --- writing ------------------------------------------------------------------------------------
+    def set_dims(self, t: Any, dims: Sequence[Atoms | None]) -> None:
+        """Give the output tensor ``t`` its atoms per dimension (``len(dims) == t.dim()``)."""
+        if isinstance(t, torch.Tensor):
+            dims = list(dims)
+            if len(dims) != t.dim():
+                raise GraphError(
+                    f"rule for {self.where()} produced {len(dims)} dims for a {t.dim()}-d output"
+                )
+            self.tracer.set_dims(t, dims)
+
+    def couple(self, a: Atoms | None, b: Atoms | None, why: str = "") -> Atoms | None:
+        """Declare two same-size dimensions the same channels; a channel dim coupled to a dim without
+        channel identity (data, a constant) is frozen. Returns the array to use for the output, or None."""
+        if a is None and b is None:
+            return None
+        if a is None or b is None:
+            arr = a if a is not None else b
+            self.freeze(arr, why or "coupled to a tensor without channel identity (model input or constant)")
+            return arr
+        if a.shape != b.shape and a.size != 1 and b.size != 1:
+            raise GraphError(f"{self.where()}: coupling dims of sizes {a.size} and {b.size}")
+        self.tracer.atoms.union(a, b)
+        return a
+
+    def union_rows(self, mat: np.ndarray) -> None:
+        """Merge the atoms of each row of ``mat`` into one unit (whole heads, whole conv groups)."""
+        self.tracer.atoms.union_rows(mat)
+
+    def freeze(self, a: Atoms | None, reason: str) -> None:
+        """Make these channels unprunable; ``reason`` is prefixed with where it happened."""
+        if a is not None:
+            self.tracer.atoms.freeze(a, f"{reason} [{self.where()}]")
+
+    def new_atoms(self, k: int) -> Atoms:
+        return self.tracer.atoms.new(k)
+
+    def record_split(self, n_outer: int, inner: int, atoms: Atoms) -> None:
+        """Note that a channel dim was viewed as ``(n_outer, inner)`` units (heads); compaction updates the
+        module attributes equal to ``n_outer`` (num_heads and the like)."""
+        self.tracer.splits.append(
+            SplitEvent(tuple(reversed(self.tracer.stack)), n_outer, inner, atoms.copy(), self.name)
+        )
+
+
+Rule = Callable[[OpContext], None]
+ModuleRule = Callable[["OpContext", nn.Module, tuple, dict, Any], None]
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tr = self.tracer
+        if tr.opaque:
+            return out
+        tr.on_op(func, args, kwargs, out)
+        return out
+
+
+class Tracer:
+    """Runs the forward pass and holds the per-tensor atom bookkeeping. Use :func:`trace`."""
+
+    def __init__(
+        self, model: nn.Module, rules: dict[str, Rule], module_rules: dict[type, ModuleRule]
+    ) -> None:
+        self.model = model
+        self.rules = rules
+        self.module_rules = module_rules
+        self.atoms = AtomStore()
+        self._info: dict[int, tuple[weakref.ref, Dims]] = {}
+        self._params: dict[int, tuple[torch.Tensor, str, bool]] = {}
+        self._pderived: dict[int, weakref.ref] = {}
+        self.aliases: dict[str, tuple[str, ...]] = {}
+        self.param_dims: dict[tuple[str, int], ParamDim] = {}
+        self.splits: list[SplitEvent] = []
+        self.stack: list[str] = []
+        self.module_stack: list[nn.Module] = []
+        self.opaque = 0
+        self.n_ops = 0
+        self.modules: dict[str, nn.Module] = {}
+
+    # --- identities ---------------------------------------------------------------------------------
+    def register_tensors(self, named: dict[str, torch.Tensor], buffers: set[str]) -> None:
+        """Map the tensors the forward will see (real or meta stand-ins) to their qualnames."""
+        by_id: dict[int, list[str]] = {}
+        for name, t in named.items():
+            by_id.setdefault(id(t), []).append(name)
+        for names in by_id.values():
+            t = named[names[0]]
+            self._params[id(t)] = (t, names[0], names[0] in buffers)
+            self.aliases[names[0]] = tuple(names[1:])
+
+    def param_name(self, t: Any) -> str | None:
+        rec = self._params.get(id(t))
+        return rec[1] if rec is not None and rec[0] is t else None
+
+    def is_param_derived(self, t: Any) -> bool:
+        if not isinstance(t, torch.Tensor):
+            return False
+        if self.param_name(t) is not None:
+            return True
+        r = self._pderived.get(id(t))
+        return r is not None and r() is t
+
+    def param_atoms(self, name: str, dim: int, size: int, is_buffer: bool) -> Atoms:
+        key = (name, dim)
+        pd = self.param_dims.get(key)
+        if pd is None:
+            pd = ParamDim(name, dim, self.atoms.new(size), self.aliases.get(name, ()), is_buffer)
+            self.param_dims[key] = pd
+        return pd.atoms
+
+    def dims(self, t: Any) -> Dims:
+        if not isinstance(t, torch.Tensor):
+            return []
+        rec = self._info.get(id(t))
+        if rec is not None and rec[0]() is t:
+            return rec[1]
+        prec = self._params.get(id(t))
+        if prec is not None and prec[0] is t:
+            _, name, is_buffer = prec
+            if is_buffer and not t.is_floating_point():
+                dims: Dims = [None] * t.dim()
+            else:
+                dims = [
+                    self.param_atoms(name, d, s, is_buffer) if s > 1 else None for d, s in enumerate(t.shape)
+                ]
+            self.set_dims(t, dims)
+            return dims
+        return [None] * t.dim()
+
+    def set_dims(self, t: torch.Tensor, dims: Dims) -> None:
+        self._info[id(t)] = (weakref.ref(t), dims)
+
+    # --- where are we -------------------------------------------------------------------------------
+    def module_path(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def where(self, name: str) -> str:
+        path = self.module_path()
+        cls = type(self.module_stack[-1]).__name__ if self.module_stack else type(self.model).__name__
+        return f"op '{name}' in module '{path or '<root>'}' ({cls})"
+
+    # --- the op hook --------------------------------------------------------------------------------
+    def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        self.n_ops += 1
+        outs = list(iter_tensors(out))
+        if not outs and op_name(func) != "setitem":
+            return
+        ins = list(iter_tensors(args)) + list(iter_tensors(kwargs))
+        if ins and all(self.is_param_derived(t) for t in ins):
+            for t in outs:
+                self._pderived[id(t)] = weakref.ref(t)
+        if not any(any(d is not None for d in self.dims(t)) for t in ins):
+            for t in outs:  # fresh tensors (or outputs of ops on data only): no channel identity
+                if id(t) not in self._params:
+                    self.set_dims(t, [None] * t.dim())
+            return
+        name = op_name(func)
+        rule = self.rules.get(name)
+        if rule is None:
+            raise UnsupportedOpError(
+                f"no coupling rule for {self.where(name)}: it ran on a tensor that carries prunable "
+                f"channels. Register one with secateur.graph.register_rule({name!r}, rule), or protect "
+                f"this module."
+            )
+        rule(OpContext(self, func, name, args, kwargs, out))
+
+    # --- module hooks -------------------------------------------------------------------------------
+    def pre_hook(self, path: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.stack.append(path)
+            self.module_stack.append(mod)
+            if self.opaque == 0 and type(mod) in self.module_rules:
+                self._opaque_args = (args, kwargs)
+                self._opaque_mod = mod
+            if self.opaque or type(mod) in self.module_rules:
+                self.opaque += 1
+
+        return hook
+
+    def post_hook(self, path: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            if self.opaque:
+                self.opaque -= 1
+                if self.opaque == 0 and getattr(self, "_opaque_mod", None) is mod:
+                    rule = self.module_rules[type(mod)]
+                    ctx = OpContext(self, mod, type(mod).__name__, args, kwargs, out)
+                    rule(ctx, mod, args, kwargs, out)
+                    self._opaque_mod = None
+            self.stack.pop()
+            self.module_stack.pop()
+
+        return hook
+
+
+def _to_meta(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to("meta")
+    if isinstance(obj, tuple):
+        return tuple(_to_meta(o) for o in obj)
+    if isinstance(obj, list):
+        return [_to_meta(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_meta(v) for k, v in obj.items()}
+    return obj
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def run_trace(
+    model: nn.Module,
+    example_inputs: Any,
+    rules: dict[str, Rule],
+    module_rules: dict[type, ModuleRule],
+    device: str = "auto",
+) -> tuple[Tracer, Any]:
+    """Trace ``model`` once; returns the tracer (atoms, param dims, splits) and the (meta or real) output.
+
+    ``device``: ``"meta"`` runs on shape-only meta tensors (fast, computes nothing), ``"real"`` on the
+    model's own tensors, ``"auto"`` tries meta and falls back to real if the model reads tensor values.
+    Raises UnsupportedOpError for an op without a rule, GraphError when the forward itself fails.
+    """
+    if device == "auto":
+        try:
+            return run_trace(model, example_inputs, rules, module_rules, "meta")
+        except UnsupportedOpError:
+            raise
+        except Exception:  # data-dependent Python code (item(), bool()) cannot run on meta tensors
+            return run_trace(model, example_inputs, rules, module_rules, "real")
+    tracer = Tracer(model, rules, module_rules)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    if device == "meta":
+        cache: dict[int, torch.Tensor] = {}
+        sub: dict[str, torch.Tensor] = {}
+        for n, t in list(named.items()) + list(buffers.items()):
+            if id(t) not in cache:
+                cache[id(t)] = t.detach().to("meta")
+            sub[n] = cache[id(t)]
+        tracer.register_tensors(sub, set(buffers))
+        inputs = _to_meta(example_inputs)
+    else:
+        sub = {**named, **buffers}
+        tracer.register_tensors(sub, set(buffers))
+        inputs = example_inputs
+    handles = []
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        for path, mod in model.named_modules(remove_duplicate=False):
+            tracer.modules.setdefault(path, mod)
+            handles.append(mod.register_forward_pre_hook(tracer.pre_hook(path), with_kwargs=True))
+            handles.append(mod.register_forward_hook(tracer.post_hook(path), with_kwargs=True))
+        with torch.no_grad(), _Mode(tracer):
+            if device == "meta":
+                from torch.func import functional_call
+
+                if isinstance(inputs, dict):
+                    out = functional_call(model, sub, (), inputs, strict=False)
+                else:
+                    args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+                    out = functional_call(model, sub, tuple(args), strict=False)
+            else:
+                out = call_model(model, inputs)
+    except (UnsupportedOpError, GraphError):
+        raise
+    except Exception as e:
+        if device == "meta":
+            raise
+        raise GraphError(f"forward pass failed while tracing at {tracer.where('?')}: {e!r}") from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, tr in was_training.items():
+            m.training = tr
+    return tracer, out

@@ -1,0 +1,147 @@
+"""One call that physically removes channels, features and attention heads.
+
+    model, plan = prune_channels(model, example_inputs, ratio=0.3, criterion="l1")
+
+trace -> groups -> score units -> choose per group -> plan (JSON data) -> compact (transactional).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateur.compact import check_equivalence, compact, make_plan, mask_model
+from secateur.errors import ConfigError
+from secateur.graph.groups import DependencyGraph, Group
+
+Criterion = Callable[[Group, nn.Module], Any]
+
+
+def _named(model: nn.Module) -> dict[str, torch.Tensor]:
+    d = dict(model.named_parameters(remove_duplicate=False))
+    d.update(dict(model.named_buffers(remove_duplicate=False)))
+    return d
+
+
+def lp_scores(group: Group, model: nn.Module, p: float = 1.0) -> np.ndarray:
+    """Sum over members (parameters only, not buffers) of the mean |w|^p of each unit's slice; shape
+    ``(n_units,)``. Each member is normalised by its mean so one large tensor does not dominate."""
+    named = _named(model)
+    total = np.zeros(group.n_units)
+    with torch.no_grad():
+        for m in group.members:
+            if m.is_buffer:
+                continue
+            t = named[m.name].detach().float().abs().pow(p)
+            red = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).mean(1).cpu().numpy()
+            per_unit = np.bincount(m.unit_of, weights=red, minlength=group.n_units)
+            cnt = np.maximum(np.bincount(m.unit_of, minlength=group.n_units), 1)
+            per_unit = per_unit / cnt
+            total += per_unit / max(per_unit.mean(), 1e-12)
+    return total
+
+
+def choose_units(group: Group, scores: np.ndarray, ratio: float, round_to: int = 1) -> np.ndarray:
+    """Indices of the lowest-scoring prunable units to remove from ``group``.
+
+    Removes ``floor(ratio * n_prunable)`` units, fewer if needed so that the kept count is a multiple of
+    ``round_to`` and at least one unit stays.
+    """
+    cand = np.nonzero(group.prunable)[0]
+    k = int(math.floor(ratio * cand.size + 1e-9))
+    if round_to > 1:
+        keep = group.n_units - k
+        keep = int(math.ceil(keep / round_to) * round_to)
+        k = max(0, group.n_units - keep)
+    k = min(k, cand.size, group.n_units - 1)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    order = cand[np.argsort(scores[cand], kind="stable")]
+    return np.sort(order[:k])
+
+
+def _ensure_member_nonempty(group: Group, rm: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Keep at least one unit in every member (a layer fed by a concat keeps a channel of each part)."""
+    rm_set = set(rm.tolist())
+    for m in group.members:
+        units = np.unique(m.unit_of)
+        if all(int(u) in rm_set for u in units):
+            best = units[np.argmax(scores[units])]
+            rm_set.discard(int(best))
+    return np.array(sorted(rm_set), dtype=np.int64)
+
+
+def prune_channels(
+    model: nn.Module,
+    example_inputs: Any,
+    ratio: float = 0.3,
+    criterion: str | Criterion = "l1",
+    protect: Sequence[str] = (),
+    round_to: int = 1,
+    seed: int = 0,
+    prune_outputs: bool = False,
+    verify: bool = False,
+    graph: DependencyGraph | None = None,
+) -> tuple[nn.Module, dict]:
+    """Remove ``ratio`` of the prunable units of every group (channels, features, heads) in place.
+
+    Args:
+        model: any ``nn.Module``; changed in place and returned.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        ratio: fraction of each group's prunable units to remove, in [0, 1).
+        criterion: ``"random"``, ``"l1"``, ``"l2"`` or ``f(group, model) -> scores`` (shape ``(n_units,)``,
+            low = removed first).
+        protect: module name patterns never pruned (fnmatch; ``"re:..."`` for a regex).
+        round_to: kept unit counts are multiples of this.
+        verify: run the oracle (masked copy vs compacted model, float64, atol 1e-6) and roll back on failure.
+
+    Returns ``(model, plan)``; ``plan`` is plain JSON-serialisable data (:func:`secateur.compact.make_plan`).
+
+    Raises:
+        ConfigError: bad ratio or criterion.
+        UnsupportedOpError / GraphError: from tracing.
+        CompactionError: compaction (or verification) failed; the model is unchanged.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"ratio must be in [0, 1), got {ratio}")
+    if graph is None:
+        graph = DependencyGraph.build(model, example_inputs, protect=protect, prune_outputs=prune_outputs)
+    rng = np.random.default_rng(seed)
+    removed = {}
+    for gi, g in enumerate(graph.groups):
+        if g.n_prunable == 0:
+            continue
+        if callable(criterion):
+            scores = np.asarray(torch.as_tensor(criterion(g, model)).detach().cpu().numpy(), dtype=float)
+        elif criterion == "random":
+            scores = rng.random(g.n_units)
+        elif criterion in ("l1", "l2"):
+            scores = lp_scores(g, model, 1.0 if criterion == "l1" else 2.0)
+        else:
+            raise ConfigError(f"unknown criterion {criterion!r}: use 'random', 'l1', 'l2' or a callable")
+        if scores.shape != (g.n_units,):
+            raise ConfigError(
+                f"criterion returned shape {scores.shape} for group {g.name} of {g.n_units} units"
+            )
+        rm = _ensure_member_nonempty(g, choose_units(g, scores, ratio, round_to), scores)
+        if rm.size:
+            removed[gi] = rm
+    plan = make_plan(graph, removed)
+    check = None
+    if verify:
+        masked = mask_model(copy.deepcopy(model), plan)
+
+        def check(m: nn.Module) -> None:
+            check_equivalence(masked, m, example_inputs)
+
+    compact(model, plan, check=check)
+    return model, plan
+
+
+__all__ = ["choose_units", "lp_scores", "prune_channels"]

@@ -1,0 +1,29 @@
+"""Helpers shared by the graph tests (imported as a plain module; tests/ has no packages)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+
+def prune_and_check(model, x, ratio=0.3, criterion="random", seed=0, atol=1e-6, **kw):
+    """Prune ``ratio`` of every group with the oracle; returns (pruned model, plan, graph, max diff)."""
+    from secateur.compact import check_equivalence, compact, make_plan, mask_model
+    from secateur.graph import DependencyGraph
+    from secateur.structured import choose_units
+
+    graph = DependencyGraph.build(model, x, **kw)
+    rng = np.random.default_rng(seed)
+    removed = {}
+    for gi, g in enumerate(graph.groups):
+        if g.n_prunable:
+            scores = rng.random(g.n_units)
+            rm = choose_units(g, scores, ratio)
+            if rm.size:
+                removed[gi] = rm
+    plan = make_plan(graph, removed)
+    masked = mask_model(copy.deepcopy(model), plan)
+    pruned = compact(copy.deepcopy(model), plan)
+    diff = check_equivalence(masked, pruned, x, atol=atol)
+    return pruned, plan, graph, diff
