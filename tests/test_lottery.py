@@ -119,3 +119,36 @@ def test_lottery_as_trainer_callback():
         keep = get_mask(mod)
         assert torch.equal(mod.weight.detach()[keep], seen[key][keep])
         assert torch.all(mod.weight.detach()[~keep] == 0)
+
+
+# -- rethinking the value of pruning: Scratch-E / Scratch-B -----------------------------------------
+def test_scratch_budgets_follow_the_paper():
+    from secateur.methods import scratch_budgets
+
+    b = scratch_budgets(160, dense_macs=1000, pruned_macs=800)
+    assert b.scratch_e == 160 and b.scratch_b == pytest.approx(160 * 1000 / 800)
+    capped = scratch_budgets(160, dense_macs=1000, pruned_macs=100)  # 10x fewer MACs: capped at 2x
+    assert capped.scratch_b == 320
+    assert scratch_budgets(160, 1000, 100, max_factor=None).scratch_b == pytest.approx(1600)
+    with pytest.raises(ConfigError, match="exceed"):
+        scratch_budgets(10, 100, 200)
+
+
+def test_reinitialize_keeps_masks_and_parameter_objects():
+    from secateur.methods import reinitialize
+    from secateur.pruner import Pruner
+
+    model = net()
+    pruner = Pruner(model, 0.5)
+    pruner.step(0)
+    masks = {n: m.clone() for n, m in pruner.masks().items()}
+    params = {n: id(p) for n, p in model.named_parameters()}
+    before = model[4].weight.detach().clone()
+    reinitialize(model, seed=3)
+    after = model[4].weight.detach()
+    keep = masks["4.weight"]
+    assert not torch.equal(after[keep], before[keep])  # new values
+    assert torch.all(after[~keep] == 0)  # same sparsity pattern
+    assert {n: id(p) for n, p in model.named_parameters()} == params
+    for n, m in pruner.masks().items():
+        assert torch.equal(m, masks[n])

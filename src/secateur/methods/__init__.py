@@ -8,5 +8,6 @@
 
 from secateur.methods.at_init import prune_at_init
 from secateur.methods.lottery import LotteryTicket
+from secateur.methods.rethinking import ScratchBudgets, reinitialize, scratch_budgets
 
-__all__ = ["LotteryTicket", "prune_at_init"]
+__all__ = ["LotteryTicket", "ScratchBudgets", "prune_at_init", "reinitialize", "scratch_budgets"]
