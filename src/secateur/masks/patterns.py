@@ -147,9 +147,7 @@ def block_mask(
     rows = _as_rows(scores, layer)
     out_f, in_f = rows.shape
     if out_f % k or in_f % l:
-        raise ConfigError(
-            f"{layer or 'layer'}: shape ({out_f}, {in_f}) is not divisible by block {k}x{l}"
-        )
+        raise ConfigError(f"{layer or 'layer'}: shape ({out_f}, {in_f}) is not divisible by block {k}x{l}")
     blocks = rows.reshape(out_f // k, k, in_f // l, l)
     bs = blocks.sum(dim=(1, 3)) if reduce == "sum" else blocks.mean(dim=(1, 3))
     keep_b = _prune_lowest(bs.flatten(), math.floor(sp * bs.numel())).reshape(bs.shape)

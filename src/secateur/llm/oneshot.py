@@ -1,0 +1,532 @@
+"""Layer-by-layer one-shot pruning of transformer stacks (magnitude, Wanda, SparseGPT).
+
+Both SparseGPT (Frantar & Alistarh 2023, section 3 and its reference procedure) and Wanda (Sun et
+al. 2023, section 3) prune a large model one block at a time, so that memory holds one block plus
+the calibration activations entering it, never the activations of the whole model:
+
+1. run the calibration batches through the model up to the first block and keep that block's
+   inputs (hidden states and whatever else it is called with: attention mask, position embeddings);
+2. for each block: run the held inputs through it with forward hooks on its Linear layers that
+   accumulate input statistics (:class:`~secateur.llm.calibration.InputStats`), prune every
+   Linear of the block from its statistics, then run the inputs through the *pruned* block again:
+   those outputs are the next block's inputs, so later blocks see the errors of earlier ones.
+
+The result is applied as element masks (:func:`secateur.masks.element.set_mask`); SparseGPT also
+changes the surviving weights, which are written into the stored weight first.
+
+Assumption (true of BERT, GPT-2, LLaMA-style stacks in ``transformers``): every block is called with
+the same extra arguments as the first one, and returns the new hidden states (or a tuple whose first
+element they are).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateur.allocation import check_sparsity
+from secateur.errors import ConfigError
+from secateur.llm.calibration import InputStats
+from secateur.llm.sparsegpt import sparsegpt_prune
+from secateur.llm.wanda import wanda_mask
+from secateur.masks.element import original, set_mask
+from secateur.masks.patterns import Pattern, parse_pattern, pattern_mask
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+# Where common transformer implementations keep their stack of blocks.
+_BLOCK_PATHS = (
+    "encoder.layer",
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "transformer.h",
+    "model.layers",
+    "model.decoder.layers",
+    "gpt_neox.layers",
+    "layers",
+    "h",
+)
+
+
+@dataclass
+class LayerResult:
+    """Outcome for one Linear: achieved ``sparsity`` (fraction) and optional relative error.
+
+    ``rel_error = ||W X - W_hat X||_F^2 / ||W X||_F^2`` on the calibration tokens reaching the layer
+    (only when ``track_error=True``); ``seconds`` is the time spent choosing the mask.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    rel_error: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class OneShotReport:
+    """Summary of :func:`prune_oneshot`.
+
+    ``peak_held_bytes``: the most bytes held at once for calibration (block inputs and extra call
+    arguments plus the statistics of one block's Linears). ``full_capture_bytes``: the bytes that
+    storing the inputs of every pruned Linear of the whole model at once would take (what a
+    non-layer-wise implementation holds); 0 when no statistics pass ran (plain magnitude).
+    """
+
+    method: str
+    pattern: str
+    sparsity: float
+    n_tokens: int
+    layers: list[LayerResult] = field(default_factory=list)
+    peak_held_bytes: int = 0
+    full_capture_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Fraction of zeros over all pruned Linear weights."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["overall_sparsity"] = self.overall_sparsity
+        return d
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the model right at the first block."""
+
+
+def _get_path(model: nn.Module, path: str) -> Any:
+    obj: Any = model
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The ``(path, ModuleList)`` of transformer blocks, e.g. ``("encoder.layer", ...)`` for BERT.
+
+    Tries ``path`` if given, otherwise the usual attribute paths of ``transformers`` models.
+
+    Raises:
+        ConfigError: ``path`` is not a non-empty ``nn.ModuleList``, or none of the usual paths is.
+    """
+    candidates = (path,) if path is not None else _BLOCK_PATHS
+    for p in candidates:
+        obj = _get_path(model, p)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return p, obj
+    if path is not None:
+        raise ConfigError(f"{type(model).__name__} has no non-empty ModuleList at {path!r}")
+    raise ConfigError(
+        f"cannot find the blocks of {type(model).__name__} (tried {', '.join(_BLOCK_PATHS)}); "
+        "pass blocks='...'"
+    )
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise ConfigError(
+        f"a block returned {type(out).__name__}; expected a tensor or a tuple starting with one"
+    )
+
+
+def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the tensors inside ``obj`` (tensors, tuples, lists, dicts), each storage counted once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o, seen) for o in obj)
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(o, seen) for o in obj.values())
+    return 0
+
+
+def _to(obj: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _included(name: str, mod: nn.Linear, include: str | Callable[[str, nn.Linear], bool] | None) -> bool:
+    if include is None:
+        return True
+    return bool(re.search(include, name)) if isinstance(include, str) else bool(include(name, mod))
+
+
+def _select_linears(
+    block: nn.Module, prefix: str, include: str | Callable[[str, nn.Linear], bool] | None
+) -> list[tuple[str, nn.Linear]]:
+    out = []
+    for name, mod in block.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        full = f"{prefix}.{name}"
+        if _included(full, mod, include):
+            out.append((full, mod))
+    return out
+
+
+def _capture_first_block_inputs(
+    model: nn.Module, first: nn.Module, batches: list[Mapping[str, torch.Tensor]]
+) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """Run each batch up to ``first`` and return its ``(hidden, other_args, kwargs)``."""
+    store: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        elif "hidden_states" in kwargs:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        else:
+            raise ConfigError("the first block was called without hidden states")
+        store.append((hidden.detach(), rest, dict(kwargs)))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**batch)
+            except _StopForward:
+                pass
+            else:
+                raise ConfigError("the model finished its forward pass without calling the first block")
+    finally:
+        handle.remove()
+    return store
+
+
+def _token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    m = batch.get("attention_mask")
+    return None if m is None else m.bool()
+
+
+def _validate(linears: list[tuple[str, nn.Linear]], method: str, p: Pattern, sparsity: float | None) -> float:
+    if method not in METHODS:
+        raise ConfigError(f"unknown one-shot method {method!r}; available: {list(METHODS)}")
+    if p.kind == "block" and method == "sparsegpt":
+        raise ConfigError("SparseGPT supports unstructured and N:M patterns, not blocks")
+    if p.kind == "nm":
+        n, m = p.nm
+        for name, mod in linears:
+            if mod.in_features % m:
+                raise ConfigError(
+                    f"{name}: in_features ({mod.in_features}) is not divisible by M={m} for {n}:{m} sparsity"
+                )
+        return 1.0 - n / m
+    if sparsity is None:
+        raise ConfigError(f"pattern {p} needs a sparsity (fraction in [0, 1))")
+    sp = check_sparsity(sparsity)
+    if p.kind == "block":
+        k, l = p.block
+        for name, mod in linears:
+            if mod.out_features % k or mod.in_features % l:
+                raise ConfigError(
+                    f"{name}: shape ({mod.out_features}, {mod.in_features}) is not divisible by block {k}x{l}"
+                )
+    return sp
+
+
+@torch.no_grad()
+def prune_linear(
+    module: nn.Linear,
+    method: str,
+    stats: InputStats | None,
+    sparsity: float | None,
+    pattern: str | tuple[int, int] | Pattern = "row",
+    name: str = "",
+    block_size: int = 128,
+    damp: float = 0.01,
+    as_masks: bool = True,
+) -> torch.Tensor:
+    """Prune one Linear from its input statistics and apply the result; returns the keep-mask ``(out, in)``.
+
+    ``magnitude``: scores ``|W|`` (Han et al. 2015) under ``pattern`` ("row" compares within each
+    output row, "layer" over the matrix, "N:M", "blockKxL"). ``wanda``: ``|W| * ||X_j||_2`` (Sun et
+    al. 2023, eq. 1). ``sparsegpt``: OBS reconstruction (Frantar & Alistarh 2023, Algorithm 1),
+    which writes the updated surviving weights. With ``as_masks`` the pattern is recorded as an
+    element mask (:func:`~secateur.masks.element.set_mask`); otherwise zeros are written in place.
+
+    Raises:
+        ConfigError: an unknown method, a missing statistic, or a bad sparsity/pattern.
+    """
+    w = module.weight.detach()
+    new_w = None
+    if method == "magnitude":
+        keep = pattern_mask(w.abs(), pattern, sparsity, name)
+    elif method == "wanda":
+        if stats is None:
+            raise ConfigError(f"{name}: Wanda needs input statistics")
+        keep = wanda_mask(w, stats.column_norms(), sparsity, pattern, name)
+    elif method == "sparsegpt":
+        if stats is None or stats.xtx is None:
+            raise ConfigError(f"{name}: SparseGPT needs the input Hessian")
+        new_w, keep = sparsegpt_prune(w, stats.hessian(), sparsity, pattern, block_size, damp, name)
+    else:
+        raise ConfigError(f"unknown one-shot method {method!r}; available: {list(METHODS)}")
+    if new_w is not None:
+        original(module, "weight").copy_(new_w)
+    if as_masks:
+        set_mask(module, keep)
+    else:
+        original(module, "weight").mul_(keep.to(w.device))
+    return keep
+
+
+def _rel_error(w_old: torch.Tensor, w_new: torch.Tensor, xtx: torch.Tensor) -> float:
+    """``||(W - W_hat) X||^2 / ||W X||^2`` from ``X X^T`` (no need to keep ``X``)."""
+    d = (w_old.double() - w_new.double()).to(xtx.device)
+    num = ((d @ xtx) * d).sum()
+    den = ((w_old.double().to(xtx.device) @ xtx) * w_old.double().to(xtx.device)).sum()
+    return (num / den).item() if den > 0 else 0.0
+
+
+@torch.no_grad()
+def prune_oneshot(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    method: str = "wanda",
+    sparsity: float | None = 0.5,
+    pattern: str | tuple[int, int] | Pattern = "row",
+    *,
+    blocks: str | None = None,
+    include: str | Callable[[str, nn.Linear], bool] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    device: torch.device | str | None = None,
+    track_error: bool = False,
+    as_masks: bool = True,
+) -> OneShotReport:
+    """Prune every Linear inside the model's transformer blocks, one block at a time.
+
+    Args:
+        model: e.g. a ``transformers`` BERT/GPT-2/LLaMA model; put in eval mode for the call.
+        batches: calibration batches, each the keyword arguments of ``model(**batch)`` (from
+            :func:`~secateur.llm.calibration.tokenized_batches`); ``attention_mask`` marks the
+            real tokens, the only ones counted in the statistics.
+        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+        sparsity: fraction in [0, 1) for unstructured/block patterns (ignored for N:M).
+        pattern: ``"row"`` (per output row; default, Wanda's choice), ``"layer"``, ``"N:M"`` or
+            ``(N, M)``, ``"blockKxL"`` (not with SparseGPT). For SparseGPT "row"/"layer" both mean
+            its adaptive per-column-block selection with an exact per-layer count.
+        blocks: attribute path of the ModuleList of blocks (found automatically if None).
+        include: regex on full Linear names (``"encoder.layer.0.attention.self.query"``) or a
+            predicate ``(name, module) -> bool``; None prunes every Linear in the blocks.
+        block_size, damp: SparseGPT's column block (128) and dampening (1% of mean diag H).
+        device: run each block there (it is moved back afterwards); None keeps devices as they are.
+        track_error: also record each layer's relative reconstruction error (costs ``in^2``
+            statistics per Linear for every method).
+        as_masks: record the pattern as element masks (default) or write zeros into the weights.
+
+    Returns:
+        :class:`OneShotReport` with per-layer achieved sparsity and memory accounting.
+
+    Raises:
+        ConfigError: unknown method, bad sparsity or pattern, in_features not divisible by M (naming
+            the layer), no blocks or no Linear selected, empty batches. All checks run before any
+            weight changes, so on error the model is untouched.
+    """
+    t0 = time.perf_counter()
+    p = parse_pattern(pattern)
+    block_path, block_list = find_blocks(model, blocks)
+    per_block = [_select_linears(b, f"{block_path}.{i}", include) for i, b in enumerate(block_list)]
+    all_linears = [x for lin in per_block for x in lin]
+    if not all_linears:
+        raise ConfigError(f"no nn.Linear selected inside {block_path} (include={include!r})")
+    sp = _validate(all_linears, method, p, sparsity)
+    batches = list(batches)
+    if not batches:
+        raise ConfigError("no calibration batches given")
+    dev = torch.device(device) if device is not None else None
+
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = _capture_first_block_inputs(model, block_list[0], batches)
+        masks = [_token_mask(b) for b in batches]
+        inputs = [(_to(h, dev), _to(r, dev), _to(k, dev)) for h, r, k in inputs]
+        masks = [_to(m, dev) for m in masks]
+        report = OneShotReport(method=method, pattern=str(p), sparsity=sp, n_tokens=0)
+        report.n_tokens = int(
+            sum(
+                m.sum().item() if m is not None else h.shape[0] * h.shape[1]
+                for m, (h, _, _) in zip(masks, inputs)
+            )
+        )
+        need_stats = method != "magnitude" or track_error
+        need_h = method == "sparsegpt" or track_error
+
+        last = max(i for i, lin in enumerate(per_block) if lin)
+        for bi, block in enumerate(block_list[: last + 1]):
+            linears = per_block[bi]
+            home = next(block.parameters()).device
+            if dev is not None:
+                block.to(dev)
+            held = _nbytes(inputs)
+            stats: dict[str, InputStats] = {}
+            if linears and need_stats:
+                current: dict[str, torch.Tensor | None] = {"mask": None}
+                handles = []
+                for name, mod in linears:
+                    stats[name] = InputStats(mod.in_features, hessian=need_h, device=mod.weight.device)
+
+                    def hook(
+                        _m: nn.Module, inp: tuple, _out: Any, _s: InputStats = stats[name], _c: dict = current
+                    ) -> None:
+                        x = inp[0]
+                        report.full_capture_bytes += x.numel() * x.element_size()
+                        _s.add(x, _c["mask"])
+
+                    handles.append(mod.register_forward_hook(hook))
+                try:
+                    for (h, rest, kw), m in zip(inputs, masks):
+                        current["mask"] = m
+                        block(h, *rest, **kw)
+                finally:
+                    for hd in handles:
+                        hd.remove()
+                held += sum(s.nbytes for s in stats.values())
+            report.peak_held_bytes = max(report.peak_held_bytes, held)
+
+            for name, mod in linears:
+                t1 = time.perf_counter()
+                w_old = mod.weight.detach().clone() if track_error else None
+                keep = prune_linear(mod, method, stats.get(name), sp, p, name, block_size, damp, as_masks)
+                res = LayerResult(
+                    name=name,
+                    shape=(mod.out_features, mod.in_features),
+                    sparsity=1.0 - keep.float().mean().item(),
+                    seconds=time.perf_counter() - t1,
+                )
+                if track_error:
+                    res.rel_error = _rel_error(w_old, mod.weight.detach(), stats[name].xtx)
+                report.layers.append(res)
+            stats.clear()
+
+            # The pruned block's outputs are the next block's inputs (errors propagate forward);
+            # past the last block with selected Linears there is nothing left to feed.
+            if bi < last:
+                inputs = [(_block_output(block(h, *rest, **kw)).detach(), rest, kw) for h, rest, kw in inputs]
+            if dev is not None:
+                block.to(home)
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@torch.no_grad()
+def collect_linear_inputs(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    include: str | Callable[[str, nn.Linear], bool] | None = None,
+    stop_early: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Inputs of every selected Linear over all batches at once, ``{name: (tokens, in)}``, padding removed.
+
+    This is the whole-model capture that layer-by-layer pruning avoids: it holds every Linear's
+    inputs together. Used as a reference in tests and as the memory baseline of the benchmark.
+    ``include`` is a regex on module names or a predicate ``(name, module) -> bool``. With
+    ``stop_early`` each forward pass stops once every selected Linear has run (saves the rest).
+
+    Raises:
+        ConfigError: nothing selected by ``include``.
+    """
+    got: dict[str, list[torch.Tensor]] = {}
+    current: dict[str, Any] = {"mask": None, "seen": set()}
+    selected = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and _included(name, mod, include)
+    ]
+    if not selected:
+        raise ConfigError(f"no nn.Linear of {type(model).__name__} selected (include={include!r})")
+    handles = []
+    for name, mod in selected:
+        got[name] = []
+
+        def hook(_m: nn.Module, inp: tuple, _out: Any, _name: str = name) -> None:
+            x = inp[0].detach()
+            m = current["mask"]
+            if m is not None and tuple(m.shape) == tuple(x.shape[:-1]):
+                x = x[m.to(x.device)]
+            got[_name].append(x.reshape(-1, x.shape[-1]).clone())
+            current["seen"].add(_name)
+            if stop_early and len(current["seen"]) == len(got):
+                raise _StopForward
+
+        handles.append(mod.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            current["mask"] = _token_mask(batch)
+            current["seen"] = set()
+            try:
+                model(**batch)
+            except _StopForward:
+                pass
+    finally:
+        for hd in handles:
+            hd.remove()
+        model.train(was_training)
+    return {k: torch.cat(v) for k, v in got.items() if v}
+
+
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, x: torch.Tensor) -> float:
+    """``||W X^T - W_hat X^T||_F^2`` for inputs ``x`` ``(tokens, in)`` and weights ``(out, in)``.
+
+    The layer-wise objective of SparseGPT (Frantar & Alistarh 2023, eq. 1) and Wanda's motivation.
+    """
+    d = (weight.double() - new_weight.double()) @ x.double().T
+    return float((d * d).sum())
+
+
+def sparsity_of(weight: torch.Tensor) -> float:
+    """Fraction of exact zeros in ``weight``."""
+    return 1.0 - torch.count_nonzero(weight).item() / max(1, weight.numel())
+
+
+__all__ = [
+    "METHODS",
+    "LayerResult",
+    "OneShotReport",
+    "collect_linear_inputs",
+    "find_blocks",
+    "prune_linear",
+    "prune_oneshot",
+    "reconstruction_error",
+    "sparsity_of",
+]
