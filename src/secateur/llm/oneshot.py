@@ -75,8 +75,9 @@ class OneShotReport:
 
     ``peak_held_bytes``: the most bytes held at once for calibration (block inputs and extra call
     arguments plus the statistics of one block's Linears). ``full_capture_bytes``: the bytes that
-    storing the inputs of every pruned Linear of the whole model at once would take (what a
-    non-layer-wise implementation holds); 0 when no statistics pass ran (plain magnitude).
+    storing the inputs (real tokens only) of every pruned Linear of the whole model at once would
+    take (what a non-layer-wise implementation holds); 0 when no statistics pass ran (magnitude
+    without ``track_error``).
     """
 
     method: str
@@ -307,9 +308,11 @@ def prune_linear(
 
 def _rel_error(w_old: torch.Tensor, w_new: torch.Tensor, xtx: torch.Tensor) -> float:
     """``||(W - W_hat) X||^2 / ||W X||^2`` from ``X X^T`` (no need to keep ``X``)."""
-    d = (w_old.double() - w_new.double()).to(xtx.device)
-    num = ((d @ xtx) * d).sum()
-    den = ((w_old.double().to(xtx.device) @ xtx) * w_old.double().to(xtx.device)).sum()
+    g = xtx.double()
+    w0 = w_old.double().to(g.device)
+    d = w0 - w_new.double().to(g.device)
+    num = ((d @ g) * d).sum()
+    den = ((w0 @ g) * w0).sum()
     return (num / den).item() if den > 0 else 0.0
 
 
@@ -405,9 +408,12 @@ def prune_oneshot(
                     def hook(
                         _m: nn.Module, inp: tuple, _out: Any, _s: InputStats = stats[name], _c: dict = current
                     ) -> None:
-                        x = inp[0]
-                        report.full_capture_bytes += x.numel() * x.element_size()
-                        _s.add(x, _c["mask"])
+                        x, tm = inp[0], _c["mask"]
+                        real = x.numel() // x.shape[-1]
+                        if tm is not None and tuple(tm.shape) == tuple(x.shape[:-1]):
+                            real = int(tm.sum())
+                        report.full_capture_bytes += real * x.shape[-1] * x.element_size()
+                        _s.add(x, tm)
 
                     handles.append(mod.register_forward_hook(hook))
                 try:
