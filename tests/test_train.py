@@ -187,6 +187,7 @@ def _run(
     stop_after: int | None = None,
     resume: Path | None = None,
     epochs: int = 3,
+    optimizer: str = "sgd",
 ) -> Trainer:
     seed_everything(123)
     model = small_resnet()
@@ -199,7 +200,15 @@ def _run(
     if stop_after is not None:
         callbacks.append(StopAfter(stop_after))
     trainer = Trainer(
-        model, loader, epochs=epochs, lr=0.05, momentum=0.9, callbacks=callbacks, progress=False, log_every=2
+        model,
+        loader,
+        epochs=epochs,
+        optimizer=optimizer,
+        lr=0.05 if optimizer == "sgd" else 3e-3,
+        momentum=0.9,
+        callbacks=callbacks,
+        progress=False,
+        log_every=2,
     )
     trainer.fit(resume_from=resume)
     if tmp is not None:
@@ -207,14 +216,15 @@ def _run(
     return trainer
 
 
-@pytest.mark.parametrize("loader_kind", ["tiny", "torch"])
-def test_resume_is_bitwise_identical(tmp_path: Path, loader_kind: str) -> None:
-    full = _run(None, loader_kind)
-    stopped = _run(tmp_path / "ck", loader_kind, stop_after=1)
+@pytest.mark.parametrize(("loader_kind", "optimizer"), [("tiny", "sgd"), ("torch", "sgd"), ("tiny", "adamw")])
+def test_resume_is_bitwise_identical(tmp_path: Path, loader_kind: str, optimizer: str) -> None:
+    """Stop after epoch 1 of 3, resume in a fresh trainer: same weights, optimizer state, history."""
+    full = _run(None, loader_kind, optimizer=optimizer)
+    stopped = _run(tmp_path / "ck", loader_kind, stop_after=1, optimizer=optimizer)
     assert stopped.epoch == 1 and stopped.global_step == 5
     # the stopped run really differs from the final one, so equality below is meaningful
     assert not torch.equal(stopped.model.fc.weight, full.model.fc.weight)
-    resumed = _run(None, loader_kind, resume=tmp_path / "ck")
+    resumed = _run(None, loader_kind, resume=tmp_path / "ck", optimizer=optimizer)
     assert resumed.epoch == 3 and resumed.global_step == full.global_step == 15
     for (k, a), (k2, b) in zip(
         full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
@@ -223,7 +233,9 @@ def test_resume_is_bitwise_identical(tmp_path: Path, loader_kind: str) -> None:
     opt_a, opt_b = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert opt_a.keys() == opt_b.keys() and opt_a
     for i in opt_a:
-        assert torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"])
+        assert opt_a[i].keys() == opt_b[i].keys()
+        for name in opt_a[i]:  # momentum_buffer for SGD; step, exp_avg, exp_avg_sq for AdamW
+            assert torch.equal(opt_a[i][name], opt_b[i][name]), (i, name)
     cb_a, cb_b = full.callbacks[0], resumed.callbacks[0]
     assert cb_a.steps == cb_b.steps == 15 and torch.equal(cb_a.trace, cb_b.trace)
 

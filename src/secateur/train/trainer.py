@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from secateur.errors import ConfigError, SerializationError
 from secateur.train import checkpoint as _ckpt
@@ -84,6 +84,8 @@ class Trainer:
         epochs: number of epochs (>= 1).
         optimizer: ``"sgd"`` (momentum, optional Nesterov) or ``"adamw"`` (Loshchilov & Hutter 2019).
         lr: peak learning rate; defaults to 0.1 for SGD and 1e-3 for AdamW.
+        momentum, nesterov: SGD only (ignored by AdamW). weight_decay: coupled L2 for SGD,
+            decoupled decay for AdamW; applied to all parameters.
         lr_schedule: ``"cosine"``, ``"step"`` or ``"constant"``, evaluated per step (:func:`lr_at_step`).
         step_size, gamma: for ``"step"``: multiply by ``gamma`` every ``step_size`` epochs
             (default ``max(1, epochs // 3)``).
