@@ -5,6 +5,7 @@ a *criterion* (how important each unit is), an *allocation* (how much to remove 
 *schedule* (when), and an *applier* (masks, then physical compaction).
 """
 
+from secateur.analysis import count_macs, count_params, layer_table
 from secateur.errors import (
     ChecksumError,
     CompactionError,
@@ -16,12 +17,23 @@ from secateur.errors import (
     SerializationError,
     UnsupportedOpError,
 )
+from secateur.pruner import Pruner
+from secateur.schedules import Cubic, Iterative, OneShot
+from secateur.scope import Scope
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChecksumError",
     "CompactionError",
+    "Cubic",
+    "Iterative",
+    "OneShot",
+    "Pruner",
+    "Scope",
+    "count_macs",
+    "count_params",
+    "layer_table",
     "ConfigError",
     "DataError",
     "GraphError",

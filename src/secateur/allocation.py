@@ -121,12 +121,20 @@ def global_(
 ALLOCATIONS = {"layerwise": layerwise, "global": global_}
 
 
-def get_allocation(name: str):
-    """The allocation function registered under ``name`` ("layerwise" or "global").
+def get_allocation(spec):
+    """The allocation registered under ``spec`` (a name), or ``spec`` itself if it is callable.
+
+    Names: "global", "layerwise", and those of :mod:`secateur.allocation_extra` ("uniform",
+    "global_capped", "erk", "lamp"). A callable must have the signature
+    ``allocate(scores, sparsity, previous=None) -> {name: bool keep-mask}``.
 
     Raises:
         ConfigError: an unknown name, listing the allowed ones.
     """
-    if name not in ALLOCATIONS:
-        raise ConfigError(f"unknown allocation {name!r}; available: {sorted(ALLOCATIONS)}")
-    return ALLOCATIONS[name]
+    import secateur.allocation_extra  # noqa: F401  (registers the extra allocations)
+
+    if callable(spec):
+        return spec
+    if spec not in ALLOCATIONS:
+        raise ConfigError(f"unknown allocation {spec!r}; available: {sorted(ALLOCATIONS)}")
+    return ALLOCATIONS[spec]

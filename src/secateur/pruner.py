@@ -28,9 +28,14 @@ class Pruner:
     Args:
         model: the network; its scoped weights get masks (in place) at construction.
         schedule: a :mod:`secateur.schedules` object, or a float for one-shot pruning at step 0.
-        criterion: a registered criterion name ("magnitude", "random", ...) or an instance.
-        allocation: "global" (one threshold over all scoped weights) or "layerwise".
+        criterion: a registered criterion name ("magnitude", "random", "snip", "grasp", "synflow",
+            "taylor", "lamp", ...; see :func:`secateur.criteria.available_criteria`) or an instance.
+        allocation: "global" (one threshold over all scoped weights), "layerwise", "uniform",
+            "global_capped", "erk", "lamp", or an allocation callable.
         scope: a :class:`Scope`; default: every conv and linear weight.
+        data: a batch ``(x, y)`` or an iterable of batches, for data-dependent criteria.
+        example_inputs: an input tensor, for criteria that need only a shape (SynFlow).
+        criterion_kwargs: extra arguments for the criterion's constructor.
 
     Raises:
         ConfigError / ScopeError: bad sparsity, unknown criterion or allocation, a pattern that
@@ -43,8 +48,12 @@ class Pruner:
         model: nn.Module,
         schedule: Schedule | float,
         criterion: str | Criterion = "magnitude",
-        allocation: str = "global",
+        allocation: str | Any = "global",
         scope: Scope | None = None,
+        *,
+        data: Any = None,
+        example_inputs: Any = None,
+        criterion_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -52,7 +61,8 @@ class Pruner:
             schedule = OneShot(check_sparsity(schedule))
         self.model = model
         self.schedule = schedule
-        self.criterion = get_criterion(criterion)
+        context = {"model": model, "data": data, "example_inputs": example_inputs}
+        self.criterion = get_criterion(criterion, context, **(criterion_kwargs or {}))
         self.allocate = get_allocation(allocation)
         self.allocation = allocation
         self.scope = scope or Scope()

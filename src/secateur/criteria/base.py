@@ -6,6 +6,7 @@ granularity); higher means more important, so the lowest scores are pruned first
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -36,14 +37,32 @@ def register_criterion(name: str) -> Callable[[Callable[..., Criterion]], Callab
     return deco
 
 
-def get_criterion(spec: str | Criterion, **kwargs: object) -> Criterion:
+def available_criteria() -> list[str]:
+    """Names of the registered criteria."""
+    return sorted(_REGISTRY)
+
+
+def get_criterion(
+    spec: str | Criterion, context: dict[str, object] | None = None, **kwargs: object
+) -> Criterion:
     """Build a criterion from its registered name, or pass an instance through.
 
+    ``context`` holds what the caller has (``model``, ``data``, ``example_inputs``); each entry is
+    passed only if the criterion's factory takes an argument of that name and the value is not
+    None, so data-free criteria ignore data and data-dependent ones get it. ``kwargs`` always pass.
+
     Raises:
-        ConfigError: an unknown name (the message lists the registered ones).
+        ConfigError: an unknown name (the message lists the registered ones), or the criterion's
+            own errors (e.g. a data-dependent criterion built without data).
     """
     if not isinstance(spec, str):
         return spec
     if spec not in _REGISTRY:
         raise ConfigError(f"unknown criterion {spec!r}; available: {sorted(_REGISTRY)}")
-    return _REGISTRY[spec](**kwargs)
+    factory = _REGISTRY[spec]
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    extra = {k: v for k, v in (context or {}).items() if k in params and v is not None and k not in kwargs}
+    return factory(**extra, **kwargs)
