@@ -95,7 +95,7 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
                     f"group {g.name}: removing units {rm.tolist()} empties {m.name} dim {m.dim}"
                 )
             tensors.setdefault(m.name, {})[str(m.dim)] = kept_idx.tolist()
-    attributes = _head_attributes(graph, kept_units)
+    attributes, events = _head_attributes(graph, kept_units)
     plan = {
         "version": PLAN_VERSION,
         "tensors": tensors,
@@ -103,19 +103,23 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
         "attributes": attributes,
         "config": {},
     }
-    plan["config"] = _config_changes(model, graph, kept_units, attributes)
+    plan["config"] = _config_changes(model, graph, kept_units, attributes, events)
     return plan
 
 
-def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) -> dict:
-    """num_heads-like attributes of the modules where a channel dim was split into heads."""
+def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) -> tuple[dict, list]:
+    """num_heads-like attributes of the modules where a channel dim was split into heads, and the
+    changed head splits as ``(innermost module path, old count, new count)``."""
     class_to_group: dict[int, tuple[int, int]] = {}
     for gi, g in enumerate(graph.groups):
         for u, c in enumerate(g.classes):
             class_to_group[int(c)] = (gi, u)
     attrs: dict[str, dict[str, list]] = {}
+    events: list[tuple[str, int, int]] = []
     model = graph.model
     for ev in graph.splits:
+        if ev.kind != "heads":
+            continue
         units = [class_to_group.get(int(c)) for c in ev.classes] if ev.classes is not None else []
         if not units or any(u is None for u in units):
             continue
@@ -126,6 +130,7 @@ def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) 
         n_new = sum(1 for _, u in units if u in keep)
         if n_new == ev.n_outer:
             continue
+        events.append((ev.module_paths[0], ev.n_outer, n_new))
         for path in ev.module_paths[:2]:
             mod = model.get_submodule(path) if path else model
             hit = False
@@ -146,7 +151,7 @@ def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) 
                         f"module {path}: head_dim {hd} differs from traced head size {ev.inner}"
                     )
                 break
-    return attrs
+    return attrs, events
 
 
 def _configs(model: nn.Module) -> dict[str, Any]:
@@ -163,7 +168,11 @@ def _configs(model: nn.Module) -> dict[str, Any]:
 
 
 def _config_changes(
-    model: nn.Module, graph: DependencyGraph, kept_units: dict[int, np.ndarray], attributes: dict
+    model: nn.Module,
+    graph: DependencyGraph,
+    kept_units: dict[int, np.ndarray],
+    attributes: dict,
+    events: list,
 ) -> dict:
     """Hugging Face config keys to update, only where every layer agrees on the new value."""
     cfgs = _configs(model)
@@ -184,14 +193,12 @@ def _config_changes(
         return ""
 
     proposals: dict[tuple[str, str], set] = {}
-    for path, d in attributes.items():
+    for path, old, new in events:
         ck = cfg_key_of(path)
         cfg = cfgs[ck]
-        for a, (old, new) in d.items():
-            keys = CONFIG_KV_KEYS if a in KV_HEAD_ATTRS else CONFIG_HEAD_KEYS if a in HEAD_ATTRS else ()
-            for k in keys:
-                if getattr(cfg, k, None) == old:
-                    proposals.setdefault((ck, k), set()).add(new)
+        for k in CONFIG_HEAD_KEYS + CONFIG_KV_KEYS:
+            if getattr(cfg, k, None) == old:
+                proposals.setdefault((ck, k), set()).add(new)
     for gi, keep in kept_units.items():
         g = graph.groups[gi]
         if any(True for p in attributes for m in g.members if m.module.startswith(p) and p):

@@ -246,7 +246,7 @@ def group_norm_rule(ctx: OpContext) -> None:
             ctx.freeze(c, "group_norm with one group normalises over all channels")
         else:
             ctx.union_rows(c.reshape(g, -1))
-            ctx.record_split(g, x.shape[1] // g, c.reshape(g, -1)[:, 0])
+            ctx.record_split(g, x.shape[1] // g, c.reshape(g, -1)[:, 0], kind="groups")
     dims[1] = c
     ctx.set_dims(_first_out(ctx), dims)
 
@@ -989,13 +989,33 @@ def sdpa_rule(ctx: OpContext) -> None:
         ctx.freeze(e, "attention contracts q and k over a channel dim")
     ctx.freeze(kd[-2], "attention sums over key positions")
     mask = ctx.arg(3, "attn_mask")
-    if isinstance(mask, torch.Tensor) and ctx.has_atoms(mask):
-        for d in ctx.dims(mask):
-            ctx.freeze(d, "attention mask carrying channels")
+    if isinstance(mask, torch.Tensor):  # added to the scores (B, H, L, S): heads of a bias couple with ours
+        scores = batch + [qd[-2], kd[-2]]
+        shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+        md = ctx.dims(mask)
+        for j in range(1, min(mask.dim(), len(scores)) + 1):
+            if mask.shape[-j] == shape[-j] > 1:
+                ctx.couple(scores[-j], md[-j], "attention mask/bias without channel identity on a head dim")
     ctx.set_dims(_first_out(ctx), batch + [qd[-2], vd[-1]])
 
 
 register_rule("scaled_dot_product_attention", sdpa_rule)
+
+
+def weight_norm_rule(ctx: OpContext) -> None:
+    """_weight_norm(v, g, dim): the norm mixes every dim except ``dim``, which is coupled with ``g``."""
+    v, g = ctx.args[0], ctx.args[1]
+    dim = _norm_dim(int(ctx.arg(2, "dim", 0)), v.dim())
+    vd, gd = list(ctx.dims(v)), ctx.dims(g)
+    for i, d in enumerate(vd):
+        if i != dim:
+            ctx.freeze(d, "weight norm over this dim")
+    if g.dim() == v.dim() and g.shape[dim] == v.shape[dim] > 1:
+        vd[dim] = ctx.couple(vd[dim], gd[dim])
+    ctx.set_dims(_first_out(ctx), vd)
+
+
+register_rule(["weight_norm", "_weight_norm"], weight_norm_rule)
 
 
 def glu_rule(ctx: OpContext) -> None:

@@ -72,6 +72,7 @@ class SplitEvent:
     inner: int  # size of one unit (e.g. head_dim)
     atoms: Atoms  # shape (n_outer,), one atom per unit
     op: str
+    kind: str = "heads"  # "heads" (a view of a channel dim) or "groups" (group_norm)
     classes: np.ndarray | None = None  # atom classes of the units, filled when the graph is solved
 
 
@@ -157,11 +158,11 @@ class OpContext:
     def new_atoms(self, k: int) -> Atoms:
         return self.tracer.atoms.new(k)
 
-    def record_split(self, n_outer: int, inner: int, atoms: Atoms) -> None:
+    def record_split(self, n_outer: int, inner: int, atoms: Atoms, kind: str = "heads") -> None:
         """Note that a channel dim was viewed as ``(n_outer, inner)`` units (heads); compaction updates the
         module attributes equal to ``n_outer`` (num_heads and the like)."""
         self.tracer.splits.append(
-            SplitEvent(tuple(reversed(self.tracer.stack)), n_outer, inner, atoms.copy(), self.name)
+            SplitEvent(tuple(reversed(self.tracer.stack)), n_outer, inner, atoms.copy(), self.name, kind)
         )
 
 
