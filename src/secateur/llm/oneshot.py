@@ -21,6 +21,7 @@ element they are).
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -179,6 +180,28 @@ def _to(obj: Any, device: torch.device | None) -> Any:
     return obj
 
 
+def is_linear_like(mod: nn.Module) -> bool:
+    """True for ``nn.Linear`` and for GPT-2's ``Conv1D`` (a Linear whose weight is stored ``(in, out)``)."""
+    if isinstance(mod, nn.Linear):
+        return True
+    w = getattr(mod, "weight", None)
+    # The MRO, not the class name: a parametrized module's class is a generated subclass.
+    is_conv1d = any(c.__name__ == "Conv1D" for c in type(mod).__mro__)
+    return is_conv1d and hasattr(mod, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
+
+
+def _out_in(mod: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear-like module."""
+    if isinstance(mod, nn.Linear):
+        return mod.out_features, mod.in_features
+    return mod.weight.shape[1], mod.weight.shape[0]
+
+
+def _weight_out_in(mod: nn.Module) -> torch.Tensor:
+    """The effective weight as ``(out, in)`` (a transposed view for ``Conv1D``)."""
+    return mod.weight if isinstance(mod, nn.Linear) else mod.weight.T
+
+
 def _included(name: str, mod: nn.Linear, include: str | Callable[[str, nn.Linear], bool] | None) -> bool:
     if include is None:
         return True
@@ -190,7 +213,7 @@ def _select_linears(
 ) -> list[tuple[str, nn.Linear]]:
     out = []
     for name, mod in block.named_modules():
-        if not isinstance(mod, nn.Linear):
+        if not is_linear_like(mod):
             continue
         full = f"{prefix}.{name}"
         if _included(full, mod, include):
@@ -212,14 +235,22 @@ def _capture_first_block_inputs(
             hidden, rest = kwargs.pop("hidden_states"), ()
         else:
             raise ConfigError("the first block was called without hidden states")
+        for v in (*rest, *kwargs.values()):
+            if "Cache" in type(v).__name__:
+                # A key/value cache would grow at every block call and leak across passes.
+                raise ConfigError(f"the first block received a {type(v).__name__}; call with use_cache=False")
         store.append((hidden.detach(), rest, dict(kwargs)))
         raise _StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
     try:
         for batch in batches:
+            call = dict(batch)
+            if accepts_cache and "use_cache" not in call:
+                call["use_cache"] = False  # decoders: no key/value cache during calibration
             try:
-                model(**batch)
+                model(**call)
             except _StopForward:
                 pass
             else:
@@ -242,9 +273,9 @@ def _validate(linears: list[tuple[str, nn.Linear]], method: str, p: Pattern, spa
     if p.kind == "nm":
         n, m = p.nm
         for name, mod in linears:
-            if mod.in_features % m:
+            if _out_in(mod)[1] % m:
                 raise ConfigError(
-                    f"{name}: in_features ({mod.in_features}) is not divisible by M={m} for {n}:{m} sparsity"
+                    f"{name}: in_features ({_out_in(mod)[1]}) is not divisible by M={m} for {n}:{m} sparsity"
                 )
         return 1.0 - n / m
     if sparsity is None:
@@ -253,10 +284,9 @@ def _validate(linears: list[tuple[str, nn.Linear]], method: str, p: Pattern, spa
     if p.kind == "block":
         k, l = p.block
         for name, mod in linears:
-            if mod.out_features % k or mod.in_features % l:
-                raise ConfigError(
-                    f"{name}: shape ({mod.out_features}, {mod.in_features}) is not divisible by block {k}x{l}"
-                )
+            out_f, in_f = _out_in(mod)
+            if out_f % k or in_f % l:
+                raise ConfigError(f"{name}: shape ({out_f}, {in_f}) is not divisible by block {k}x{l}")
     return sp
 
 
@@ -279,11 +309,13 @@ def prune_linear(
     al. 2023, eq. 1). ``sparsegpt``: OBS reconstruction (Frantar & Alistarh 2023, Algorithm 1),
     which writes the updated surviving weights. With ``as_masks`` the pattern is recorded as an
     element mask (:func:`~secateur.masks.element.set_mask`); otherwise zeros are written in place.
+    GPT-2's ``Conv1D`` (weight stored ``(in, out)``) is handled as its transposed Linear.
 
     Raises:
         ConfigError: an unknown method, a missing statistic, or a bad sparsity/pattern.
     """
-    w = module.weight.detach()
+    transposed = not isinstance(module, nn.Linear)
+    w = _weight_out_in(module).detach()
     new_w = None
     if method == "magnitude":
         keep = pattern_mask(w.abs(), pattern, sparsity, name)
@@ -297,12 +329,13 @@ def prune_linear(
         new_w, keep = sparsegpt_prune(w, stats.hessian(), sparsity, pattern, block_size, damp, name)
     else:
         raise ConfigError(f"unknown one-shot method {method!r}; available: {list(METHODS)}")
+    stored_keep = keep.T if transposed else keep
     if new_w is not None:
-        original(module, "weight").copy_(new_w)
+        original(module, "weight").copy_(new_w.T if transposed else new_w)
     if as_masks:
-        set_mask(module, keep)
+        set_mask(module, stored_keep)
     else:
-        original(module, "weight").mul_(keep.to(w.device))
+        original(module, "weight").mul_(stored_keep.to(w.device))
     return keep
 
 
@@ -332,7 +365,7 @@ def prune_oneshot(
     track_error: bool = False,
     as_masks: bool = True,
 ) -> OneShotReport:
-    """Prune every Linear inside the model's transformer blocks, one block at a time.
+    """Prune every Linear (and GPT-2 ``Conv1D``) inside the model's transformer blocks, block by block.
 
     Args:
         model: e.g. a ``transformers`` BERT/GPT-2/LLaMA model; put in eval mode for the call.
@@ -367,7 +400,7 @@ def prune_oneshot(
     per_block = [_select_linears(b, f"{block_path}.{i}", include) for i, b in enumerate(block_list)]
     all_linears = [x for lin in per_block for x in lin]
     if not all_linears:
-        raise ConfigError(f"no nn.Linear selected inside {block_path} (include={include!r})")
+        raise ConfigError(f"no Linear selected inside {block_path} (include={include!r})")
     sp = _validate(all_linears, method, p, sparsity)
     batches = list(batches)
     if not batches:
@@ -403,7 +436,7 @@ def prune_oneshot(
                 current: dict[str, torch.Tensor | None] = {"mask": None}
                 handles = []
                 for name, mod in linears:
-                    stats[name] = InputStats(mod.in_features, hessian=need_h, device=mod.weight.device)
+                    stats[name] = InputStats(_out_in(mod)[1], hessian=need_h, device=mod.weight.device)
 
                     def hook(
                         _m: nn.Module, inp: tuple, _out: Any, _s: InputStats = stats[name], _c: dict = current
@@ -428,16 +461,16 @@ def prune_oneshot(
 
             for name, mod in linears:
                 t1 = time.perf_counter()
-                w_old = mod.weight.detach().clone() if track_error else None
+                w_old = _weight_out_in(mod).detach().clone() if track_error else None
                 keep = prune_linear(mod, method, stats.get(name), sp, p, name, block_size, damp, as_masks)
                 res = LayerResult(
                     name=name,
-                    shape=(mod.out_features, mod.in_features),
+                    shape=_out_in(mod),
                     sparsity=1.0 - keep.float().mean().item(),
                     seconds=time.perf_counter() - t1,
                 )
                 if track_error:
-                    res.rel_error = _rel_error(w_old, mod.weight.detach(), stats[name].xtx)
+                    res.rel_error = _rel_error(w_old, _weight_out_in(mod).detach(), stats[name].xtx)
                 report.layers.append(res)
             stats.clear()
 
@@ -475,10 +508,10 @@ def collect_linear_inputs(
     selected = [
         (name, mod)
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and _included(name, mod, include)
+        if is_linear_like(mod) and _included(name, mod, include)
     ]
     if not selected:
-        raise ConfigError(f"no nn.Linear of {type(model).__name__} selected (include={include!r})")
+        raise ConfigError(f"no Linear of {type(model).__name__} selected (include={include!r})")
     handles = []
     for name, mod in selected:
         got[name] = []
@@ -531,6 +564,7 @@ __all__ = [
     "OneShotReport",
     "collect_linear_inputs",
     "find_blocks",
+    "is_linear_like",
     "prune_linear",
     "prune_oneshot",
     "reconstruction_error",
