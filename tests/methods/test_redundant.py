@@ -1,0 +1,77 @@
+"""Redundant feature pruning (Ayinde & Zurada 2018): identical filters collapse, scale is ignored."""
+
+import pytest
+import torch
+from torch import nn
+
+from secateur.errors import ConfigError
+from secateur.methods.redundant import filter_clusters, prune_redundant
+from secateur.zoo import create_model
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    with torch.no_grad():
+        w = torch.linalg.qr(torch.randn(18, 18))[0][:6].reshape(6, 2, 3, 3)  # orthogonal filters
+        model[0].weight.copy_(w)
+        model[0].weight[4].copy_(model[0].weight[1])  # filter 4 duplicates filter 1
+    return model
+
+
+def test_identical_filters_collapse_into_one():
+    model = _net()
+    x = torch.randn(2, 2, 6, 6)
+    clusters = filter_clusters(model, x, tau=0.9)
+    labels, keep = clusters["0.weight:0"]
+    assert labels[1] == labels[4] and len(labels.unique()) == 5
+    assert int(keep[[1, 4]].sum()) == 1
+    prune_redundant(model, x, tau=0.9, verify=True)
+    assert model[0].out_channels == 5 and model[3].in_channels == 5
+
+
+def test_scaling_a_filter_does_not_change_its_cluster():
+    model = _net()
+    x = torch.randn(2, 2, 6, 6)
+    before = filter_clusters(model, x, tau=0.9)["0.weight:0"][0]
+    with torch.no_grad():
+        model[0].weight[4].mul_(7.0)
+        model[0].weight[2].mul_(0.01)
+    after = filter_clusters(model, x, tau=0.9)["0.weight:0"][0]
+    assert torch.equal(before, after)
+
+
+def test_ratio_budget_is_exact_and_resnet_coupling():
+    model = _net()
+    prune_redundant(model, torch.randn(2, 2, 6, 6), ratio=0.5, verify=True)
+    assert model[0].out_channels == 3 and model[3].out_channels == 2
+    net = create_model("resnet8").eval()
+    x = torch.randn(2, 1, 28, 28)
+    n0 = sum(p.numel() for p in net.parameters())
+    prune_redundant(net, x, ratio=0.25, verify=True)
+    assert sum(p.numel() for p in net.parameters()) < n0
+
+
+def test_errors_leave_model_untouched():
+    model = _net()
+    before = [p.clone() for p in model.parameters()]
+    x = torch.randn(1, 2, 6, 6)
+    for kwargs in (
+        {},
+        {"tau": 0.5, "ratio": 0.5},
+        {"tau": 2.0},
+        {"ratio": 1.0},
+        {"tau": 0.5, "linkage": "x"},
+    ):
+        with pytest.raises(ConfigError):
+            prune_redundant(model, x, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
