@@ -125,6 +125,18 @@ def test_sparsegpt_zero_sparsity_leaves_weights_unchanged(layer_inputs):
     torch.testing.assert_close(w1, w, rtol=0, atol=1e-6)
 
 
+def test_sparsegpt_accepts_transposed_views(layer_inputs):
+    w, x = layer_inputs[LAYERS[0]]
+    st = InputStats(w.shape[1], hessian=True)
+    st.add(x)
+    stored = w.T.contiguous()  # as GPT-2's Conv1D stores it: (in, out)
+    for pattern in ("row", "2:4"):
+        a = sparsegpt_prune(w, st.hessian(), 0.5, pattern)
+        b = sparsegpt_prune(stored.T, st.hessian(), 0.5, pattern)
+        assert torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[0], b[0])
+
+
 def test_prune_oneshot_layerwise_matches_direct_and_meets_constraints(tok_and_model, calib, layer_inputs):
     _, model = tok_and_model
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -131,7 +131,8 @@ def sparsegpt_prune(
     if sp == 0.0:
         return weight.detach().clone(), torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
 
-    w = weight.detach().clone().float()
+    # A fresh row-major copy: ``weight`` may be a transposed view (GPT-2 Conv1D).
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)
     h = hessian.detach().clone().float().to(w.device)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -167,7 +168,7 @@ def _sparsegpt_columns(
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         d1 = u_diag[i1:i2]
-        p1 = torch.zeros_like(w1, dtype=torch.bool)
+        p1 = torch.zeros(w1.shape, dtype=torch.bool, device=w1.device)
         if p.kind != "nm":
             # Adaptive mask for this block: the k lowest OBS saliencies, k from the cumulative count
             # so the whole layer prunes exactly floor(sp * rows * cols).
