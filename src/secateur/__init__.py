@@ -17,6 +17,7 @@ from secateur.errors import (
     SerializationError,
     UnsupportedOpError,
 )
+from secateur.io import load, save
 from secateur.pruner import Pruner
 from secateur.schedules import Cubic, Iterative, OneShot
 from secateur.scope import Scope
@@ -34,6 +35,8 @@ __all__ = [
     "count_macs",
     "count_params",
     "layer_table",
+    "load",
+    "save",
     "ConfigError",
     "DataError",
     "GraphError",
