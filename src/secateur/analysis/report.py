@@ -1,0 +1,539 @@
+"""Dense-vs-pruned reports: one self-contained HTML file and a Markdown file with PNG plots beside it.
+
+The HTML report embeds its plots as base64 PNG data URIs and its CSS inline, so it is one file
+that can be mailed, attached to a CI run or opened offline; it loads nothing from the network.
+Plots are drawn with matplotlib's Agg canvas directly (no pyplot state, no display).
+
+The input is a plain dict (see :func:`build_report`), so results measured elsewhere (a benchmark
+sweep, a JSON file) render the same way; :func:`collect_results` fills it from two models.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import platform
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+
+from secateur.errors import ConfigError
+
+__all__ = [
+    "build_report",
+    "collect_results",
+    "layer_comparison",
+    "plot_accuracy_vs_compression",
+    "plot_latency_vs_macs",
+    "plot_layer_kept",
+    "render_html",
+    "render_markdown",
+]
+
+_FORMATS = ("html", "md")
+
+
+# -- collecting ---------------------------------------------------------------------------------
+def layer_comparison(dense: nn.Module, pruned: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
+    """Per leaf layer (matched by module path): dense and pruned kept ratio, params and MACs.
+
+    The kept ratio is the layer's non-zero parameters divided by the *dense* layer's parameter
+    count (a fraction in [0, 1]), so it means the same for a masked model (zeros) and a compacted
+    one (fewer channels). Layers present only in one model are kept with ``None`` for the other.
+
+    Returns:
+        Rows ``{"name", "type", "dense_params", "pruned_params", "pruned_nonzero", "dense_kept",
+        "pruned_kept", "dense_macs", "pruned_macs", "pruned_sparse_macs"}`` in dense order.
+    """
+    from secateur.analysis.counting import layer_table
+
+    d_rows = {r.name: r for r in layer_table(dense, example_inputs)}
+    p_rows = {r.name: r for r in layer_table(pruned, example_inputs)}
+    names = list(d_rows) + [n for n in p_rows if n not in d_rows]
+    out = []
+    for name in names:
+        d, p = d_rows.get(name), p_rows.get(name)
+        base = d.params if d is not None else (p.params if p is not None else 0)
+        out.append({
+            "name": name,
+            "type": (d or p).type,  # type: ignore[union-attr]
+            "dense_params": d.params if d else None,
+            "pruned_params": p.params if p else None,
+            "pruned_nonzero": p.nonzero_params if p else None,
+            "dense_kept": (d.nonzero_params / base) if d and base else None,
+            "pruned_kept": (p.nonzero_params / base) if p and base else (0.0 if d and base else None),
+            "dense_macs": d.macs if d else None,
+            "pruned_macs": p.macs if p else None,
+            "pruned_sparse_macs": p.sparse_macs if p else None,
+        })
+    return out
+
+
+def collect_results(
+    dense: nn.Module,
+    pruned: nn.Module,
+    example_inputs: Any,
+    *,
+    dense_accuracy: float | None = None,
+    pruned_accuracy: float | None = None,
+    latency: bool = True,
+    memory: bool = True,
+    threads: int | None = None,
+    repeats: int = 30,
+    title: str = "secateur pruning report",
+    **extra: Any,
+) -> dict[str, Any]:
+    """Measure two models and return the dict :func:`build_report` takes.
+
+    Counts from :func:`secateur.analysis.counting.count_params`/``count_macs``; latency from
+    :func:`secateur.analysis.latency.compare_latency` (both models interleaved in one run), peak
+    activation memory from :func:`secateur.analysis.latency.peak_memory`. Accuracies are fractions
+    in [0, 1] measured by the caller. ``extra`` keys (``sweep``, ``command``, ``description``,
+    ``history``) are copied into the result.
+    """
+    from secateur.analysis.counting import count_macs, count_params
+    from secateur.analysis.latency import compare_latency, peak_memory
+
+    res: dict[str, Any] = {"title": title}
+    for key, model, acc in (("dense", dense, dense_accuracy), ("pruned", pruned, pruned_accuracy)):
+        was = model.training
+        model.eval()
+        try:
+            res[key] = {"accuracy": acc, **count_params(model), **count_macs(model, example_inputs)}
+        finally:
+            model.train(was)
+        if memory:
+            res[key]["peak_activation_bytes"] = peak_memory(model, example_inputs)["peak_activation_bytes"]
+    if latency:
+        lat = compare_latency(dense, pruned, example_inputs, threads=threads, repeats=repeats)
+        for key in ("dense", "pruned"):
+            for out_key, in_key in (("latency_ms", "median_ms"), ("latency_iqr_ms", "iqr_ms"),
+                                    ("latency_q1_ms", "q1_ms"), ("latency_q3_ms", "q3_ms")):
+                res[key][out_key] = lat[key][in_key]
+        res["latency"] = {"threads": lat["dense"]["threads"], "batch_size": lat["dense"]["batch_size"],
+                          "blocks": lat["dense"]["n"], "device": lat["dense"]["device"]}
+    res["layers"] = layer_comparison(dense, pruned, example_inputs)
+    res["environment"] = _environment()
+    res.update(extra)
+    return res
+
+
+def _environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+# -- plots --------------------------------------------------------------------------------------
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _compression(m: dict[str, Any]) -> float | None:
+    params, nz = m.get("params"), m.get("nonzero_params")
+    if not params or not nz:
+        return None
+    return params / nz
+
+
+def plot_accuracy_vs_compression(results: dict[str, Any]) -> bytes | None:
+    """PNG of accuracy (fraction) against compression (dense params / non-zero params, log2 axis).
+
+    Points come from ``results["sweep"]`` (grouped by their ``"method"``), plus the dense model at
+    1x and the pruned model. Returns None when no point has both values.
+    """
+    series: dict[str, list[tuple[float, float]]] = {}
+    for pt in results.get("sweep") or []:
+        if pt.get("compression") is not None and pt.get("accuracy") is not None:
+            series.setdefault(str(pt.get("method", "sweep")), []).append((pt["compression"], pt["accuracy"]))
+    d, p = results.get("dense", {}), results.get("pruned", {})
+    dense_pt = (1.0, d["accuracy"]) if d.get("accuracy") is not None else None
+    c = _compression(p) if p else None
+    pruned_pt = (c, p["accuracy"]) if c and p.get("accuracy") is not None else None
+    if not series and not pruned_pt:
+        return None
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=name)
+    if dense_pt:
+        ax.axhline(dense_pt[1], color="grey", ls="--", lw=1, label=f"dense ({dense_pt[1]:.3f})")
+        ax.plot(*dense_pt, "s", color="black")
+    if pruned_pt:
+        ax.plot(*pruned_pt, "*", ms=14, color="tab:red", label=f"this model ({pruned_pt[0]:.1f}x)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression (dense params / non-zero params, log2 scale)")
+    ax.set_ylabel("accuracy (fraction)")
+    ax.set_title("Accuracy vs compression")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower left")
+    return _png(fig)
+
+
+def plot_layer_kept(layers: Sequence[dict[str, Any]]) -> bytes | None:
+    """PNG of horizontal bars: fraction of each layer's dense parameters kept, dense vs pruned."""
+    rows = [r for r in layers if r.get("dense_params")]
+    if not rows:
+        return None
+    height = max(3.0, 0.32 * len(rows) + 1.4)
+    fig = Figure(figsize=(7, height), dpi=110)
+    ax = fig.add_subplot()
+    y = list(range(len(rows)))
+    dense = [r.get("dense_kept") or 0.0 for r in rows]
+    pruned = [r.get("pruned_kept") or 0.0 for r in rows]
+    ax.barh([v - 0.2 for v in y], dense, height=0.4, color="tab:grey", label="dense")
+    ax.barh([v + 0.2 for v in y], pruned, height=0.4, color="tab:green", label="pruned")
+    ax.set_yticks(y, [f"{r['name']} ({r['dense_params']:,})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("kept fraction of the dense layer's parameters")
+    ax.set_title("Per-layer kept ratio")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def _yerr(points: Sequence[dict[str, Any]]) -> list[list[float]]:
+    """Asymmetric error bars from the quartiles when known, else +-IQR/2 around the median."""
+    lo, hi = [], []
+    for q in points:
+        med = q["latency_ms"]
+        if q.get("latency_q1_ms") is not None and q.get("latency_q3_ms") is not None:
+            lo.append(max(0.0, med - q["latency_q1_ms"]))
+            hi.append(max(0.0, q["latency_q3_ms"] - med))
+        else:
+            half = (q.get("latency_iqr_ms") or 0.0) / 2
+            lo.append(min(half, med))
+            hi.append(half)
+    return [lo, hi]
+
+
+def plot_latency_vs_macs(results: dict[str, Any]) -> bytes | None:
+    """PNG of measured latency (median ms, IQR as error bars) against MACs executed.
+
+    Dense and pruned models are plotted at their dense-equivalent MACs (what the hardware runs),
+    with the pruned model's *sparse* MACs (what a sparse kernel could skip) as a hollow marker;
+    sweep points with ``latency_ms`` and ``macs`` are added. Returns None without latency data.
+    """
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    drawn = False
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for pt in results.get("sweep") or []:
+        if pt.get("latency_ms") is not None and pt.get("macs"):
+            groups.setdefault(str(pt.get("method", "sweep")), []).append(pt)
+    for name, pts in groups.items():
+        pts = sorted(pts, key=lambda q: q["macs"])
+        ax.errorbar([q["macs"] for q in pts], [q["latency_ms"] for q in pts],
+                    yerr=_yerr(pts), fmt="o-", capsize=3, label=name)
+        drawn = True
+    for key, color, marker in (("dense", "black", "s"), ("pruned", "tab:red", "*")):
+        m = results.get(key) or {}
+        if m.get("latency_ms") is None or not m.get("macs"):
+            continue
+        ax.errorbar([m["macs"]], [m["latency_ms"]], yerr=_yerr([m]), fmt=marker,
+                    ms=10 if marker == "*" else 7, color=color, capsize=3, label=f"{key} (MACs run)")
+        sm = m.get("sparse_macs")
+        if key == "pruned" and sm and sm < m["macs"]:
+            ax.plot([sm], [m["latency_ms"]], marker, mfc="none", ms=10, color=color,
+                    label="pruned at its sparse MACs")
+            ax.plot([sm, m["macs"]], [m["latency_ms"]] * 2, ":", color=color, lw=1)
+        drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("MACs per forward (multiply-accumulates)")
+    ax.set_ylabel("latency (ms, median; bars: quartiles)")
+    ax.set_title("Latency vs MACs")
+    ax.grid(alpha=0.3)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="upper left")
+    return _png(fig)
+
+
+# -- tables -------------------------------------------------------------------------------------
+def _fmt_int(v: Any) -> str:
+    return f"{int(v):,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "—"
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return format(v, spec)
+
+
+def _ratio(d: Any, p: Any) -> str:
+    if not isinstance(d, (int, float)) or not isinstance(p, (int, float)) or not p:
+        return "—"
+    return f"{d / p:.2f}x"
+
+
+def _mib(v: Any) -> str:
+    return "—" if v is None else f"{v / 2**20:.2f}"
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``(quantity, dense, pruned, dense/pruned)`` rows of the side-by-side table, as strings."""
+    d, p = results.get("dense") or {}, results.get("pruned") or {}
+    rows = [
+        ("accuracy (fraction)", _fmt(d.get("accuracy"), ".4f"), _fmt(p.get("accuracy"), ".4f"), ""),
+        ("parameters", _fmt_int(d.get("params")), _fmt_int(p.get("params")),
+         _ratio(d.get("params"), p.get("params"))),
+        ("non-zero parameters", _fmt_int(d.get("nonzero_params")), _fmt_int(p.get("nonzero_params")),
+         _ratio(d.get("nonzero_params"), p.get("nonzero_params"))),
+        ("MACs (dense kernels)", _fmt_int(d.get("macs")), _fmt_int(p.get("macs")),
+         _ratio(d.get("macs"), p.get("macs"))),
+        ("sparse MACs (zeros skipped)", _fmt_int(d.get("sparse_macs")), _fmt_int(p.get("sparse_macs")),
+         _ratio(d.get("sparse_macs"), p.get("sparse_macs"))),
+    ]
+    if d.get("latency_ms") is not None or p.get("latency_ms") is not None:
+        rows.append((
+            "latency, median ± IQR (ms)",
+            f"{_fmt(d.get('latency_ms'), '.3f')} ± {_fmt(d.get('latency_iqr_ms'), '.3f')}",
+            f"{_fmt(p.get('latency_ms'), '.3f')} ± {_fmt(p.get('latency_iqr_ms'), '.3f')}",
+            _ratio(d.get("latency_ms"), p.get("latency_ms")),
+        ))
+    if d.get("onnx_latency_ms") is not None or p.get("onnx_latency_ms") is not None:
+        rows.append(("ONNX Runtime latency, median (ms)", _fmt(d.get("onnx_latency_ms"), ".3f"),
+                     _fmt(p.get("onnx_latency_ms"), ".3f"),
+                     _ratio(d.get("onnx_latency_ms"), p.get("onnx_latency_ms"))))
+    if d.get("peak_activation_bytes") is not None or p.get("peak_activation_bytes") is not None:
+        rows.append(("peak activation memory (MiB)", _mib(d.get("peak_activation_bytes")),
+                     _mib(p.get("peak_activation_bytes")),
+                     _ratio(d.get("peak_activation_bytes"), p.get("peak_activation_bytes"))))
+    return rows
+
+
+_LAYER_HEAD = ("layer", "type", "dense params", "pruned params", "non-zero", "kept (dense)", "kept (pruned)",
+               "MACs dense", "MACs pruned", "sparse MACs pruned")
+
+
+def _layer_cells(r: dict[str, Any]) -> list[str]:
+    return [
+        str(r["name"]), str(r["type"]), _fmt_int(r.get("dense_params")), _fmt_int(r.get("pruned_params")),
+        _fmt_int(r.get("pruned_nonzero")), _fmt(r.get("dense_kept"), ".3f"),
+        _fmt(r.get("pruned_kept"), ".3f"),
+        _fmt_int(r.get("dense_macs")), _fmt_int(r.get("pruned_macs")), _fmt_int(r.get("pruned_sparse_macs")),
+    ]
+
+
+_SWEEP_HEAD = ("method", "compression", "accuracy", "MACs", "latency (ms)")
+
+
+def _sweep_cells(pt: dict[str, Any]) -> list[str]:
+    c = pt.get("compression")
+    return [str(pt.get("method", "sweep")), "—" if c is None else f"{c:.2f}x",
+            _fmt(pt.get("accuracy"), ".4f"), _fmt_int(pt.get("macs")), _fmt(pt.get("latency_ms"), ".3f")]
+
+
+# -- rendering ----------------------------------------------------------------------------------
+_PLOTS = (
+    ("accuracy_vs_compression", "Accuracy vs compression"),
+    ("layer_kept", "Per-layer kept ratio, dense vs pruned"),
+    ("latency_vs_macs", "Measured latency vs MACs"),
+)
+
+_CSS = """
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;
+color:#222;line-height:1.45;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.plots{display:flex;flex-wrap:wrap;gap:16px}.plots figure{margin:0;flex:1 1 480px}
+.plots img{width:100%;max-width:760px;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+code,pre{background:#f6f6f6;padding:2px 4px;border-radius:3px}pre{padding:8px;overflow-x:auto}
+.muted{color:#666;font-size:.85em}
+"""
+
+
+def _html_table(head: Iterable[str], rows: Iterable[Sequence[str]], numeric_from: int = 1) -> str:
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    out = [f"<table><thead><tr>{header}</tr></thead><tbody>"]
+    for row in rows:
+        cells = [
+            f'<td class="n">{html.escape(c)}</td>' if i >= numeric_from else f"<td>{html.escape(c)}</td>"
+            for i, c in enumerate(row)
+        ]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    notes = [
+        "MACs are multiply-accumulates for one forward of the example inputs (FLOPs ≈ 2 × MACs), "
+        "counted by torch.utils.flop_counter including functional ops and attention. Sparse MACs scale "
+        "each layer by its weight density: what a kernel that skips zeros could save, not what dense "
+        "kernels run.",
+    ]
+    lat = results.get("latency")
+    if lat:
+        notes.append(
+            f"Latency: torch.utils.benchmark, {lat.get('threads')} thread(s), "
+            f"batch {lat.get('batch_size')}, {lat.get('blocks')} timed blocks per model on "
+            f"{lat.get('device')}, dense and pruned interleaved in one run; median and interquartile "
+            "range per forward call."
+        )
+    if any((results.get(k) or {}).get("peak_activation_bytes") is not None for k in ("dense", "pruned")):
+        notes.append("Peak activation memory: most bytes held at once by tensors allocated during one "
+                     "forward (torch.profiler allocation records on CPU; max_memory_allocated on CUDA).")
+    return notes
+
+
+def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
+    """The self-contained HTML report (inline CSS, plots as base64 PNG data URIs) as a string."""
+    title = str(results.get("title") or "secateur pruning report")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if results.get("description"):
+        parts.append(f"<p>{html.escape(str(results['description']))}</p>")
+    parts.append("<h2>Dense vs pruned</h2>")
+    parts.append(_html_table(("quantity", "dense", "pruned", "dense / pruned"), summary_rows(results)))
+    parts += [f'<p class="muted">{html.escape(n)}</p>' for n in _notes(results)]
+    if plots:
+        parts.append('<h2>Plots</h2><div class="plots">')
+        for key, caption in _PLOTS:
+            if key in plots:
+                b64 = base64.b64encode(plots[key]).decode("ascii")
+                parts.append(
+                    f'<figure id="plot-{key}"><img alt="{html.escape(caption)}" '
+                    f'src="data:image/png;base64,{b64}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+                )
+        parts.append("</div>")
+    if results.get("sweep"):
+        parts.append("<h2>Sweep</h2>")
+        parts.append(_html_table(_SWEEP_HEAD, [_sweep_cells(pt) for pt in results["sweep"]]))
+    if results.get("layers"):
+        parts.append("<h2>Per-layer table</h2>")
+        parts.append(_html_table(_LAYER_HEAD, [_layer_cells(r) for r in results["layers"]], numeric_from=2))
+    if results.get("command"):
+        parts.append(f"<h2>Reproduce</h2><pre>{html.escape(str(results['command']))}</pre>")
+    if results.get("environment"):
+        env = ", ".join(f"{k} {v}" for k, v in results["environment"].items())
+        parts.append(f'<p class="muted">Environment: {html.escape(env)}</p>')
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _md_table(head: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int = 1) -> list[str]:
+    def esc(c: str) -> str:
+        return c.replace("|", "\\|")
+
+    align = ["---" if i < numeric_from else "---:" for i in range(len(head))]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(results: dict[str, Any], plot_files: dict[str, str]) -> str:
+    """The Markdown report as a string; ``plot_files`` maps plot keys to PNG paths relative to it."""
+    title = str(results.get("title") or "secateur pruning report")
+    lines = [f"# {title}", ""]
+    if results.get("description"):
+        lines += [str(results["description"]), ""]
+    lines += ["## Dense vs pruned", ""]
+    lines += _md_table(("quantity", "dense", "pruned", "dense / pruned"), summary_rows(results))
+    lines.append("")
+    for n in _notes(results):
+        lines += [n, ""]
+    if plot_files:
+        lines += ["## Plots", ""]
+        for key, caption in _PLOTS:
+            if key in plot_files:
+                lines += [f"![{caption}]({plot_files[key]})", ""]
+    if results.get("sweep"):
+        lines += ["## Sweep", ""]
+        lines += _md_table(_SWEEP_HEAD, [_sweep_cells(pt) for pt in results["sweep"]]) + [""]
+    if results.get("layers"):
+        lines += ["## Per-layer table", ""]
+        lines += _md_table(_LAYER_HEAD, [_layer_cells(r) for r in results["layers"]], numeric_from=2) + [""]
+    if results.get("command"):
+        lines += ["## Reproduce", "", "```", str(results["command"]), "```", ""]
+    if results.get("environment"):
+        lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in results["environment"].items()), ""]
+    return "\n".join(lines)
+
+
+def build_report(
+    results: dict[str, Any],
+    out_dir: str | os.PathLike[str],
+    formats: Sequence[str] = _FORMATS,
+    *,
+    name: str = "report",
+) -> dict[str, Path]:
+    """Write the report of ``results`` to ``out_dir``: ``<name>.html`` (self-contained),
+    ``<name>.md`` (with ``<name>_<plot>.png`` files beside it) and ``<name>.json`` (the input).
+
+    ``results`` keys (all optional except that ``dense`` and ``pruned`` should be present):
+
+    - ``dense``, ``pruned``: ``{"accuracy" (fraction), "params", "nonzero_params", "macs",
+      "sparse_macs", "latency_ms", "latency_iqr_ms" (median and IQR, ms), "onnx_latency_ms",
+      "peak_activation_bytes"}``.
+    - ``layers``: rows from :func:`layer_comparison` (``name``, ``dense_params``, ``dense_kept``,
+      ``pruned_kept`` fractions, MACs ...).
+    - ``sweep``: points ``{"method", "compression" (x-fold: dense params / non-zero), "accuracy",
+      "macs", "latency_ms", "latency_iqr_ms"}``.
+    - ``title``, ``description``, ``command`` (to reproduce), ``environment``, ``latency`` (settings).
+
+    Returns:
+        ``{"html": path, "md": path, "json": path, "<plot key>": png path, ...}`` for what was written.
+
+    Raises:
+        ConfigError: an unknown format (allowed: "html", "md") or ``results`` not a dict.
+    """
+    if not isinstance(results, dict):
+        raise ConfigError(f"results must be a dict, got {type(results).__name__}")
+    bad = [f for f in formats if f not in _FORMATS]
+    if bad:
+        raise ConfigError(f"unknown report format(s) {bad}; allowed: {list(_FORMATS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, bytes] = {}
+    for key, png in (
+        ("accuracy_vs_compression", plot_accuracy_vs_compression(results)),
+        ("layer_kept", plot_layer_kept(results.get("layers") or [])),
+        ("latency_vs_macs", plot_latency_vs_macs(results)),
+    ):
+        if png is not None:
+            plots[key] = png
+    written: dict[str, Path] = {}
+    if "md" in formats:
+        plot_files = {}
+        for key, png in plots.items():
+            p = out / f"{name}_{key}.png"
+            p.write_bytes(png)
+            written[key] = p
+            plot_files[key] = p.name
+        written["md"] = out / f"{name}.md"
+        written["md"].write_text(render_markdown(results, plot_files), encoding="utf-8")
+    if "html" in formats:
+        written["html"] = out / f"{name}.html"
+        written["html"].write_text(render_html(results, plots), encoding="utf-8")
+    written["json"] = out / f"{name}.json"
+    written["json"].write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    return written

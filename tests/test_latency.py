@@ -1,0 +1,168 @@
+"""Latency, peak memory, measure() and ONNX export: structure and sanity, never speed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from secateur.analysis.counting import count_macs, count_params
+from secateur.analysis.latency import compare_latency, measure, measure_latency, peak_memory, time_callable
+from secateur.errors import ConfigError
+from secateur.pruner import Pruner
+from secateur.zoo import create_model
+
+FAST = {"repeats": 3, "warmup": 1, "block_ms": 0.5}
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(z)
+
+
+def _check_stats(res: dict, repeats: int) -> None:
+    assert res["n"] == repeats
+    assert res["median_ms"] > 0 and res["mean_ms"] > 0 and res["min_ms"] > 0
+    assert res["iqr_ms"] >= 0 and res["q1_ms"] <= res["median_ms"] <= res["q3_ms"]
+    assert res["iqr_ms"] == pytest.approx(res["q3_ms"] - res["q1_ms"], rel=1e-6, abs=1e-9)
+    assert res["calls_per_block"] >= 1
+
+
+def test_measure_latency_structure_and_mode_restored() -> None:
+    model = create_model("lenet5")
+    model.train()
+    threads_before = torch.get_num_threads()
+    res = measure_latency(model, torch.randn(3, 1, 28, 28), threads=1, **FAST)
+    _check_stats(res, 3)
+    assert res["threads"] == 1 and res["device"] == "cpu" and res["batch_size"] == 3
+    assert model.training  # restored
+    assert torch.get_num_threads() == threads_before
+
+
+def test_measure_latency_tuple_and_dict_inputs() -> None:
+    model = TwoInputs().eval()
+    x, z = torch.randn(5, 8), torch.randn(5, 6)
+    by_pos = measure_latency(model, (x, z), **FAST)
+    by_kw = measure_latency(model, {"x": x, "z": z}, **FAST)
+    assert by_pos["batch_size"] == by_kw["batch_size"] == 5
+    assert by_pos["threads"] == torch.get_num_threads()
+    assert not model.training
+
+
+def test_measure_latency_rejects_bad_arguments() -> None:
+    model = nn.Linear(2, 2)
+    x = torch.randn(1, 2)
+    for kwargs in ({"repeats": 0}, {"warmup": -1}, {"threads": 0}, {"block_ms": 0}, {"device": "tpu"}):
+        with pytest.raises(ConfigError):
+            measure_latency(model, x, **kwargs)
+    with pytest.raises(TypeError):
+        measure_latency(lambda t: t, x)  # type: ignore[arg-type]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="cuda"):
+            measure_latency(model, x, device="cuda")
+
+
+def test_compare_latency_reports_ratio_of_medians() -> None:
+    dense = create_model("lenet5")
+    pruned = create_model("lenet5")
+    Pruner(pruned, 0.5).step(0)
+    res = compare_latency(dense, pruned, torch.randn(2, 1, 28, 28), threads=1, **FAST)
+    _check_stats(res["dense"], 3)
+    _check_stats(res["pruned"], 3)
+    assert res["speedup"] == pytest.approx(res["dense"]["median_ms"] / res["pruned"]["median_ms"])
+
+
+def test_time_callable() -> None:
+    res = time_callable(lambda: sum(range(100)), **FAST)
+    _check_stats(res, 3)
+
+
+def test_peak_memory_sees_activations() -> None:
+    model = nn.Sequential(nn.Linear(100, 1000), nn.ReLU(), nn.Linear(1000, 10))
+    res = peak_memory(model, torch.randn(32, 100))
+    out_bytes = 32 * 1000 * 4  # the first layer's output must be alive at some point
+    assert res["peak_activation_bytes"] >= out_bytes
+    assert res["param_bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    assert res["method"] == "torch.profiler" and res["device"] == "cpu"
+    assert model.training  # restored
+
+
+def test_measure_combines_counts_and_latency() -> None:
+    model = create_model("lenet5")
+    Pruner(model, 0.75).step(0)
+    x = torch.randn(1, 1, 28, 28)
+    res = measure(model, x, repeats=3, threads=1, memory=True)
+    assert {k: res[k] for k in ("params", "nonzero_params")} == count_params(model)
+    assert {k: res[k] for k in ("macs", "sparse_macs")} == count_macs(model, x)
+    assert res["sparse_macs"] < res["macs"]
+    assert 0.5 < res["sparsity"] < 0.8
+    assert res["latency_ms"] > 0 and res["latency"]["n"] == 3
+    assert res["memory"]["peak_activation_bytes"] > 0
+    quick = measure(model, x, latency=False)
+    assert "latency_ms" not in quick and quick["macs"] == res["macs"]
+
+
+# -- ONNX (optional extra) ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from secateur.analysis.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = create_model("lenet5").train()
+    Pruner(model, 0.5).step(0)
+    x = torch.randn(2, 1, 28, 28)
+    path = export_onnx(model, x, tmp_path_factory.mktemp("onnx") / "lenet.onnx")
+    return model, x, path
+
+
+def test_export_onnx_matches_masked_model_and_leaves_it_intact(exported) -> None:
+    import onnxruntime as ort
+
+    from secateur.masks import has_mask
+
+    model, x, path = exported
+    assert path.is_file() and path.stat().st_size > 1000
+    assert has_mask(model.conv1) and model.training  # still masked, mode kept
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    model.train()
+    torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_latency_structure_and_errors(exported, tmp_path) -> None:
+    from secateur.analysis.onnx import onnx_latency
+
+    _, x, path = exported
+    res = onnx_latency(path, x, threads=1, **FAST)
+    _check_stats(res, 3)
+    assert res["device"] == "onnxruntime:cpu" and res["batch_size"] == 2 and res["outputs"] == [[2, 10]]
+    with pytest.raises(ConfigError, match="inputs"):
+        onnx_latency(path, (x, x), **FAST)
+    with pytest.raises(ConfigError, match="not found"):
+        onnx_latency(tmp_path / "missing.onnx", x)
+
+
+def test_baked_copy_does_not_break_the_original() -> None:
+    """deepcopy shares parametrize's generated class: baking the copy must not touch the original."""
+    from secateur.analysis.onnx import baked_copy
+    from secateur.masks import has_mask
+
+    model = create_model("lenet5").eval()
+    Pruner(model, 0.5).step(0)
+    x = torch.randn(1, 1, 28, 28)
+    copy_ = baked_copy(model)
+    assert not has_mask(copy_.conv1) and has_mask(model.conv1)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), model(x))
+    assert float((copy_.fc1.weight == 0).float().mean()) > 0.3

@@ -1,0 +1,137 @@
+"""HTML + Markdown report: self-contained HTML, plots embedded, and (with Chromium) a real screenshot."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from secateur.analysis.report import build_report, collect_results, layer_comparison
+from secateur.errors import ConfigError
+from secateur.pruner import Pruner
+from secateur.zoo import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    torch.manual_seed(0)
+    dense = create_model("lenet5").eval()
+    pruned = copy.deepcopy(dense)
+    Pruner(pruned, 0.8).step(0)
+    sweep = [
+        {"method": m, "compression": c, "accuracy": a0 - k * i, "macs": 833_040 / c,
+         "latency_ms": 0.5 + 0.05 * i}
+        for m, a0, k in (("magnitude", 0.90, 0.01), ("random", 0.89, 0.04))
+        for i, c in enumerate((2.0, 4.0, 8.0, 16.0))
+    ]
+    return collect_results(
+        dense, pruned, torch.randn(2, 1, 28, 28), dense_accuracy=0.91, pruned_accuracy=0.885,
+        repeats=3, threads=1, title="LeNet-5 <tiny> report", sweep=sweep,
+        command="secateur prune --model zoo:lenet5",
+    )
+
+
+def test_collect_results_fields(results: dict) -> None:
+    d, p = results["dense"], results["pruned"]
+    assert d["params"] == p["params"] and p["nonzero_params"] < 0.3 * d["params"]
+    assert p["sparse_macs"] < p["macs"] == d["macs"]
+    assert d["latency_ms"] > 0 and p["latency_iqr_ms"] >= 0 and d["peak_activation_bytes"] > 0
+    names = [r["name"] for r in results["layers"]]
+    assert names[:2] == ["conv1", "conv2"]
+    for r in results["layers"]:
+        assert r["dense_kept"] == 1.0 and 0.0 < r["pruned_kept"] < 1.0
+
+
+def test_layer_comparison_of_a_smaller_model() -> None:
+    """A compacted model's kept ratio is relative to the dense layer's parameter count."""
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    small = torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    rows = {r["name"]: r for r in layer_comparison(dense, small, torch.randn(1, 8))}
+    assert rows["0"]["pruned_kept"] == pytest.approx(27 / 54)
+    assert rows["2"]["pruned_kept"] == pytest.approx(8 / 14)
+
+
+def test_build_report_html_is_self_contained(results: dict, tmp_path: Path) -> None:
+    out = build_report(results, tmp_path)
+    html = out["html"].read_text()
+    assert html.startswith("<!DOCTYPE html>")
+    assert "LeNet-5 &lt;tiny&gt; report" in html  # escaped
+    # No external resources: every src/href is a data URI; no scripts or stylesheets links.
+    assert re.findall(r"""(?:src|href)=["'](?!data:)""", html) == []
+    assert "<script" not in html and "<link" not in html and "@import" not in html
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) == 3
+    for b64 in images:
+        assert base64.b64decode(b64).startswith(PNG_MAGIC)
+    for key in ("accuracy_vs_compression", "layer_kept", "latency_vs_macs"):
+        assert f'id="plot-{key}"' in html
+    assert "secateur prune --model zoo:lenet5" in html
+
+
+def test_build_report_markdown_references_pngs(results: dict, tmp_path: Path) -> None:
+    out = build_report(results, tmp_path, formats=("md",), name="r")
+    assert "html" not in out
+    md = out["md"].read_text()
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(refs) == 3
+    for ref in refs:
+        assert (tmp_path / ref).read_bytes().startswith(PNG_MAGIC)
+    assert "| non-zero parameters |" in md and "| conv1 | Conv2d |" in md
+    assert json.loads(out["json"].read_text())["pruned"]["accuracy"] == 0.885
+
+
+def test_build_report_partial_results(tmp_path: Path) -> None:
+    """Without sweep, latency or layers the report still renders what it has."""
+    res = {"dense": {"params": 100, "nonzero_params": 100, "accuracy": 0.9},
+           "pruned": {"params": 100, "nonzero_params": 25, "accuracy": 0.8}}
+    out = build_report(res, tmp_path)
+    html = out["html"].read_text()
+    assert html.count("data:image/png;base64,") == 1  # accuracy vs compression only
+    assert "4.00x" in html
+
+
+def test_build_report_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="format"):
+        build_report({"dense": {}, "pruned": {}}, tmp_path, formats=("pdf",))
+    with pytest.raises(ConfigError, match="dict"):
+        build_report([], tmp_path)  # type: ignore[arg-type]
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)")
+def test_screenshot_shows_plots(results: dict, tmp_path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    out = build_report(results, tmp_path)
+    png = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(out["html"]), str(png),
+         "--width", "1200", "--height", "2000"],
+        capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    img = mpimg.imread(str(png))[..., :3]  # floats in [0, 1], (H, W, 3)
+    assert img.shape[:2] == (2000, 1200)
+    non_white = (img < 0.95).any(axis=2)
+    assert non_white.mean() > 0.05
+    # Text and tables are grey or black; only the plots draw saturated colour (lines, bars, markers).
+    colour = (img.max(axis=2) - img.min(axis=2)) > 0.25
+    rows = np.nonzero(colour.any(axis=1))[0]
+    assert colour.sum() > 5000, f"only {colour.sum()} coloured pixels: plots did not render"
+    # The coloured area spans at least the two rows of plots (several hundred pixels tall).
+    assert rows.max() - rows.min() > 400
