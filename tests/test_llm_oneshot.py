@@ -277,3 +277,13 @@ def test_block_pattern_through_the_driver():
         assert (per_block == 0).sum().item() == math.floor(0.5 * per_block.numel())
     with pytest.raises(ConfigError, match="not blocks"):
         prune_oneshot(model, batches, "sparsegpt", 0.5, "block4x4")
+
+
+def test_device_path_gives_the_same_result():
+    # No accelerator in CI: device="cpu" still runs the move-a-block-there-and-back path.
+    a, batches = _tiny_gpt2()
+    b = copy.deepcopy(a)
+    prune_oneshot(a, batches, "sparsegpt", 0.5, "row")
+    prune_oneshot(b, batches, "sparsegpt", 0.5, "row", device="cpu")
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
