@@ -1,0 +1,66 @@
+"""A Hugging Face ``transformers.Trainer`` callback that drives a :class:`secateur.Pruner`.
+
+The schedule is a function of the number of optimizer steps done, which is exactly
+``TrainerState.global_step`` when ``on_step_end`` fires (after the optimizer step, with gradient
+accumulation counted once per optimizer step). Create the pruner *before* the ``Trainer`` so the
+optimizer is built over the masked model's parameters (masks are parametrizations; the stored
+weights stay the same ``Parameter`` objects). Masks are buffers, so the Trainer's checkpoints
+carry them.
+
+Under multi-process training (``torchrun`` / ``accelerate launch``), masks are synchronised from
+rank 0 and checked after each update, as in :mod:`secateur.train.ddp`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+__all__ = ["PruningCallback"]
+
+
+class PruningCallback(TrainerCallback):
+    """Call ``pruner.step(state.global_step)`` at train begin and after every optimizer step.
+
+    Args:
+        pruner: a :class:`secateur.Pruner` (anything with ``step(int) -> bool``).
+        sync: when a process group with more than one rank is initialised, broadcast the masks
+            from rank 0 and check their digest after each update (:func:`secateur.train.ddp.sync_masks`).
+
+    Attributes:
+        updates: ``(global_step, sparsity)`` for each step at which the masks changed (sparsity as a
+            fraction of the scoped weights).
+
+    Raises:
+        secateur.train.ddp.MaskMismatchError: ranks disagree after an update (with ``sync``).
+    """
+
+    def __init__(self, pruner: Any, *, sync: bool = True) -> None:
+        self.pruner = pruner
+        self.sync = sync
+        self.updates: list[tuple[int, float]] = []
+
+    def _step(self, step: int) -> None:
+        if not self.pruner.step(int(step)):
+            return
+        if self.sync:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                from secateur.train.ddp import sync_masks
+
+                sync_masks(self.pruner)
+        has_sparsity = callable(getattr(self.pruner, "sparsity", None))
+        sparsity = self.pruner.sparsity() if has_sparsity else float("nan")
+        self.updates.append((int(step), sparsity))
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._step(state.global_step)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._step(state.global_step)
