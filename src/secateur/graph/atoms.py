@@ -35,7 +35,8 @@ class AtomStore:
         """Declare ``a[i]`` and ``b[i]`` the same channel for every ``i`` (equal lengths or length 1)."""
         if a is b:
             return
-        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
         self._a.append(a.ravel())
         self._b.append(b.ravel())
 
@@ -55,6 +56,16 @@ class AtomStore:
             return parent
         a = np.concatenate(self._a)
         b = np.concatenate(self._b)
+        try:  # scipy's connected components when available (C speed), else a vectorised union-find
+            from scipy.sparse import coo_matrix
+            from scipy.sparse.csgraph import connected_components
+        except ImportError:
+            pass
+        else:
+            adj = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n, self.n))
+            _, comp = connected_components(adj, directed=False)
+            _, first = np.unique(comp, return_index=True)  # label = smallest atom of the component
+            return first[comp].astype(np.int64)
         while True:
             pa, pb = parent[a], parent[b]
             diff = pa != pb

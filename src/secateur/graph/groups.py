@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur.graph.atoms import AtomStore
 from secateur.graph.tracer import ParamDim, SplitEvent, iter_tensors, run_trace
 
 
@@ -173,33 +174,26 @@ def _make_groups(
     pds = list(param_dims.values())
     if not pds:
         return []
-    # classes of each member; a second union-find over classes joins classes sharing a member
+    # classes of each member; a second union-find over classes joins classes sharing a member (vectorised)
     cls_of = [labels[pd.atoms] for pd in pds]
-    uniq = np.unique(np.concatenate(cls_of))
-    pos = {int(c): i for i, c in enumerate(uniq)}
-    parent = np.arange(uniq.size)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    joint = AtomStore()
+    joint.n = labels.size
     for c in cls_of:
-        u = np.unique(c)
-        r0 = find(pos[int(u[0])])
-        for x in u[1:]:
-            r = find(pos[int(x)])
-            if r != r0:
-                parent[r] = r0
-    root_of_class = {int(c): find(i) for i, c in enumerate(uniq)}
-    frozen_cls: dict[int, str] = {}
-    for arr, why in frozen:
-        for c in np.unique(labels[arr]):
-            frozen_cls.setdefault(int(c), why)
+        joint.union(c[:1], c)
+    root = joint.solve()
+    # first reason per frozen class
+    frozen_mask = np.zeros(labels.size, dtype=bool)
+    first_reason = np.full(labels.size, -1, dtype=np.int64)
+    reasons_text = [why for _, why in frozen]
+    if frozen:
+        cls = labels[np.concatenate([a for a, _ in frozen])]
+        rid = np.concatenate([np.full(a.size, k, dtype=np.int64) for k, (a, _) in enumerate(frozen)])
+        frozen_mask[cls] = True
+        order = np.argsort(rid, kind="stable")[::-1]  # earliest reason written last
+        first_reason[cls[order]] = rid[order]
     by_root: dict[int, list[int]] = {}
     for i in range(len(pds)):
-        by_root.setdefault(root_of_class[int(cls_of[i][0])], []).append(i)
+        by_root.setdefault(int(root[cls_of[i][0]]), []).append(i)
     groups = []
     for members_idx in by_root.values():
         classes = np.unique(np.concatenate([cls_of[i] for i in members_idx]))
@@ -208,8 +202,9 @@ def _make_groups(
             pd = pds[i]
             unit_of = np.searchsorted(classes, cls_of[i])
             members.append(Member(pd.name, pd.dim, unit_of, pd.aliases, pd.is_buffer))
-        prunable = np.array([int(c) not in frozen_cls for c in classes], dtype=bool)
-        reasons = list(dict.fromkeys(frozen_cls[int(c)] for c in classes if int(c) in frozen_cls))[:5]
+        prunable = ~frozen_mask[classes]
+        rids = first_reason[classes]
+        reasons = [reasons_text[r] for r in dict.fromkeys(rids[rids >= 0].tolist())][:5]
         if len({m.module for m in members}) == 1 and not prunable.any():
             continue  # kernel dims, input channels of a stem, classifier rows: not worth listing
         if protect:
@@ -221,8 +216,6 @@ def _make_groups(
             if hit:
                 prunable[:] = False
                 reasons.append(f"protected by the user ({hit[0]})")
-        if classes.size == 1 and prunable.all():
-            pass
         first = members[0]
         groups.append(
             Group(f"{first.name}:{first.dim}", int(classes.size), members, prunable, reasons, classes)

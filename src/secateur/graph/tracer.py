@@ -170,6 +170,59 @@ Rule = Callable[[OpContext], None]
 ModuleRule = Callable[["OpContext", nn.Module, tuple, dict, Any], None]
 
 
+def _like(args: tuple, kwargs: dict) -> torch.Tensor:
+    x = args[0] if args else kwargs["input"]
+    dtype = kwargs.get("dtype")
+    return torch.empty_like(x, dtype=dtype) if dtype is not None else torch.empty_like(x)
+
+
+def _linear_shape(args: tuple, kwargs: dict) -> torch.Tensor:
+    x = args[0] if args else kwargs["input"]
+    w = args[1] if len(args) > 1 else kwargs["weight"]
+    shape = tuple(x.shape[:-1]) + ((w.shape[0],) if w.dim() == 2 else ())
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
+def _sdpa_shape(args: tuple, kwargs: dict) -> torch.Tensor:
+    q = args[0] if args else kwargs["query"]
+    v = args[2] if len(args) > 2 else kwargs["value"]
+    return torch.empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=q.dtype, device=q.device)
+
+
+# Shape-only results for ops whose meta kernels are slow Python decompositions: on meta tensors a trace
+# needs shapes, not values, so these ops are not executed at all (3-10x faster traces).
+_META_SHAPES: dict[str, Callable] = {
+    **{
+        n: _like
+        for n in (
+            "batch_norm",
+            "instance_norm",
+            "group_norm",
+            "layer_norm",
+            "rms_norm",
+            "relu",
+            "gelu",
+            "silu",
+            "sigmoid",
+            "tanh",
+            "hardswish",
+            "hardsigmoid",
+            "relu6",
+            "mish",
+            "elu",
+            "leaky_relu",
+            "dropout",
+            "dropout1d",
+            "dropout2d",
+            "softmax",
+            "log_softmax",
+        )
+    },
+    "linear": _linear_shape,
+    "scaled_dot_product_attention": _sdpa_shape,
+}
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
@@ -177,8 +230,9 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         tr = self.tracer
+        fast = _META_SHAPES.get(op_name(func)) if tr.meta else None
+        out = fast(args, kwargs) if fast is not None else func(*args, **kwargs)
         if tr.opaque:
             return out
         tr.on_op(func, args, kwargs, out)
@@ -204,6 +258,7 @@ class Tracer:
         self.stack: list[str] = []
         self.module_stack: list[nn.Module] = []
         self.opaque = 0
+        self.meta = False
         self.n_ops = 0
         self.modules: dict[str, nn.Module] = {}
 
@@ -296,8 +351,8 @@ class Tracer:
 
     # --- module hooks -------------------------------------------------------------------------------
     def pre_hook(self, path: str) -> Callable:
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.stack.append(path)
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, p: str | None = None) -> None:
+            self.stack.append(path if p is None else p)
             self.module_stack.append(mod)
             if self.opaque == 0 and type(mod) in self.module_rules:
                 self._opaque_args = (args, kwargs)
@@ -374,6 +429,7 @@ def run_trace(
                 cache[id(t)] = t.detach().to("meta")
             sub[n] = cache[id(t)]
         tracer.register_tensors(sub, set(buffers))
+        tracer.meta = True
         inputs = _to_meta(example_inputs)
     else:
         sub = {**named, **buffers}
@@ -382,10 +438,29 @@ def run_trace(
     handles = []
     was_training = {m: m.training for m in model.modules()}
     try:
-        for path, mod in model.named_modules(remove_duplicate=False):
+        # one global pair of hooks (cheap) names every module; modules with a module rule get their own
+        # kwargs-aware hooks because the rule needs the call's arguments
+        paths: dict[int, str] = {}
+        for path, mod in model.named_modules():
             tracer.modules.setdefault(path, mod)
-            handles.append(mod.register_forward_pre_hook(tracer.pre_hook(path), with_kwargs=True))
-            handles.append(mod.register_forward_hook(tracer.post_hook(path), with_kwargs=True))
+            if type(mod) in module_rules:
+                handles.append(mod.register_forward_pre_hook(tracer.pre_hook(path), with_kwargs=True))
+                handles.append(mod.register_forward_hook(tracer.post_hook(path), with_kwargs=True))
+            else:
+                paths[id(mod)] = path
+        pre, post = tracer.pre_hook(""), tracer.post_hook("")
+
+        def gpre(mod: nn.Module, args: tuple) -> None:
+            p = paths.get(id(mod))
+            if p is not None:
+                pre(mod, args, {}, p)
+
+        def gpost(mod: nn.Module, args: tuple, out: Any) -> None:
+            if id(mod) in paths:
+                post(mod, args, {}, out)
+
+        handles.append(nn.modules.module.register_module_forward_pre_hook(gpre))
+        handles.append(nn.modules.module.register_module_forward_hook(gpost))
         with torch.no_grad(), _Mode(tracer):
             if device == "meta":
                 from torch.func import functional_call

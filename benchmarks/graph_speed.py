@@ -1,0 +1,184 @@
+"""Graph build + one 50% channel-prune step, secateur vs Torch-Pruning, and the latency a prune buys.
+
+    python benchmarks/graph_speed.py            # all (Torch-Pruning is optional: pip install secateur[peers])
+    python benchmarks/graph_speed.py --reps 5 --threads 1 --out benchmarks/results/graph_speed.json
+
+Models: Hugging Face ResNet-50 and ViT-base/16 (random init, default configs), example input 1x3x224x224,
+the same for both libraries. Each repetition prunes a fresh deep copy (the copy is not timed). Both libraries
+use L1 magnitude importance and a 50% ratio with the classifier protected. Reported: median over ``--reps``.
+Then CPU latency (torch.utils.benchmark, batch 32) of the dense vs secateur-pruned ResNet-50 next to the MACs
+ratio (torch.utils.flop_counter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from secateur.graph import DependencyGraph  # noqa: E402
+from secateur.structured import prune_channels  # noqa: E402
+
+
+def build_models() -> dict:
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return {
+        "hf-resnet-50": ResNetForImageClassification(ResNetConfig()).eval(),
+        "hf-vit-base-16": ViTForImageClassification(ViTConfig()).eval(),
+    }
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def macs(m: torch.nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m(x)
+    return fc.get_total_flops() // 2
+
+
+def ours_once(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    graph = DependencyGraph.build(m, x)
+    t1 = time.perf_counter()
+    prune_channels(m, x, ratio=0.5, criterion="l1", graph=graph)
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        m(x)
+    return {"build_s": t1 - t0, "step_s": t2 - t1, "total_s": t2 - t0, "params_after": n_params(m)}
+
+
+def tp_once(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(
+        m,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=0.5,
+        ignored_layers=[m.classifier],
+    )
+    t1 = time.perf_counter()
+    pruner.step()
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        m(x)
+    return {"build_s": t1 - t0, "step_s": t2 - t1, "total_s": t2 - t0, "params_after": n_params(m)}
+
+
+def median_of(fn, model, x, reps: int) -> dict:
+    runs = [fn(model, x) for _ in range(reps)]
+    out = {k: statistics.median(r[k] for r in runs) for k in ("build_s", "step_s", "total_s")}
+    out["params_after"] = runs[-1]["params_after"]
+    out["runs_total_s"] = [round(r["total_s"], 4) for r in runs]
+    return out
+
+
+def latency(model: torch.nn.Module, batch: int, min_run_time: float) -> float:
+    from torch.utils import benchmark
+
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.no_grad():
+        model(x)  # warm-up
+        t = benchmark.Timer("m(x)", globals={"m": model, "x": x}, num_threads=torch.get_num_threads())
+        return t.blocked_autorange(min_run_time=min_run_time).median
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--min-run-time", type=float, default=10.0, help="seconds per latency measurement")
+    ap.add_argument("--latency-rounds", type=int, default=3, help="interleaved dense/pruned rounds (median)")
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/graph_speed.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import torch_pruning as tp
+
+        tp_version = getattr(tp, "__version__", "?")
+    except ImportError:
+        tp = None
+        tp_version = None
+    x = torch.randn(1, 3, 224, 224)
+    result: dict = {
+        "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
+        "torch": torch.__version__,
+        "torch_pruning": tp_version,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "reps": args.reps,
+        "input": [1, 3, 224, 224],
+        "models": {},
+    }
+    import transformers
+
+    result["transformers"] = transformers.__version__
+    for name, model in build_models().items():
+        row: dict = {"params": n_params(model)}
+        ours_once(model, x)  # warm-up (imports, allocator)
+        row["secateur"] = median_of(ours_once, model, x, args.reps)
+        if tp is not None:
+            try:
+                tp_once(model, x)
+                row["torch_pruning"] = median_of(tp_once, model, x, args.reps)
+                row["speedup_total"] = row["torch_pruning"]["total_s"] / row["secateur"]["total_s"]
+                row["speedup_build"] = row["torch_pruning"]["build_s"] / row["secateur"]["build_s"]
+            except Exception as e:  # noqa: BLE001  (a peer failure is a result, not a crash)
+                row["torch_pruning"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        result["models"][name] = row
+        print(name, json.dumps(row, indent=1), flush=True)
+    if not args.skip_latency:
+        dense = build_models()["hf-resnet-50"]
+        pruned, _ = prune_channels(copy.deepcopy(dense), x, ratio=0.5, criterion="l1")
+        md, mp = macs(dense, x), macs(pruned, x)
+        ld, lp = [], []
+        for _ in range(args.latency_rounds):
+            ld.append(latency(dense, args.batch, args.min_run_time))
+            lp.append(latency(pruned, args.batch, args.min_run_time))
+        lat = {
+            "batch": args.batch,
+            "dense_s": statistics.median(ld),
+            "pruned_s": statistics.median(lp),
+            "dense_rounds_s": ld,
+            "pruned_rounds_s": lp,
+            "macs_dense": md,
+            "macs_pruned": mp,
+            "params_dense": n_params(dense),
+            "params_pruned": n_params(pruned),
+        }
+        lat["macs_gain"] = md / mp
+        lat["latency_gain"] = lat["dense_s"] / lat["pruned_s"]
+        lat["latency_gain_over_macs_gain"] = lat["latency_gain"] / lat["macs_gain"]
+        result["latency_resnet50_50pct"] = lat
+        print(json.dumps(lat, indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
