@@ -37,8 +37,10 @@ def lp_scores(
     ``producers_only`` (default, the classic L1 filter norm): only members along dim 0 (the filters, rows
     and biases that produce the channels) are read; consumer-side slices are skipped (half the reads).
     ``cache`` is accepted for API stability (unused: one fused norm per member is the fastest path)."""
-    named = _named(model)
     cache = {} if cache is None else cache
+    if "__named__" not in cache:
+        cache["__named__"] = _named(model)
+    named = cache["__named__"]
     total = np.zeros(group.n_units)
     members = [m for m in group.members if not m.is_buffer]
     if producers_only and any(m.dim == 0 for m in members):
@@ -77,13 +79,13 @@ def choose_units(group: Group, scores: np.ndarray, ratio: float, round_to: int =
 
 def _ensure_member_nonempty(group: Group, rm: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Keep at least one unit in every member (a layer fed by a concat keeps a channel of each part)."""
-    rm_set = set(rm.tolist())
+    gone = np.zeros(group.n_units, dtype=bool)
+    gone[rm] = True
     for m in group.members:
-        units = np.unique(m.unit_of)
-        if all(int(u) in rm_set for u in units):
-            best = units[np.argmax(scores[units])]
-            rm_set.discard(int(best))
-    return np.array(sorted(rm_set), dtype=np.int64)
+        if gone[m.unit_of].all():
+            units = np.unique(m.unit_of)
+            gone[units[np.argmax(scores[units])]] = False
+    return np.nonzero(gone)[0]
 
 
 def prune_channels(

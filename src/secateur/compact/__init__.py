@@ -110,10 +110,12 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
 def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) -> tuple[dict, list]:
     """num_heads-like attributes of the modules where a channel dim was split into heads, and the
     changed head splits as ``(innermost module path, old count, new count)``."""
+    wanted = {int(c) for ev in graph.splits if ev.classes is not None for c in ev.classes}
     class_to_group: dict[int, tuple[int, int]] = {}
     for gi, g in enumerate(graph.groups):
-        for u, c in enumerate(g.classes):
-            class_to_group[int(c)] = (gi, u)
+        hit = np.nonzero(np.isin(g.classes, list(wanted)))[0] if wanted else []
+        for u in hit:
+            class_to_group[int(g.classes[u])] = (gi, int(u))
     attrs: dict[str, dict[str, list]] = {}
     events: list[tuple[str, int, int]] = []
     model = graph.model
