@@ -63,6 +63,13 @@ def test_layer_comparison_of_a_smaller_model() -> None:
     assert rows["2"]["pruned_kept"] == pytest.approx(8 / 14)
 
 
+def test_layer_comparison_leaves_batchnorm_statistics_and_mode_alone() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    before = model[1].running_mean.clone()
+    layer_comparison(model, model, torch.randn(2, 1, 8, 8) + 3.0)
+    assert torch.equal(model[1].running_mean, before) and model.training
+
+
 def test_build_report_html_is_self_contained(results: dict, tmp_path: Path) -> None:
     out = build_report(results, tmp_path)
     html = out["html"].read_text()

@@ -43,21 +43,32 @@ _FORMATS = ("html", "md")
 
 
 # -- collecting ---------------------------------------------------------------------------------
+def _eval_layer_table(model: nn.Module, example_inputs: Any) -> list[Any]:
+    """``layer_table`` in eval mode (no batch-norm statistics updated), the mode restored after."""
+    from secateur.analysis.counting import layer_table
+
+    was = model.training
+    model.eval()
+    try:
+        return layer_table(model, example_inputs)
+    finally:
+        model.train(was)
+
+
 def layer_comparison(dense: nn.Module, pruned: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
     """Per leaf layer (matched by module path): dense and pruned kept ratio, params and MACs.
 
-    The kept ratio is the layer's non-zero parameters divided by the *dense* layer's parameter
-    count (a fraction in [0, 1]), so it means the same for a masked model (zeros) and a compacted
-    one (fewer channels). Layers present only in one model are kept with ``None`` for the other.
+    Both models run one forward in eval mode (their modes are restored). The kept ratio is the
+    layer's non-zero parameters divided by the *dense* layer's parameter count (a fraction in
+    [0, 1]), so it means the same for a masked model (zeros) and a compacted one (fewer
+    channels). Layers present only in one model are kept with ``None`` for the other.
 
     Returns:
         Rows ``{"name", "type", "dense_params", "pruned_params", "pruned_nonzero", "dense_kept",
         "pruned_kept", "dense_macs", "pruned_macs", "pruned_sparse_macs"}`` in dense order.
     """
-    from secateur.analysis.counting import layer_table
-
-    d_rows = {r.name: r for r in layer_table(dense, example_inputs)}
-    p_rows = {r.name: r for r in layer_table(pruned, example_inputs)}
+    d_rows = {r.name: r for r in _eval_layer_table(dense, example_inputs)}
+    p_rows = {r.name: r for r in _eval_layer_table(pruned, example_inputs)}
     names = list(d_rows) + [n for n in p_rows if n not in d_rows]
     out = []
     for name in names:
