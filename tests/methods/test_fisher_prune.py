@@ -96,3 +96,21 @@ def test_errors():
     fp = FisherPruner(_net(), torch.randn(1, 1, 6, 6))
     with pytest.raises(ConfigError, match="no Fisher signal"):
         fp.prune_one()
+
+
+def test_prune_between_steps_with_live_graph_and_optimizer():
+    """A loop keeps its last loss (and graph) alive while pruning; the next backward must work."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    fp = FisherPruner(model, torch.randn(1, 1, 6, 6))
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    for _ in range(4):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        fp.update()
+        fp.prune_one(opt)
+    assert model[0].out_channels + model[3].out_channels == 14 - 4
+    ids = {id(p) for p in model.parameters()}
+    assert ids == {id(p) for g in opt.param_groups for p in g["params"]}

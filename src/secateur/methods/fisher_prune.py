@@ -157,7 +157,8 @@ class FisherPruner:
     @torch.no_grad()
     def prune_one(self, optimizer: torch.optim.Optimizer | None = None, step: int | None = None) -> dict:
         """Remove the channel with the smallest ``Δ`` over all groups through the graph, reset ``Δ`` and
-        retrace. ``optimizer``: its per-parameter state (momentum) is dropped for resized parameters.
+        retrace. Resized parameters become new ``nn.Parameter`` objects (see :meth:`_renew_resized`); pass
+        ``optimizer`` so that its param groups follow them (their momentum state is dropped).
 
         Returns the removal record. Raises ConfigError if no score was accumulated or no channel can go.
         """
@@ -182,14 +183,35 @@ class FisherPruner:
         shapes = {id(p): p.shape for p in self.model.parameters()}
         self.detach()
         compact(self.model, make_plan(self.graph, {gi: [u]}))
-        if optimizer is not None:
-            for p in self.model.parameters():
-                if shapes.get(id(p)) != p.shape:
-                    optimizer.state.pop(p, None)
+        self._renew_resized(shapes, optimizer)
         rec = {"group": g.name, "unit": u, "fisher": value, "step": step}
         self.removed.append(rec)
         self._build()
         return rec
+
+    def _renew_resized(self, shapes: dict[int, torch.Size], optimizer: torch.optim.Optimizer | None) -> None:
+        """Give every resized parameter a fresh ``nn.Parameter`` (same data) and swap it into ``optimizer``.
+
+        Compaction resizes ``.data`` in place, but autograd caches a leaf's gradient accumulator with its
+        old shape for as long as a previous graph is alive (a training loop's last ``loss`` keeps it), and
+        the next backward would fail; a new Parameter has no cached accumulator.
+        """
+        new_of: dict[int, nn.Parameter] = {}
+        for mod in self.model.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is None or shapes.get(id(p)) == p.shape:
+                    continue
+                if id(p) not in new_of:
+                    new_of[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
+                mod._parameters[name] = new_of[id(p)]
+        if optimizer is None or not new_of:
+            return
+        for group in optimizer.param_groups:
+            olds = group["params"]
+            group["params"] = [new_of.get(id(q), q) for q in olds]
+            for q in olds:
+                if id(q) in new_of:
+                    optimizer.state.pop(q, None)
 
     # -- Trainer integration ----------------------------------------------------------------------
     def on_step_end(self, trainer: Any) -> None:
