@@ -102,3 +102,16 @@ def test_bad_input_leaves_model_untouched():
         ADMM(model, sparsity=0.5, pattern="blocky")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_trainer_callback_runs_updates_and_finalizes():
+    from secateur.data import TensorLoader
+    from secateur.train import Trainer
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    admm = ADMM(model, sparsity=0.5, rho=0.01, update_every=2, finalize_at_end=True)
+    Trainer(model, TensorLoader(x, y, 8), epochs=1, lr=0.01, callbacks=[admm], progress=False).fit()
+    assert len(admm.history) == 2
+    assert int(get_mask(model[0]).sum()) == 64

@@ -99,3 +99,19 @@ def test_bad_config():
     Movement(model)
     with pytest.raises(ConfigError, match="0.weight"):
         Movement(model)
+
+
+def test_transformer_linears_and_trainer_callback():
+    from secateur.data import TensorLoader
+    from secateur.train import Trainer
+    from secateur.zoo import create_model
+
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny")
+    mv = Movement(vit, sparsity=0.5, mode="hard", start=0, end=2)
+    assert any("attn" in n or "qkv" in n for n in mv.masks)
+    loader = TensorLoader(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), 4)
+    Trainer(vit, loader, epochs=1, lr=0.01, callbacks=[mv], progress=False).fit()
+    assert mv.remaining_at(2) == pytest.approx(0.5)
+    for name, mm in mv.masks.items():
+        assert int(mm.mask().sum()) == math.floor(0.5 * mm.scores.numel() + 1e-9), name
