@@ -1,6 +1,6 @@
 """One-shot pruning of all-MiniLM-L6-v2 on real text: magnitude vs Wanda vs SparseGPT.
 
-Run by hand (CPU, a few minutes):
+Run by hand (CPU; about 30 minutes on a busy 2-core machine, `--gpt2` another 10):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_oneshot.py
 
@@ -346,6 +346,8 @@ def gpt2_experiment(args: argparse.Namespace) -> dict:
 def gpt2_markdown(g: dict) -> list[str]:
     lines = [
         "",
+        f"Command: `{g.get('command', '')}`",
+        "",
         f"Stretch goal: {g['model']} ({g['n_params']} parameters), trained {g['train_steps']} steps "
         f"({g['batch']}, {g['train_seconds']:.0f} s) on the calibration half of the fortunes "
         f"({g['train_bytes']} bytes); byte-level perplexity on the held-out half "
@@ -384,7 +386,7 @@ def main() -> None:
     ap.add_argument(
         "--gpt2", action="store_true", help="run the GPT-2 stretch experiment into the saved JSON"
     )
-    ap.add_argument("--gpt2-steps", type=int, default=600)
+    ap.add_argument("--gpt2-steps", type=int, default=400)
     args = ap.parse_args()
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.n_calib, args.max_length)))
