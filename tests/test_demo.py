@@ -21,13 +21,32 @@ def test_demo_small_run_writes_metrics_report_and_plots(tmp_path):
     out = tmp_path / "demo"
     res = CliRunner().invoke(
         main,
-        ["demo", "--quiet", "--json", "--subset", "512", "--dense-epochs", "1", "--prune-epochs", "2",
-         "--out", str(out)],
+        [
+            "demo",
+            "--quiet",
+            "--json",
+            "--subset",
+            "512",
+            "--dense-epochs",
+            "1",
+            "--prune-epochs",
+            "2",
+            "--out",
+            str(out),
+        ],
     )
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("dense_accuracy", "pruned_accuracy", "sparsity", "params", "nonzero_params", "macs",
-                "sparse_macs", "seconds"):
+    for key in (
+        "dense_accuracy",
+        "pruned_accuracy",
+        "sparsity",
+        "params",
+        "nonzero_params",
+        "macs",
+        "sparse_macs",
+        "seconds",
+    ):
         assert key in m
     # The schedule ends at the target: 90% of conv/linear weights are zero.
     assert m["sparsity"] == pytest.approx(0.9, abs=0.002)

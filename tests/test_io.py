@@ -50,7 +50,11 @@ def test_structurally_pruned_model_round_trips(tmp_path):
 def test_huggingface_model_round_trips_with_original_config(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
         max_position_embeddings=32,
     )
     model = transformers.BertModel(cfg).eval()
@@ -97,8 +101,13 @@ def test_truncated_and_misfit_files_name_the_file(tmp_path):
     # A plan that does not fit the rebuilt architecture.
     d = save(model, tmp_path / "m3")
     doc = json.loads((d / "plan.json").read_text())
-    doc["plan"] = {"version": 1, "tensors": {"nonexistent.weight": {"0": [0]}}, "groups": [],
-                   "attributes": {}, "config": {}}
+    doc["plan"] = {
+        "version": 1,
+        "tensors": {"nonexistent.weight": {"0": [0]}},
+        "groups": [],
+        "attributes": {},
+        "config": {},
+    }
     (d / "plan.json").write_text(json.dumps(doc))
     with pytest.raises(SerializationError, match=r"plan\.json: the plan does not fit"):
         load(d)

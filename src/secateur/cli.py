@@ -27,8 +27,13 @@ def demo(out_dir, dense_epochs, prune_epochs, sparsity, subset, seed, quiet, as_
     from secateur.demo import DemoConfig, run_demo, summary_rows
 
     cfg = DemoConfig(
-        out_dir=out_dir, dense_epochs=dense_epochs, prune_epochs=prune_epochs, sparsity=sparsity,
-        subset=subset, seed=seed, progress=not quiet,
+        out_dir=out_dir,
+        dense_epochs=dense_epochs,
+        prune_epochs=prune_epochs,
+        sparsity=sparsity,
+        subset=subset,
+        seed=seed,
+        progress=not quiet,
     )
     m = run_demo(cfg)
     if as_json:
@@ -47,3 +52,132 @@ def demo(out_dir, dense_epochs, prune_epochs, sparsity, subset, seed, quiet, as_
     console.print(
         f"sparsity {m['sparsity']:.4f}; report: {out_dir}/report.md, metrics: {out_dir}/metrics.json"
     )
+
+
+def _parse_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"stem_stride\": 2}'")
+    return value
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e))
+
+
+@main.command()
+@click.option(
+    "--model", "model_spec", required=True, help="zoo:NAME, hf:PATH, saved:PATH or package.module:function."
+)
+@click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the model factory.")
+@click.option("--recipe", "recipe_path", required=True, help="A recipe YAML file or a shipped recipe name.")
+@click.option(
+    "--data",
+    default="fashion-mnist",
+    show_default=True,
+    type=click.Choice(["fashion-mnist", "none"]),
+    help="Training/evaluation data.",
+)
+@click.option("--subset", type=int, default=None, help="Use only the first N images of each split.")
+@click.option("--out", "out_dir", default="runs/prune", show_default=True, help="Output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def prune(model_spec, model_kwargs, recipe_path, data, subset, out_dir, quiet, as_json) -> None:
+    """Prune a model with a recipe, fine-tune, measure, and save it (pickle-free) to OUT/model."""
+    from secateur.errors import SecateurError
+    from secateur.recipe import load_recipe
+    from secateur.run import run
+
+    try:
+        recipe = load_recipe(recipe_path)
+        m = run(
+            model_spec,
+            recipe,
+            out_dir,
+            data=data,
+            subset=subset,
+            progress=not quiet,
+            model_kwargs=_parse_kwargs(model_kwargs),
+        )
+    except SecateurError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    d, p = m["dense"], m["pruned"]
+    rows = [
+        ("parameters", d["params"], p["params"]),
+        ("non-zero parameters", d["nonzero_params"], p["nonzero_params"]),
+        ("MACs", d["macs"], p["macs"]),
+        ("sparse MACs", d["sparse_macs"], p["sparse_macs"]),
+    ]
+    if "accuracy" in d:
+        click.echo(f"accuracy: dense {d['accuracy']:.4f}  pruned {p['accuracy']:.4f}")
+    for name, a, b in rows:
+        click.echo(f"{name:>20}: {a:>14,} -> {b:>14,}  ({b / max(a, 1):.3f}x)")
+    click.echo(f"saved to {out_dir}/model (plan.json + model.safetensors); metrics in {out_dir}/metrics.json")
+
+
+@main.command()
+@click.option(
+    "--model", "model_spec", required=True, help="zoo:NAME, hf:PATH, saved:PATH or package.module:function."
+)
+@click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the model factory.")
+@click.option("--input-shape", default="1,1,28,28", show_default=True, help="Example input shape (N,C,H,W).")
+@click.option("--latency/--no-latency", default=False, show_default=True, help="Also measure CPU latency.")
+def measure(model_spec, model_kwargs, input_shape, latency) -> None:
+    """Count parameters, non-zero parameters, MACs and sparse MACs (JSON on stdout)."""
+    import torch
+
+    from secateur.analysis import count_macs, count_params
+    from secateur.errors import SecateurError
+    from secateur.models import build_model
+
+    try:
+        model = build_model(model_spec, **_parse_kwargs(model_kwargs)).eval()
+        shape = tuple(int(s) for s in input_shape.split(","))
+        x = torch.zeros(shape)
+        out = {**count_params(model), **count_macs(model, x), "input_shape": list(shape)}
+        if latency:
+            from secateur.analysis.latency import measure_latency
+
+            out["latency"] = measure_latency(model, x)
+    except SecateurError as e:
+        _fail(e)
+    click.echo(json.dumps(out, indent=2))
+
+
+@main.command(name="eval")
+@click.option("--model", "model_spec", required=True, help="zoo:NAME, saved:PATH, ... (see prune --help).")
+@click.option("--subset", type=int, default=None, help="Use only the first N test images.")
+def evaluate(model_spec, subset) -> None:
+    """Top-1 accuracy on the Fashion-MNIST test set (JSON on stdout)."""
+    from secateur.data import fashion_mnist_loaders
+    from secateur.errors import SecateurError
+    from secateur.models import build_model
+    from secateur.run import _evaluate
+
+    try:
+        model = build_model(model_spec)
+        _, test = fashion_mnist_loaders(subset=subset)
+        click.echo(json.dumps({"model": model_spec, "accuracy": _evaluate(model, test)}))
+    except SecateurError as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("name", required=False)
+def recipes(name) -> None:
+    """List the shipped recipes, or print one as YAML."""
+    from secateur.recipe import dump_recipe, load_recipe, shipped_recipes
+
+    if name:
+        click.echo(dump_recipe(load_recipe(name)), nl=False)
+        return
+    for n in shipped_recipes():
+        click.echo(f"{n}: {load_recipe(n).description}")

@@ -74,6 +74,9 @@ def architecture_of(
         if ":" not in factory:
             raise SerializationError(f"factory must look like 'package.module:function', got {factory!r}")
         return {"kind": "factory", "factory": factory, "kwargs": dict(factory_kwargs or {})}
+    recorded = getattr(model, "secateur_factory", None)
+    if isinstance(recorded, dict) and "factory" in recorded:
+        return {"kind": "factory", "factory": recorded["factory"], "kwargs": dict(recorded.get("kwargs", {}))}
     zoo = getattr(model, "secateur_zoo", None)
     if isinstance(zoo, dict):
         return {"kind": "zoo", "record": dict(zoo)}

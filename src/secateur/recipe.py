@@ -1,0 +1,218 @@
+"""Recipes: a pruning run as declarative data (YAML or a dict), validated on load.
+
+A recipe names the pieces of the grammar (scope, granularity, criterion, allocation, schedule,
+target) and the fine-tuning budget. Schedules are written in fractions of the fine-tuning run, so
+the same recipe works for any dataset size; :meth:`ScheduleSpec.build` turns them into concrete
+step counts once the number of steps is known. Unknown keys and bad values raise
+:class:`~secateur.errors.ConfigError` naming the field and the allowed values.
+
+Example (``secateur/recipes/gmp90.yaml``)::
+
+    granularity: element
+    criterion: magnitude
+    allocation: global
+    schedule: {kind: cubic, sparsity: 0.9, start: 0.0, end: 0.6, updates: 20}
+    finetune: {epochs: 2, lr: 0.05}
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from secateur.errors import ConfigError
+from secateur.schedules import Cubic, Iterative, OneShot
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScopeSpec(_Strict):
+    """Which layers may be pruned (see :class:`secateur.scope.Scope`); patterns are fnmatch globs."""
+
+    types: list[Literal["Conv1d", "Conv2d", "Conv3d", "Linear"]] = ["Conv1d", "Conv2d", "Conv3d", "Linear"]
+    include: list[str] | None = None
+    exclude: list[str] = []
+    exclude_first: bool = False
+    exclude_last: bool = False
+
+
+class ScheduleSpec(_Strict):
+    """When to prune, in fractions of the fine-tuning steps.
+
+    kind: ``one_shot`` (at ``start``), ``iterative`` (``steps`` equal stages between ``start`` and
+    ``end``, linear or geometric), ``cubic`` (Zhu & Gupta 2017, ``updates`` mask updates from
+    ``start`` to ``end``). ``sparsity`` is the final fraction removed, in [0, 1).
+    """
+
+    kind: Literal["one_shot", "iterative", "cubic"] = "cubic"
+    sparsity: float = Field(ge=0.0, lt=1.0)
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(0.6, ge=0.0, le=1.0)
+    steps: int = Field(5, ge=1)
+    updates: int = Field(20, ge=1)
+    mode: Literal["linear", "geometric"] = "linear"
+
+    @model_validator(mode="after")
+    def _order(self) -> ScheduleSpec:
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) must not be before start ({self.start})")
+        return self
+
+    def build(self, total_steps: int) -> OneShot | Iterative | Cubic:
+        """The concrete schedule for a run of ``total_steps`` optimizer steps (step 0 = before training)."""
+        start = int(self.start * total_steps)
+        span = max(1, int(self.end * total_steps) - start)
+        if self.kind == "one_shot":
+            return OneShot(self.sparsity, at=start)
+        if self.kind == "iterative":
+            every = max(1, span // max(1, self.steps - 1)) if self.steps > 1 else 1
+            return Iterative(self.sparsity, steps=self.steps, every=every, start=start, mode=self.mode)
+        n = min(self.updates, span)
+        return Cubic(final_sparsity=self.sparsity, start=start, every=max(1, span // n), n=n)
+
+
+class FinetuneSpec(_Strict):
+    """Fine-tuning while/after pruning: passed to :class:`secateur.train.Trainer`."""
+
+    epochs: int = Field(1, ge=0)
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(128, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole pruning run. ``target`` says what the schedule's sparsity is a fraction of:
+    ``weights`` (scoped weights, element granularity), ``channels`` (prunable units), ``params`` or
+    ``macs`` (of the whole model; channel granularity)."""
+
+    name: str = ""
+    description: str = ""
+    granularity: Literal["element", "channel", "n:m"] = "element"
+    criterion: str = "magnitude"
+    criterion_kwargs: dict[str, Any] = {}
+    allocation: str = "global"
+    schedule: ScheduleSpec
+    target: Literal["weights", "channels", "params", "macs"] = "weights"
+    scope: ScopeSpec = ScopeSpec()
+    protect: list[str] = []
+    round_to: int = Field(1, ge=1)
+    n: int = Field(2, ge=1)
+    m: int = Field(4, ge=1)
+    finetune: FinetuneSpec = FinetuneSpec()
+    seed: int = 0
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, v: str) -> str:
+        from secateur.criteria import available_criteria
+
+        allowed = sorted(set(available_criteria()) | _CHANNEL_CRITERIA)
+        if v not in allowed:
+            raise ValueError(f"unknown criterion {v!r}; allowed: {allowed}")
+        return v
+
+    @field_validator("allocation")
+    @classmethod
+    def _known_allocation(cls, v: str) -> str:
+        from secateur.allocation import ALLOCATIONS, get_allocation
+
+        get_allocation("global")  # registers the extra allocations
+        allowed = sorted(set(ALLOCATIONS) | {"uniform"})
+        if v not in allowed:
+            raise ValueError(f"unknown allocation {v!r}; allowed: {allowed}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.granularity == "element" and self.target not in ("weights",):
+            raise ValueError(
+                f"target {self.target!r} needs granularity 'channel' (element pruning targets 'weights')"
+            )
+        if self.granularity == "channel" and self.target == "weights":
+            raise ValueError("granularity 'channel' takes target 'channels', 'params' or 'macs'")
+        if self.granularity == "n:m" and self.n >= self.m:
+            raise ValueError(f"N:M needs n < m, got {self.n}:{self.m}")
+        return self
+
+
+_CHANNEL_CRITERIA = {"l1", "l2", "random", "bn_scale", "fpgm", "taylor", "fisher", "wanda", "sparsegpt"}
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(recipe)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            msg = f"{msg}, got {err.get('input')!r}"
+        parts.append(f"{field}: {msg}")
+    return f"invalid recipe {source}: " + "; ".join(parts)
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "(dict)") -> Recipe:
+    """Validate a recipe dict.
+
+    Raises:
+        ConfigError: an unknown key or a bad value; the message names each field at fault.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"invalid recipe {source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_recipe(path_or_name: str | Path) -> Recipe:
+    """Load a recipe from a YAML file, or a shipped recipe by name (see :func:`shipped_recipes`).
+
+    Raises:
+        ConfigError: a missing file, invalid YAML, an unknown key or a bad value (named).
+    """
+    p = Path(path_or_name)
+    if p.exists():
+        text, source = p.read_text(), str(p)
+    else:
+        name = str(path_or_name).removesuffix(".yaml")
+        if name not in shipped_recipes():
+            raise ConfigError(
+                f"recipe {str(path_or_name)!r} is neither a file nor a shipped recipe; "
+                f"shipped: {shipped_recipes()}"
+            )
+        text = resources.files("secateur.recipes").joinpath(f"{name}.yaml").read_text()
+        source = f"{name} (shipped)"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid recipe {source}: not valid YAML: {e}") from None
+    return recipe_from_dict(data, source)
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that ship with the package."""
+    return sorted(
+        Path(f.name).stem for f in resources.files("secateur.recipes").iterdir() if f.name.endswith(".yaml")
+    )
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML text (round-trips through :func:`load_recipe`)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def steps_for(recipe: Recipe, steps_per_epoch: int) -> int:
+    """Total fine-tuning optimizer steps; at least 1 so a zero-epoch run can still prune at step 0."""
+    return max(1, math.ceil(recipe.finetune.epochs * steps_per_epoch))

@@ -1,0 +1,1 @@
+"""Recipes shipped with secateur (YAML files beside this module)."""

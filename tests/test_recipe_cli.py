@@ -1,0 +1,123 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from secateur.cli import main
+from secateur.errors import ConfigError
+from secateur.recipe import dump_recipe, load_recipe, recipe_from_dict, shipped_recipes
+from secateur.schedules import Cubic, Iterative, OneShot
+
+
+def test_shipped_recipes_load_and_round_trip(tmp_path):
+    names = shipped_recipes()
+    assert {"gmp90", "taylor_channels_2x", "l1_filters_30", "wanda_2_4"} <= set(names)
+    for n in names:
+        r = load_recipe(n)
+        p = tmp_path / f"{n}.yaml"
+        p.write_text(dump_recipe(r))
+        assert load_recipe(p) == r
+
+
+def test_schedule_fractions_become_steps():
+    r = load_recipe("gmp90")
+    s = r.schedule.build(1000)
+    assert isinstance(s, Cubic) and s.start == 0 and s.end <= 600 and s.final_sparsity == 0.9
+    assert s.sparsity_at(s.end) == pytest.approx(0.9)
+    it = load_recipe("taylor_channels_2x").schedule.build(1000)
+    assert isinstance(it, Iterative) and it.update_steps == [0, 125, 250, 375, 500]
+    assert isinstance(load_recipe("l1_filters_30").schedule.build(10), OneShot)
+
+
+def test_unknown_key_and_bad_values_are_named():
+    with pytest.raises(ConfigError, match=r"schedule\.sparsity: Input should be less than 1"):
+        recipe_from_dict({"schedule": {"sparsity": 1.5}})
+    with pytest.raises(ConfigError, match=r"shedule: unknown key"):
+        recipe_from_dict({"schedule": {"sparsity": 0.5}, "shedule": {}})
+    with pytest.raises(ConfigError, match=r"granularity: .*'element', 'channel' or 'n:m', got 'filter'"):
+        recipe_from_dict({"schedule": {"sparsity": 0.5}, "granularity": "filter"})
+    with pytest.raises(
+        ConfigError, match=r"criterion: .*unknown criterion 'magnitud'; allowed: \[.*'magnitude'"
+    ):
+        recipe_from_dict({"schedule": {"sparsity": 0.5}, "criterion": "magnitud"})
+    with pytest.raises(ConfigError, match=r"target 'macs' needs granularity 'channel'"):
+        recipe_from_dict({"schedule": {"sparsity": 0.5}, "target": "macs"})
+    with pytest.raises(ConfigError, match="neither a file nor a shipped recipe"):
+        load_recipe("no_such_recipe")
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("schedule: {sparsity: 0.5\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: not valid YAML"):
+        load_recipe(p)
+
+
+def test_cli_prune_element_then_eval_saved_model(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "criterion: magnitude\nallocation: global\n"
+        "schedule: {kind: cubic, sparsity: 0.8, start: 0.0, end: 0.5, updates: 4}\n"
+        "finetune: {epochs: 1, lr: 0.05, batch_size: 64}\n"
+    )
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(
+        main,
+        [
+            "prune",
+            "--model",
+            "zoo:lenet5",
+            "--recipe",
+            str(recipe),
+            "--subset",
+            "256",
+            "--quiet",
+            "--json",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.output)
+    assert m["sparsity"] == pytest.approx(0.8, abs=0.002)
+    assert m["pruned"]["nonzero_params"] < 0.3 * m["dense"]["nonzero_params"]
+    assert (out / "model" / "plan.json").exists() and (out / "metrics.json").exists()
+    res = runner.invoke(main, ["eval", "--model", f"saved:{out / 'model'}", "--subset", "200"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["accuracy"] == pytest.approx(m["pruned"]["accuracy"], abs=0.2)
+
+
+def test_cli_prune_channels_shrinks_macs(tmp_path):
+    res = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            "--model",
+            "zoo:resnet8",
+            "--recipe",
+            "l1_filters_30",
+            "--subset",
+            "128",
+            "--quiet",
+            "--json",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.output)
+    assert m["pruned"]["params"] < 0.75 * m["dense"]["params"]
+    assert m["macs_ratio"] > 1.3
+
+
+def test_cli_errors_are_clear(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["prune", "--model", "zoo:nope", "--recipe", "gmp90", "--subset", "64"])
+    assert res.exit_code != 0 and "nope" in res.output
+    res = runner.invoke(main, ["prune", "--model", "zoo:lenet5", "--recipe", "nope.yaml"])
+    assert res.exit_code != 0 and "nope.yaml" in res.output
+    res = runner.invoke(main, ["measure", "--model", "zoo:lenet5"])
+    assert res.exit_code == 0 and json.loads(res.output)["macs"] > 0
+    for cmd in ("prune", "measure", "eval", "demo", "recipes"):
+        assert runner.invoke(main, [cmd, "--help"]).exit_code == 0
