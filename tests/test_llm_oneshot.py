@@ -287,3 +287,12 @@ def test_device_path_gives_the_same_result():
     prune_oneshot(b, batches, "sparsegpt", 0.5, "row", device="cpu")
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(pa, pb), na
+
+
+def test_as_masks_false_writes_zeros_without_parametrizations():
+    model, batches = _tiny_gpt2()
+    report = prune_oneshot(model, batches, "wanda", pattern="2:4", as_masks=False)
+    for r in report.layers:
+        mod = model.get_submodule(r.name)
+        assert not has_mask(mod)
+        assert check_nm_mask(mod.weight.detach().T != 0, 2, 4), r.name
