@@ -166,3 +166,39 @@ def test_baked_copy_does_not_break_the_original() -> None:
     with torch.no_grad():
         torch.testing.assert_close(copy_(x), model(x))
     assert float((copy_.fc1.weight == 0).float().mean()) > 0.3
+
+
+def test_compare_onnx_latency_interleaved(exported) -> None:
+    from secateur.analysis.onnx import compare_onnx_latency
+
+    _, x, path = exported
+    res = compare_onnx_latency(path, path, x, threads=1, **FAST)
+    for key in ("dense", "pruned"):
+        _check_stats(res[key], 3)
+        assert res[key]["device"] == "onnxruntime:cpu" and res[key]["batch_size"] == 2
+    assert res["speedup"] == pytest.approx(res["dense"]["median_ms"] / res["pruned"]["median_ms"])
+
+
+def test_collect_results_with_onnx(exported, tmp_path) -> None:
+    from secateur.analysis.report import collect_results, summary_rows
+
+    dense = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    pruned = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))  # a "compacted" model
+    res = collect_results(dense, pruned, torch.randn(4, 8), latency=False, memory=False, onnx_dir=tmp_path,
+                          repeats=3, threads=1)
+    assert (tmp_path / "dense.onnx").is_file() and (tmp_path / "pruned.onnx").is_file()
+    for key in ("dense", "pruned"):
+        m = res[key]
+        assert m["onnx_latency_q1_ms"] <= m["onnx_latency_ms"] <= m["onnx_latency_q3_ms"]
+    assert any(row[0].startswith("ONNX Runtime latency") for row in summary_rows(res))
+
+
+def test_compare_callables() -> None:
+    from secateur.analysis.latency import compare_callables
+
+    res = compare_callables({"a": lambda: sum(range(10)), "b": lambda: sum(range(1000))}, **FAST)
+    assert list(res) == ["a", "b"]
+    for r in res.values():
+        _check_stats(r, 3)
+    with pytest.raises(ConfigError):
+        compare_callables({})

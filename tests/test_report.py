@@ -142,3 +142,15 @@ def test_screenshot_shows_plots(results: dict, tmp_path: Path) -> None:
     assert colour.sum() > 5000, f"only {colour.sum()} coloured pixels: plots did not render"
     # The coloured area spans at least the two rows of plots (several hundred pixels tall).
     assert rows.max() - rows.min() > 400
+
+
+def test_summary_flags_overlapping_latency_ranges() -> None:
+    from secateur.analysis.report import summary_rows
+
+    def res(q1: float, med: float, q3: float) -> dict:
+        return {"latency_ms": med, "latency_iqr_ms": q3 - q1, "latency_q1_ms": q1, "latency_q3_ms": q3}
+
+    rows = {r[0]: r for r in summary_rows({"dense": res(1.0, 1.2, 1.4), "pruned": res(1.1, 1.15, 1.3)})}
+    assert rows["latency, median ± IQR (ms)"][3] == "1.04x (IQRs overlap)"
+    rows = {r[0]: r for r in summary_rows({"dense": res(2.0, 2.1, 2.2), "pruned": res(1.0, 1.05, 1.1)})}
+    assert rows["latency, median ± IQR (ms)"][3] == "2.00x"

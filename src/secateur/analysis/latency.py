@@ -29,7 +29,14 @@ from torch.utils import benchmark
 
 from secateur.errors import ConfigError
 
-__all__ = ["compare_latency", "measure", "measure_latency", "peak_memory", "time_callable"]
+__all__ = [
+    "compare_callables",
+    "compare_latency",
+    "measure",
+    "measure_latency",
+    "peak_memory",
+    "time_callable",
+]
 
 
 def _call(model: Callable[..., Any], example_inputs: Any) -> Any:
@@ -172,6 +179,43 @@ def time_callable(
     return _summary(bench.result(), threads=n_threads, device="cpu", batch=None)
 
 
+def _interleaved(benches: list[_Bench], repeats: int, warmup: int, block_ms: float) -> None:
+    """Calibrate every bench, then time one block of each per round, reversing the order every
+    other round, so that slow drifts in machine load affect all of them alike."""
+    for b in benches:
+        b.calibrate(warmup, block_ms)
+    for r in range(repeats):
+        for b in benches if r % 2 == 0 else benches[::-1]:
+            b.block()
+
+
+def compare_callables(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    threads: int | None = None,
+    repeats: int = 30,
+    warmup: int = 3,
+    block_ms: float = 10.0,
+) -> dict[str, dict[str, Any]]:
+    """Time several zero-argument callables interleaved in one run (see :func:`compare_latency`).
+
+    Returns:
+        ``{name: <time_callable dict>}`` in the order of ``fns`` (ms per call, median and IQR).
+
+    Raises:
+        ConfigError: as :func:`time_callable`, or ``fns`` is empty.
+    """
+    _check_counts(repeats, warmup, block_ms)
+    if not fns:
+        raise ConfigError("compare_callables needs at least one callable")
+    n_threads = _threads(threads)
+    benches = {name: _Bench(fn, n_threads, name) for name, fn in fns.items()}
+    _interleaved(list(benches.values()), repeats, warmup, block_ms)
+    return {
+        name: _summary(b.result(), threads=n_threads, device="cpu", batch=None) for name, b in benches.items()
+    }
+
+
 class _Prepared:
     """A model and inputs on the measuring device, in eval mode, restored on exit."""
 
@@ -282,11 +326,7 @@ def compare_latency(
     p_inputs = example_inputs if pruned_inputs is None else pruned_inputs
     with _Prepared(dense, example_inputs, dev) as d, _Prepared(pruned, p_inputs, dev) as p:
         benches = [_Bench(d.forward(), n_threads, "dense"), _Bench(p.forward(), n_threads, "pruned")]
-        for b in benches:
-            b.calibrate(warmup, block_ms)
-        for r in range(repeats):
-            for b in benches if r % 2 == 0 else benches[::-1]:
-                b.block()
+        _interleaved(benches, repeats, warmup, block_ms)
         res_d = _summary(benches[0].result(), threads=n_threads, device=str(dev),
                          batch=_batch_size(example_inputs))
         res_p = _summary(benches[1].result(), threads=n_threads, device=str(dev), batch=_batch_size(p_inputs))

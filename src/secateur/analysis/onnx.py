@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.analysis.latency import time_callable
+from secateur.analysis.latency import compare_callables, time_callable
 from secateur.errors import ConfigError
 
-__all__ = ["baked_copy", "export_onnx", "onnx_latency"]
+__all__ = ["baked_copy", "compare_onnx_latency", "export_onnx", "onnx_latency"]
 
 
 def _require(module: str) -> Any:
@@ -133,6 +133,31 @@ def export_onnx(
     return path
 
 
+def _session(path: Path, threads: int) -> Any:
+    ort = _require("onnxruntime")
+    if not path.is_file():
+        raise ConfigError(f"ONNX file not found: {path}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _feed(sess: Any, path: Path, example_inputs: Any) -> tuple[dict[str, Any], int | None]:
+    args, kwargs = _as_args(example_inputs)
+    values = list(kwargs.values()) if kwargs else list(args)
+    onnx_inputs = sess.get_inputs()
+    if len(onnx_inputs) != len(values):
+        raise ConfigError(
+            f"{path.name} takes {len(onnx_inputs)} inputs ({[i.name for i in onnx_inputs]}), "
+            f"got {len(values)}"
+        )
+    feed = {i.name: v.detach().cpu().numpy() for i, v in zip(onnx_inputs, values)}
+    first = values[0] if values else None
+    batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
+    return feed, batch
+
+
 def onnx_latency(
     path: str | os.PathLike[str],
     example_inputs: Any,
@@ -157,29 +182,49 @@ def onnx_latency(
         ImportError: onnxruntime is missing. ConfigError: the file is missing or the number of
         inputs does not match the model's.
     """
-    ort = _require("onnxruntime")
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ONNX file not found: {path}")
     n_threads = torch.get_num_threads() if threads is None else int(threads)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = n_threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    args, kwargs = _as_args(example_inputs)
-    values = list(kwargs.values()) if kwargs else list(args)
-    onnx_inputs = sess.get_inputs()
-    if len(onnx_inputs) != len(values):
-        raise ConfigError(
-            f"{path.name} takes {len(onnx_inputs)} inputs ({[i.name for i in onnx_inputs]}), "
-            f"got {len(values)}"
-        )
-    feed = {i.name: v.detach().cpu().numpy() for i, v in zip(onnx_inputs, values)}
+    sess = _session(path, n_threads)
+    feed, batch = _feed(sess, path, example_inputs)
     outputs = sess.run(None, feed)
     res = time_callable(lambda: sess.run(None, feed), threads=n_threads, repeats=repeats, warmup=warmup,
                         block_ms=block_ms, label="onnxruntime")
-    first = values[0] if values else None
     res["device"] = "onnxruntime:cpu"
-    res["batch_size"] = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
+    res["batch_size"] = batch
     res["outputs"] = [list(o.shape) for o in outputs]
+    return res
+
+
+def compare_onnx_latency(
+    dense_path: str | os.PathLike[str],
+    pruned_path: str | os.PathLike[str],
+    example_inputs: Any,
+    *,
+    threads: int | None = None,
+    repeats: int = 30,
+    warmup: int = 3,
+    block_ms: float = 10.0,
+) -> dict[str, Any]:
+    """ONNX Runtime latency of two exported models, interleaved in one run (as ``compare_latency``).
+
+    Returns:
+        ``{"dense": <onnx_latency-like dict>, "pruned": <dict>, "speedup": dense median / pruned
+        median}``.
+
+    Raises:
+        As :func:`onnx_latency`.
+    """
+    n_threads = torch.get_num_threads() if threads is None else int(threads)
+    fns, batches = {}, {}
+    for key, p in (("dense", Path(dense_path)), ("pruned", Path(pruned_path))):
+        sess = _session(p, n_threads)
+        feed, batches[key] = _feed(sess, p, example_inputs)
+        sess.run(None, feed)
+        fns[key] = (lambda s, f: lambda: s.run(None, f))(sess, feed)
+    res: dict[str, Any] = compare_callables(fns, threads=n_threads, repeats=repeats, warmup=warmup,
+                                            block_ms=block_ms)
+    for key in ("dense", "pruned"):
+        res[key]["device"] = "onnxruntime:cpu"
+        res[key]["batch_size"] = batches[key]
+    res["speedup"] = res["dense"]["median_ms"] / res["pruned"]["median_ms"]
     return res

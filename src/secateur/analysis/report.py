@@ -100,6 +100,7 @@ def collect_results(
     memory: bool = True,
     threads: int | None = None,
     repeats: int = 30,
+    onnx_dir: str | os.PathLike[str] | None = None,
     title: str = "secateur pruning report",
     **extra: Any,
 ) -> dict[str, Any]:
@@ -107,9 +108,14 @@ def collect_results(
 
     Counts from :func:`secateur.analysis.counting.count_params`/``count_macs``; latency from
     :func:`secateur.analysis.latency.compare_latency` (both models interleaved in one run), peak
-    activation memory from :func:`secateur.analysis.latency.peak_memory`. Accuracies are fractions
-    in [0, 1] measured by the caller. ``extra`` keys (``sweep``, ``command``, ``description``,
-    ``history``) are copied into the result.
+    activation memory from :func:`secateur.analysis.latency.peak_memory`. With ``onnx_dir``, both
+    models are exported there (``dense.onnx``, ``pruned.onnx``) and timed under ONNX Runtime,
+    interleaved (:func:`secateur.analysis.onnx.compare_onnx_latency`; needs the ``onnx`` extra).
+    Accuracies are fractions in [0, 1] measured by the caller. ``extra`` keys (``sweep``,
+    ``command``, ``description``, ``history``) are copied into the result.
+
+    Raises:
+        ImportError: ``onnx_dir`` given without onnx/onnxruntime/onnxscript installed.
     """
     from secateur.analysis.counting import count_macs, count_params
     from secateur.analysis.latency import compare_latency, peak_memory
@@ -132,6 +138,17 @@ def collect_results(
                 res[key][out_key] = lat[key][in_key]
         res["latency"] = {"threads": lat["dense"]["threads"], "batch_size": lat["dense"]["batch_size"],
                           "blocks": lat["dense"]["n"], "device": lat["dense"]["device"]}
+    if onnx_dir is not None:
+        from secateur.analysis.onnx import compare_onnx_latency, export_onnx
+
+        paths = {key: export_onnx(m, example_inputs, Path(onnx_dir) / f"{key}.onnx")
+                 for key, m in (("dense", dense), ("pruned", pruned))}
+        ox = compare_onnx_latency(paths["dense"], paths["pruned"], example_inputs, threads=threads,
+                                  repeats=repeats)
+        for key in ("dense", "pruned"):
+            for stat in ("median", "iqr", "q1", "q3"):
+                out_key = "onnx_latency_ms" if stat == "median" else f"onnx_latency_{stat}_ms"
+                res[key][out_key] = ox[key][f"{stat}_ms"]
     res["layers"] = layer_comparison(dense, pruned, example_inputs)
     res["environment"] = _environment()
     res.update(extra)
@@ -302,6 +319,15 @@ def _mib(v: Any) -> str:
     return "—" if v is None else f"{v / 2**20:.2f}"
 
 
+def _latency_ratio(d: dict[str, Any], p: dict[str, Any], prefix: str) -> str:
+    """dense/pruned median ratio, flagged when the quartile ranges overlap (difference within noise)."""
+    text = _ratio(d.get(f"{prefix}_ms"), p.get(f"{prefix}_ms"))
+    q = [m.get(f"{prefix}_{k}_ms") for m in (d, p) for k in ("q1", "q3")]
+    if text != "—" and all(isinstance(v, (int, float)) for v in q) and q[0] <= q[3] and q[2] <= q[1]:
+        text += " (IQRs overlap)"
+    return text
+
+
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """``(quantity, dense, pruned, dense/pruned)`` rows of the side-by-side table, as strings."""
     d, p = results.get("dense") or {}, results.get("pruned") or {}
@@ -321,12 +347,15 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "latency, median ± IQR (ms)",
             f"{_fmt(d.get('latency_ms'), '.3f')} ± {_fmt(d.get('latency_iqr_ms'), '.3f')}",
             f"{_fmt(p.get('latency_ms'), '.3f')} ± {_fmt(p.get('latency_iqr_ms'), '.3f')}",
-            _ratio(d.get("latency_ms"), p.get("latency_ms")),
+            _latency_ratio(d, p, "latency"),
         ))
     if d.get("onnx_latency_ms") is not None or p.get("onnx_latency_ms") is not None:
-        rows.append(("ONNX Runtime latency, median (ms)", _fmt(d.get("onnx_latency_ms"), ".3f"),
-                     _fmt(p.get("onnx_latency_ms"), ".3f"),
-                     _ratio(d.get("onnx_latency_ms"), p.get("onnx_latency_ms"))))
+        rows.append((
+            "ONNX Runtime latency, median ± IQR (ms)",
+            f"{_fmt(d.get('onnx_latency_ms'), '.3f')} ± {_fmt(d.get('onnx_latency_iqr_ms'), '.3f')}",
+            f"{_fmt(p.get('onnx_latency_ms'), '.3f')} ± {_fmt(p.get('onnx_latency_iqr_ms'), '.3f')}",
+            _latency_ratio(d, p, "onnx_latency"),
+        ))
     if d.get("peak_activation_bytes") is not None or p.get("peak_activation_bytes") is not None:
         rows.append(("peak activation memory (MiB)", _mib(d.get("peak_activation_bytes")),
                      _mib(p.get("peak_activation_bytes")),
@@ -347,13 +376,14 @@ def _layer_cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
-_SWEEP_HEAD = ("method", "compression", "accuracy", "MACs", "latency (ms)")
+_SWEEP_HEAD = ("method", "compression", "accuracy", "MACs", "sparse MACs", "latency (ms)")
 
 
 def _sweep_cells(pt: dict[str, Any]) -> list[str]:
     c = pt.get("compression")
     return [str(pt.get("method", "sweep")), "—" if c is None else f"{c:.2f}x",
-            _fmt(pt.get("accuracy"), ".4f"), _fmt_int(pt.get("macs")), _fmt(pt.get("latency_ms"), ".3f")]
+            _fmt(pt.get("accuracy"), ".4f"), _fmt_int(pt.get("macs")), _fmt_int(pt.get("sparse_macs")),
+            _fmt(pt.get("latency_ms"), ".3f")]
 
 
 # -- rendering ----------------------------------------------------------------------------------
@@ -370,7 +400,7 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
-.plots{display:flex;flex-wrap:wrap;gap:16px}.plots figure{margin:0;flex:1 1 480px}
+.plots{display:flex;flex-wrap:wrap;gap:16px}.plots figure{margin:0;flex:0 1 520px}
 .plots img{width:100%;max-width:760px;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 code,pre{background:#f6f6f6;padding:2px 4px;border-radius:3px}pre{padding:8px;overflow-x:auto}
 .muted{color:#666;font-size:.85em}
@@ -405,6 +435,10 @@ def _notes(results: dict[str, Any]) -> list[str]:
             f"{lat.get('device')}, dense and pruned interleaved in one run; median and interquartile "
             "range per forward call."
         )
+    if any((results.get(k) or {}).get("onnx_latency_ms") is not None for k in ("dense", "pruned")):
+        notes.append("ONNX Runtime latency: the exported models (masks baked in) on the CPU execution "
+                     "provider with the same thread count, timed the same way. Dense kernels do not skip "
+                     "zeros, so only compaction can make the pruned model faster there.")
     if any((results.get(k) or {}).get("peak_activation_bytes") is not None for k in ("dense", "pruned")):
         notes.append("Peak activation memory: most bytes held at once by tensors allocated during one "
                      "forward (torch.profiler allocation records on CPU; max_memory_allocated on CUDA).")
@@ -503,7 +537,8 @@ def build_report(
     ``results`` keys (all optional except that ``dense`` and ``pruned`` should be present):
 
     - ``dense``, ``pruned``: ``{"accuracy" (fraction), "params", "nonzero_params", "macs",
-      "sparse_macs", "latency_ms", "latency_iqr_ms" (median and IQR, ms), "onnx_latency_ms",
+      "sparse_macs", "latency_ms", "latency_iqr_ms", "latency_q1_ms", "latency_q3_ms" (median, IQR
+      and quartiles, ms), "onnx_latency_ms" (and "onnx_latency_iqr_ms", "_q1_ms", "_q3_ms"),
       "peak_activation_bytes"}``.
     - ``layers``: rows from :func:`layer_comparison` (``name``, ``dense_params``, ``dense_kept``,
       ``pruned_kept`` fractions, MACs ...).
