@@ -290,3 +290,52 @@ def test_einsum_and_bmm():
     assert {(mm.name, mm.dim) for mm in g.group_of("m", 1).members} == {("m", 1), ("a.weight", 1)}
     pruned, *_ = prune_and_check(m, x, ratio=0.5)
     assert pruned.m.shape == (3, 4)
+
+
+def test_conv_transpose_plain_and_grouped():
+    class T(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+            self.gup = nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2)
+            self.out = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.gup(F.relu(self.up(F.relu(self.a(x))))))
+
+    m = T()
+    x = torch.randn(1, 3, 4, 4)
+    g = DependencyGraph.build(m, x)
+    assert {(mm.name, mm.dim) for mm in _group(g, "a.weight", 0).members} >= {
+        ("a.weight", 0),
+        ("up.weight", 0),
+    }
+    grp = _group(g, "up.weight", 1)  # up's outputs feed a grouped transposed conv: two whole groups
+    assert grp.n_units == 2 and ("gup.weight", 0) in {(mm.name, mm.dim) for mm in grp.members}
+    pruned, *_ = prune_and_check(m, x, ratio=0.5)
+    assert pruned.up.out_channels == 3 and pruned.gup.groups == 1 and pruned.gup.in_channels == 3
+
+
+def test_chunk_unflatten_permute_unbind():
+    class C(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 12)
+            self.b = nn.Linear(6, 3)
+            self.c = nn.Linear(2, 2)
+
+        def forward(self, x):
+            u, v = self.a(x).chunk(2, dim=-1)  # GLU-style: halves coupled position-wise
+            h = self.b(u * torch.sigmoid(v))
+            h = h.unflatten(-1, (3, 1)).permute(0, 2, 1).flatten(1)
+            return self.c(torch.stack(h.unbind(0)[:2], 0)[:, :2])
+
+    m = C()
+    x = torch.randn(3, 4)
+    g = DependencyGraph.build(m, x)
+    grp = _group(g, "a.weight", 0)
+    assert grp.n_units == 6 and grp.unit_size == 2
+    assert not _group(g, "b.weight", 0).n_prunable  # sliced with constant bounds ([:, :2])
+    pruned, *_ = prune_and_check(m, x, ratio=0.5)
+    assert pruned.a.out_features == 6 and pruned.b.in_features == 3
