@@ -296,3 +296,41 @@ def test_as_masks_false_writes_zeros_without_parametrizations():
         mod = model.get_submodule(r.name)
         assert not has_mask(mod)
         assert check_nm_mask(mod.weight.detach().T != 0, 2, 4), r.name
+
+
+def test_failure_midway_leaves_model_untouched(monkeypatch):
+    """A failure after some layers were pruned restores every weight and removes the masks."""
+    import secateur.llm.oneshot as oneshot
+    from secateur.masks import masked_parameters
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    model = transformers.BertModel(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [
+        {"input_ids": torch.randint(0, 50, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    ]
+    real = oneshot.prune_linear
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oneshot, "prune_linear", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        oneshot.prune_oneshot(model, batches, method="wanda", sparsity=0.5)
+    assert calls["n"] == 5
+    assert not list(masked_parameters(model))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

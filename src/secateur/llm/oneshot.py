@@ -409,6 +409,9 @@ def prune_oneshot(
 
     was_training = model.training
     model.eval()
+    # Transactional: a failure midway (e.g. a Hessian that stays indefinite) must not leave the
+    # model half-pruned. The snapshot lives on the CPU and costs one copy of the pruned weights.
+    snapshot = _snapshot_linears(all_linears)
     try:
         inputs = _capture_first_block_inputs(model, block_list[0], batches)
         masks = [_token_mask(b) for b in batches]
@@ -480,10 +483,44 @@ def prune_oneshot(
                 inputs = [(_block_output(block(h, *rest, **kw)).detach(), rest, kw) for h, rest, kw in inputs]
             if dev is not None:
                 block.to(home)
+    except BaseException:
+        _restore_linears(all_linears, snapshot)
+        raise
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _snapshot_linears(linears: list[tuple[str, nn.Module]]) -> dict[str, tuple[torch.Tensor, Any]]:
+    """CPU copies of each Linear's stored weight and of its element mask (None if unmasked)."""
+    from secateur.masks.element import _element_mask, original
+
+    snap = {}
+    for name, mod in linears:
+        m = _element_mask(mod, "weight")
+        snap[name] = (
+            original(mod, "weight").detach().to("cpu", copy=True),
+            None if m is None else m.mask.detach().to("cpu", copy=True),
+        )
+    return snap
+
+
+@torch.no_grad()
+def _restore_linears(linears: list[tuple[str, nn.Module]], snap: dict[str, tuple[torch.Tensor, Any]]) -> None:
+    """Undo :func:`prune_oneshot`'s changes: masks it attached are removed, weights and masks restored."""
+    from torch.nn.utils import parametrize
+
+    from secateur.masks.element import _element_mask, original
+
+    for name, mod in linears:
+        weight, mask = snap[name]
+        m = _element_mask(mod, "weight")
+        if mask is None and m is not None:
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+        elif mask is not None and m is not None:
+            m.mask.copy_(mask.to(m.mask.device))
+        original(mod, "weight").copy_(weight.to(original(mod, "weight").device))
 
 
 @torch.no_grad()
