@@ -107,8 +107,10 @@ def _threads(threads: int | None) -> int:
     return threads
 
 
-def _summary(m: benchmark.Measurement, *, threads: int, device: str, batch: int | None) -> dict[str, Any]:
-    times = m.times  # seconds per call, one entry per block
+def _summary(
+    m: benchmark.Measurement, *, calls_per_block: int, threads: int, device: str, batch: int | None
+) -> dict[str, Any]:
+    times = m.times  # seconds per call, one entry per block (merge divides by calls per block)
     t = torch.tensor(times, dtype=torch.float64)
     q1, q3 = t.quantile(torch.tensor([0.25, 0.75], dtype=torch.float64))
     return {
@@ -119,7 +121,7 @@ def _summary(m: benchmark.Measurement, *, threads: int, device: str, batch: int 
         "mean_ms": m.mean * 1e3,
         "min_ms": min(times) * 1e3,
         "n": len(times),
-        "calls_per_block": m.number_per_run,
+        "calls_per_block": calls_per_block,
         "threads": threads,
         "device": device,
         "batch_size": batch,
@@ -135,18 +137,21 @@ class _Bench:
         self.blocks: list[benchmark.Measurement] = []
 
     def calibrate(self, warmup: int, block_ms: float) -> None:
-        for _ in range(max(warmup, 1)):
-            est = self.timer.timeit(1).median
+        """Warm up, then size blocks from the fastest of a few single calls: on a busy machine one
+        call can stall for many times its cost, and sizing from it would leave one call per block."""
+        for _ in range(warmup):
+            self.timer.timeit(1)
+        est = min(self.timer.timeit(1).median for _ in range(3))
         self.number = max(1, math.ceil(block_ms / 1e3 / max(est, 1e-9)))
 
     def block(self) -> None:
         self.blocks.append(self.timer.timeit(self.number))
 
-    def result(self) -> benchmark.Measurement:
+    def summary(self, *, threads: int, device: str, batch: int | None) -> dict[str, Any]:
         merged = benchmark.Measurement.merge(self.blocks)
         if len(merged) != 1:  # pragma: no cover - same task spec for every block
             raise RuntimeError("benchmark blocks did not merge into one measurement")
-        return merged[0]
+        return _summary(merged[0], calls_per_block=self.number, threads=threads, device=device, batch=batch)
 
 
 def time_callable(
@@ -176,7 +181,7 @@ def time_callable(
     bench.calibrate(warmup, block_ms)
     for _ in range(repeats):
         bench.block()
-    return _summary(bench.result(), threads=n_threads, device="cpu", batch=None)
+    return bench.summary(threads=n_threads, device="cpu", batch=None)
 
 
 def _interleaved(benches: list[_Bench], repeats: int, warmup: int, block_ms: float) -> None:
@@ -212,7 +217,7 @@ def compare_callables(
     benches = {name: _Bench(fn, n_threads, name) for name, fn in fns.items()}
     _interleaved(list(benches.values()), repeats, warmup, block_ms)
     return {
-        name: _summary(b.result(), threads=n_threads, device="cpu", batch=None) for name, b in benches.items()
+        name: b.summary(threads=n_threads, device="cpu", batch=None) for name, b in benches.items()
     }
 
 
@@ -291,7 +296,7 @@ def measure_latency(
         bench.calibrate(warmup, block_ms)
         for _ in range(repeats):
             bench.block()
-        return _summary(bench.result(), threads=n_threads, device=str(dev), batch=_batch_size(example_inputs))
+        return bench.summary(threads=n_threads, device=str(dev), batch=_batch_size(example_inputs))
 
 
 def compare_latency(
@@ -327,9 +332,9 @@ def compare_latency(
     with _Prepared(dense, example_inputs, dev) as d, _Prepared(pruned, p_inputs, dev) as p:
         benches = [_Bench(d.forward(), n_threads, "dense"), _Bench(p.forward(), n_threads, "pruned")]
         _interleaved(benches, repeats, warmup, block_ms)
-        res_d = _summary(benches[0].result(), threads=n_threads, device=str(dev),
+        res_d = benches[0].summary(threads=n_threads, device=str(dev),
                          batch=_batch_size(example_inputs))
-        res_p = _summary(benches[1].result(), threads=n_threads, device=str(dev), batch=_batch_size(p_inputs))
+        res_p = benches[1].summary(threads=n_threads, device=str(dev), batch=_batch_size(p_inputs))
     return {"dense": res_d, "pruned": res_p, "speedup": res_d["median_ms"] / res_p["median_ms"]}
 
 
