@@ -1,0 +1,184 @@
+"""ChannelPruner: schedules, targets, allocations, masks vs compaction, errors leave the model untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from secateur.analysis.counting import count_macs, count_params
+from secateur.errors import ConfigError
+from secateur.schedules import Iterative
+from secateur.structured_pruner import ChannelPruner
+from secateur.zoo import create_model
+
+X = torch.randn(2, 1, 28, 28)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def max_unit_cost(pruner: ChannelPruner) -> float:
+    """The largest fraction of the target that one unit carries in the dense model: the greedy pass
+    stops at the first unit that reaches the target, so it overshoots by at most this much (costs only
+    shrink as neighbours are removed, since each item is multilinear in kept fractions)."""
+    best = 0.0
+    for gi in pruner.group_ids:
+        for u in np.nonzero(pruner.graph.groups[gi].prunable)[0]:
+            st = pruner.cost.state({})
+            st.remove(gi, np.array([u]))
+            best = max(best, st.removed_fraction())
+    return best
+
+
+def test_iterative_schedule_reaches_macs_target_measured_after_compaction():
+    model = create_model("resnet8")
+    dense = count_macs(model, X)["macs"]
+    pruner = ChannelPruner(
+        model,
+        X,
+        schedule=Iterative(0.4, steps=3, every=2),
+        criterion="l1",
+        allocation="global",
+        target="macs",
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(7):
+        loss = model(X).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step(step)
+    assert [h["step"] for h in pruner.history] == [0, 2, 4]
+    fractions = [h["removed_fraction"] for h in pruner.history]
+    assert fractions == sorted(fractions)
+    est = pruner.removed_fraction()
+    tol = max_unit_cost(pruner)
+    assert tol < 0.05  # one channel of the 16-wide stem group, which spans five convs
+    pruner.compact()
+    measured = 1.0 - count_macs(model, X)["macs"] / dense
+    # the cost model is exact for conv/linear MACs, and the greedy pass stops within one unit's cost
+    assert measured == pytest.approx(est, abs=1e-9)
+    assert 0.4 <= measured <= 0.4 + tol
+    assert pruner.plan is not None and pruner.plan["groups"]
+
+
+def test_uniform_params_target_and_global_keeps_a_unit_per_group_with_round_to():
+    model = create_model("vgg_small")
+    dense = count_params(model)["params"]
+    p = ChannelPruner(model, X, schedule=0.3, criterion="l2", allocation="uniform", target="params")
+    p.step(0)
+    p.compact()
+    assert 0.3 <= 1.0 - count_params(model)["params"] / dense <= 0.36
+
+    model = create_model("resnet8")
+    p = ChannelPruner(model, X, schedule=0.85, criterion="random", allocation="global", round_to=4)
+    p.step(0)
+    for gi in p.group_ids:
+        g = p.graph.groups[gi]
+        kept = g.n_units - p.removed[gi].size
+        assert kept >= 4 and kept % 4 == 0, (g.name, kept)
+    assert p.removed_fraction() >= 0.85
+
+
+def test_masked_model_equals_compacted_model_after_training():
+    model = create_model("resnet8")
+    pruner = ChannelPruner(
+        model, X, schedule=Iterative(0.5, steps=2, every=1), criterion="taylor", target="macs"
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    model.train()
+    for step in range(4):
+        x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        pruner.accumulate()
+        opt.step()
+        pruner.step(step)
+    # removed units stay exactly zero through momentum and weight decay, BN statistics included
+    for gi, rm in pruner.removed.items():
+        for m in pruner.graph.groups[gi].members:
+            idx = torch.from_numpy(np.nonzero(np.isin(m.unit_of, rm))[0])
+            t = getattr(model.get_submodule(m.module), m.name.rpartition(".")[2])
+            assert torch.count_nonzero(t.detach().index_select(m.dim, idx)) == 0, m.name
+    model.eval()
+    with torch.no_grad():
+        masked_out = model(X)
+    pruner.compact(verify=True)  # the oracle runs inside the transaction, float64
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), masked_out, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="already compacted"):
+        pruner.step(10)
+
+
+def test_vit_heads_pruned_under_params_target():
+    model = create_model("vit_tiny")
+    dense = count_params(model)["params"]
+    pruner = ChannelPruner(model, X, schedule=0.2, criterion="l1", target="params")
+    pruner.step(0)
+    heads = [gi for gi in pruner.group_ids if pruner.graph.groups[gi].unit_size > 1]
+    assert heads
+    pruner.compact(verify=True)
+    assert 1.0 - count_params(model)["params"] / dense >= 0.2
+    assert model(X).shape == (2, 10)
+
+
+def test_unreachable_macs_target_raises_and_leaves_model_untouched():
+    model = create_model("resnet8")
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match="unreachable") as e:
+        ChannelPruner(model, X, schedule=0.9, target="macs", protect=("layer2*", "layer3*"))
+    assert "protected" in str(e.value)
+    assert_untouched(model, before)
+
+
+def test_data_dependent_criterion_without_gradients_raises_and_leaves_model_untouched():
+    model = create_model("vgg_small")
+    model.train()
+    before = snapshot(model)
+    pruner = ChannelPruner(model, X, schedule=0.3, criterion="taylor")
+    with pytest.raises(ConfigError, match="needs gradients"):
+        pruner.step(0)
+    assert_untouched(model, before)
+    # with data, the pruner computes the gradients itself and restores .grad
+    data = (torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+    p2 = ChannelPruner(model, X, schedule=0.3, criterion="fisher", data=data, graph=pruner.graph)
+    assert p2.step(0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_arguments_raise_config_error():
+    model = create_model("vgg_small")
+    for kwargs in ({"allocation": "lamp"}, {"target": "flops"}, {"round_to": 0}, {"criterion": "nope"}):
+        with pytest.raises(ConfigError):
+            ChannelPruner(model, X, schedule=0.3, **kwargs)
+    with pytest.raises(ConfigError):
+        ChannelPruner(model, X, schedule=1.0)
+
+
+def test_state_dict_round_trip_reapplies_masks():
+    model = create_model("vgg_small")
+    p = ChannelPruner(model, X, schedule=0.3, criterion="l1")
+    p.step(0)
+    state = p.state_dict()
+    fresh = copy.deepcopy(create_model("vgg_small"))
+    q = ChannelPruner(fresh, X, schedule=0.3, criterion="l1")
+    q.load_state_dict(state)
+    assert q.removed_units() == p.removed_units()
+    assert q.last_update == 0
+    q.compact()
