@@ -182,3 +182,19 @@ def test_state_dict_round_trip_reapplies_masks():
     assert q.removed_units() == p.removed_units()
     assert q.last_update == 0
     q.compact()
+
+
+def test_trainer_callback_accumulates_taylor_and_follows_the_schedule():
+    from secateur.data.loader import TensorLoader
+    from secateur.train import Trainer
+
+    model = create_model("vgg_small")
+    loader = TensorLoader(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)), batch_size=4)
+    pruner = ChannelPruner(
+        model, X, schedule=Iterative(0.3, steps=2, every=2, start=1), criterion="taylor", target="channels"
+    )
+    Trainer(model, loader, epochs=1, lr=0.01, callbacks=[pruner], progress=False, log_every=0).fit()
+    assert [h["step"] for h in pruner.history] == [1, 3]
+    assert pruner.removed_fraction() >= 0.3
+    pruner.compact()
+    assert model(X).shape == (2, 10)
