@@ -198,3 +198,19 @@ def test_trainer_callback_accumulates_taylor_and_follows_the_schedule():
     assert pruner.removed_fraction() >= 0.3
     pruner.compact()
     assert model(X).shape == (2, 10)
+
+
+def test_element_masks_already_attached_are_kept():
+    from secateur.pruner import Pruner
+
+    model = create_model("vgg_small")
+    # traced before the element masks exist (the graph does not trace through ElementMask yet)
+    pruner = ChannelPruner(model, X, schedule=0.3, criterion="l1")
+    Pruner(model, 0.5, criterion="magnitude").step(0)
+    zeros_before = {n: (p == 0) for n, p in model.named_parameters() if n.endswith("original")}
+    assert zeros_before
+    pruner.step(0)
+    for n, p in model.named_parameters():
+        if n in zeros_before:
+            assert bool((p[zeros_before[n]] == 0).all()), n
+    pruner.compact(verify=True)

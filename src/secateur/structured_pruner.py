@@ -15,7 +15,10 @@ The graph (:class:`secateur.graph.DependencyGraph`) is traced once at constructi
 masked: every parameter slice of a removed unit gets an element mask (:func:`secateur.masks.set_mask`, a
 parametrization, so it stays exactly zero through training whatever the optimizer does) and buffers
 such as BatchNorm running statistics are zeroed, exactly what :func:`secateur.compact.mask_model` zeroes,
-so the masked model computes what the compacted one will. Removed units stay removed.
+so the masked model computes what the compacted one will. Removed units stay removed. An element mask
+already on a parameter (an element-wise :class:`~secateur.pruner.Pruner`) is kept and ANDed with ours.
+Tied parameters (one tensor under two module names) are masked on their canonical owner and the stored
+tensor is re-zeroed at every :meth:`ChannelPruner.step`, since the other owner reads it unmasked.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ from secateur.criteria.group import (
     collect,
     effective_tensor,
     get_group_criterion,
+    stored_parameter,
 )
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.masks import set_mask
+from secateur.masks import get_mask, has_mask, set_mask
 from secateur.schedules import OneShot, Schedule
 from secateur.structured import _ensure_member_nonempty, choose_units
 
@@ -226,6 +230,9 @@ class ChannelPruner:
         self.plan: dict | None = None
         self.compacted = False
         self._masked: dict[str, torch.Tensor] = {}  # qualname -> current keep-mask of a parameter
+        self._base_masks: dict[str, torch.Tensor] = {}  # element masks found already attached
+        # tied parameters: other modules read the stored tensor unmasked, so it is re-zeroed every step
+        self._tied = {m.name for gi in self.group_ids for m in self.graph.groups[gi].members if m.aliases}
         self.criterion.attach(model, self.graph, self.group_ids)
 
     # ------------------------------------------------------------------------------------------ costs
@@ -473,8 +480,17 @@ class ChannelPruner:
                 continue
             path, _, attr = name.rpartition(".")
             mod = self.model.get_submodule(path) if path else self.model
+            if name not in self._masked and has_mask(mod, attr):
+                self._base_masks[name] = get_mask(mod, attr).clone()  # an element pruner's mask: keep it
+            if name in self._base_masks:
+                keep &= self._base_masks[name].to(keep.device)
             set_mask(mod, keep, attr)
             self._masked[name] = keep
+
+    @torch.no_grad()
+    def _rezero_tied(self) -> None:
+        for name in self._tied & self._masked.keys():
+            stored_parameter(self.model, name).mul_(self._masked[name])
 
     def _detach_masks(self, model: nn.Module) -> None:
         for name in self._masked:
@@ -491,6 +507,7 @@ class ChannelPruner:
     def step(self, step: int) -> bool:
         """Apply the schedule at training step ``step`` (optimizer steps done). True if masks changed."""
         self._check_live()
+        self._rezero_tied()
         if self.last_update is not None and step <= self.last_update:
             return False
         target = self.schedule.update_at(step)
