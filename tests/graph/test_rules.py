@@ -339,3 +339,22 @@ def test_chunk_unflatten_permute_unbind():
     assert not _group(g, "b.weight", 0).n_prunable  # sliced with constant bounds ([:, :2])
     pruned, *_ = prune_and_check(m, x, ratio=0.5)
     assert pruned.a.out_features == 6 and pruned.b.in_features == 3
+
+
+def test_reductions_and_elementwise_max():
+    class R(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 6)
+            self.b = nn.Linear(3, 6)
+            self.c = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.max(self.a(x), self.b(x))  # elementwise: a and b coupled
+            h = h * h.sum(0, keepdim=True)  # reduction over the batch dim: channels untouched
+            return self.c(h) + h.mean(-1, keepdim=True)  # mean over channels freezes them
+
+    g = DependencyGraph.build(R(), torch.randn(4, 3))
+    grp = _group(g, "a.weight", 0)
+    assert ("b.weight", 0) in {(mm.name, mm.dim) for mm in grp.members}
+    assert grp.n_prunable == 0 and "reduction" in grp.reasons[0]

@@ -252,7 +252,7 @@ def mask_model(model: nn.Module, plan: Mapping) -> nn.Module:
             mask[torch.as_tensor(kept, dtype=torch.long)] = True
             shape = [1] * t.dim()
             shape[d] = -1
-            t.mul_(mask.view(shape).to(t.dtype))
+            t.masked_fill_(~mask.view(shape).to(t.device), 0)  # not mul_: inf * 0 would be nan
     return model
 
 
@@ -267,9 +267,11 @@ def _slice(t: torch.Tensor, dim: int, kept: torch.Tensor) -> torch.Tensor:
 class _Undo:
     def __init__(self) -> None:
         self.steps: list = []
+        self.old_shape: dict[int, tuple[int, ...]] = {}
 
     def set_data(self, t: torch.Tensor, new: torch.Tensor) -> None:
         self.steps.append(("data", t, t.data))
+        self.old_shape.setdefault(id(t), tuple(t.shape))
         t.data = new
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
@@ -296,20 +298,17 @@ def _update_module(mod: nn.Module, undo: _Undo) -> None:
     """Refresh the size attributes of standard layers from their (new) parameter shapes."""
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.modules.conv._ConvNd):
-        old_w = None
-        for step in undo.steps:
-            if step[0] == "data" and step[1] is mod.weight:
-                old_w = step[2]
+        old_shape = undo.old_shape.get(id(mod.weight))
         g = mod.groups
         if mod.transposed:  # weight (in, out/g, k)
-            if old_w is not None and g > 1:
-                g = g * w.shape[0] // old_w.shape[0]
+            if old_shape is not None and g > 1:
+                g = g * w.shape[0] // old_shape[0]
             undo.set_attr(mod, "groups", g)
             undo.set_attr(mod, "in_channels", w.shape[0])
             undo.set_attr(mod, "out_channels", w.shape[1] * g)
         else:
-            if old_w is not None and g > 1:
-                g = g * w.shape[0] // old_w.shape[0]
+            if old_shape is not None and g > 1:
+                g = g * w.shape[0] // old_shape[0]
             undo.set_attr(mod, "groups", g)
             undo.set_attr(mod, "out_channels", w.shape[0])
             undo.set_attr(mod, "in_channels", w.shape[1] * g)

@@ -146,27 +146,20 @@ def _reduce_dims(ctx: OpContext, x: torch.Tensor, dim: Any, keepdim: bool) -> li
 
 
 def reduction_rule(ctx: OpContext) -> None:
-    """sum/mean/var/max(dim)/norm...: reduced channel dims are frozen, others pass through."""
+    """sum/mean/var/max(dim)/norm...: reduced channel dims are frozen, others pass through.
+    ``max(a, b)`` / ``min(a, b)`` with a tensor second argument are elementwise."""
     x = ctx.args[0]
-    dim = ctx.arg(1, "dim")
-    if ctx.name == "norm":
-        dim = ctx.arg(2, "dim")
-    if isinstance(dim, str) or (isinstance(dim, (int, float)) and ctx.name == "norm"):
-        dim = ctx.kwargs.get("dim")
-    keepdim = bool(
-        ctx.kwargs.get(
-            "keepdim",
-            ctx.args[2]
-            if len(ctx.args) > 2 and ctx.name != "norm" and isinstance(ctx.args[2], bool)
-            else False,
-        )
-    )
-    if ctx.name == "norm" and len(ctx.args) > 3:
-        keepdim = bool(ctx.args[3])
+    if len(ctx.args) > 1 and isinstance(ctx.args[1], torch.Tensor):
+        elementwise_rule(ctx)
+        return
+    dim = ctx.kwargs.get("dim", ctx.kwargs.get("axis"))
+    pos = 2 if ctx.name == "norm" else 1
+    if dim is None and len(ctx.args) > pos:
+        a = ctx.args[pos]
+        if isinstance(a, (int, list, tuple)) and not isinstance(a, bool):
+            dim = a
     for out in iter_tensors(ctx.out):
-        dims = _reduce_dims(ctx, x, dim, keepdim)
-        if len(dims) != out.dim():  # e.g. keepdim passed positionally in an unusual form
-            dims = _reduce_dims(ctx, x, dim, not keepdim)
+        dims = _reduce_dims(ctx, x, dim, keepdim=out.dim() == x.dim() and x.dim() > 0)
         ctx.set_dims(out, dims if len(dims) == out.dim() else [None] * out.dim())
 
 
@@ -281,13 +274,11 @@ def conv_rule(ctx: OpContext) -> None:
     transposed = "transpose" in ctx.name
     x, w = ctx.args[0], ctx.arg(1, "weight")
     b = ctx.arg(2, "bias")
-    if ctx.name == "convolution":
-        transposed = bool(ctx.arg(6, "transposed"))
+    if ctx.name == "convolution":  # torch.convolution(input, weight, bias, stride, padding, dilation,
+        transposed = bool(ctx.arg(6, "transposed"))  # transposed, output_padding, groups)
         groups = ctx.arg(8, "groups")
-    else:
-        groups = ctx.arg(6 if transposed else 6, "groups", 1)
-        if transposed:
-            groups = ctx.arg(6, "groups", 1)
+    else:  # F.conv*d and F.conv_transpose*d both take groups at position 6
+        groups = ctx.arg(6, "groups", 1)
     groups = int(groups or 1)
     xd, wd = list(ctx.dims(x)), ctx.dims(w)
     batched = x.dim() == w.dim()
