@@ -6,7 +6,9 @@ STAMP := $(VENV)/.secateur-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FORTUNES := /usr/share/games/fortunes/fortunes
 
-.PHONY: setup data demo test lint clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup data browser demo test lint clean
 
 setup: $(STAMP) data
 
@@ -31,10 +33,21 @@ data:
 	  fi; \
 	fi
 
+# Headless Chromium: the test that screenshots the HTML report needs it.
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  echo "Installing Debian package chromium (for the HTML report screenshot test)"; \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: chromium not installed; the screenshot test will be skipped" >&2; \
+	  else \
+	    echo "warning: cannot install chromium (need apt-get as root); the screenshot test will be skipped" >&2; \
+	  fi; \
+	fi
+
 demo: setup
 	$(VENV)/bin/secateur demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup

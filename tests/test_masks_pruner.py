@@ -163,3 +163,22 @@ def test_bad_inputs_name_the_fault_and_leave_model_untouched():
     with pytest.raises(ConfigError, match=r"1\.weight.*int32"):
         Pruner(int_model, 0.5)
     assert not list(masked_parameters(int_model))
+
+
+def test_detach_on_a_deepcopy_leaves_the_original_masked():
+    import copy
+
+    from secateur.masks import copy_model
+
+    model = small_net()
+    pruner = Pruner(model, 0.5)
+    pruner.step(0)
+    x = torch.randn(2, 1, 8, 8)
+    ref = model(x)
+    for clone in (copy.deepcopy(model), copy_model(model)):
+        detach_masks(clone)
+        assert not list(masked_parameters(clone))
+        assert torch.equal(clone(x), ref)
+        # The original still computes with its masks.
+        assert len(list(masked_parameters(model))) == len(pruner.targets)
+        assert torch.equal(model(x), ref)

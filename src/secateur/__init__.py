@@ -6,6 +6,7 @@ a *criterion* (how important each unit is), an *allocation* (how much to remove 
 """
 
 from secateur.analysis import count_macs, count_params, layer_table
+from secateur.analysis.latency import measure
 from secateur.errors import (
     ChecksumError,
     CompactionError,
@@ -21,10 +22,13 @@ from secateur.io import load, save
 from secateur.pruner import Pruner
 from secateur.schedules import Cubic, Iterative, OneShot
 from secateur.scope import Scope
+from secateur.structured import prune_channels
+from secateur.structured_pruner import ChannelPruner
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelPruner",
     "ChecksumError",
     "CompactionError",
     "Cubic",
@@ -36,6 +40,8 @@ __all__ = [
     "count_params",
     "layer_table",
     "load",
+    "measure",
+    "prune_channels",
     "save",
     "ConfigError",
     "DataError",

@@ -128,31 +128,35 @@ def prune_with_recipe(
     else:
         if example_inputs is None:
             raise ConfigError("granularity 'channel' needs example inputs to trace the dependency graph")
-        if recipe.schedule.kind != "one_shot" or recipe.target != "channels":
-            raise ConfigError(
-                "this runner prunes channels one shot with target 'channels' only "
-                f"(got schedule {recipe.schedule.kind!r}, target {recipe.target!r})"
-            )
-        if recipe.criterion not in ("l1", "l2", "random"):
-            raise ConfigError(f"channel criterion {recipe.criterion!r}: this runner supports l1, l2, random")
-        from secateur.structured import prune_channels
+        from secateur.structured_pruner import ChannelPruner
 
+        if recipe.allocation not in ("global", "uniform"):
+            raise ConfigError(
+                f"allocation {recipe.allocation!r} is element-wise; "
+                "channel pruning takes 'global' or 'uniform'"
+            )
         was_training = model.training
         model.eval()
-        model, plan = prune_channels(
+        pruner = ChannelPruner(
             model,
             example_inputs,
-            ratio=recipe.schedule.sparsity,
+            schedule=schedule,
             criterion=recipe.criterion,
+            allocation=recipe.allocation,
+            target=recipe.target,
             protect=tuple(recipe.protect),
             round_to=recipe.round_to,
-            seed=recipe.seed,
+            data=data_batch,
+            criterion_kwargs=dict(recipe.criterion_kwargs),
         )
         model.train(was_training)
-        out["plan"] = plan
-        out["sparsity"] = recipe.schedule.sparsity
         if needs_training:
-            _finetune(model, recipe, train_loader, test_loader, [], progress)
+            _finetune(model, recipe, train_loader, test_loader, [pruner], progress)
+        else:
+            pruner.step(0)
+        out["sparsity"] = pruner.removed_fraction()
+        model = pruner.compact()
+        out["plan"] = pruner.plan
     out["model"] = model
     return out
 

@@ -3,6 +3,7 @@
 from secateur.masks.element import (
     ElementMask,
     attach_mask,
+    copy_model,
     detach_masks,
     get_mask,
     has_mask,
@@ -13,6 +14,7 @@ from secateur.masks.element import (
 __all__ = [
     "ElementMask",
     "attach_mask",
+    "copy_model",
     "detach_masks",
     "get_mask",
     "has_mask",

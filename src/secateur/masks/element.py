@@ -95,8 +95,10 @@ def original(module: nn.Module, name: str = "weight") -> torch.Tensor:
 def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
     """Replace the mask of ``module.<name>`` and zero the stored weights it removes.
 
-    Zeroing the stored (original) values too keeps the state clean: weight decay then keeps them
-    at zero, and a later :func:`detach_masks` needs no extra work.
+    The stored (original) values are zeroed too, so a later :func:`detach_masks` needs no extra
+    work. The *effective* weight stays exactly zero whatever the optimizer does; the stored value of
+    a pruned entry can drift from zero under SGD momentum accumulated before pruning (its gradient is
+    zero, but the momentum buffer is not), which is harmless because the mask multiplies it.
 
     Args:
         mask: bool (or 0/1) tensor of the parameter's shape; True keeps an entry.
@@ -127,13 +129,37 @@ def masked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
                 yield path, module, pname
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own.
+
+    ``parametrize`` generates one ``Parametrized<Class>`` per module, but ``copy.deepcopy`` shares
+    it between the original and the copy; removing a parametrization deletes the property from
+    that class and would break the other module. A private copy of the class makes removal local.
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
 @torch.no_grad()
 def detach_masks(model: nn.Module) -> nn.Module:
     """Bake every element mask into its parameter and remove the parametrizations (in place).
 
     Afterwards the model has plain ``nn.Parameter`` weights holding exact zeros where masks were
-    False, and its ``state_dict`` keys are the usual ones. Returns ``model``.
+    False, and its ``state_dict`` keys are the usual ones. Safe on a ``copy.deepcopy`` of a masked
+    model: the original keeps its masks. Returns ``model``.
     """
     for _, module, pname in list(masked_parameters(model)):
+        _own_class(module)
         parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
     return model
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose masks can be changed or removed without touching the original."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for _, module in clone.named_modules():
+        if parametrize.is_parametrized(module):
+            _own_class(module)
+    return clone
