@@ -121,3 +121,60 @@ def test_cli_errors_are_clear(tmp_path):
     assert res.exit_code == 0 and json.loads(res.output)["macs"] > 0
     for cmd in ("prune", "measure", "eval", "demo", "recipes"):
         assert runner.invoke(main, [cmd, "--help"]).exit_code == 0
+
+
+def test_cli_finetune_prune_report_chain(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            "zoo:lenet5",
+            "--subset",
+            "256",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        main,
+        [
+            "prune",
+            "--model",
+            f"saved:{tmp_path / 'ft' / 'model'}",
+            "--recipe",
+            "l1_filters_30",
+            "--subset",
+            "256",
+            "--quiet",
+            "--out",
+            str(tmp_path / "p"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        main,
+        [
+            "report",
+            "--dense",
+            f"saved:{tmp_path / 'ft' / 'model'}",
+            "--pruned",
+            f"saved:{tmp_path / 'p' / 'model'}",
+            "--subset",
+            "200",
+            "--batch",
+            "4",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["pruned"]["macs"] < report["dense"]["macs"]

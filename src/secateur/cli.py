@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -181,3 +182,81 @@ def recipes(name) -> None:
         return
     for n in shipped_recipes():
         click.echo(f"{n}: {load_recipe(n).description}")
+
+
+@main.command()
+@click.option("--dense", "dense_spec", required=True, help="The unpruned model (zoo:NAME, saved:PATH, ...).")
+@click.option("--pruned", "pruned_spec", required=True, help="The pruned model (usually saved:RUN/model).")
+@click.option(
+    "--data", default="fashion-mnist", show_default=True, type=click.Choice(["fashion-mnist", "none"])
+)
+@click.option("--subset", type=int, default=None, help="Evaluate on the first N test images only.")
+@click.option("--batch", default=32, show_default=True, help="Batch size for latency.")
+@click.option(
+    "--onnx/--no-onnx", default=False, show_default=True, help="Also time both models in ONNX Runtime."
+)
+@click.option("--out", "out_dir", default="runs/report", show_default=True, help="Output folder.")
+def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
+    """Measure a dense and a pruned model side by side; write report.html and report.md."""
+    import torch
+
+    from secateur.analysis.report import build_report, collect_results
+    from secateur.errors import SecateurError
+    from secateur.models import build_model
+
+    try:
+        dense, pruned = build_model(dense_spec).eval(), build_model(pruned_spec).eval()
+        acc = {}
+        if data == "fashion-mnist":
+            from secateur.data import fashion_mnist_loaders
+            from secateur.run import _evaluate
+
+            _, test = fashion_mnist_loaders(subset=subset)
+            acc = {"dense_accuracy": _evaluate(dense, test), "pruned_accuracy": _evaluate(pruned, test)}
+        results = collect_results(
+            dense,
+            pruned,
+            torch.zeros(batch, 1, 28, 28),
+            onnx_dir=f"{out_dir}/onnx" if onnx else None,
+            command="secateur report " + " ".join(f"{k}" for k in (dense_spec, pruned_spec)),
+            **acc,
+        )
+        paths = build_report(results, out_dir)
+    except SecateurError as e:
+        _fail(e)
+    click.echo(
+        json.dumps({k: str(v) for k, v in dict(paths).items()} if isinstance(paths, dict) else str(paths))
+    )
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="zoo:NAME, saved:PATH, ... (see prune --help).")
+@click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the model factory.")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--lr", default=0.05, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--subset", type=int, default=None, help="Use only the first N images of each split.")
+@click.option("--out", "out_dir", default="runs/finetune", show_default=True, help="Output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, quiet) -> None:
+    """Train a model (dense or pruned; masks are kept) on Fashion-MNIST and save it to OUT/model."""
+    from secateur.data import fashion_mnist_loaders
+    from secateur.errors import SecateurError
+    from secateur.io import load, save
+    from secateur.models import build_model
+    from secateur.train import Trainer
+
+    try:
+        model = build_model(model_spec, **_parse_kwargs(model_kwargs))
+        plan = None
+        if model_spec.startswith("saved:"):
+            plan = json.loads((Path(model_spec[6:]) / "plan.json").read_text()).get("plan")
+        train, test = fashion_mnist_loaders(batch_size=batch_size, subset=subset)
+        trainer = Trainer(model, train, test, epochs=epochs, lr=lr, progress=not quiet)
+        trainer.fit()
+        acc = trainer.evaluate(test)["accuracy"]
+        save(model, Path(out_dir) / "model", plan=plan, metadata={"accuracy": acc, "epochs": epochs})
+        load(Path(out_dir) / "model")  # fail now, not later, if it does not reload
+    except SecateurError as e:
+        _fail(e)
+    click.echo(json.dumps({"accuracy": acc, "saved": f"{out_dir}/model"}))
