@@ -21,7 +21,8 @@ every method at a given seed) and evaluated on the test set.
   Data-dependent scores (SNIP, GraSP, Taylor) use the same ``--score-batches`` training batches.
 * Structured (channels physically removed through the dependency graph, ``ChannelPruner`` with
   ``target="macs"`` and uniform allocation, so each MAC target 1.5x-4x is hit by one common per-group
-  fraction): l1, l2 (Li et al. 2017), random, fpgm (He et al. 2019), bn_scale (Liu et al. 2017),
+  fraction): l1, l2 (Li et al. 2017), random, fpgm (He et al. 2019), bn_scale (Liu et al. 2017; groups
+  without a BN scale, e.g. VGG's hidden linear layer, stay unpruned),
   taylor (Molchanov et al. 2019), fisher (Theis et al. 2018), plus Torch-Pruning's MagnitudePruner
   (L1 filter norm, one per-layer ratio chosen on a grid to come closest to the same MAC target) when
   ``torch_pruning`` is importable. Without :mod:`secateur.structured_pruner`, l1/l2/random fall back to
@@ -121,7 +122,7 @@ FULL = {
     "train_subset": None,
     "test_subset": None,
     "dense_epochs": 10,
-    "ft_steps": 940,  # two epochs of the 60k training set at batch 128
+    "ft_steps": 469,  # one epoch of the 60k training set at batch 128
     "score_batches": 4,
     "synflow_rounds": 100,
 }
@@ -310,7 +311,8 @@ class Bench:
             return tp_prune(model, self.example, reduction)
         if ChannelPruner is None:
             return fallback_channels(model, self.example, method, reduction, seed)
-        kw = {"seed": seed} if method == "random" else {}
+        # bn_scale: groups without a norm scale (VGG's hidden linear) are left unpruned, not an error
+        kw = {"seed": seed} if method == "random" else {"missing": "skip"} if method == "bn_scale" else {}
         data = self.score_data(seed) if method in ("taylor", "fisher") else None
         cp = ChannelPruner(
             model,
@@ -477,13 +479,17 @@ def fallback_channels(
 def run(cfg: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
     torch.set_num_threads(cfg["threads"])
     results: dict[str, Any] = {"config": cfg, "dense": [], "points": [], "errors": []}
+    prev_wall, commands = 0.0, []
     if resume and out.exists():
         old = json.loads(out.read_text())
         results["points"], results["errors"] = old.get("points", []), []
+        prev_wall = old.get("total_wall_s", 0.0)
+        commands = old.get("commands", [old.get("command")])
         results["dense"] = old.get("dense", [])
     results.update(
         {
             "command": cfg["command"],
+            "commands": [c for c in commands if c] + [cfg["command"]],
             "environment": {
                 "python": platform.python_version(),
                 "torch": torch.__version__,
@@ -504,7 +510,7 @@ def run(cfg: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     def save() -> None:
-        results["total_wall_s"] = time.perf_counter() - t_start
+        results["total_wall_s"] = prev_wall + time.perf_counter() - t_start
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
 
@@ -685,7 +691,10 @@ def _ranking_notes(res: dict) -> list[str]:
                 d = ma - mb
                 t = tie_pp((ma + mb) / 2)
                 verdict = "tie" if abs(d) < t else (f"{LABELS[a]} ahead" if d > 0 else f"{LABELS[b]} ahead")
-                parts.append(f"{spec} @ {lv:g}{unit}: {ma:.1f} vs {mb:.1f} ({verdict}, noise ±{t:.1f})")
+                parts.append(
+                    f"{spec.partition(':')[0]} @ {lv:g}{unit}: {ma:.1f} vs {mb:.1f} "
+                    f"({verdict}, noise ±{t:.1f})"
+                )
         return parts
 
     us, st = cfg["sparsities"], cfg["mac_targets"]
@@ -806,23 +815,88 @@ def _ranking_notes(res: dict) -> list[str]:
     return notes
 
 
-def write_docs(res: dict, docs: Path, img_dir: Path, prefix: str, label: str) -> None:
+LITERATURE = """\
+What the papers claim, and how this protocol tests it:
+
+- **SNIP** (Lee et al., ICLR 2019), **GraSP** (Wang et al., ICLR 2020) and **SynFlow** (Tanaka et al., NeurIPS
+  2020) are pruning-*at-initialisation* criteria: their claims concern scoring untrained weights. Here they
+  score *trained* weights and the network is fine-tuned, the setting in which Blalock et al. (MLSys 2020,
+  "What is the state of neural network pruning?") and Frankle et al. (ICLR 2021, "Pruning neural networks
+  at initialization: why are we missing the mark?") find plain magnitude pruning hard to beat. Agreement
+  with them means: no at-init criterion clearly above global magnitude.
+- **Taylor** (element-wise ``|w·g|``, Molchanov et al. 2017/2019) is SNIP's score computed on trained
+  weights; near convergence gradients are small and noisy, so it is expected to trail magnitude.
+- **LAMP** (Lee et al., ICLR 2021) claims an advantage over global magnitude that grows with sparsity,
+  mostly visible at 95-99%; at moderate sparsity all magnitude variants should tie.
+- **Global vs layer-wise magnitude**: a global threshold adapts per-layer sparsity and is usually better at
+  high sparsity; a uniform per-layer rate also prunes the tiny first conv and classifier as hard as the
+  rest (Gale et al. 2019 keep the first layer dense for this reason; here every layer is in scope).
+- **Random** is the floor every paper reports; its gap to magnitude should widen with sparsity.
+- **Channels**: Li et al. (ICLR 2017, L1 filter norm) vs FPGM (He et al., CVPR 2019, claims gains over norm
+  criteria), Taylor (Molchanov et al., CVPR 2019, claims gains over weight norms), Fisher (Theis et al. 2018),
+  BN scale (Liu et al., ICCV 2017, which assumes an L1 penalty on the BN scales during training; none here).
+  Liu et al. (ICLR 2019, "Rethinking the value of network pruning") and Li et al. (CVPR 2022, "Revisiting
+  random channel pruning") find that, once fine-tuned, random channel selection comes close to the
+  criteria; agreement with them means small gaps between all channel criteria and random.
+- **Reference implementations**: torch.ao's WeightNormSparsifier with 1x1 blocks is layer-wise magnitude,
+  and Torch-Pruning's MagnitudePruner is the L1 filter norm with one per-layer ratio; each should tie with
+  its secateur counterpart (differences come from tie-breaking, per-tensor rounding and how the MAC target
+  is met).
+"""
+
+
+def estimate_full(threads: int, steps: int = 4) -> dict[str, Any]:
+    """Time a few training steps of the full configuration's models and extrapolate the full run."""
+    torch.set_num_threads(threads)
+    cfg = FULL
+    n_points = len(UNSTRUCTURED) * len(cfg["sparsities"]) + len(STRUCTURED) * len(cfg["mac_targets"])
+    per_model = {}
+    for spec in cfg["models"]:
+        name, kwargs = parse_model(spec)
+        model = create_model(name, **kwargs)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+        times = []
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        per_model[spec] = sorted(times[1:])[len(times[1:]) // 2]
+    dense_steps = cfg["dense_epochs"] * math.ceil(60000 / 128)
+    total_steps = dense_steps + n_points * cfg["ft_steps"]
+    hours = sum(s * total_steps * len(cfg["seeds"]) for s in per_model.values()) * 1.25 / 3600
+    return {
+        "s_per_train_step": per_model,
+        "points_per_model_seed": n_points,
+        "train_steps_per_model_seed": total_steps,
+        "hours_estimate": hours,
+        "note": "median step time x steps x seeds, +25% for scoring "
+        "and evaluation; measured on this machine while the quick run finished",
+    }
+
+
+def page(res: dict, img_dir: Path, prefix: str, label: str, literature: bool = True) -> list[str]:
+    """The Markdown of one results file (tables, plots, comparisons; literature notes if asked)."""
     cfg = res["config"]
     files = _plots(res, img_dir, prefix)
     g = _group(res["points"])
     g1 = _group(res["points"], "accuracy_oneshot")
     ns = len(cfg["seeds"])
     rel = Path("img")
+    produced = ", then ".join(f"`{c}`" for c in res.get("commands", [res["command"]]))
     test_desc = f"the first {cfg['test_subset']}" if cfg["test_subset"] else "the full 10k"
     lines = [
         f"# Accuracy versus compression ({label})",
         "",
-        f"Produced by `{res['command']}` (results: `{cfg['out_display']}`). Wall time "
+        f"Produced by {produced} (results: `{cfg['out_display']}`). Wall time "
         f"{res.get('total_wall_s', 0) / 60:.1f} min on {res['environment']['threads']} CPU threads "
         f"({res['environment']['platform']}), torch {res['environment']['torch']}, Torch-Pruning "
         f"{res['environment']['torch_pruning']}, git {res['environment']['commit'][:10]}"
         f"{' + uncommitted changes under src/' if res['environment']['dirty_src'] else ''}.",
         "",
+        *([f"Note: {res['note']}.", ""] if res.get("note") else []),
         "Protocol: dense training once per model and seed, then for every method and compression level a "
         "fresh copy of the trained weights is pruned **one-shot** and fine-tuned with the **same budget** "
         f"({cfg['ft_steps']} SGD steps of batch {cfg['batch_size']}, momentum 0.9, weight decay 5e-4, cosine "
@@ -913,11 +987,47 @@ def write_docs(res: dict, docs: Path, img_dir: Path, prefix: str, label: str) ->
     ]
     lines += _ranking_notes({**res, "n_test": cfg["test_subset"] or 10000})
     lines.append("")
+    if literature:
+        lines += [LITERATURE]
     if cfg.get("discussion"):
         lines += [Path(cfg["discussion"]).read_text().rstrip(), ""]
+    est = res.get("full_estimate")
+    first_cmd = res.get("commands", [res["command"]])[0]
+    full_cmd = "python benchmarks/tradeoff.py --resume"
+    lines += [
+        "## Reproducing",
+        "",
+        f"This configuration: `{first_cmd}` (then `python benchmarks/tradeoff.py --docs-only --out "
+        f"{cfg['out_display']}` rebuilds the page and plots from the JSON). The full configuration "
+        f"({', '.join(FULL['models'])}; seeds {FULL['seeds']}; sparsities {FULL['sparsities']}; MAC "
+        f"targets {FULL['mac_targets']}x; dense {FULL['dense_epochs']} epochs on all 60k images; "
+        f"{FULL['ft_steps']} fine-tuning steps of batch 128 per point; full 10k test set) is "
+        f"`{full_cmd}` (results in `benchmarks/results/tradeoff.json`; interrupted runs continue with "
+        "`--resume`, dense weights are cached in `benchmarks/cache/`)."
+        + (
+            f" Expected runtime on this 2-core CPU machine: about {est['hours_estimate']:.0f} h "
+            f"({est['points_per_model_seed']} points per model and seed, "
+            f"{est['train_steps_per_model_seed']:,} training steps each; measured step times "
+            + ", ".join(f"{k}: {v:.2f} s" for k, v in est["s_per_train_step"].items())
+            + " on a machine shared with other jobs, so an idle machine is faster)."
+            if est
+            else ""
+        ),
+        "",
+    ]
+    log(f"plots {', '.join(files)}")
+    return lines
+
+
+def write_docs(results: list[dict], docs: Path, img_dir: Path) -> None:
+    """One page for several results files (the last one carries the literature notes)."""
+    lines: list[str] = []
+    for i, res in enumerate(results):
+        cfg = res["config"]
+        lines += page(res, img_dir, cfg["prefix"], cfg["label"], literature=i == len(results) - 1)
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(lines) + "\n")
-    log(f"wrote {docs} and {', '.join(files)}")
+    log(f"wrote {docs}")
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -944,30 +1054,38 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-oneshot-eval", action="store_true", help="skip the accuracy before fine-tuning")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=str(ROOT / "benchmarks" / "cache"))
-    ap.add_argument("--out", help="JSON results (default benchmarks/results/tradeoff[_quick].json)")
+    ap.add_argument("--name", help="configuration name: plot prefix, page title, default --out suffix")
+    ap.add_argument(
+        "--out",
+        nargs="+",
+        help="JSON results (default benchmarks/results/tradeoff_<name>.json); "
+        "several with --docs-only: one page for all",
+    )
     ap.add_argument("--docs", help="Markdown page (default docs/tradeoff.md)")
     ap.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
     ap.add_argument("--discussion", help="a Markdown file appended to the page (hand-written write-up)")
     ap.add_argument("--resume", action="store_true", help="keep the points already in --out, run the rest")
+    ap.add_argument("--estimate", action="store_true", help="with --docs-only: time the full run's models")
     ap.add_argument("--docs-only", action="store_true", help="only rebuild the page and plots from --out")
     args = ap.parse_args(argv)
 
     base = QUICK if args.quick else FULL
-    prefix = "quick" if args.quick else "full"
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"tradeoff{'_quick' if args.quick else ''}.json")
+    prefix = args.name or ("quick" if args.quick else "full")
+    default_out = (
+        ROOT / "benchmarks" / "results" / ("tradeoff.json" if prefix == "full" else f"tradeoff_{prefix}.json")
+    )
+    outs = [Path(o) for o in args.out] if args.out else [default_out]
+    out = outs[0]
     docs = Path(args.docs or ROOT / "docs" / "tradeoff.md")
-    label = "quick configuration" if args.quick else "full configuration"
+    label = f"{prefix} configuration"
     if args.docs_only:
-        res = json.loads(out.read_text())
+        results = [json.loads(o.read_text()) for o in outs]
         if args.discussion:
-            res["config"]["discussion"] = args.discussion
-        write_docs(
-            res,
-            docs,
-            Path(args.img_dir),
-            res["config"].get("prefix", prefix),
-            res["config"].get("label", label),
-        )
+            results[-1]["config"]["discussion"] = args.discussion
+        if args.estimate:
+            results[-1]["full_estimate"] = estimate_full(args.threads)
+            outs[-1].write_text(json.dumps(results[-1], indent=1))
+        write_docs(results, docs, Path(args.img_dir))
         return
     pick = {k: getattr(args, k) for k in base if getattr(args, k, None) is not None}
     cfg = {
@@ -990,7 +1108,10 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python benchmarks/tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     res = run(cfg, out, args.resume)
-    write_docs(res, docs, Path(args.img_dir), prefix, label)
+    if args.quick:
+        res["full_estimate"] = estimate_full(cfg["threads"])
+        out.write_text(json.dumps(res, indent=1))
+    write_docs([res], docs, Path(args.img_dir))
 
 
 if __name__ == "__main__":
