@@ -108,6 +108,23 @@ def fold_bn(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+class _Logits(torch.nn.Module):
+    def __init__(self, m: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(x).logits
+
+
+def torchscript_frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """The TorchScript CPU deployment path, alike for dense and pruned: trace, freeze,
+    ``optimize_for_inference`` (folds BN, fuses conv+ReLU, pre-packs oneDNN weights)."""
+    with torch.inference_mode():
+        traced = torch.jit.trace(_Logits(copy.deepcopy(model)).eval(), torch.randn(1, 3, 224, 224))
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
 def latency(model: torch.nn.Module, batch: int, min_run_time: float) -> float:
     from torch.utils import benchmark
 
@@ -178,10 +195,12 @@ def main() -> None:
             "params_dense": n_params(dense),
             "params_pruned": n_params(pruned),
         }
-        for setting, (dm, pm) in {
-            "bn_folded": (fold_bn(dense), fold_bn(pruned)),
+        settings = {
             "as_is": (dense, pruned),
-        }.items():
+            "bn_folded": (fold_bn(dense), fold_bn(pruned)),
+            "torchscript_frozen": (torchscript_frozen(dense), torchscript_frozen(pruned)),
+        }
+        for setting, (dm, pm) in settings.items():
             ld, lp = [], []
             for _ in range(args.latency_rounds):  # interleaved so that load drifts hit both alike
                 ld.append(latency(dm, args.batch, args.min_run_time))

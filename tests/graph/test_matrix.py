@@ -90,3 +90,18 @@ def test_hf_save_pretrained_round_trip(tmp_path, name):
         b = call_model(again, x).logits
     assert torch.allclose(a, b, atol=1e-6)
     assert again.config.num_attention_heads == plan["config"][""]["num_attention_heads"][1]
+
+
+def test_outputs_with_a_kv_cache_are_traced_and_the_cache_is_not_protected():
+    """use_cache=True returns a Cache object: it is not an output to protect, heads stay prunable."""
+    torch.manual_seed(0)
+    model, x = HF_MODELS["llama"]()
+    x = {**x, "use_cache": True}
+    from secateur.graph import DependencyGraph
+
+    g = DependencyGraph.build(model.eval(), x)
+    heads = g.group_of("model.layers.0.self_attn.k_proj.weight", 0)
+    assert heads is not None and heads.n_prunable == 4
+    pruned, plan, _, diff = prune_and_check(model, {**x, "use_cache": False}, ratio=0.5)
+    out = call_model(pruned, x)
+    assert out.past_key_values is not None

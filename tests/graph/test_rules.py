@@ -358,3 +358,29 @@ def test_reductions_and_elementwise_max():
     grp = _group(g, "a.weight", 0)
     assert ("b.weight", 0) in {(mm.name, mm.dim) for mm in grp.members}
     assert grp.n_prunable == 0 and "reduction" in grp.reasons[0]
+
+
+def test_union_find_numpy_fallback_matches_scipy(monkeypatch):
+    import builtins
+
+    from secateur.graph.atoms import AtomStore
+
+    rng = np.random.default_rng(0)
+    store = AtomStore()
+    store.new(500)
+    for _ in range(40):
+        k = int(rng.integers(1, 20))
+        store.union(rng.integers(0, 500, k), rng.integers(0, 500, k))
+    fast = store.solve()
+    real_import = builtins.__import__
+
+    def no_scipy(name, *a, **kw):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    slow = store.solve()
+    # same partition, whatever the label values
+    pairs = {(int(a), int(b)) for a, b in zip(fast, slow)}
+    assert len(pairs) == len(set(fast.tolist())) == len(set(slow.tolist()))

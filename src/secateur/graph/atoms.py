@@ -50,22 +50,21 @@ class AtomStore:
         self.frozen.append((np.asarray(a).ravel(), reason))
 
     def solve(self) -> np.ndarray:
-        """Class label of every atom, shape ``(n,)``; labels are the smallest atom id of the class."""
+        """Class label of every atom, shape ``(n,)``: equal labels = same channel; labels are < ``n``."""
         parent = np.arange(self.n, dtype=np.int64)
         if not self._a:
             return parent
         a = np.concatenate(self._a)
         b = np.concatenate(self._b)
         try:  # scipy's connected components when available (C speed), else a vectorised union-find
-            from scipy.sparse import coo_matrix
+            from scipy.sparse import csr_matrix
             from scipy.sparse.csgraph import connected_components
         except ImportError:
             pass
         else:
-            adj = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n, self.n))
-            _, comp = connected_components(adj, directed=False)
-            _, first = np.unique(comp, return_index=True)  # label = smallest atom of the component
-            return first[comp].astype(np.int64)
+            adj = csr_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n, self.n))
+            _, comp = connected_components(adj, directed=True, connection="weak")
+            return comp.astype(np.int64)  # component index: any consistent label < n will do
         while True:
             pa, pb = parent[a], parent[b]
             diff = pa != pb
