@@ -1,7 +1,7 @@
 """Training-time pruning methods end to end on Fashion-MNIST, next to magnitude and random at the same budget.
 
     python benchmarks/methods.py --out benchmarks/results/methods.json          # ~10-15 min on 2 CPU cores
-    python benchmarks/methods.py --quick                                      # smoke run, ~1 min
+    python benchmarks/methods.py --quick                                      # smoke run, a few minutes
 
 Protocol (one seed; data subsets and few epochs so it runs on a laptop CPU; figures are for comparing
 methods under one protocol, not the papers' numbers):
@@ -265,7 +265,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
-        args.train, args.test, args.dense_epochs, args.method_epochs, args.ft_epochs = 512, 256, 1, 1, 1
+        args.train, args.test, args.dense_epochs, args.method_epochs, args.ft_epochs = 1024, 256, 1, 1, 1
+        args.ratio = 0.1  # Fisher removes one channel per step: keep the smoke run short
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
