@@ -7,6 +7,7 @@ a *criterion* (how important each unit is), an *allocation* (how much to remove 
 
 from secateur.analysis import count_macs, count_params, layer_table
 from secateur.analysis.latency import measure
+from secateur.compact import check_equivalence
 from secateur.errors import (
     ChecksumError,
     CompactionError,
@@ -18,6 +19,7 @@ from secateur.errors import (
     SerializationError,
     UnsupportedOpError,
 )
+from secateur.graph import DependencyGraph
 from secateur.io import load, save
 from secateur.pruner import Pruner
 from secateur.schedules import Cubic, Iterative, OneShot
@@ -31,6 +33,7 @@ __all__ = [
     "ChannelPruner",
     "ChecksumError",
     "CompactionError",
+    "DependencyGraph",
     "Cubic",
     "Iterative",
     "OneShot",
@@ -51,4 +54,5 @@ __all__ = [
     "SerializationError",
     "UnsupportedOpError",
     "__version__",
+    "check_equivalence",
 ]

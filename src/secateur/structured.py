@@ -156,4 +156,7 @@ def prune_channels(
     return model, plan
 
 
-__all__ = ["choose_units", "lp_scores", "prune_channels"]
+#: Public name (used by the structured pruner and methods): keep one unit of every member.
+ensure_member_nonempty = _ensure_member_nonempty
+
+__all__ = ["choose_units", "ensure_member_nonempty", "lp_scores", "prune_channels"]

@@ -4,10 +4,38 @@
   (Frankle & Carbin 2019; Frankle et al. 2020).
 - :func:`~secateur.methods.at_init.prune_at_init`: SNIP, GraSP and SynFlow before training.
 - :mod:`~secateur.methods.rethinking`: Scratch-E / Scratch-B budgets (Liu et al. 2019).
+- :class:`ADMM` (Zhang et al. 2018), :class:`Movement` (Sanh et al. 2020), network slimming
+  (:class:`SlimmingPenalty`, :func:`slim`; Liu et al. 2017), :class:`SCOP` (Tang et al. 2020),
+  :class:`FBS` (Gao et al. 2019), :func:`prune_redundant` (Ayinde & Zurada 2018),
+  :class:`FisherPruner` (Theis et al. 2018; Crowley et al. 2018).
 """
 
+from secateur.methods.admm import ADMM
 from secateur.methods.at_init import prune_at_init
+from secateur.methods.fbs import FBS
+from secateur.methods.fisher_prune import FisherPruner
 from secateur.methods.lottery import LotteryTicket
+from secateur.methods.movement import Movement
+from secateur.methods.redundant import prune_redundant
 from secateur.methods.rethinking import ScratchBudgets, reinitialize, scratch_budgets
+from secateur.methods.scop import SCOP, KnockoffVAE, train_knockoff_vae
+from secateur.methods.slimming import SlimmingPenalty, prune_groups, slim
 
-__all__ = ["LotteryTicket", "ScratchBudgets", "prune_at_init", "reinitialize", "scratch_budgets"]
+__all__ = [
+    "ADMM",
+    "FBS",
+    "FisherPruner",
+    "KnockoffVAE",
+    "LotteryTicket",
+    "Movement",
+    "SCOP",
+    "ScratchBudgets",
+    "SlimmingPenalty",
+    "prune_at_init",
+    "prune_groups",
+    "prune_redundant",
+    "reinitialize",
+    "scratch_budgets",
+    "slim",
+    "train_knockoff_vae",
+]
