@@ -260,3 +260,91 @@ def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, 
     except SecateurError as e:
         _fail(e)
     click.echo(json.dumps({"accuracy": acc, "saved": f"{out_dir}/model"}))
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="zoo:NAME, saved:PATH, ... (see prune --help).")
+@click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the model factory.")
+@click.option(
+    "--mode",
+    default="channel",
+    show_default=True,
+    type=click.Choice(["channel", "element"]),
+    help="Remove whole channels, or zero individual weights.",
+)
+@click.option("--sparsity", default=0.5, show_default=True, help="Fraction of the target to remove.")
+@click.option(
+    "--target",
+    default="channels",
+    show_default=True,
+    type=click.Choice(["channels", "params", "macs"]),
+    help="Channel mode: what the sparsity is a fraction of.",
+)
+@click.option("--epochs", default=1, show_default=True, help="Fine-tuning epochs (the same for every tool).")
+@click.option("--steps", type=int, default=None, help="Fine-tuning optimizer steps (overrides --epochs).")
+@click.option("--lr", default=0.01, show_default=True, help="Fine-tuning learning rate (SGD, cosine).")
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--subset", type=int, default=None, help="Use only the first N images of each split.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--latency-batch", default=32, show_default=True, help="Batch size for latency.")
+@click.option("--latency-repeats", default=20, show_default=True, help="Timing rounds (0: no latency).")
+@click.option(
+    "--tools",
+    default="secateur,torch_pruning,torch_ao",
+    show_default=True,
+    help="Comma-separated tools to compare.",
+)
+@click.option("--out", "out_dir", default="runs/compare", show_default=True, help="Output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+def compare(
+    model_spec,
+    model_kwargs,
+    mode,
+    sparsity,
+    target,
+    epochs,
+    steps,
+    lr,
+    batch_size,
+    subset,
+    seed,
+    latency_batch,
+    latency_repeats,
+    tools,
+    out_dir,
+    quiet,
+    as_json,
+) -> None:
+    """Prune one model at one budget with secateur, Torch-Pruning and torch.ao.pruning; fine-tune alike;
+    write compare.md, compare.json and compare.png to OUT."""
+    from secateur.compare import compare as run_compare
+    from secateur.compare import markdown
+    from secateur.errors import SecateurError
+
+    try:
+        result = run_compare(
+            model_spec,
+            mode=mode,
+            sparsity=sparsity,
+            target=target,
+            epochs=epochs,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            subset=subset,
+            seed=seed,
+            latency_batch=latency_batch,
+            latency_repeats=latency_repeats,
+            out_dir=out_dir,
+            model_kwargs=_parse_kwargs(model_kwargs),
+            tools=tuple(t.strip() for t in tools.split(",") if t.strip()),
+            progress=not quiet,
+        )
+    except SecateurError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    click.echo(markdown(result))
+    click.echo(f"\ntable: {out_dir}/compare.md, results: {out_dir}/compare.json, plot: {out_dir}/compare.png")
