@@ -1021,10 +1021,24 @@ def page(res: dict, img_dir: Path, prefix: str, label: str, literature: bool = T
 
 def write_docs(results: list[dict], docs: Path, img_dir: Path) -> None:
     """One page for several results files (the last one carries the literature notes)."""
-    lines: list[str] = []
+    names = [r["config"]["label"] for r in results]
+    lines: list[str] = [
+        "# Accuracy versus compression on Fashion-MNIST",
+        "",
+        "`benchmarks/tradeoff.py` (issue 4): every unstructured and channel criterion, random as the "
+        "baseline, one fine-tuning budget for all methods, torch.ao.pruning's and Torch-Pruning's "
+        f"equivalents in the same run. This page holds: {', '.join(names)}. Each section names the "
+        "exact command that produced it; the full configuration (3 seeds, wider nets, all compression "
+        "levels) is a by-hand run whose command and expected runtime are under *Reproducing*"
+        + ("" if any(r["config"]["prefix"] == "full" for r in results) else " (not run yet)")
+        + ". Tables, plots and the automatic comparisons are generated from the JSON files; the "
+        "*Reading the results* section is written by hand.",
+        "",
+    ]
     for i, res in enumerate(results):
         cfg = res["config"]
-        lines += page(res, img_dir, cfg["prefix"], cfg["label"], literature=i == len(results) - 1)
+        body = page(res, img_dir, cfg["prefix"], cfg["label"], literature=i == len(results) - 1)
+        lines += ["#" + ln if ln.startswith("#") else ln for ln in body]
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(lines) + "\n")
     log(f"wrote {docs}")
