@@ -655,7 +655,9 @@ def _plots(res: dict, img_dir: Path, prefix: str) -> list[str]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy after fine-tuning (%)")
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="lower left")
+        next((a for a in axes[0] if a.get_legend_handles_labels()[0]), axes[0][-1]).legend(
+            fontsize=7, loc="lower left"
+        )
         fig.tight_layout()
         name = f"tradeoff_{prefix}_{kind}.png"
         fig.savefig(img_dir / name, dpi=110)
