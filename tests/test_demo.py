@@ -56,6 +56,7 @@ def test_demo_small_run_writes_metrics_report_and_plots(tmp_path):
     # Sparsity rises monotonically over the recorded mask updates.
     sp = [h["sparsity"] for h in m["history"] if "sparsity" in h]
     assert sp == sorted(sp) and sp[-1] == pytest.approx(m["sparsity"], abs=1e-6)
+    assert max(h["step"] for h in m["history"]) == max(h["step"] for h in m["history"] if "sparsity" in h)
     report = (out / "report.md").read_text()
     assert "accuracy_sparsity.png" in report and "layer_sparsity.png" in report
     for png in ("accuracy_sparsity.png", "layer_sparsity.png"):

@@ -116,6 +116,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
         {"step": dense.global_step, "sparsity": 0.0},
     ]
     history += _shift(finetune.history, dense.global_step, "prune") + log.rows
+    history.append({"step": dense.global_step + finetune.global_step, "sparsity": sparsity})
     history.sort(key=lambda h: h["step"])
     metrics = {
         "dense_accuracy": dense_acc,
@@ -135,7 +136,10 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_training_curves(history, out / "accuracy_sparsity.png",
                          title=f"{cfg.model}: dense training, then gradual pruning to {cfg.sparsity:.0%}")
-    plot_layer_sparsity(layers, out / "layer_sparsity.png", title="Per-layer sparsity after global magnitude")
+    weighted = [r for r in layers if r["type"] in ("Conv1d", "Conv2d", "Conv3d", "Linear")]
+    plot_layer_sparsity(
+        weighted, out / "layer_sparsity.png", title="Per-layer sparsity of conv/linear weights"
+    )
     (out / "report.md").write_text(render_report(metrics))
     return metrics
 
