@@ -144,6 +144,24 @@ def prune_channels(
         rm = _ensure_member_nonempty(g, choose_units(g, scores, ratio, round_to), scores)
         if rm.size:
             removed[gi] = rm
+    return remove_units(model, graph, removed, example_inputs, verify=verify)
+
+
+def remove_units(
+    model: nn.Module,
+    graph: DependencyGraph,
+    removed: dict[int, np.ndarray],
+    example_inputs: Any,
+    verify: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Plan the removal of ``{group index: unit indices}`` and compact ``model`` in place.
+
+    With ``verify`` the oracle (masked copy vs compacted model, float64, atol 1e-6) runs inside the
+    transaction, so a mismatch rolls the model back. Returns ``(model, plan)``.
+
+    Raises:
+        CompactionError: planning, slicing or verification failed; the model is unchanged.
+    """
     plan = make_plan(graph, removed)
     check = None
     if verify:
@@ -159,4 +177,4 @@ def prune_channels(
 #: Public name (used by the structured pruner and methods): keep one unit of every member.
 ensure_member_nonempty = _ensure_member_nonempty
 
-__all__ = ["choose_units", "ensure_member_nonempty", "lp_scores", "prune_channels"]
+__all__ = ["choose_units", "ensure_member_nonempty", "lp_scores", "prune_channels", "remove_units"]

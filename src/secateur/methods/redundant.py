@@ -19,7 +19,6 @@ the lowest similarity to their cluster's representative are kept.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -28,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.compact import check_equivalence, compact, make_plan, mask_model
 from secateur.criteria.structured import redundant_features
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.structured import _ensure_member_nonempty
+from secateur.structured import ensure_member_nonempty as _ensure_member_nonempty
+from secateur.structured import remove_units
 
 __all__ = ["filter_clusters", "group_filters", "prune_redundant"]
 
@@ -169,13 +168,4 @@ def prune_redundant(
         rm = _ensure_member_nonempty(g, rm, np.where(np.isfinite(s), s, 1e9))
         if rm.size:
             removed[gi] = rm
-    plan = make_plan(graph, removed)
-    check = None
-    if verify:
-        masked = mask_model(copy.deepcopy(model), plan)
-
-        def check(m: nn.Module) -> None:
-            check_equivalence(masked, m, example_inputs)
-
-    compact(model, plan, check=check)
-    return model, plan
+    return remove_units(model, graph, removed, example_inputs, verify=verify)

@@ -13,7 +13,6 @@ compaction) is shared by the other channel methods of :mod:`secateur.methods`.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.compact import check_equivalence, compact, make_plan, mask_model
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.structured import _ensure_member_nonempty, choose_units
+from secateur.structured import choose_units, remove_units
+from secateur.structured import ensure_member_nonempty as _ensure_member_nonempty
 
 __all__ = ["SlimmingPenalty", "bn_group_scores", "prune_groups", "slim"]
 
@@ -177,16 +176,7 @@ def prune_groups(
         gi: _ensure_member_nonempty(graph.groups[gi], rm, scored[gi]) for gi, rm in removed.items() if rm.size
     }
     removed = {gi: rm for gi, rm in removed.items() if rm.size}
-    plan = make_plan(graph, removed)
-    check = None
-    if verify:
-        masked = mask_model(copy.deepcopy(model), plan)
-
-        def check(m: nn.Module) -> None:
-            check_equivalence(masked, m, example_inputs)
-
-    compact(model, plan, check=check)
-    return model, plan
+    return remove_units(model, graph, removed, example_inputs, verify=verify)
 
 
 def slim(
