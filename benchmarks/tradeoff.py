@@ -43,7 +43,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import secateur  # noqa: E402
 from secateur.analysis.counting import count_macs, count_params  # noqa: E402
 from secateur.data.fashion_mnist import load_fashion_mnist, normalize_fashion_mnist  # noqa: E402
-from secateur.data.loader import TensorLoader  # noqa: E402
+from secateur.data.loader import StepLoader, TensorLoader  # noqa: E402
 from secateur.methods.at_init import prune_at_init  # noqa: E402
 from secateur.pruner import Pruner  # noqa: E402
 from secateur.train import Trainer  # noqa: E402
@@ -142,28 +142,6 @@ def parse_model(spec: str) -> tuple[str, dict[str, Any]]:
         num = float(value)
         kwargs[key] = int(num) if num.is_integer() and "." not in value else num
     return name, kwargs
-
-
-class StepLoader:
-    """Exactly ``steps`` batches from ``base`` (cycling over its epochs), as one Trainer epoch."""
-
-    def __init__(self, base: TensorLoader, steps: int) -> None:
-        self.base = base
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[Any]:
-        done, epoch = 0, 0
-        while done < self.steps:
-            self.base.set_epoch(epoch)
-            for batch in self.base:
-                yield batch
-                done += 1
-                if done == self.steps:
-                    return
-            epoch += 1
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import importlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from secateur.analysis import count_macs, count_params
+from secateur.data.loader import StepLoader
 from secateur.errors import ConfigError
 
 MODES = ("channel", "element")
@@ -70,31 +71,6 @@ def _import_torch_ao() -> Any:
         return importlib.import_module("torch.ao.pruning")
     except ImportError:
         return None
-
-
-class _StepLoader:
-    """Exactly ``steps`` batches of ``base`` (cycling over its epochs 0, 1, ...), presented as one epoch.
-
-    Built afresh for every tool from loaders with the same seed, so every tool sees the same batches.
-    """
-
-    def __init__(self, base: Any, steps: int) -> None:
-        self.base = base
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[Any]:
-        done, epoch = 0, 0
-        while done < self.steps:
-            self.base.set_epoch(epoch)
-            for batch in self.base:
-                yield batch
-                done += 1
-                if done == self.steps:
-                    return
-            epoch += 1
 
 
 def _prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -385,7 +361,7 @@ def compare(
             base, _ = fashion_mnist_loaders(batch_size=batch_size, subset=subset, seed=seed)
             Trainer(
                 model,
-                _StepLoader(base, n_steps),
+                StepLoader(base, n_steps),
                 epochs=1,
                 lr=lr,
                 weight_decay=5e-4,

@@ -19,7 +19,7 @@ import torch
 
 from secateur.errors import ConfigError
 
-__all__ = ["TensorLoader"]
+__all__ = ["StepLoader", "TensorLoader"]
 
 
 class TensorLoader:
@@ -139,3 +139,32 @@ class TensorLoader:
             f"TensorLoader(n={self.num_examples}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
             f"seed={self.seed}, drop_last={self.drop_last}, epoch={self._epoch})"
         )
+
+
+class StepLoader:
+    """Exactly ``steps`` batches of ``base`` (cycling over its epochs 0, 1, ...), presented as one epoch.
+
+    Why: comparisons need the *same* fine-tuning budget in optimizer steps for every method, whatever
+    the dataset size; built afresh from loaders with the same seed, every method sees the same batches.
+    ``base`` must have ``set_epoch(e)`` (e.g. :class:`TensorLoader`). ``len()`` is ``steps``.
+    """
+
+    def __init__(self, base: Any, steps: int) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"StepLoader: steps must be an int >= 1, got {steps!r}")
+        self.base = base
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        done, epoch = 0, 0
+        while done < self.steps:
+            self.base.set_epoch(epoch)
+            for batch in self.base:
+                yield batch
+                done += 1
+                if done == self.steps:
+                    return
+            epoch += 1
