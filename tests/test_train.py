@@ -346,3 +346,57 @@ def test_bad_arguments_raise_config_error() -> None:
         Trainer(model, loader, epochs=1, callbacks=[object()])
     with pytest.raises(ConfigError, match="seed"):
         seed_everything(-1)
+
+
+def test_extra_loss_and_after_backward_hooks():
+    """A callback's penalty joins the backward pass; on_after_backward sees the gradients."""
+    import torch as _torch
+
+    from secateur.train import Trainer as _Trainer
+
+    _torch.manual_seed(0)
+    x, y = _torch.randn(32, 4), _torch.randint(0, 2, (32,))
+
+    class _Loader:
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            yield x, y
+
+    def run(callbacks):
+        _torch.manual_seed(0)
+        model = _torch.nn.Linear(4, 2)
+        _Trainer(
+            model,
+            _Loader(),
+            epochs=1,
+            lr=0.1,
+            momentum=0.0,
+            weight_decay=0.0,
+            callbacks=callbacks,
+            progress=False,
+        ).fit()
+        return model
+
+    lam = 0.5
+
+    class Penalty:
+        def __init__(self):
+            self.grads = []
+
+        def extra_loss(self, trainer):
+            return lam * trainer.model.weight.abs().sum()
+
+        def on_after_backward(self, trainer):
+            self.grads.append(trainer.model.weight.grad.clone())
+
+    plain = run([])
+    pen = Penalty()
+    penalised = run([pen])
+    # One SGD step at lr 0.1: the penalty adds lr * lam * sign(w0) to the update.
+    _torch.manual_seed(0)
+    w0 = _torch.nn.Linear(4, 2).weight.detach()
+    expected = plain.weight.detach() - 0.1 * lam * _torch.sign(w0)
+    assert _torch.allclose(penalised.weight.detach(), expected, atol=1e-6)
+    assert len(pen.grads) == 1 and pen.grads[0].shape == w0.shape

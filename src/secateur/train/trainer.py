@@ -27,7 +27,14 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "Trainer", "lr_at_step"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
-_CALLBACK_HOOKS = ("on_train_begin", "on_step_end", "on_epoch_end", "on_train_end")
+_CALLBACK_HOOKS = (
+    "on_train_begin",
+    "extra_loss",
+    "on_after_backward",
+    "on_step_end",
+    "on_epoch_end",
+    "on_train_end",
+)
 
 
 def lr_at_step(
@@ -93,7 +100,11 @@ class Trainer:
         label_smoothing: in [0, 1), for the training loss only (evaluation reports plain CE).
         callbacks: objects with any of ``on_train_begin(trainer)``, ``on_step_end(trainer)``
             (after ``optimizer.step()``, with ``global_step`` already incremented),
-            ``on_epoch_end(trainer, metrics)``, ``on_train_end(trainer)``; optional
+            ``on_epoch_end(trainer, metrics)``, ``on_train_end(trainer)``, ``extra_loss(trainer) ->
+            Tensor | None`` (a penalty added to the task loss before backward, e.g. ADMM's
+            ρ/2‖W−Z+U‖² or slimming's λ‖γ‖₁; the logged loss stays the task loss) and
+            ``on_after_backward(trainer)`` (gradients present, before ``optimizer.step()``; e.g. to
+            accumulate Taylor scores); optional
             ``state_dict``/``load_state_dict`` go into checkpoints. A callback may set
             ``trainer.should_stop = True`` to end training after the current epoch.
         progress: show a tqdm bar with loss, accuracy and LR.
@@ -274,8 +285,15 @@ class Trainer:
                 group["lr"] = lr
             logits = self.model(x)
             loss = criterion(logits, y)
+            total = loss
+            for cb in self.callbacks:
+                extra_fn = getattr(cb, "extra_loss", None)
+                extra = extra_fn(self) if callable(extra_fn) else None
+                if extra is not None:
+                    total = total + extra
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
+            self._call("on_after_backward")
             self.optimizer.step()
             self.global_step += 1
             with torch.no_grad():
