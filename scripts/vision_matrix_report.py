@@ -1,0 +1,170 @@
+"""Run the vision model matrix (torchvision, timm) and write benchmarks/results/vision_matrix.json.
+
+Each model goes through the main matrix's check (tests_vision/conftest.py). Outcomes: "pass", "refused"
+(a named GraphError / UnsupportedOpError), "failed" (any other exception: a wrong model or a crash),
+"timeout", "large" (skipped: over the parameter limit unless --all). Run it in .venv-vision:
+
+    .venv-vision/bin/python scripts/vision_matrix_report.py [--only torchvision|timm] [--all] [--timeout 120]
+
+It also prints the input size each model needed and the smallest timm model of each family (the tests pin
+both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests_vision"))
+sys.path.insert(1, str(ROOT / "tests" / "graph"))
+
+import conftest as vision  # noqa: E402  (tests_vision/conftest.py)
+
+SIZES = (64, 96, 128, 160, 224, 299)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def n_params_meta(build) -> int:
+    with torch.device("meta"):
+        m = build()
+    return sum(p.numel() for p in m.parameters())
+
+
+def min_size(model, sizes=SIZES) -> int | None:
+    for s in sizes:
+        try:
+            with torch.no_grad():
+                model.eval()(torch.randn(1, 3, s, s))
+            return s
+        except Exception:
+            continue
+    return None
+
+
+def run_one(name, build, sizes, timeout, allow_large) -> dict:
+    rec: dict = {"model": name}
+    t0 = time.perf_counter()
+    try:
+        rec["params"] = n_params_meta(build)
+    except Exception as e:
+        rec["params"] = None
+        rec["meta_error"] = f"{type(e).__name__}: {e}"[:300]
+    if rec["params"] and rec["params"] > vision.LARGE_PARAMS and not allow_large:
+        rec["outcome"] = "large"
+        return rec
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        torch.manual_seed(0)
+        model = build().eval()
+        size = min_size(model, sizes)
+        rec["size"] = size
+        if size is None:
+            rec["outcome"], rec["error"] = "no_input", f"no forward at sizes {sizes}"
+            return rec
+        x = torch.randn(1, 3, size, size)
+        rec["outcome"], msg = vision.outcome(model, x)
+        if msg:
+            rec["error"] = msg[:500]
+    except _Timeout:
+        rec["outcome"], rec["error"] = "timeout", f"over {timeout} s"
+    except Exception as e:
+        rec["outcome"] = "failed"
+        rec["error"] = f"{type(e).__name__}: {e}"[:500]
+        rec["where"] = traceback.format_exc(limit=-3)[-800:]
+    finally:
+        signal.alarm(0)
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def torchvision_specs():
+    import torchvision
+
+    for name in torchvision.models.list_models(module=torchvision.models):
+        yield name, (lambda n=name: torchvision.models.get_model(n, weights=None))
+
+
+def timm_smallest_per_family() -> dict[str, tuple[str, int]]:
+    """family (timm.models.<module>) -> (model with the fewest parameters, its parameter count)."""
+    import timm
+
+    best: dict[str, tuple[str, int]] = {}
+    for module in timm.list_modules():
+        for name in timm.list_models(module=module):
+            try:
+                n = n_params_meta(lambda n=name: timm.create_model(n, pretrained=False))
+            except Exception:
+                continue
+            if module not in best or n < best[module][1]:
+                best[module] = (name, n)
+    return best
+
+
+def timm_specs(families: dict[str, tuple[str, int]]):
+    import timm
+
+    for fam, (name, _) in sorted(families.items()):
+        yield f"{fam}:{name}", (lambda n=name: timm.create_model(n, pretrained=False))
+
+
+def summarize(records: list[dict]) -> dict:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["torchvision", "timm"])
+    ap.add_argument("--all", action="store_true", help="also models over conftest.LARGE_PARAMS")
+    ap.add_argument("--timeout", type=int, default=180)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vision_matrix.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    out_path = Path(args.out)
+    result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    import torchvision
+
+    result["versions"] = {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    suites = [args.only] if args.only else ["torchvision", "timm"]
+    for suite in suites:
+        if suite == "torchvision":
+            specs = list(torchvision_specs())
+        else:
+            import timm
+
+            result["versions"]["timm"] = timm.__version__
+            fams = timm_smallest_per_family()
+            result["timm_families"] = {k: v[0] for k, v in sorted(fams.items())}
+            specs = list(timm_specs(fams))
+        records = []
+        for name, build in specs:
+            rec = run_one(name, build, SIZES, args.timeout, args.all)
+            records.append(rec)
+            err = rec.get("error", "")[:160]
+            line = f"{suite} {name}: {rec['outcome']} {rec.get('size')} {rec.get('seconds')}s {err}"
+            print(line, flush=True)
+            result[suite] = {"counts": summarize(records), "total": len(specs), "models": records}
+            out_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(suite, summarize(records), flush=True)
+
+
+if __name__ == "__main__":
+    main()

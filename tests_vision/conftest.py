@@ -1,0 +1,62 @@
+"""The vision model matrix (torchvision, timm): shared setup and the check every model goes through.
+
+The checks are the main matrix's (tests/graph/test_matrix.py), imported, not copied: 30% of the prunable units
+of every group removed by a random criterion, the forward works, the oracle holds (float64, compacted ==
+masked), parameters and MACs drop. A model secateur cannot prune must refuse with a named error
+(UnsupportedOpError or GraphError whose message names the op); anything else is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_ROOT = Path(__file__).resolve().parents[1]
+for _p in (_ROOT / "tests" / "graph", Path(__file__).resolve().parent):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Models above this many parameters are checked only with SECATEUR_VISION_ALL=1 (minutes each on 2 cores).
+LARGE_PARAMS = 100_000_000
+RUN_ALL = os.environ.get("SECATEUR_VISION_ALL", "") not in ("", "0")
+
+
+def check(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """The main matrix's check (raises on a refusal or a failure)."""
+    from test_matrix import _check
+
+    torch.manual_seed(0)
+    _check(model.eval(), x)
+
+
+def outcome(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, str]:
+    """("pass", "") or ("refused", "<ErrorType>: message"); any other exception propagates (a failure)."""
+    from secateur.errors import GraphError
+
+    try:
+        check(model, x)
+    except GraphError as e:
+        return "refused", f"{type(e).__name__}: {e}"
+    return "pass", ""
+
+
+def run_expecting(model, x, refusal: tuple[type, str] | None) -> None:
+    """Check ``model``; if a refusal is expected, assert it is raised with the op named in the message."""
+    if refusal is None:
+        check(model, x)
+        return
+    err, match = refusal
+    with pytest.raises(err, match=match):
+        check(model, x)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
