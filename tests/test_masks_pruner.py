@@ -182,3 +182,29 @@ def test_detach_on_a_deepcopy_leaves_the_original_masked():
         # The original still computes with its masks.
         assert len(list(masked_parameters(model))) == len(pruner.targets)
         assert torch.equal(model(x), ref)
+
+
+def test_remove_warns_when_schedule_unfinished():
+    model = small_net()
+    pruner = Pruner(model, Cubic(final_sparsity=0.9, start=0, every=100, n=20))
+    pruner.step(0)
+    pruner.step(100)
+    with pytest.warns(UserWarning, match="schedule ends at step 2000"):
+        pruner.remove()
+    model = small_net()
+    pruner = Pruner(model, 0.5)
+    pruner.step(0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.remove()
+
+
+def test_counting_macs_leaves_batchnorm_statistics_untouched():
+    model = small_net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count_macs(model, torch.randn(2, 1, 8, 8))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and all(m.training for m in model.modules())

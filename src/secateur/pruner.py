@@ -9,6 +9,7 @@ zero through training; :meth:`Pruner.remove` bakes them into plain weights.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -127,7 +128,20 @@ class Pruner:
         return True
 
     def remove(self) -> nn.Module:
-        """Bake masks into plain weights (exact zeros) and drop the parametrizations."""
+        """Bake masks into plain weights (exact zeros) and drop the parametrizations.
+
+        Warns (``UserWarning``) when the schedule has not finished: a schedule sized for more steps
+        than were trained would otherwise bake an intermediate sparsity silently.
+        """
+        steps = list(getattr(self.schedule, "update_steps", []) or [])
+        if steps and (self.last_update is None or self.last_update < max(steps)):
+            warnings.warn(
+                f"Pruner.remove(): the schedule has not finished (last mask update at step "
+                f"{self.last_update}, schedule ends at step {max(steps)}); baking sparsity "
+                f"{self.sparsity():.4f} instead of {self.schedule.sparsity_at(max(steps)):.4f}. "
+                "Size the schedule to your number of optimizer steps.",
+                stacklevel=2,
+            )
         return detach_masks(self.model)
 
     # -- trainer callback protocol -----------------------------------------------------------

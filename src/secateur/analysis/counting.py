@@ -122,7 +122,8 @@ def layer_table(model: nn.Module, example_inputs: Any) -> list[LayerStats]:
 
     MACs are measured by running one forward pass on ``example_inputs`` (a tensor, a tuple of
     positional arguments or a dict of keyword arguments) under a FLOP counter, attributed to the
-    innermost module with parameters that ran each op. The model's train/eval mode is kept.
+    innermost module with parameters that ran each op. The forward runs in eval mode, so BatchNorm
+    statistics are untouched; every submodule's train/eval mode is restored afterwards.
     """
     leaves = _leaf_modules(model)
     macs: dict[str, int] = {name: 0 for name, _ in leaves}
@@ -146,7 +147,11 @@ def layer_table(model: nn.Module, example_inputs: Any) -> list[LayerStats]:
 
         return hook
 
+    # Count in eval mode: a training-mode forward would update BatchNorm running statistics, and
+    # counting must never change the model. The previous mode of every submodule is restored.
+    modes = {m: m.training for m in model.modules()}
     try:
+        model.eval()
         for name, m in leaves:
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name)))
@@ -156,6 +161,8 @@ def layer_table(model: nn.Module, example_inputs: Any) -> list[LayerStats]:
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     rows = []
     seen: set[int] = set()
     for name, m in leaves:
@@ -169,9 +176,7 @@ def layer_table(model: nn.Module, example_inputs: Any) -> list[LayerStats]:
             nonzero += int(torch.count_nonzero(p))
         w = eff["weight"][1] if "weight" in eff else None
         density = float(torch.count_nonzero(w)) / w.numel() if w is not None and w.numel() else 1.0
-        rows.append(
-            LayerStats(name, _type_name(m), params, nonzero, macs[name], round(macs[name] * density))
-        )
+        rows.append(LayerStats(name, _type_name(m), params, nonzero, macs[name], round(macs[name] * density)))
     unattributed = total_macs - sum(macs.values())
     if unattributed > 0:
         rows.append(LayerStats("(functional ops)", "-", 0, 0, unattributed, unattributed))

@@ -74,18 +74,20 @@ def layer_comparison(dense: nn.Module, pruned: nn.Module, example_inputs: Any) -
     for name in names:
         d, p = d_rows.get(name), p_rows.get(name)
         base = d.params if d is not None else (p.params if p is not None else 0)
-        out.append({
-            "name": name,
-            "type": (d or p).type,  # type: ignore[union-attr]
-            "dense_params": d.params if d else None,
-            "pruned_params": p.params if p else None,
-            "pruned_nonzero": p.nonzero_params if p else None,
-            "dense_kept": (d.nonzero_params / base) if d and base else None,
-            "pruned_kept": (p.nonzero_params / base) if p and base else (0.0 if d and base else None),
-            "dense_macs": d.macs if d else None,
-            "pruned_macs": p.macs if p else None,
-            "pruned_sparse_macs": p.sparse_macs if p else None,
-        })
+        out.append(
+            {
+                "name": name,
+                "type": (d or p).type,  # type: ignore[union-attr]
+                "dense_params": d.params if d else None,
+                "pruned_params": p.params if p else None,
+                "pruned_nonzero": p.nonzero_params if p else None,
+                "dense_kept": (d.nonzero_params / base) if d and base else None,
+                "pruned_kept": (p.nonzero_params / base) if p and base else (0.0 if d and base else None),
+                "dense_macs": d.macs if d else None,
+                "pruned_macs": p.macs if p else None,
+                "pruned_sparse_macs": p.sparse_macs if p else None,
+            }
+        )
     return out
 
 
@@ -133,18 +135,29 @@ def collect_results(
     if latency:
         lat = compare_latency(dense, pruned, example_inputs, threads=threads, repeats=repeats)
         for key in ("dense", "pruned"):
-            for out_key, in_key in (("latency_ms", "median_ms"), ("latency_iqr_ms", "iqr_ms"),
-                                    ("latency_q1_ms", "q1_ms"), ("latency_q3_ms", "q3_ms")):
+            for out_key, in_key in (
+                ("latency_ms", "median_ms"),
+                ("latency_iqr_ms", "iqr_ms"),
+                ("latency_q1_ms", "q1_ms"),
+                ("latency_q3_ms", "q3_ms"),
+            ):
                 res[key][out_key] = lat[key][in_key]
-        res["latency"] = {"threads": lat["dense"]["threads"], "batch_size": lat["dense"]["batch_size"],
-                          "blocks": lat["dense"]["n"], "device": lat["dense"]["device"]}
+        res["latency"] = {
+            "threads": lat["dense"]["threads"],
+            "batch_size": lat["dense"]["batch_size"],
+            "blocks": lat["dense"]["n"],
+            "device": lat["dense"]["device"],
+        }
     if onnx_dir is not None:
         from secateur.analysis.onnx import compare_onnx_latency, export_onnx
 
-        paths = {key: export_onnx(m, example_inputs, Path(onnx_dir) / f"{key}.onnx")
-                 for key, m in (("dense", dense), ("pruned", pruned))}
-        ox = compare_onnx_latency(paths["dense"], paths["pruned"], example_inputs, threads=threads,
-                                  repeats=repeats)
+        paths = {
+            key: export_onnx(m, example_inputs, Path(onnx_dir) / f"{key}.onnx")
+            for key, m in (("dense", dense), ("pruned", pruned))
+        }
+        ox = compare_onnx_latency(
+            paths["dense"], paths["pruned"], example_inputs, threads=threads, repeats=repeats
+        )
         for key in ("dense", "pruned"):
             for stat in ("median", "iqr", "q1", "q3"):
                 out_key = "onnx_latency_ms" if stat == "median" else f"onnx_latency_{stat}_ms"
@@ -194,7 +207,9 @@ def plot_accuracy_vs_compression(results: dict[str, Any]) -> bytes | None:
             series.setdefault(str(pt.get("method", "sweep")), []).append((pt["compression"], pt["accuracy"]))
     d, p = results.get("dense", {}), results.get("pruned", {})
     dense_pt = (1.0, d["accuracy"]) if d.get("accuracy") is not None else None
-    c = _compression(p) if p else None
+    # Compression relative to the dense model: after physical removal the pruned model's own
+    # params / non-zero params is 1, which would hide the compression.
+    c = d["params"] / p["nonzero_params"] if d.get("params") and p.get("nonzero_params") else None
     pruned_pt = (c, p["accuracy"]) if c and p.get("accuracy") is not None else None
     if not series and not pruned_pt:
         return None
@@ -271,19 +286,40 @@ def plot_latency_vs_macs(results: dict[str, Any]) -> bytes | None:
             groups.setdefault(str(pt.get("method", "sweep")), []).append(pt)
     for name, pts in groups.items():
         pts = sorted(pts, key=lambda q: q["macs"])
-        ax.errorbar([q["macs"] for q in pts], [q["latency_ms"] for q in pts],
-                    yerr=_yerr(pts), fmt="o-", capsize=3, label=name)
+        ax.errorbar(
+            [q["macs"] for q in pts],
+            [q["latency_ms"] for q in pts],
+            yerr=_yerr(pts),
+            fmt="o-",
+            capsize=3,
+            label=name,
+        )
         drawn = True
     for key, color, marker in (("dense", "black", "s"), ("pruned", "tab:red", "*")):
         m = results.get(key) or {}
         if m.get("latency_ms") is None or not m.get("macs"):
             continue
-        ax.errorbar([m["macs"]], [m["latency_ms"]], yerr=_yerr([m]), fmt=marker,
-                    ms=10 if marker == "*" else 7, color=color, capsize=3, label=f"{key} (MACs run)")
+        ax.errorbar(
+            [m["macs"]],
+            [m["latency_ms"]],
+            yerr=_yerr([m]),
+            fmt=marker,
+            ms=10 if marker == "*" else 7,
+            color=color,
+            capsize=3,
+            label=f"{key} (MACs run)",
+        )
         sm = m.get("sparse_macs")
         if key == "pruned" and sm and sm < m["macs"]:
-            ax.plot([sm], [m["latency_ms"]], marker, mfc="none", ms=10, color=color,
-                    label="pruned at its sparse MACs")
+            ax.plot(
+                [sm],
+                [m["latency_ms"]],
+                marker,
+                mfc="none",
+                ms=10,
+                color=color,
+                label="pruned at its sparse MACs",
+            )
             ax.plot([sm, m["macs"]], [m["latency_ms"]] * 2, ":", color=color, lw=1)
         drawn = True
     if not drawn:
@@ -328,51 +364,98 @@ def _latency_ratio(d: dict[str, Any], p: dict[str, Any], prefix: str) -> str:
     return text
 
 
+def _batch_label(results: dict[str, Any]) -> str:
+    """Which input the MAC counts are for: they count one forward of the example inputs."""
+    b = (results.get("latency") or {}).get("batch_size") or results.get("batch_size")
+    return f"batch of {b}" if b else "one forward of the example inputs"
+
+
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """``(quantity, dense, pruned, dense/pruned)`` rows of the side-by-side table, as strings."""
     d, p = results.get("dense") or {}, results.get("pruned") or {}
     rows = [
         ("accuracy (fraction)", _fmt(d.get("accuracy"), ".4f"), _fmt(p.get("accuracy"), ".4f"), ""),
-        ("parameters", _fmt_int(d.get("params")), _fmt_int(p.get("params")),
-         _ratio(d.get("params"), p.get("params"))),
-        ("non-zero parameters", _fmt_int(d.get("nonzero_params")), _fmt_int(p.get("nonzero_params")),
-         _ratio(d.get("nonzero_params"), p.get("nonzero_params"))),
-        ("MACs (dense kernels)", _fmt_int(d.get("macs")), _fmt_int(p.get("macs")),
-         _ratio(d.get("macs"), p.get("macs"))),
-        ("sparse MACs (zeros skipped)", _fmt_int(d.get("sparse_macs")), _fmt_int(p.get("sparse_macs")),
-         _ratio(d.get("sparse_macs"), p.get("sparse_macs"))),
+        (
+            "parameters",
+            _fmt_int(d.get("params")),
+            _fmt_int(p.get("params")),
+            _ratio(d.get("params"), p.get("params")),
+        ),
+        (
+            "non-zero parameters",
+            _fmt_int(d.get("nonzero_params")),
+            _fmt_int(p.get("nonzero_params")),
+            _ratio(d.get("nonzero_params"), p.get("nonzero_params")),
+        ),
+        (
+            f"MACs (dense kernels, {_batch_label(results)})",
+            _fmt_int(d.get("macs")),
+            _fmt_int(p.get("macs")),
+            _ratio(d.get("macs"), p.get("macs")),
+        ),
+        (
+            f"sparse MACs (zeros skipped, {_batch_label(results)})",
+            _fmt_int(d.get("sparse_macs")),
+            _fmt_int(p.get("sparse_macs")),
+            _ratio(d.get("sparse_macs"), p.get("sparse_macs")),
+        ),
     ]
     if d.get("latency_ms") is not None or p.get("latency_ms") is not None:
-        rows.append((
-            "latency, median ± IQR (ms)",
-            f"{_fmt(d.get('latency_ms'), '.3f')} ± {_fmt(d.get('latency_iqr_ms'), '.3f')}",
-            f"{_fmt(p.get('latency_ms'), '.3f')} ± {_fmt(p.get('latency_iqr_ms'), '.3f')}",
-            _latency_ratio(d, p, "latency"),
-        ))
+        rows.append(
+            (
+                "latency, median ± IQR (ms)",
+                f"{_fmt(d.get('latency_ms'), '.3f')} ± {_fmt(d.get('latency_iqr_ms'), '.3f')}",
+                f"{_fmt(p.get('latency_ms'), '.3f')} ± {_fmt(p.get('latency_iqr_ms'), '.3f')}",
+                _latency_ratio(d, p, "latency"),
+            )
+        )
     if d.get("onnx_latency_ms") is not None or p.get("onnx_latency_ms") is not None:
-        rows.append((
-            "ONNX Runtime latency, median ± IQR (ms)",
-            f"{_fmt(d.get('onnx_latency_ms'), '.3f')} ± {_fmt(d.get('onnx_latency_iqr_ms'), '.3f')}",
-            f"{_fmt(p.get('onnx_latency_ms'), '.3f')} ± {_fmt(p.get('onnx_latency_iqr_ms'), '.3f')}",
-            _latency_ratio(d, p, "onnx_latency"),
-        ))
+        rows.append(
+            (
+                "ONNX Runtime latency, median ± IQR (ms)",
+                f"{_fmt(d.get('onnx_latency_ms'), '.3f')} ± {_fmt(d.get('onnx_latency_iqr_ms'), '.3f')}",
+                f"{_fmt(p.get('onnx_latency_ms'), '.3f')} ± {_fmt(p.get('onnx_latency_iqr_ms'), '.3f')}",
+                _latency_ratio(d, p, "onnx_latency"),
+            )
+        )
     if d.get("peak_activation_bytes") is not None or p.get("peak_activation_bytes") is not None:
-        rows.append(("peak activation memory (MiB)", _mib(d.get("peak_activation_bytes")),
-                     _mib(p.get("peak_activation_bytes")),
-                     _ratio(d.get("peak_activation_bytes"), p.get("peak_activation_bytes"))))
+        rows.append(
+            (
+                "peak activation memory (MiB)",
+                _mib(d.get("peak_activation_bytes")),
+                _mib(p.get("peak_activation_bytes")),
+                _ratio(d.get("peak_activation_bytes"), p.get("peak_activation_bytes")),
+            )
+        )
     return rows
 
 
-_LAYER_HEAD = ("layer", "type", "dense params", "pruned params", "non-zero", "kept (dense)", "kept (pruned)",
-               "MACs dense", "MACs pruned", "sparse MACs pruned")
+_LAYER_HEAD = (
+    "layer",
+    "type",
+    "dense params",
+    "pruned params",
+    "non-zero",
+    "kept (dense)",
+    "kept (pruned)",
+    "MACs dense",
+    "MACs pruned",
+    "sparse MACs pruned",
+)
 
 
 def _layer_cells(r: dict[str, Any]) -> list[str]:
     return [
-        str(r["name"]), str(r["type"]), _fmt_int(r.get("dense_params")), _fmt_int(r.get("pruned_params")),
-        _fmt_int(r.get("pruned_nonzero")), _fmt(r.get("dense_kept"), ".3f"),
+        str(r["name"]),
+        str(r["type"]),
+        _fmt_int(r.get("dense_params")),
+        _fmt_int(r.get("pruned_params")),
+        _fmt_int(r.get("pruned_nonzero")),
+        _fmt(r.get("dense_kept"), ".3f"),
         _fmt(r.get("pruned_kept"), ".3f"),
-        _fmt_int(r.get("dense_macs")), _fmt_int(r.get("pruned_macs")), _fmt_int(r.get("pruned_sparse_macs")),
+        _fmt_int(r.get("dense_macs")),
+        _fmt_int(r.get("pruned_macs")),
+        _fmt_int(r.get("pruned_sparse_macs")),
     ]
 
 
@@ -381,9 +464,14 @@ _SWEEP_HEAD = ("method", "compression", "accuracy", "MACs", "sparse MACs", "late
 
 def _sweep_cells(pt: dict[str, Any]) -> list[str]:
     c = pt.get("compression")
-    return [str(pt.get("method", "sweep")), "—" if c is None else f"{c:.2f}x",
-            _fmt(pt.get("accuracy"), ".4f"), _fmt_int(pt.get("macs")), _fmt_int(pt.get("sparse_macs")),
-            _fmt(pt.get("latency_ms"), ".3f")]
+    return [
+        str(pt.get("method", "sweep")),
+        "—" if c is None else f"{c:.2f}x",
+        _fmt(pt.get("accuracy"), ".4f"),
+        _fmt_int(pt.get("macs")),
+        _fmt_int(pt.get("sparse_macs")),
+        _fmt(pt.get("latency_ms"), ".3f"),
+    ]
 
 
 # -- rendering ----------------------------------------------------------------------------------
@@ -436,12 +524,16 @@ def _notes(results: dict[str, Any]) -> list[str]:
             "range per forward call."
         )
     if any((results.get(k) or {}).get("onnx_latency_ms") is not None for k in ("dense", "pruned")):
-        notes.append("ONNX Runtime latency: the exported models (masks baked in) on the CPU execution "
-                     "provider with the same thread count, timed the same way. Dense kernels do not skip "
-                     "zeros, so only compaction can make the pruned model faster there.")
+        notes.append(
+            "ONNX Runtime latency: the exported models (masks baked in) on the CPU execution "
+            "provider with the same thread count, timed the same way. Dense kernels do not skip "
+            "zeros, so only compaction can make the pruned model faster there."
+        )
     if any((results.get(k) or {}).get("peak_activation_bytes") is not None for k in ("dense", "pruned")):
-        notes.append("Peak activation memory: most bytes held at once by tensors allocated during one "
-                     "forward (torch.profiler allocation records on CPU; max_memory_allocated on CUDA).")
+        notes.append(
+            "Peak activation memory: most bytes held at once by tensors allocated during one "
+            "forward (torch.profiler allocation records on CPU; max_memory_allocated on CUDA)."
+        )
     return notes
 
 
