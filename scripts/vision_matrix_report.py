@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["torchvision", "timm"])
     ap.add_argument("--all", action="store_true", help="also models over conftest.LARGE_PARAMS")
     ap.add_argument("--timeout", type=int, default=180)
+    ap.add_argument("--reverse", action="store_true", help="reverse order (second worker)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vision_matrix.json"))
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -154,6 +155,8 @@ def main() -> None:
             fams = timm_smallest_per_family()
             result["timm_families"] = {k: v[0] for k, v in sorted(fams.items())}
             specs = list(timm_specs(fams))
+        if args.reverse:
+            specs = specs[::-1]
         records = []
         for name, build in specs:
             rec = run_one(name, build, SIZES, args.timeout, args.all)
