@@ -55,3 +55,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The torchvision/timm model matrix in its own environment (.venv-vision); not part of `make test`.
+-include mk/vision.mk
