@@ -97,7 +97,7 @@ def prune_channels(
     round_to: int = 1,
     seed: int = 0,
     prune_outputs: bool = False,
-    verify: bool = False,
+    verify: bool = True,
     graph: DependencyGraph | None = None,
 ) -> tuple[nn.Module, dict]:
     """Remove ``ratio`` of the prunable units of every group (channels, features, heads) in place.
@@ -110,7 +110,9 @@ def prune_channels(
             low = removed first).
         protect: module name patterns never pruned (fnmatch; ``"re:..."`` for a regex).
         round_to: kept unit counts are multiples of this.
-        verify: run the oracle (masked copy vs compacted model, float64, atol 1e-6) and roll back on failure.
+        verify: run the oracle (masked copy vs compacted model, float64, atol 1e-6) and roll back on failure
+            (default: a wrong model is never returned; costs a deep copy and two float64 forwards, so
+            pass ``verify=False`` for timing or for models too large to copy).
 
     Returns ``(model, plan)``; ``plan`` is plain JSON-serialisable data (:func:`secateur.compact.make_plan`).
 
