@@ -367,24 +367,9 @@ class _ConvWeightNormSparsifier:
 
     @staticmethod
     def build(sparsity: float) -> Any:
-        from torch.ao.pruning import WeightNormSparsifier
+        from secateur.compare import conv_row_weight_norm_sparsifier
 
-        class ConvWNS(WeightNormSparsifier):
-            def update_mask(
-                self, module, tensor_name, sparsity_level, sparse_block_shape, zeros_per_block, **kwargs
-            ):  # noqa: ANN001
-                mask = getattr(module.parametrizations, tensor_name)[0].mask
-                w = getattr(module, tensor_name)
-                flat = self.norm_fn(w).reshape(w.shape[0], -1)
-                m2 = self._make_tensor_mask(
-                    data=flat,
-                    input_shape=flat.shape,
-                    sparsity_level=sparsity_level,
-                    sparse_block_shape=sparse_block_shape,
-                )
-                mask.data = m2.reshape(mask.shape).to(mask.dtype)
-
-        return ConvWNS(sparsity_level=sparsity, sparse_block_shape=(1, 1), zeros_per_block=1)
+        return conv_row_weight_norm_sparsifier(sparsity)
 
 
 def torch_ao_prune(model: nn.Module, sparsity: float) -> Callable:

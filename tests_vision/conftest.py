@@ -30,10 +30,10 @@ RUN_ALL = os.environ.get("SECATEUR_VISION_ALL", "") not in ("", "0")
 
 def check(model: torch.nn.Module, x: torch.Tensor) -> None:
     """The main matrix's check (raises on a refusal or a failure)."""
-    from test_matrix import _check
+    from test_matrix import assert_prunable
 
     torch.manual_seed(0)
-    _check(model.eval(), x)
+    assert_prunable(model.eval(), x)
 
 
 def outcome(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, str]:

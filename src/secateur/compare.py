@@ -164,12 +164,16 @@ def _tp_channel(
     return _tp_apply(tp, model, example, ratio), ratio
 
 
-def _torch_ao_element(ao: Any, model: nn.Module, sparsity: float) -> Callable[[], Any]:
-    """Mask ``model`` with a WeightNormSparsifier (1x1 blocks) at ``sparsity`` per layer; returns the
-    function that bakes the masks (``squash_mask``)."""
+def conv_row_weight_norm_sparsifier(sparsity: float, ao: Any = None) -> Any:
+    """``torch.ao.pruning.WeightNormSparsifier`` (1x1 blocks) that also takes conv weights.
+
+    The stock sparsifier reads the last two dims of a weight as its 2-D grid and fails on 4-D conv
+    weights; this subclass only scores them as ``(C_out, -1)`` rows. ``sparsity`` is a fraction per
+    layer. Raises ImportError when this PyTorch build has no ``torch.ao.pruning``.
+    """
+    ao = ao or importlib.import_module("torch.ao.pruning")
 
     class _RowView(ao.WeightNormSparsifier):
-        # the stock sparsifier takes the last two dims as its grid; score conv weights as (C_out, -1) rows
         def update_mask(self, module, tensor_name, sparsity_level, sparse_block_shape, zeros_per_block, **kw):  # noqa: ANN001
             mask = getattr(module.parametrizations, tensor_name)[0].mask
             w = getattr(module, tensor_name)
@@ -182,7 +186,13 @@ def _torch_ao_element(ao: Any, model: nn.Module, sparsity: float) -> Callable[[]
             )
             mask.data = m2.reshape(mask.shape).to(mask.dtype)
 
-    sp = _RowView(sparsity_level=sparsity, sparse_block_shape=(1, 1), zeros_per_block=1)
+    return _RowView(sparsity_level=sparsity, sparse_block_shape=(1, 1), zeros_per_block=1)
+
+
+def _torch_ao_element(ao: Any, model: nn.Module, sparsity: float) -> Callable[[], Any]:
+    """Mask ``model`` with :func:`conv_row_weight_norm_sparsifier` at ``sparsity`` per layer; returns the
+    function that bakes the masks (``squash_mask``)."""
+    sp = conv_row_weight_norm_sparsifier(sparsity, ao)
     sp.prepare(model, [{"tensor_fqn": f"{n}.weight"} for n, _ in _prunable_weights(model)])
     sp.step()
     return sp.squash_mask
