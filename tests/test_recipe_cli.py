@@ -1,3 +1,4 @@
+import difflib
 import json
 
 import pytest
@@ -5,7 +6,7 @@ from click.testing import CliRunner
 
 from secateur.cli import main
 from secateur.errors import ConfigError
-from secateur.recipe import dump_recipe, load_recipe, recipe_from_dict, shipped_recipes
+from secateur.recipe import Recipe, did_you_mean, dump_recipe, load_recipe, recipe_from_dict, shipped_recipes
 from secateur.schedules import Cubic, Iterative, OneShot
 
 
@@ -37,13 +38,81 @@ def test_unknown_key_and_bad_values_are_named():
     with pytest.raises(ConfigError, match=r"granularity: .*'element', 'channel' or 'n:m', got 'filter'"):
         recipe_from_dict({"schedule": {"sparsity": 0.5}, "granularity": "filter"})
     with pytest.raises(
-        ConfigError, match=r"criterion: .*unknown criterion 'magnitud'; allowed: \[.*'magnitude'"
+        ConfigError, match=r"criterion: .*unknown criterion 'magnitud'.*; allowed: \[.*'magnitude'"
     ):
         recipe_from_dict({"schedule": {"sparsity": 0.5}, "criterion": "magnitud"})
     with pytest.raises(ConfigError, match=r"target 'macs' needs granularity 'channel'"):
         recipe_from_dict({"schedule": {"sparsity": 0.5}, "target": "macs"})
     with pytest.raises(ConfigError, match="neither a file nor a shipped recipe"):
         load_recipe("no_such_recipe")
+
+
+def _closest(word: str, choices) -> str:
+    """The choice most similar to ``word`` (difflib ratio, case-insensitive), computed independently."""
+    return max(choices, key=lambda c: difflib.SequenceMatcher(None, word.lower(), c.lower()).ratio())
+
+
+def test_misspelt_keys_get_did_you_mean_at_every_level(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text(
+        "critrion: magnitude\n"
+        "schedule: {kidn: cubic, sparsity: 0.5}\n"
+        "scope: {exclud: [fc]}\n"
+        "finetune: {optimiser: sgd}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_recipe(p)
+    msg = str(info.value)
+    assert "typo.yaml" in msg
+    assert "critrion: unknown key (did you mean 'criterion'?)" in msg
+    assert "schedule.kidn: unknown key (did you mean 'kind'?)" in msg
+    assert "scope.exclud: unknown key (did you mean 'exclude'?)" in msg
+    assert "finetune.optimiser: unknown key (did you mean 'optimizer'?)" in msg
+    # The allowed keys of the level at fault are listed, and a key placed at the wrong level
+    # is pointed to the section that has it.
+    assert str(list(Recipe.model_fields["schedule"].annotation.model_fields)) in msg
+    with pytest.raises(ConfigError, match=r"sparsity: unknown key \('sparsity' is a key of 'schedule'\)"):
+        recipe_from_dict({"sparsity": 0.5, "schedule": {"sparsity": 0.5}})
+    # Through the CLI the same message reaches the user.
+    res = CliRunner().invoke(main, ["prune", "--model", "zoo:lenet5", "--recipe", str(p), "--data", "none"])
+    assert res.exit_code != 0 and "did you mean 'criterion'" in res.output
+
+
+def test_bad_choice_values_suggest_the_closest_registered_name():
+    from secateur.allocation import ALLOCATIONS
+    from secateur.criteria import available_criteria
+
+    for typo in ("magnitud", "fgpm", "tayler"):
+        with pytest.raises(ConfigError) as info:
+            recipe_from_dict({"schedule": {"sparsity": 0.5}, "criterion": typo})
+        channel = {"l1", "l2", "random", "bn_scale", "fpgm", "taylor", "fisher", "wanda", "sparsegpt"}
+        allowed = set(available_criteria()) | channel
+        assert f"did you mean {_closest(typo, allowed)!r}" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict({"schedule": {"sparsity": 0.5}, "allocation": "globl"})
+    assert f"did you mean {_closest('globl', set(ALLOCATIONS) | {'uniform'})!r}" in str(info.value)
+    # Literal choices at nested levels (schedule kind, scope types inside a list, optimizer).
+    cases = [
+        ({"granularity": "chanel"}, "granularity", "channel"),
+        ({"schedule": {"sparsity": 0.5, "kind": "iterativ"}}, "schedule.kind", "iterative"),
+        ({"scope": {"types": ["Linear", "conv2d"]}}, "scope.types.1", "Conv2d"),
+        ({"finetune": {"lr_schedule": "cosin"}}, "finetune.lr_schedule", "cosine"),
+    ]
+    for extra, field, want in cases:
+        data = {"schedule": {"sparsity": 0.5}, **extra}
+        with pytest.raises(ConfigError, match=rf"{field}: .*\(did you mean '{want}'\?\)"):
+            recipe_from_dict(data)
+    # Nothing close: no suggestion, just the allowed values.
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict({"schedule": {"sparsity": 0.5}, "criterion": "zzzzzz"})
+    assert "did you mean" not in str(info.value) and "allowed" in str(info.value)
+
+
+def test_did_you_mean_helper():
+    assert did_you_mean("critrion", ["criterion", "description"]) == " (did you mean 'criterion'?)"
+    assert did_you_mean("LINEAR", ["Linear", "Conv2d"]) == " (did you mean 'Linear'?)"
+    assert did_you_mean("xyz", ["criterion"]) == ""
+    assert did_you_mean(3, ["criterion"]) == ""
 
 
 def test_bad_yaml_names_the_file(tmp_path):

@@ -4,7 +4,8 @@ A recipe names the pieces of the grammar (scope, granularity, criterion, allocat
 target) and the fine-tuning budget. Schedules are written in fractions of the fine-tuning run, so
 the same recipe works for any dataset size; :meth:`ScheduleSpec.build` turns them into concrete
 step counts once the number of steps is known. Unknown keys and bad values raise
-:class:`~secateur.errors.ConfigError` naming the field and the allowed values.
+:class:`~secateur.errors.ConfigError` naming the field and the allowed values, with a
+did-you-mean suggestion (:func:`did_you_mean`) for a misspelt key or choice at any nesting level.
 
 Example (``secateur/recipes/gmp90.yaml``)::
 
@@ -17,16 +18,40 @@ Example (``secateur/recipes/gmp90.yaml``)::
 
 from __future__ import annotations
 
+import difflib
 import math
+import types
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from secateur.errors import ConfigError
 from secateur.schedules import Cubic, Iterative, OneShot
+
+
+def did_you_mean(word: object, choices: Iterable[object]) -> str:
+    """A ``" (did you mean 'x'?)"`` suffix naming the choice closest to ``word``, or ``""``.
+
+    Closeness is :func:`difflib.get_close_matches` (Ratcliff/Obershelp similarity >= 0.6), compared
+    case-insensitively; the closest choice is named, with any other choice equally close (ties).
+    Non-string inputs give ``""``.
+    """
+    if not isinstance(word, str):
+        return ""
+    by_lower: dict[str, str] = {}
+    for c in choices:
+        if isinstance(c, str):
+            by_lower.setdefault(c.lower(), c)
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    ratio = [difflib.SequenceMatcher(None, word.lower(), c).ratio() for c in close]
+    best = [c for c, r in zip(close, ratio) if r >= ratio[0] - 1e-9]
+    return " (did you mean " + " or ".join(repr(by_lower[c]) for c in best) + "?)"
 
 
 class _Strict(BaseModel):
@@ -117,7 +142,7 @@ class Recipe(_Strict):
 
         allowed = sorted(set(available_criteria()) | _CHANNEL_CRITERIA)
         if v not in allowed:
-            raise ValueError(f"unknown criterion {v!r}; allowed: {allowed}")
+            raise ValueError(f"unknown criterion {v!r}{did_you_mean(v, allowed)}; allowed: {allowed}")
         return v
 
     @field_validator("allocation")
@@ -128,7 +153,7 @@ class Recipe(_Strict):
         get_allocation("global")  # registers the extra allocations
         allowed = sorted(set(ALLOCATIONS) | {"uniform"})
         if v not in allowed:
-            raise ValueError(f"unknown allocation {v!r}; allowed: {allowed}")
+            raise ValueError(f"unknown allocation {v!r}{did_you_mean(v, allowed)}; allowed: {allowed}")
         return v
 
     @model_validator(mode="after")
@@ -147,15 +172,70 @@ class Recipe(_Strict):
 _CHANNEL_CRITERIA = {"l1", "l2", "random", "bn_scale", "fpgm", "taylor", "fisher", "wanda", "sparsegpt"}
 
 
+def _unwrap_optional(ann: Any) -> Any:
+    """``X | None`` -> ``X`` (the first non-None member of a union); anything else unchanged."""
+    if get_origin(ann) in (Union, types.UnionType):
+        members = [a for a in get_args(ann) if a is not type(None)]
+        return members[0] if len(members) == 1 else ann
+    return ann
+
+
+def _annotation_at(loc: Sequence[str | int]) -> Any:
+    """The type annotation of the recipe field at a pydantic error location, or None if unknown.
+
+    Walks from :class:`Recipe` through nested spec models and list items (integer locations).
+    """
+    ann: Any = Recipe
+    for part in loc:
+        ann = _unwrap_optional(ann)
+        if isinstance(part, int):
+            if get_origin(ann) is not list:
+                return None
+            ann = get_args(ann)[0]
+        elif isinstance(ann, type) and issubclass(ann, BaseModel) and part in ann.model_fields:
+            ann = ann.model_fields[part].annotation
+        else:
+            return None
+    return _unwrap_optional(ann)
+
+
+def _keys_elsewhere(key: str) -> list[str]:
+    """Dotted paths of the nested spec models (``schedule``, ``scope``, ...) that do have ``key``."""
+    found = []
+    for name, info in Recipe.model_fields.items():
+        ann = _unwrap_optional(info.annotation)
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and key in ann.model_fields:
+            found.append(name)
+    if key in Recipe.model_fields:
+        found.append("(top level)")
+    return found
+
+
+def _unknown_key_message(loc: Sequence[str | int]) -> str:
+    key = loc[-1]
+    parent = _annotation_at(loc[:-1])
+    if not (isinstance(parent, type) and issubclass(parent, BaseModel)):
+        return "unknown key"
+    allowed = list(parent.model_fields)
+    hint = did_you_mean(key, allowed)
+    if not hint and isinstance(key, str):
+        elsewhere = [p for p in _keys_elsewhere(key) if p != (".".join(map(str, loc[:-1])) or "(top level)")]
+        if elsewhere:
+            hint = f" ({key!r} is a key of {' and '.join(repr(p) for p in elsewhere)})"
+    return f"unknown key{hint}; allowed: {allowed}"
+
+
 def _format_error(e: ValidationError, source: str) -> str:
     parts = []
     for err in e.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(recipe)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = _unknown_key_message(err["loc"])
         elif err["type"] == "literal_error":
-            msg = f"{msg}, got {err.get('input')!r}"
+            ann = _annotation_at(err["loc"])
+            choices = get_args(ann) if get_origin(ann) is Literal else ()
+            msg = f"{msg}, got {err.get('input')!r}{did_you_mean(err.get('input'), choices)}"
         parts.append(f"{field}: {msg}")
     return f"invalid recipe {source}: " + "; ".join(parts)
 
