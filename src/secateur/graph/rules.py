@@ -163,13 +163,17 @@ def reduction_rule(ctx: OpContext) -> None:
         ctx.set_dims(out, dims if len(dims) == out.dim() else [None] * out.dim())
 
 
+_ALONG_DIM_ARG = {"topk": (2, -1), "normalize": (2, 1), "gumbel_softmax": (4, -1)}
+
+
 def along_dim_rule(ctx: OpContext) -> None:
     """softmax/cumsum/sort along ``dim``: that dim mixes channels, the others pass through."""
     x = ctx.args[0]
-    dim = ctx.arg(1, "dim", -1)
+    pos, default = _ALONG_DIM_ARG.get(ctx.name, (1, -1))  # topk(x, k, dim), normalize(x, p, dim=1)
+    dim = ctx.arg(pos, "dim", default)
     dims = ctx.dims(x)
     if dim is None:
-        dim = -1
+        dim = default
     d = _norm_dim(dim, len(dims)) if dims else 0
     if dims:
         ctx.freeze(dims[d], f"'{ctx.name}' mixes a channel dim")
