@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -91,6 +94,45 @@ def test_peak_memory_sees_activations() -> None:
     assert res["param_bytes"] == sum(p.numel() * 4 for p in model.parameters())
     assert res["method"] == "torch.profiler" and res["device"] == "cpu"
     assert model.training  # restored
+
+
+class _Talker(nn.Module):
+    """Writes one line to descriptor 2 during its forward (what a user's debug print would do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        os.write(2, b"user line from forward\n")
+        return self.fc(x)
+
+
+def test_peak_memory_prints_nothing_and_keeps_the_figure(capfd) -> None:
+    capfd.readouterr()
+    model = nn.Sequential(nn.Linear(100, 1000), nn.ReLU(), nn.Linear(1000, 10))
+    res = peak_memory(model, torch.randn(32, 100))
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    # Peak: the first layer's output and the ReLU's output (not in place) alive together, float32.
+    assert res["peak_activation_bytes"] == 2 * 32 * 1000 * 4
+    # Only the profiler's own lines are dropped: the user's stderr output during the forward
+    # (warm-up call + measured call) still arrives.
+    peak_memory(_Talker(), torch.randn(2, 8))
+    assert capfd.readouterr().err == "user line from forward\n" * 2
+
+
+def test_profiler_noise_filter_keeps_other_lines(capfd) -> None:
+    from secateur.analysis.latency import _quiet_profiler_stderr
+
+    capfd.readouterr()
+    with _quiet_profiler_stderr():
+        os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"STAGE:2026-01-01 00:00:00 1:1 ActivityProfilerController.cpp:312] Completed Stage\n")
+        os.write(2, b"a real warning\n")
+        sys.stderr.write("python-level line\n")
+    # (pytest's capfd routes sys.stderr around descriptor 2, so only the set of lines is compared)
+    assert sorted(capfd.readouterr().err.splitlines()) == ["a real warning", "python-level line"]
 
 
 def test_measure_combines_counts_and_latency() -> None:

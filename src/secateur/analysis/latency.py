@@ -13,14 +13,22 @@ PyTorch's). We record every CPU tensor allocation and free made during one forwa
 ``torch.profiler`` (``profile_memory=True``) and take the maximum of their running sum: the peak
 of *extra* bytes held by tensors created by the forward (activations, temporaries, outputs), on
 top of what was alive before (weights, inputs). On CUDA we use ``torch.cuda.max_memory_allocated``
-minus the allocation before the call, which means the same thing.
+minus the allocation before the call, which means the same thing. The profiler's C++ back end
+(Kineto) writes log lines (``USDT: ... profiler_start``, ``STAGE: ...``) straight to file
+descriptor 2 when it starts and stops; we capture descriptor 2 around those two calls only and
+write back anything that is not such a line, so a measurement prints nothing of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Mapping
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -338,12 +346,55 @@ def compare_latency(
     return {"dense": res_d, "pruned": res_p, "speedup": res_d["median_ms"] / res_p["median_ms"]}
 
 
+# Kineto's own log lines on profiler start/stop (torch 2.x): "USDT:<date> <pid>:<tid> File.cpp:NN] ...",
+# "STAGE:<date> <pid>:<tid> ActivityProfilerController.cpp:NN] ...".
+_PROFILER_NOISE = re.compile(r"^(USDT|STAGE):|ActivityProfiler(Controller|Handler)?\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def _quiet_profiler_stderr() -> Iterator[None]:
+    """Capture file descriptor 2 for the block; afterwards re-emit every line that is not profiler noise.
+
+    Works at the descriptor level because Kineto writes from C++, bypassing ``sys.stderr``. If
+    descriptor 2 cannot be duplicated (closed, or a platform without ``dup``), the block runs
+    unchanged. Not thread-safe with respect to other threads writing to stderr meanwhile (their
+    lines are delayed to the end of the block, not lost).
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", errors="replace")
+            kept = [ln for ln in text.splitlines(keepends=True) if not _PROFILER_NOISE.search(ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_profiler_stderr():
+        prof.start()
+    try:
+        out = fn()  # the user's forward runs with stderr untouched
         del out
+    finally:
+        with _quiet_profiler_stderr():
+            prof.stop()
     from torch.autograd import DeviceType
 
     events = [
