@@ -20,7 +20,7 @@ from secateur.errors import (
     UnsupportedOpError,
 )
 from secateur.graph import DependencyGraph
-from secateur.io import load, save
+from secateur.io import from_pretrained, load, save, save_pretrained
 from secateur.pruner import Pruner
 from secateur.schedules import Cubic, Iterative, OneShot
 from secateur.scope import Scope
@@ -41,11 +41,13 @@ __all__ = [
     "Scope",
     "count_macs",
     "count_params",
+    "from_pretrained",
     "layer_table",
     "load",
     "measure",
     "prune_channels",
     "save",
+    "save_pretrained",
     "ConfigError",
     "DataError",
     "GraphError",

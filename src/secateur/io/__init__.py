@@ -1,5 +1,13 @@
-"""Pickle-free save and load of pruned models: the plan as JSON, the weights as safetensors."""
+"""Pickle-free save and load of pruned models: the plan as JSON, the weights as safetensors.
 
+- :func:`save` / :func:`load`: ``plan.json`` + ``model.safetensors`` (any model: zoo, Hugging Face, factory;
+  element masks kept).
+- :func:`save_pretrained` / :func:`from_pretrained`: the Hugging Face layout (``config.json`` + safetensors
+  from ``model.save_pretrained``) plus ``plan.json``, for pruned Hugging Face models (see
+  :mod:`secateur.io.pretrained`); :func:`load` reads these folders too.
+"""
+
+from secateur.io.pretrained import from_pretrained, save_pretrained, transformers_loadable
 from secateur.io.serialization import load, save
 
-__all__ = ["load", "save"]
+__all__ = ["from_pretrained", "load", "save", "save_pretrained", "transformers_loadable"]

@@ -258,6 +258,10 @@ def load(directory: str | os.PathLike[str], *, factory: str | None = None) -> nn
             _refuse_pickle(directory)
         raise SerializationError(f"{directory}: not a folder written by secateur.save")
     doc = _read_plan(directory)
+    if doc.get("layout") == "huggingface":  # written by secateur.save_pretrained
+        from secateur.io.pretrained import from_pretrained
+
+        return from_pretrained(directory)
     wpath = directory / WEIGHTS_FILE
     if not wpath.exists():
         raise SerializationError(f"{wpath}: missing")
