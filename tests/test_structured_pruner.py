@@ -214,3 +214,34 @@ def test_element_masks_already_attached_are_kept():
         if n in zeros_before:
             assert bool((p[zeros_before[n]] == 0).all()), n
     pruner.compact(verify=True)
+
+
+def test_trainer_accumulates_taylor_after_backward_like_the_own_loop():
+    """The Trainer path reads Taylor statistics where the own loop does: after backward, before the
+    optimizer step (w and g from the same point), so both give identical scores."""
+    from secateur.data.loader import TensorLoader
+    from secateur.train import Trainer
+
+    torch.manual_seed(0)
+    m1 = create_model("vgg_small", width=0.125)
+    m2 = copy.deepcopy(m1)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    sched = Iterative(0.3, steps=1, every=1, start=100)  # no mask change during the step
+    p1 = ChannelPruner(m1, X, schedule=sched, criterion="taylor")
+    p2 = ChannelPruner(m2, X, schedule=sched, criterion="taylor")
+    opt = torch.optim.SGD(m1.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
+    m1.train()
+    loss = nn.functional.cross_entropy(m1(x), y)
+    opt.zero_grad()
+    loss.backward()
+    p1.accumulate()
+    opt.step()
+    p1.step(1)
+    loader = TensorLoader(x, y, batch_size=4)
+    Trainer(m2, loader, epochs=1, lr=0.5, callbacks=[p2], progress=False, log_every=0).fit()
+    for gi in p1.group_ids:
+        name = p1.graph.groups[gi].name
+        torch.testing.assert_close(p2.criterion.acc.sums[name], p1.criterion.acc.sums[name], rtol=0, atol=0)
+    # with the weights after the step the statistics would differ (lr 0.5 moves them)
+    moved = p1.criterion.batch_scores(p1.graph.groups[p1.group_ids[0]], m1)
+    assert not np.allclose(moved, p1.criterion.acc.sums[p1.graph.groups[p1.group_ids[0]].name].numpy())

@@ -1,9 +1,12 @@
 """ADMM (Zhang et al. 2018): Z is the projection of W + U, residuals fall, hard pruning is exact."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from trainer_grads import assert_no_hooks, own_loop_grads, trainer_grads
 
 from secateur.errors import ConfigError
 from secateur.masks import get_mask
@@ -76,19 +79,24 @@ def test_filter_and_nm_projections():
     assert check_nm_mask(z != 0, 2, 4)
 
 
-def test_hook_matches_penalty_gradient():
+def test_trainer_path_and_own_loop_give_identical_gradients():
     torch.manual_seed(0)
-    x, y = _regression()
-    m1 = nn.Sequential(nn.Linear(16, 4))
-    m2 = nn.Sequential(nn.Linear(16, 4))
-    m2.load_state_dict(m1.state_dict())
+    m1 = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    m0, m2 = copy.deepcopy(m1), copy.deepcopy(m1)
     a1, a2 = ADMM(m1, sparsity=0.5, rho=0.3), ADMM(m2, sparsity=0.5, rho=0.3)
     for a in (a1, a2):
-        a.U["0.weight"].fill_(0.1)
-    (F.mse_loss(m1(x), y) + a1.penalty()).backward()
-    a2.attach_hooks()
-    F.mse_loss(m2(x), y).backward()
-    torch.testing.assert_close(m1[0].weight.grad, m2[0].weight.grad)
+        for k in a.U:
+            a.U[k].normal_(generator=torch.Generator().manual_seed(1))
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    plain = own_loop_grads(m0, x, y, [m0[0].weight, m0[2].weight])
+    own = own_loop_grads(m1, x, y, [m1[0].weight, m1[2].weight], extra=a1.penalty)
+    via = trainer_grads(m2, a2, x, y, [m2[0].weight, m2[2].weight])
+    for g_plain, g_own, g_via, t in zip(plain, own, via, a1.targets):
+        torch.testing.assert_close(g_via, g_own, rtol=0, atol=0)
+        # the penalty's gradient is ρ (W − Z + U) (Zhang et al. 2018, eq. 6)
+        w = t.module.weight.detach()
+        torch.testing.assert_close(g_own - g_plain, 0.3 * (w - a1.Z[t.name] + a1.U[t.name]))
+    assert_no_hooks(m2)
 
 
 def test_bad_input_leaves_model_untouched():

@@ -1,11 +1,12 @@
 """Feature boosting and suppression (Gao et al. 2019): k-WTA count, saliency formula, skip == masked."""
 
+import copy
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+from trainer_grads import assert_no_hooks, own_loop_grads, trainer_grads
 
 from secateur.errors import ConfigError
 from secateur.methods.fbs import FBS, FBSConv
@@ -85,18 +86,126 @@ def test_skip_path_equals_masked_path_and_saves_macs():
     assert set(lat) == {"masked", "skip"}
 
 
-def test_training_with_saliency_loss_and_hook_agree():
+def _fbs(model, **kw):
+    torch.manual_seed(1)  # the predictors' initialisation
+    return FBS(model, 0.5, lam=0.1, **kw)
+
+
+def test_trainer_path_equals_own_loop_and_saliency_loss_formula():
     torch.manual_seed(0)
-    m1, m2 = _net(), _net()
-    m2.load_state_dict(m1.state_dict())
-    f1, f2 = FBS(m1, 0.5, lam=0.1), FBS(m2, 0.5, lam=0.1)
-    f2.layers["3"].predictor.load_state_dict(f1.layers["3"].predictor.state_dict())
-    f2.layers["0"].predictor.load_state_dict(f1.layers["0"].predictor.state_dict())
+    m1 = _net()
+    m2 = copy.deepcopy(m1)
+    f1, f2 = _fbs(m1), _fbs(m2)
+    inputs = {}
+    for name, l in f1.layers.items():
+        l.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0].detach()))
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
-    (F.cross_entropy(m1(x), y) + f1.saliency_loss()).backward()
-    f2.on_train_begin(None)
-    F.cross_entropy(m2(x), y).backward()
-    torch.testing.assert_close(f1.layers["3"].predictor.weight.grad, f2.layers["3"].predictor.weight.grad)
+    p1 = [l.predictor.weight for l in f1.layers.values()] + [m1[8].weight]
+    p2 = [l.predictor.weight for l in f2.layers.values()] + [m2[8].weight]
+    own = own_loop_grads(m1, x, y, p1, extra=f1.penalty)
+    via = trainer_grads(m2, f2, x, y, p2)
+    for g1, g2 in zip(own, via):
+        torch.testing.assert_close(g2, g1, rtol=0, atol=0)
+    # the loss term is λ Σ_layers mean_n ||ReLU(W_s pool(x) + b_s)||_1 (Gao et al. 2019, sec. 3.4)
+    expect = sum(
+        torch.relu(inputs[n].mean((2, 3)) @ l.predictor.weight.T + l.predictor.bias).sum(1).mean()
+        for n, l in f1.layers.items()
+    )
+    torch.testing.assert_close(f1.penalty(), 0.1 * expect)
+    for m in (m1, m2):
+        for l in list(m.modules()):
+            l._forward_pre_hooks.clear()
+    assert_no_hooks(m2)
+
+
+def _resnet8_fbs(density=0.5, **kw):
+    torch.manual_seed(0)
+    model = create_model("resnet8")
+    x = torch.randn(6, 1, 12, 12)
+    fbs = FBS(model, density=density, example_inputs=x[:2], **kw)
+    with torch.no_grad():
+        for l in fbs.layers.values():
+            l.predictor.weight.normal_()
+            l.predictor.bias.uniform_(-0.5, 0.5)
+            l.bn.running_mean.normal_()
+            l.bn.running_var.uniform_(0.5, 2.0)
+    return model, fbs, x
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5])
+def test_resnet8_gates_every_block_after_bn_before_the_residual_add(density):
+    model, fbs, x = _resnet8_fbs(density)
+    assert {"layer1.0.conv2", "layer2.0.conv2", "layer2.0.downsample.0", "conv1"} <= set(fbs.layers)
+    assert fbs.bn_of["layer1.0.conv2"] == "layer1.0.bn2" and not fbs.refused
+    block = model.layer2[0]
+    seen = {}
+    block.register_forward_hook(lambda m, a, o: seen.update(x=a[0], out=o))
+    block.conv2.register_forward_pre_hook(lambda m, a: seen.update(h=a[0]))
+    model.eval()
+    model(x)
+    for name, l in fbs.layers.items():
+        k = math.ceil(density * l.conv.out_channels)
+        assert torch.all(l.gate.sum(1) == k), name
+    with torch.no_grad():
+        gated = block.conv2(seen["h"])  # π ⊙ BN(conv(h)): the residual branch, gated
+        shortcut = block.downsample(seen["x"])  # itself gated: Conv+BN in the Sequential
+        off = ~block.conv2.gate
+        assert torch.all(gated.flatten(2).abs().sum(2)[off] == 0)
+        torch.testing.assert_close(seen["out"], torch.relu(gated + shortcut))
+
+
+def test_resnet8_skip_path_equals_masked_path_and_per_sample_macs():
+    model, fbs, x = _resnet8_fbs(0.5)
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    ins = {}
+    name = "layer1.0.conv2"
+    layer = fbs.layers[name]
+    layer.register_forward_pre_hook(lambda m, a: ins.__setitem__("x", a[0]))
+    fbs.set_mode("skip")
+    with torch.no_grad():
+        skipped = model(x)
+    fbs.set_mode("masked")
+    torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
+    macs = fbs.macs_per_sample(x)
+    assert macs["gated"].shape == (6,)
+    # one layer by hand: kept outputs × non-zero inputs × k_h k_w × H' W', plus the predictor
+    alive = (ins["x"].flatten(2).abs().sum(2) != 0).sum(1)
+    c = layer.conv
+    expect = 8 * alive * 9 * 12 * 12 + c.in_channels * c.out_channels
+    assert torch.equal(layer.macs, expect)
+    assert torch.all(alive < c.in_channels)  # its input is the gated first conv of the block, after ReLU
+    assert macs["ratio"] < 0.6
+
+
+def test_refuses_a_conv_whose_output_is_also_read_elsewhere_and_remove_restores():
+    class Shortcut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.conv(x)
+            h = self.bn(h) + h  # the conv output is read outside its BatchNorm
+            return self.bn2(self.conv2(h))
+
+    model = Shortcut().eval()
+    x = torch.randn(2, 2, 5, 5)
+    ref = model(x)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match="conv .*outside bn"):
+        FBS(model, example_inputs=x, include=["conv"])
+    assert isinstance(model.conv, nn.Conv2d) and isinstance(model.bn, nn.BatchNorm2d)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fbs = FBS(model, example_inputs=x)
+    assert set(fbs.layers) == {"conv2"} and "conv" in fbs.refused
+    assert isinstance(model.bn2, nn.Identity)
+    fbs.remove()
+    assert isinstance(model.conv2, nn.Conv2d) and isinstance(model.bn2, nn.BatchNorm2d)
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    assert_no_hooks(model)
 
 
 def test_vgg_small_and_errors():

@@ -114,3 +114,6 @@ def test_prune_between_steps_with_live_graph_and_optimizer():
     assert model[0].out_channels + model[3].out_channels == 14 - 4
     ids = {id(p) for p in model.parameters()}
     assert ids == {id(p) for g in opt.param_groups for p in g["params"]}
+    # the momentum of every parameter, resized ones included, follows it (sliced, not dropped)
+    for p in model.parameters():
+        assert opt.state[p]["momentum_buffer"].shape == p.shape

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from trainer_grads import assert_no_hooks, own_loop_grads, trainer_grads
 
 from secateur.errors import ConfigError
 from secateur.masks import get_mask
@@ -71,18 +72,29 @@ def test_cubic_schedule_and_finalize():
     assert not any("scores" in n for n, _ in model.named_parameters())
 
 
-def test_soft_movement_penalty_and_hook_agree():
+def test_soft_movement_trainer_path_equals_own_loop_and_penalty_gradient():
     torch.manual_seed(0)
-    m1, m2 = _net(), _net()
-    m2.load_state_dict(m1.state_dict())
+    m0, m1, m2 = _net(), _net(), _net()
+    m1.load_state_dict(m0.state_dict())
+    m2.load_state_dict(m0.state_dict())
+    z = Movement(m0, mode="soft", lam=0.0, tau=0.5, init_score=0.3)
     a = Movement(m1, mode="soft", lam=0.01, tau=0.5, init_score=0.3)
     b = Movement(m2, mode="soft", lam=0.01, tau=0.5, init_score=0.3)
+    with torch.no_grad():  # distinct scores so that σ'(S) differs entry by entry
+        for mv in (z, a, b):
+            for s in mv.scores():
+                s.copy_(torch.linspace(0.1, 2.0, s.numel()).reshape(s.shape))
     x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 3, (4,))
-    (F.cross_entropy(m1(x), y) + a.penalty()).backward()
-    b.attach_hooks()
-    F.cross_entropy(m2(x), y).backward()
-    for s1, s2 in zip(a.scores(), b.scores()):
-        torch.testing.assert_close(s1.grad, s2.grad)
+    plain = own_loop_grads(m0, x, y, z.scores())
+    own = own_loop_grads(m1, x, y, a.scores(), extra=a.penalty)
+    via = trainer_grads(m2, b, x, y, b.scores())
+    for g0, g1, g2, s in zip(plain, own, via, a.scores()):
+        torch.testing.assert_close(g2, g1, rtol=0, atol=0)
+        sig = torch.sigmoid(s.detach())
+        torch.testing.assert_close(g1 - g0, 0.01 * sig * (1 - sig))  # d/dS of λ Σ σ(S)
+    assert b.extra_loss(None) is not None and Movement(_net(), mode="hard").extra_loss(None) is None
+    b.finalize()
+    assert_no_hooks(m2)
     with torch.no_grad():
         a.scores()[0].fill_(-1.0)  # sigmoid(-1) < 0.5: all pruned
     assert int(a.masks["0.weight"].mask().sum()) == 0

@@ -1,9 +1,12 @@
 """Network slimming (Liu et al. 2017): the L1 penalty's gradient and global removal by |γ|."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from trainer_grads import assert_no_hooks, own_loop_grads, trainer_grads
 
 from secateur.errors import ConfigError
 from secateur.methods.slimming import SlimmingPenalty, slim
@@ -33,8 +36,8 @@ def _grads(model, x, y, extra=None):
     return [model[1].weight.grad.clone(), model[4].weight.grad.clone()]
 
 
-@pytest.mark.parametrize("use_hook", [False, True])
-def test_penalty_adds_lambda_sign_gamma(use_hook):
+@pytest.mark.parametrize("form", ["penalty", "subgradient"])
+def test_penalty_adds_lambda_sign_gamma(form):
     torch.manual_seed(0)
     model = _net()
     with torch.no_grad():
@@ -43,14 +46,34 @@ def test_penalty_adds_lambda_sign_gamma(use_hook):
     model.eval()  # same BN statistics in both passes
     plain = _grads(model, x, y)
     sp = SlimmingPenalty(model, lam=0.01)
-    if use_hook:
-        sp.attach_hooks()
-        pen = _grads(model, x, y)
-        sp.remove_hooks()
+    if form == "subgradient":
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        sp.add_subgradient()
+        pen = [model[1].weight.grad.clone(), model[4].weight.grad.clone()]
     else:
         pen = _grads(model, x, y, sp.penalty)
     for g0, g1, bn in zip(plain, pen, (model[1], model[4])):
         torch.testing.assert_close(g1 - g0, 0.01 * torch.sign(bn.weight.detach()))
+
+
+def test_trainer_path_equals_own_loop_subgradient():
+    torch.manual_seed(0)
+    m1 = _net()
+    with torch.no_grad():
+        m1[1].weight.copy_(torch.tensor([0.5, -0.3, 1.0, -2.0, 0.1, 0.7]))
+        m1[4].weight.uniform_(-1.0, 1.0)
+    m0, m2 = copy.deepcopy(m1), copy.deepcopy(m1)
+    x, y = torch.randn(4, 1, 5, 5), torch.tensor([0, 1, 2, 0])
+    sp1, sp2 = SlimmingPenalty(m1, lam=0.01), SlimmingPenalty(m2, lam=0.01)
+    params = [m0[1].weight, m0[4].weight]
+    plain = own_loop_grads(m0, x, y, params)
+    own = own_loop_grads(m1, x, y, [m1[1].weight, m1[4].weight], after=sp1.add_subgradient)
+    via = trainer_grads(m2, sp2, x, y, [m2[1].weight, m2[4].weight])
+    for g0, g1, g2, p in zip(plain, own, via, params):
+        torch.testing.assert_close(g2, g1, rtol=0, atol=0)
+        torch.testing.assert_close(g1 - g0, 0.01 * torch.sign(p.detach()))
+    assert_no_hooks(m2)
 
 
 def test_slim_removes_smallest_gammas_globally():

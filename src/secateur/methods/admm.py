@@ -102,9 +102,10 @@ class ADMM:
             if (i + 1) % k == 0: admm.step()           # Z-, U-updates and the ρ schedule
         masks = admm.finalize()                         # hard prune, masks attached; now retrain
 
-    As a :class:`~secateur.train.Trainer` callback (the Trainer computes its own loss), the penalty's
-    gradient ``ρ (W - Z + U)`` is added by a tensor hook on each weight; ``update_every`` steps apart
-    :meth:`step` runs, and at ``on_train_end`` :meth:`finalize` hard-prunes if ``finalize_at_end``.
+    As a :class:`~secateur.train.Trainer` callback, ``extra_loss`` returns the same :meth:`penalty`, which
+    the Trainer adds to its task loss before backward (so both paths compute identical gradients);
+    ``update_every`` steps apart :meth:`step` runs, and at ``on_train_end`` :meth:`finalize` hard-prunes
+    if ``finalize_at_end``. ADMM installs no hooks on the model.
 
     Args:
         model: the network; its weights are read, never copied.
@@ -172,7 +173,6 @@ class ADMM:
                 self.U[t.name] = torch.zeros_like(w)
                 self.Z[t.name] = project(w, pattern, sparsity, t.name)
         self.history: list[dict[str, float]] = []
-        self._hooks: list[Any] = []
 
     @staticmethod
     def _w(t: Any) -> torch.Tensor:
@@ -214,10 +214,9 @@ class ADMM:
     def finalize(self) -> dict[str, torch.Tensor]:
         """Hard-prune: mask = support of ``Π_S(W)``; attach it as an element mask on each weight.
 
-        Returns ``{target name: bool keep-mask}``. Removes the gradient hooks. Retrain afterwards
-        with the masks in place (masked retraining, Zhang et al. 2018 sec. 4.3).
+        Returns ``{target name: bool keep-mask}`` (each of its weight's shape). Retrain afterwards with the
+        masks in place (masked retraining, Zhang et al. 2018 sec. 4.3).
         """
-        self.remove_hooks()
         masks = {}
         for t in self.targets:
             keep = _keep_mask(self._w(t).detach(), self.pattern, self.sparsity, t.name)
@@ -226,36 +225,19 @@ class ADMM:
         return masks
 
     # -- Trainer integration ----------------------------------------------------------------
-    def attach_hooks(self) -> None:
-        """Add ``ρ (W - Z + U)`` to each weight's gradient during backward (the penalty's gradient),
-        for loops that cannot add :meth:`penalty` to their loss. Do not use both."""
-        if self._hooks:
-            return
-        for t in self.targets:
-            w = self._w(t)
-
-            def hook(g: torch.Tensor, name: str = t.name, w: torch.Tensor = w) -> torch.Tensor:
-                return g + self.rho * (w.detach() - self.Z[name] + self.U[name])
-
-            self._hooks.append(w.register_hook(hook))
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def on_train_begin(self, trainer: Any) -> None:
-        self.attach_hooks()
+    def extra_loss(self, trainer: Any) -> torch.Tensor:
+        """Trainer hook: :meth:`penalty` (eq. 6), added to the task loss before backward."""
+        return self.penalty()
 
     def on_step_end(self, trainer: Any) -> None:
+        """Trainer hook: :meth:`step` every ``update_every`` optimizer steps."""
         if trainer.global_step % self.update_every == 0:
             self.step()
 
     def on_train_end(self, trainer: Any) -> None:
+        """Trainer hook: :meth:`finalize` if ``finalize_at_end``."""
         if self.finalize_at_end:
             self.finalize()
-        else:
-            self.remove_hooks()
 
     @property
     def names(self) -> Sequence[str]:

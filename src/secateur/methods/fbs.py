@@ -9,7 +9,14 @@ the ``k = ⌈d · C_out⌉`` largest saliencies (``d`` the density) and zeroes t
 *boosted* by their saliency, the others *suppressed* to exact zeros, so their computation can be
 skipped at inference, and so can the next layer's matching input channels.
 
-Training adds the L1 saliency loss ``λ Σ_layers mean_n ||s||_1`` (sec. 3.4) to the task loss.
+Training adds the L1 saliency loss ``λ Σ_layers mean_n ||s||_1`` (sec. 3.4) to the task loss
+(:meth:`FBS.penalty`; the :class:`~secateur.train.Trainer` adds it through ``extra_loss``).
+
+Any network where a ``Conv2d``'s output feeds only a ``BatchNorm2d`` can be gated, residual networks
+included: the pairs are found by one traced forward pass (the BatchNorm's input must be the conv's output
+and nothing else may read it), the conv is replaced by :class:`FBSConv` (conv, BatchNorm, gate) and the
+BatchNorm by an ``Identity``, so in a residual block the gate acts after the BatchNorm and before the
+residual sum, as in the paper's ResNet experiments.
 :class:`FBSConv` has two numerically equal inference paths: ``"masked"`` (dense conv, then the
 gate) and ``"skip"``, which per sample computes only the kept output channels from the non-zero
 input channels; :meth:`FBS.macs_per_sample` reports what the skip path costs.
@@ -25,10 +32,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from secateur.errors import ConfigError
+from secateur.graph.tracer import call_model, iter_tensors
+from secateur.scope import Scope
 
-__all__ = ["FBS", "FBSConv", "wta_mask"]
+__all__ = ["FBS", "FBSConv", "find_conv_bn_pairs", "wta_mask"]
 
 
 def wta_mask(s: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,9 +55,10 @@ class FBSConv(nn.Module):
     """A ``Conv2d`` (and its following ``BatchNorm2d``) gated per sample by FBS.
 
     Input ``(N, C_in, H, W)`` -> output ``(N, C_out, H', W')`` with exactly ``C_out - ⌈d·C_out⌉``
-    channels zero for every sample. ``mode``: ``"masked"`` (default) or ``"skip"`` (inference only,
-    BatchNorm read in eval form). After each forward, ``saliency`` ``(N, C_out)`` holds ``s`` and
-    ``gate`` the bool k-WTA mask; in skip mode ``macs`` ``(N,)`` holds the per-sample MACs.
+    channels zero for every sample. ``mode``: ``"masked"`` (default), ``"skip"`` (inference only,
+    BatchNorm read in eval form) or ``"dense"`` (no gate: ``BN(conv(x))``, the network before FBS).
+    After each gated forward, ``saliency`` ``(N, C_out)`` holds ``s`` and ``gate`` the bool k-WTA mask;
+    in skip mode ``macs`` ``(N,)`` holds the per-sample MACs.
 
     Raises:
         ConfigError: a grouped/dilated-unsupported conv for the skip path, a density outside (0, 1].
@@ -71,7 +82,6 @@ class FBSConv(nn.Module):
         nn.init.normal_(self.predictor.weight, std=0.01)
         nn.init.constant_(self.predictor.bias, 1.0)  # start with all saliencies alive
         self.mode = "masked"
-        self.l1_hook = 0.0
         self.saliency: torch.Tensor | None = None
         self.gate: torch.Tensor | None = None
         self.macs: torch.Tensor | None = None
@@ -81,11 +91,10 @@ class FBSConv(nn.Module):
         return F.relu(self.predictor(x.mean(dim=(2, 3))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "dense":
+            return self.bn(self.conv(x))
         s = self.saliencies(x)
         gate = wta_mask(s, self.k)
-        if self.l1_hook and s.requires_grad:
-            n = s.shape[0]
-            s.register_hook(lambda g, s=s: g + self.l1_hook * torch.sign(s.detach()) / n)
         self.saliency, self.gate = s, gate
         pi = s * gate
         if self.mode == "skip":
@@ -138,72 +147,287 @@ class FBSConv(nn.Module):
         return c.out_channels * c.in_channels * c.kernel_size[0] * c.kernel_size[1] * ho * wo
 
 
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+class _UseCounter(TorchFunctionMode):
+    """Counts, for each traced conv output, the torch calls that read it outside its BatchNorm's forward."""
+
+    def __init__(self, outputs: dict[int, tuple[str, torch.Tensor]], uses: dict[str, int]) -> None:
+        super().__init__()
+        self.outputs, self.uses = outputs, uses
+        self.inside_bn = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.inside_bn and self.outputs:
+            for t in iter_tensors((args, kwargs)):
+                hit = self.outputs.get(id(t))
+                if hit is not None and hit[1] is t:
+                    self.uses[hit[0]] += 1
+        return func(*args, **kwargs)
+
+
+def find_conv_bn_pairs(model: nn.Module, example_inputs: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """Which ``Conv2d`` feed exactly one ``BatchNorm2d`` and nothing else, from one traced forward pass.
+
+    Args:
+        model: any ``nn.Module``; run once in eval mode under ``torch.no_grad`` on ``example_inputs`` (a
+            tensor, a tuple of positional inputs or a dict of keyword inputs). Modes are restored and
+            BatchNorm statistics are not updated; every hook is removed before returning.
+
+    Returns ``(pairs, refused)``: ``pairs`` maps a conv's module path to its BatchNorm's path, when the
+    BatchNorm's input *is* the conv's output tensor, nothing outside that BatchNorm's forward reads it,
+    and each of the two modules runs once per forward (so ``BN(conv(x))`` can be fused into one module);
+    ``refused`` maps every other ``Conv2d`` path to the reason it cannot be fused.
+
+    Raises:
+        ConfigError: the forward pass fails on ``example_inputs`` (the message carries the cause).
+    """
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    calls: dict[str, int] = dict.fromkeys(list(convs) + list(bns), 0)
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    uses: dict[str, int] = dict.fromkeys(convs, 0)
+    fed: dict[str, list[str]] = {n: [] for n in convs}
+    counter = _UseCounter(outputs, uses)
+    handles = []
+
+    def conv_post(name: str) -> Any:
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            calls[name] += 1
+            if isinstance(out, torch.Tensor):
+                outputs[id(out)] = (name, out)
+
+        return hook
+
+    def bn_pre(name: str) -> Any:
+        def hook(mod: nn.Module, args: Any) -> None:
+            calls[name] += 1
+            counter.inside_bn += 1
+            x = args[0] if args else None
+            hit = outputs.get(id(x)) if isinstance(x, torch.Tensor) else None
+            if hit is not None and hit[1] is x:
+                fed[hit[0]].append(name)
+
+        return hook
+
+    def bn_post(mod: nn.Module, args: Any, out: Any) -> None:
+        counter.inside_bn -= 1
+
+    for n, m in convs.items():
+        handles.append(m.register_forward_hook(conv_post(n)))
+    for n, m in bns.items():
+        handles.append(m.register_forward_pre_hook(bn_pre(n)))
+        handles.append(m.register_forward_hook(bn_post))
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            call_model(model, example_inputs)
+    except Exception as exc:
+        raise ConfigError(
+            f"FBS: the forward pass of {type(model).__name__} on example_inputs failed: {exc!r}"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    pairs: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for n in convs:
+        if calls[n] != 1:
+            refused[n] = f"runs {calls[n]} times per forward (need once)"
+        elif len(fed[n]) != 1:
+            refused[n] = (
+                "its output does not go into a BatchNorm2d" if not fed[n] else "feeds several BatchNorms"
+            )
+        elif calls[fed[n][0]] != 1:
+            refused[n] = f"its BatchNorm {fed[n][0]} runs {calls[fed[n][0]]} times per forward"
+        elif uses[n]:
+            refused[n] = (
+                f"its output is also read outside {fed[n][0]} ({uses[n]} other uses, e.g. a shortcut)"
+            )
+        else:
+            pairs[n] = fed[n][0]
+    return pairs, refused
+
+
+def _sequential_pairs(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
+    """Conv2d directly followed by BatchNorm2d inside an ``nn.Sequential`` (no trace needed)."""
+    pairs: dict[str, str] = {}
+    for path, mod in model.named_modules():
+        if not isinstance(mod, nn.Sequential):
+            continue
+        kids = list(mod.named_children())
+        for (n1, c), (n2, b) in zip(kids, kids[1:]):
+            if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                pairs[f"{path}.{n1}" if path else n1] = f"{path}.{n2}" if path else n2
+    refused = {
+        n: "not followed by a BatchNorm2d in an nn.Sequential (pass example_inputs to trace other models)"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and n not in pairs
+    }
+    return pairs, refused
+
+
 class FBS:
-    """Wrap every ``Conv2d`` followed by a ``BatchNorm2d`` in an ``nn.Sequential`` (VGG-style) in an
-    :class:`FBSConv` with density ``d`` (the BatchNorm moves inside; an ``Identity`` takes its place).
+    """Gate the output channels of chosen ``Conv2d`` + ``BatchNorm2d`` pairs per sample (Gao et al. 2019).
+
+    Each selected conv is replaced by an :class:`FBSConv` holding the conv, its BatchNorm and a saliency
+    predictor; the BatchNorm's place gets an ``Identity``. Pairs are found by
+    :func:`find_conv_bn_pairs` when ``example_inputs`` is given (any model: VGG, ResNet blocks, where
+    the gate then sits after ``bn2`` and before the residual sum, downsample shortcuts, stems); without
+    it only a ``Conv2d`` directly followed by a ``BatchNorm2d`` in an ``nn.Sequential`` is found. After
+    the swap the network with every gate open (mode ``"dense"``) is checked against the original on
+    ``example_inputs``; :meth:`remove` puts the original modules back.
 
     Own loop::
 
-        fbs = FBS(model, density=0.5, lam=1e-4)      # before creating the optimizer
-        loss = F.cross_entropy(model(x), y) + fbs.saliency_loss()
+        fbs = FBS(model, density=0.5, lam=1e-4, example_inputs=x[:2])   # before creating the optimizer
+        loss = F.cross_entropy(model(x), y) + fbs.penalty()
 
-    With the :class:`~secateur.train.Trainer`, pass ``fbs`` as a callback: the L1 term's gradient is
-    then added by a hook on each saliency tensor (``on_train_begin`` turns it on).
+    With the :class:`~secateur.train.Trainer`, pass ``fbs`` as a callback: ``extra_loss`` returns the same
+    :meth:`penalty`, added to the task loss before backward. No hooks are installed.
 
     Args:
         model: changed in place. density: fraction ``d`` in (0, 1] of output channels kept per sample.
-        lam: λ >= 0 of the saliency loss. exclude: module paths of convs not to gate (e.g. the stem).
+        lam: λ >= 0 of the saliency loss.
+        example_inputs: inputs for the pair-finding trace and the check (a tensor ``(N, C, H, W)``, a
+            tuple or a dict); ``None``: ``nn.Sequential`` adjacency only.
+        include: glob patterns of conv module paths to gate (``None``: every conv that can be paired). A
+            conv matched by ``include`` that cannot be gated is an error naming it and the reason.
+        exclude: glob patterns (or exact paths) of convs never gated, e.g. the stem ``"conv1"``.
+
+    Attributes:
+        layers: ``{conv path: FBSConv}``. bn_of: ``{conv path: BatchNorm path}``. refused: ``{conv path:
+        reason}`` for unselected convs that could not be paired.
 
     Raises:
-        ConfigError: bad density or λ, no Conv2d+BatchNorm2d pair found, an excluded path that does not
-            exist (nothing is changed in these cases).
+        ConfigError: bad density or λ, a pattern matching no module, a conv chosen by ``include`` that
+            cannot be gated, nothing to gate, or a failed check (nothing is changed in these cases).
     """
 
     def __init__(
-        self, model: nn.Module, density: float = 0.5, lam: float = 1e-4, exclude: Sequence[str] = ()
+        self,
+        model: nn.Module,
+        density: float = 0.5,
+        lam: float = 1e-4,
+        exclude: Sequence[str] = (),
+        *,
+        example_inputs: Any = None,
+        include: Sequence[str] | None = None,
     ):
         if not 0.0 < density <= 1.0:
             raise ConfigError(f"FBS: density must be in (0, 1], got {density!r}")
-        if lam < 0:
-            raise ConfigError(f"FBS: lam must be >= 0, got {lam!r}")
-        names = dict(model.named_modules())
-        for e in exclude:
-            if e not in names:
-                raise ConfigError(f"FBS: exclude names {e!r}, which {type(model).__name__} does not have")
-        pairs = []
-        for path, mod in model.named_modules():
-            if not isinstance(mod, nn.Sequential):
-                continue
-            kids = list(mod.named_children())
-            for (n1, c), (n2, b) in zip(kids, kids[1:]):
-                full = f"{path}.{n1}" if path else n1
-                if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and full not in exclude:
-                    if c.groups != 1:
-                        continue
-                    pairs.append((mod, n1, n2, full))
-        if not pairs:
+        if not (isinstance(lam, (int, float)) and lam >= 0):
+            raise ConfigError(f"FBS: lam must be a number >= 0, got {lam!r}")
+        done = [n for n, m in model.named_modules() if isinstance(m, FBSConv)]
+        if done:
+            raise ConfigError(f"FBS: {type(model).__name__} already has FBS gates ({done[0]}, ...)")
+        scope = Scope(
+            types=(nn.Conv2d,), include=None if include is None else list(include), exclude=list(exclude)
+        )
+        try:
+            chosen = [t.name.rpartition(".")[0] for t in scope.resolve(model)]
+        except ConfigError as exc:
+            raise ConfigError(f"FBS: {exc}") from exc
+        if example_inputs is None:
+            pairs, refused = _sequential_pairs(model)
+        else:
+            pairs, refused = find_conv_bn_pairs(model, example_inputs)
+        for name in chosen:
+            conv = model.get_submodule(name)
+            if name in pairs and conv.groups != 1:
+                pairs.pop(name)
+                refused[name] = f"a grouped conv (groups={conv.groups}), not supported"
+        if include is not None:
+            bad = [f"{n} ({refused[n]})" for n in chosen if n not in pairs]
+            if bad:
+                raise ConfigError(f"FBS: cannot gate {', '.join(bad)}")
+        selected = [n for n in chosen if n in pairs]
+        if not selected:
             raise ConfigError(f"FBS: {type(model).__name__} has no Conv2d followed by BatchNorm2d to gate")
         self.model = model
         self.lam = float(lam)
+        self.density = float(density)
+        self.bn_of = {n: pairs[n] for n in selected}
+        self.refused = {n: r for n, r in refused.items() if n in chosen}
+        reference = self._outputs(example_inputs)
         self.layers: dict[str, FBSConv] = {}
-        for seq, n1, n2, full in pairs:
-            conv, bn = getattr(seq, n1), getattr(seq, n2)
-            layer = FBSConv(conv, bn, density, full).to(conv.weight.device)
-            setattr(seq, n1, layer)
-            setattr(seq, n2, nn.Identity())
-            self.layers[full] = layer
+        for name in selected:
+            conv, bn = model.get_submodule(name), model.get_submodule(pairs[name])
+            self.layers[name] = FBSConv(conv, bn, density, name).to(conv.weight.device)
+        self._swap(install=True)
+        if reference is not None:
+            self.set_mode("dense")
+            try:
+                after = self._outputs(example_inputs)
+            finally:
+                self.set_mode("masked")
+            same = after is not None and len(after) == len(reference)
+            same = same and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(after, reference))
+            if not same:
+                self._swap(install=False)
+                raise ConfigError(
+                    f"FBS: fusing {sorted(self.bn_of.items())} changed {type(model).__name__}'s output; "
+                    "nothing was changed (report this model: a conv output is read somewhere untraced)"
+                )
+
+    def _outputs(self, example_inputs: Any) -> list[torch.Tensor] | None:
+        if example_inputs is None:
+            return None
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return [t.detach().clone() for t in iter_tensors(call_model(self.model, example_inputs))]
+        finally:
+            for m, t in modes.items():
+                m.training = t
+
+    def _swap(self, install: bool) -> None:
+        for name, layer in self.layers.items():
+            conv_parent, conv_attr = _parent(self.model, name)
+            bn_parent, bn_attr = _parent(self.model, self.bn_of[name])
+            if install:
+                setattr(conv_parent, conv_attr, layer)
+                setattr(bn_parent, bn_attr, nn.Identity())
+            else:
+                setattr(conv_parent, conv_attr, layer.conv)
+                setattr(bn_parent, bn_attr, layer.bn)
+
+    def remove(self) -> nn.Module:
+        """Put the original ``Conv2d`` and ``BatchNorm2d`` modules back (with their trained weights) and
+        drop the predictors; returns the model, which then computes the ungated network."""
+        self._swap(install=False)
+        self.layers = {}
+        return self.model
 
     def saliency_loss(self) -> torch.Tensor:
-        """``λ Σ_layers mean_n ||s||_1`` of the last forward pass (Gao et al. 2019, sec. 3.4)."""
+        """``λ Σ_layers mean_n ||s||_1`` of the last forward pass (Gao et al. 2019, sec. 3.4), a scalar with
+        a graph to the predictors.
+
+        Raises:
+            ConfigError: no forward pass since FBS was attached.
+        """
         terms = [l.saliency.abs().sum(1).mean() for l in self.layers.values() if l.saliency is not None]
         if not terms:
             raise ConfigError("FBS.saliency_loss: run a forward pass first")
         return self.lam * sum(terms)
 
+    def penalty(self) -> torch.Tensor:
+        """The term to add to your loss: :meth:`saliency_loss`."""
+        return self.saliency_loss()
+
     def set_mode(self, mode: str) -> None:
-        """``"masked"`` (training and reference) or ``"skip"`` (inference that skips suppressed channels)."""
-        if mode not in ("masked", "skip"):
-            raise ConfigError(f"FBS mode must be 'masked' or 'skip', got {mode!r}")
+        """``"masked"`` (training and reference), ``"skip"`` (inference that skips suppressed channels) or
+        ``"dense"`` (every gate open: the network before FBS)."""
+        if mode not in ("masked", "skip", "dense"):
+            raise ConfigError(f"FBS mode must be 'masked', 'skip' or 'dense', got {mode!r}")
         for l in self.layers.values():
             l.mode = mode
 
@@ -252,10 +476,6 @@ class FBS:
             self.model.train(was_training)
         return out
 
-    def on_train_begin(self, trainer: Any) -> None:
-        for l in self.layers.values():
-            l.l1_hook = self.lam
-
-    def on_train_end(self, trainer: Any) -> None:
-        for l in self.layers.values():
-            l.l1_hook = 0.0
+    def extra_loss(self, trainer: Any) -> torch.Tensor | None:
+        """Trainer hook: :meth:`penalty` (``None`` when ``lam == 0``)."""
+        return None if self.lam == 0.0 else self.saliency_loss()

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.compact import compact, make_plan
+from secateur.compact import make_plan
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph
+from secateur.train.rebind import compact_in_training
 
 __all__ = ["FisherPruner"]
 
@@ -46,7 +47,7 @@ class FisherPruner:
 
     As a :class:`~secateur.train.Trainer` callback, ``every`` and ``total`` say when and how many:
     ``on_step_end`` calls :meth:`update` and, every ``every`` steps while fewer than ``total`` channels
-    were removed, :meth:`prune_one` (clearing the optimizer state of the resized parameters).
+    were removed, :meth:`prune_one` (the trainer's optimizer follows the resized parameters, state sliced).
 
     Args:
         model: trained network; changed in place by :meth:`prune_one`.
@@ -157,8 +158,9 @@ class FisherPruner:
     @torch.no_grad()
     def prune_one(self, optimizer: torch.optim.Optimizer | None = None, step: int | None = None) -> dict:
         """Remove the channel with the smallest ``Δ`` over all groups through the graph, reset ``Δ`` and
-        retrace. Resized parameters become new ``nn.Parameter`` objects (see :meth:`_renew_resized`); pass
-        ``optimizer`` so that its param groups follow them (their momentum state is dropped).
+        retrace. Compaction goes through :func:`secateur.train.compact_in_training`: resized parameters
+        become new ``nn.Parameter`` objects, and ``optimizer`` (if given) holds them afterwards, with its
+        state (momentum, Adam moments) sliced at the kept indices.
 
         Returns the removal record. Raises ConfigError if no score was accumulated or no channel can go.
         """
@@ -180,38 +182,16 @@ class FisherPruner:
             raise ConfigError("FisherPruner.prune_one: every group is down to its last channel")
         value, gi, u = best
         g = self.graph.groups[gi]
-        shapes = {id(p): p.shape for p in self.model.parameters()}
         self.detach()
-        compact(self.model, make_plan(self.graph, {gi: [u]}))
-        self._renew_resized(shapes, optimizer)
+        try:
+            compact_in_training(self.model, make_plan(self.graph, {gi: [u]}), optimizer)
+        except Exception:
+            self._build()  # the model is unchanged: put the hooks back
+            raise
         rec = {"group": g.name, "unit": u, "fisher": value, "step": step}
         self.removed.append(rec)
         self._build()
         return rec
-
-    def _renew_resized(self, shapes: dict[int, torch.Size], optimizer: torch.optim.Optimizer | None) -> None:
-        """Give every resized parameter a fresh ``nn.Parameter`` (same data) and swap it into ``optimizer``.
-
-        Compaction resizes ``.data`` in place, but autograd caches a leaf's gradient accumulator with its
-        old shape for as long as a previous graph is alive (a training loop's last ``loss`` keeps it), and
-        the next backward would fail; a new Parameter has no cached accumulator.
-        """
-        new_of: dict[int, nn.Parameter] = {}
-        for mod in self.model.modules():
-            for name, p in list(mod._parameters.items()):
-                if p is None or shapes.get(id(p)) == p.shape:
-                    continue
-                if id(p) not in new_of:
-                    new_of[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
-                mod._parameters[name] = new_of[id(p)]
-        if optimizer is None or not new_of:
-            return
-        for group in optimizer.param_groups:
-            olds = group["params"]
-            group["params"] = [new_of.get(id(q), q) for q in olds]
-            for q in olds:
-                if id(q) in new_of:
-                    optimizer.state.pop(q, None)
 
     # -- Trainer integration ----------------------------------------------------------------------
     def on_step_end(self, trainer: Any) -> None:

@@ -89,8 +89,10 @@ class Movement:
         masks = mv.finalize()
 
     With the :class:`~secateur.train.Trainer`, create ``Movement`` before the Trainer (so its
-    optimizer sees the scores) and pass it as a callback: ``on_step_end`` updates the schedule and,
-    for soft movement, the L1 gradient ``λ σ'(S)`` is added by a tensor hook on the scores.
+    optimizer sees the scores) and pass it as a callback: ``extra_loss`` returns :meth:`penalty` (soft
+    movement's ``λ Σ σ(S)``, a loss term in the paper; ``None`` for hard movement), which the Trainer
+    adds to its task loss before backward, and ``on_step_end`` updates the schedule. No hooks are
+    installed: the scores live in parametrizations that :meth:`finalize` removes.
 
     Args:
         model: changed in place (parametrizations on the selected weights).
@@ -158,7 +160,6 @@ class Movement:
             mm = MovementMask(getattr(t.module, t.param_name), mode, float(init_score), float(tau))
             parametrize.register_parametrization(t.module, t.param_name, mm)
             self.masks[t.name] = mm
-        self._hooks: list[Any] = []
         self.update(0)
 
     def remaining_at(self, step: int) -> float:
@@ -182,7 +183,8 @@ class Movement:
         return [mm.scores for mm in self.masks.values()]
 
     def penalty(self) -> torch.Tensor:
-        """Soft movement's ``λ Σ σ(S)`` over every score (0 for hard movement)."""
+        """Soft movement's ``λ Σ σ(S)`` over every score (Sanh et al. 2020 sec. 3, a scalar with a graph
+        to the scores; a constant 0 for hard movement or ``lam == 0``)."""
         if self.mode == "hard" or self.lam == 0.0:
             return torch.zeros(())
         return self.lam * sum(torch.sigmoid(s).sum() for s in self.scores())
@@ -200,7 +202,6 @@ class Movement:
 
         Weights are kept as stored (unmasked values are unchanged); returns ``{name: keep-mask}``.
         """
-        self.remove_hooks()
         out = {}
         for t in self.targets:
             mm = self.masks[t.name]
@@ -217,29 +218,16 @@ class Movement:
         return out
 
     # -- Trainer integration -----------------------------------------------------------------
-    def attach_hooks(self) -> None:
-        """Add soft movement's L1 gradient ``λ σ(S)(1 - σ(S))`` to each score's gradient."""
-        if self._hooks or self.mode == "hard" or self.lam == 0.0:
-            return
-        for s in self.scores():
-
-            def hook(g: torch.Tensor, s: torch.Tensor = s) -> torch.Tensor:
-                sig = torch.sigmoid(s.detach())
-                return g + self.lam * sig * (1 - sig)
-
-            self._hooks.append(s.register_hook(hook))
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+    def extra_loss(self, trainer: Any) -> torch.Tensor | None:
+        """Trainer hook: :meth:`penalty` for soft movement (``None`` when it is identically 0)."""
+        if self.mode == "hard" or self.lam == 0.0:
+            return None
+        return self.penalty()
 
     def on_train_begin(self, trainer: Any) -> None:
-        self.attach_hooks()
+        """Trainer hook: set the hard threshold for the current step (resumed runs included)."""
         self.update(trainer.global_step)
 
     def on_step_end(self, trainer: Any) -> None:
+        """Trainer hook: follow the cubic schedule (:meth:`update`)."""
         self.update(trainer.global_step)
-
-    def on_train_end(self, trainer: Any) -> None:
-        self.remove_hooks()

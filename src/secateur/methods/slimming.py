@@ -42,9 +42,18 @@ def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class SlimmingPenalty:
     """The sparsity penalty ``λ Σ |γ|`` over every affine BatchNorm scale (Liu et al. 2017, eq. 1).
 
-    Own loop: ``loss = task_loss + slimming.penalty()``. With the :class:`~secateur.train.Trainer`
-    (which computes its own loss), pass it as a callback: ``on_train_begin`` registers a tensor hook
-    on each ``γ`` that adds ``λ·sign(γ)`` to its gradient, the subgradient of the penalty (sec. 3.2).
+    Liu et al. train with the penalty's subgradient: after backward, ``λ·sign(γ)`` is added to each
+    ``∂L/∂γ`` (sec. 3.2; their reference code edits ``γ.grad`` exactly so). Two equivalent ways:
+
+    * own loop, gradient edit (the paper's form)::
+
+          loss.backward(); sp.add_subgradient(); opt.step()
+
+    * own loop, loss term: ``loss = task_loss + sp.penalty()`` (same gradient wherever ``γ ≠ 0``).
+
+    As a :class:`~secateur.train.Trainer` callback it does the first: ``on_after_backward`` calls
+    :meth:`add_subgradient` (gradients present, before ``optimizer.step()``). Nothing is registered on
+    the model, so nothing is left behind.
 
     Args:
         model: a network with BatchNorm layers (``affine=True``).
@@ -63,30 +72,32 @@ class SlimmingPenalty:
                 f"SlimmingPenalty: {type(model).__name__} has no BatchNorm layer with a scale γ"
             )
         self.lam = float(lam)
-        self._hooks: list[Any] = []
 
     def penalty(self) -> torch.Tensor:
-        """``λ Σ_γ |γ|``, a scalar with a graph to the scales."""
+        """``λ Σ_γ |γ|`` (eq. 1), a scalar with a graph to the scales; add it to your loss."""
         return self.lam * sum(bn.weight.abs().sum() for _, bn in self.bns)
 
-    def attach_hooks(self) -> None:
-        """Add ``λ·sign(γ)`` to every ``∂L/∂γ`` during backward (instead of :meth:`penalty`, not both)."""
-        if self._hooks:
+    @torch.no_grad()
+    def add_subgradient(self) -> None:
+        """Add ``λ·sign(γ)`` to every BatchNorm scale's ``.grad`` (shape ``(C,)``), in place; call after
+        ``loss.backward()`` and before ``optimizer.step()`` (sec. 3.2). A scale without a gradient gets
+        ``λ·sign(γ)`` alone; frozen scales (``requires_grad=False``) are skipped. Use this or
+        :meth:`penalty`, not both."""
+        if self.lam == 0.0:
             return
         for _, bn in self.bns:
             w = bn.weight
-            self._hooks.append(w.register_hook(lambda g, w=w: g + self.lam * torch.sign(w.detach())))
+            if not w.requires_grad:
+                continue
+            step = self.lam * torch.sign(w.detach())
+            if w.grad is None:
+                w.grad = step
+            else:
+                w.grad.add_(step)
 
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def on_train_begin(self, trainer: Any) -> None:
-        self.attach_hooks()
-
-    def on_train_end(self, trainer: Any) -> None:
-        self.remove_hooks()
+    def on_after_backward(self, trainer: Any) -> None:
+        """Trainer hook: :meth:`add_subgradient`."""
+        self.add_subgradient()
 
 
 def _unit_mean(values: np.ndarray, unit_of: np.ndarray, n_units: int) -> np.ndarray:

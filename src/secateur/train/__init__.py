@@ -2,6 +2,7 @@
 
 from secateur.train.bn import recalibrate_bn
 from secateur.train.checkpoint import load_checkpoint, load_model_weights, read_state, save_checkpoint
+from secateur.train.rebind import compact_in_training, rebind_optimizer, renew_parameters
 from secateur.train.seed import get_rng_state, seed_everything, set_rng_state
 from secateur.train.trainer import OPTIMIZERS, SCHEDULES, Trainer, lr_at_step
 
@@ -9,12 +10,15 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "Trainer",
+    "compact_in_training",
     "get_rng_state",
     "load_checkpoint",
     "load_model_weights",
     "lr_at_step",
     "read_state",
+    "rebind_optimizer",
     "recalibrate_bn",
+    "renew_parameters",
     "save_checkpoint",
     "seed_everything",
     "set_rng_state",
