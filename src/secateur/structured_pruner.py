@@ -528,11 +528,15 @@ class ChannelPruner:
     def on_train_begin(self, trainer: Any) -> None:
         self.step(int(trainer.global_step))
 
-    def on_step_end(self, trainer: Any) -> None:
-        """Trainer callback: read this step's gradients (data-dependent criteria), then step. The
-        Trainer calls it after ``optimizer.step()``, so Taylor's ``w`` is the updated weight."""
+    def on_after_backward(self, trainer: Any) -> None:
+        """Trainer callback: read this step's gradients into a data-dependent criterion (:meth:`accumulate`),
+        after backward and before ``optimizer.step()``, so Taylor's ``w`` and ``g`` are taken at the same
+        point, exactly as in the own-loop recipe (``loss.backward(); pruner.accumulate(); opt.step()``)."""
         if self.criterion.needs_data:
             self.accumulate()
+
+    def on_step_end(self, trainer: Any) -> None:
+        """Trainer callback: apply the schedule at ``trainer.global_step`` (:meth:`step`)."""
         self.step(int(trainer.global_step))
 
     def state_dict(self) -> dict[str, Any]:
