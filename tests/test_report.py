@@ -116,6 +116,40 @@ def test_build_report_rejects_bad_input(tmp_path: Path) -> None:
         build_report([], tmp_path)  # type: ignore[arg-type]
 
 
+def _tiny_png() -> bytes:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 1), dpi=50)
+    FigureCanvasAgg(fig)
+    fig.add_subplot().plot([0, 1], [1, 0])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def test_build_report_extra_plots_embedded_and_written(tmp_path: Path) -> None:
+    res = {"dense": {"params": 100, "nonzero_params": 100, "accuracy": 0.9},
+           "pruned": {"params": 100, "nonzero_params": 25, "accuracy": 0.8}}
+    png = _tiny_png()
+    out = build_report(res, tmp_path, extra_plots={"curves": ("Training <curves>", png)})
+    html = out["html"].read_text()
+    m = re.search(r'<figure id="plot-curves"><img alt="Training &lt;curves&gt;" '
+                  r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert m is not None and base64.b64decode(m.group(1)) == png
+    # After the standard plot, in the Markdown too, with the PNG written beside it.
+    assert html.index('id="plot-accuracy_vs_compression"') < html.index('id="plot-curves"')
+    assert out["curves"].read_bytes() == png
+    assert "![Training <curves>](report_curves.png)" in out["md"].read_text()
+    for bad in ({"curves": ("caption", b"not a png")}, {"curves": png},
+                {"layer_kept": ("caption", png)}):
+        with pytest.raises(ConfigError, match="extra plot"):
+            build_report(res, tmp_path / "bad", extra_plots=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "bad").exists()
+
+
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 

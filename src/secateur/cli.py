@@ -38,7 +38,8 @@ def demo(out_dir, dense_epochs, prune_epochs, sparsity, subset, seed, quiet, as_
     )
     m = run_demo(cfg)
     if as_json:
-        click.echo(json.dumps({k: v for k, v in m.items() if k not in ("history", "layers")}, indent=2))
+        skip = ("history", "layers", "layer_comparison")
+        click.echo(json.dumps({k: v for k, v in m.items() if k not in skip}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -50,9 +51,9 @@ def demo(out_dir, dense_epochs, prune_epochs, sparsity, subset, seed, quiet, as_
         table.add_row(*row)
     console = Console()
     console.print(table)
-    console.print(
-        f"sparsity {m['sparsity']:.4f}; report: {out_dir}/report.md, metrics: {out_dir}/metrics.json"
-    )
+    paths = m["outputs"]
+    click.echo(f"sparsity {m['sparsity']:.4f}; metrics: {paths['metrics']}")
+    click.echo(f"report: {paths['html']} (self-contained, open in a browser), {paths['md']}")
 
 
 def _parse_kwargs(text: str | None) -> dict:

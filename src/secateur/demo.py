@@ -8,6 +8,7 @@ per-step cosine learning rate, global magnitude pruning of every conv and linear
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +19,9 @@ import torch
 
 from secateur.analysis import count_macs, count_params, layer_table
 from secateur.analysis.plots import plot_layer_sparsity, plot_training_curves
+from secateur.analysis.report import build_report, environment, layer_comparison
 from secateur.data import fashion_mnist_loaders
+from secateur.errors import ConfigError
 from secateur.pruner import Pruner
 from secateur.schedules import Cubic
 from secateur.train import Trainer, seed_everything
@@ -65,8 +68,10 @@ def _shift(history: list[dict], offset: int, phase: str) -> list[dict]:
 def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     """Run train → prune (cubic schedule, global magnitude) → fine-tune → report.
 
-    Writes ``metrics.json``, ``report.md`` and PNG plots to ``cfg.out_dir`` and returns the metrics
-    (accuracies as fractions in [0, 1], MACs for one 1×1×28×28 image, seconds of wall time).
+    Writes ``metrics.json``, ``report.md``, ``report.html`` (self-contained) and PNG plots to
+    ``cfg.out_dir`` (see :func:`write_outputs`) and returns the metrics (accuracies as fractions in
+    [0, 1], MACs for one 1×1×28×28 image, seconds of wall time). The paths written are in
+    ``metrics["outputs"]`` (not saved in ``metrics.json``).
     """
     cfg = cfg or DemoConfig()
     t_start = time.perf_counter()
@@ -90,6 +95,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     dense_acc = dense.evaluate(test_loader)["accuracy"]
     dense_seconds = time.perf_counter() - t0
     dense_counts = {**count_params(model), **count_macs(model, example)}
+    dense_model = copy.deepcopy(model)  # for the per-layer dense-vs-pruned table of the HTML report
 
     # 2. Gradual magnitude pruning while fine-tuning (Zhu & Gupta 2017).
     t1 = time.perf_counter()
@@ -110,6 +116,8 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     pruner.remove()  # bake masks: plain weights with exact zeros
     pruned_counts = {**count_params(model), **count_macs(model, example)}
     layers = [r.as_dict() for r in layer_table(model, example)]
+    comparison = layer_comparison(dense_model, model, example)
+    del dense_model
 
     history = _shift(dense.history, 0, "dense") + [
         {"step": 0, "sparsity": 0.0},
@@ -131,17 +139,109 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
         "seconds": time.perf_counter() - t_start,
         "config": asdict(cfg),
         "layers": layers,
+        "layer_comparison": comparison,
         "history": history,
+        "environment": environment(),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_training_curves(history, out / "accuracy_sparsity.png",
-                         title=f"{cfg.model}: dense training, then gradual pruning to {cfg.sparsity:.0%}")
-    weighted = [r for r in layers if r["type"] in ("Conv1d", "Conv2d", "Conv3d", "Linear")]
-    plot_layer_sparsity(
+    metrics["outputs"] = {k: str(v) for k, v in write_outputs(metrics, out).items()}
+    return metrics
+
+
+def write_outputs(metrics: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write the demo's results to ``out_dir``; return ``{"metrics", "md", "html", <plot>: path}``.
+
+    - ``metrics.json``: ``metrics`` as JSON (without ``outputs``);
+    - ``accuracy_sparsity.png`` (:func:`~secateur.analysis.plots.plot_training_curves` of
+      ``metrics["history"]``) and ``layer_sparsity.png`` (conv/linear rows of ``metrics["layers"]``);
+    - ``report.md`` (:func:`render_report`);
+    - ``report.html``: the self-contained report of :func:`secateur.analysis.report.build_report`
+      (dense vs pruned table, accuracy-vs-compression and per-layer kept plots from
+      ``metrics["layer_comparison"]`` when present, the training curves embedded), and
+      ``report.json``, its input.
+
+    ``metrics`` is the dict :func:`run_demo` returns (keys ``config``, ``dense``, ``pruned``,
+    ``sparsity``, ``seconds``, ``layers``, ``history``; ``layer_comparison`` and ``environment``
+    optional).
+
+    Raises:
+        ConfigError: ``metrics`` lacks a key the report needs (the message names it).
+    """
+    missing = [k for k in ("config", "dense", "pruned", "sparsity", "seconds", "layers", "history")
+               if k not in metrics]
+    if missing:
+        raise ConfigError(f"demo metrics lack {missing}; expected the dict run_demo returns")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = metrics["config"]
+    paths: dict[str, Path] = {"metrics": out / "metrics.json"}
+    saved = {k: v for k, v in metrics.items() if k != "outputs"}
+    paths["metrics"].write_text(json.dumps(saved, indent=2))
+    paths["accuracy_sparsity"] = plot_training_curves(
+        metrics["history"], out / "accuracy_sparsity.png",
+        title=f"{cfg['model']}: dense training, then gradual pruning to {cfg['sparsity']:.0%}",
+    )
+    weighted = [r for r in metrics["layers"] if r["type"] in ("Conv1d", "Conv2d", "Conv3d", "Linear")]
+    paths["layer_sparsity"] = plot_layer_sparsity(
         weighted, out / "layer_sparsity.png", title="Per-layer sparsity of conv/linear weights"
     )
-    (out / "report.md").write_text(render_report(metrics))
-    return metrics
+    paths["md"] = out / "report.md"
+    paths["md"].write_text(render_report(metrics))
+    curves = paths["accuracy_sparsity"].read_bytes()
+    written = build_report(
+        report_results(metrics), out, formats=("html",), name="report",
+        extra_plots={"training_curves": ("Accuracy and sparsity over training", curves)},
+    )
+    paths["html"] = written["html"]
+    return paths
+
+
+def _command(cfg: dict[str, Any]) -> str:
+    """The ``secateur demo`` command line that reproduces a run with these settings."""
+    args = [
+        "secateur demo",
+        f"--dense-epochs {cfg['dense_epochs']}",
+        f"--prune-epochs {cfg['prune_epochs']}",
+        f"--sparsity {cfg['sparsity']}",
+        f"--seed {cfg['seed']}",
+        f"--out {cfg['out_dir']}",
+    ]
+    if cfg.get("subset") is not None:
+        args.append(f"--subset {cfg['subset']}")
+    return " ".join(args)
+
+
+def _test_set(cfg: dict[str, Any]) -> str:
+    n = cfg.get("subset")
+    return "the full 10,000-image test set" if n is None else f"the first {min(n, 10_000):,} test images"
+
+
+def report_results(m: dict[str, Any]) -> dict[str, Any]:
+    """The demo's metrics as the results dict of :func:`secateur.analysis.report.build_report`.
+
+    Dense and pruned counts (MACs for one 1×1×28×28 image) and accuracies (fractions); the
+    per-layer rows are ``m["layer_comparison"]`` (from
+    :func:`secateur.analysis.report.layer_comparison`) when present.
+    """
+    cfg = m["config"]
+    keys = ("accuracy", "params", "nonzero_params", "macs", "sparse_macs")
+    results: dict[str, Any] = {
+        "title": f"secateur demo: {cfg['model']} on Fashion-MNIST, dense vs pruned",
+        "description": (
+            f"{cfg['dense_epochs']} dense epochs, then {cfg['prune_epochs']} epochs of fine-tuning "
+            f"while pruning to {cfg['sparsity']:.0%} global sparsity (magnitude) with the cubic schedule of "
+            f"Zhu & Gupta 2017 ({cfg['prune_updates']} updates); achieved sparsity of conv/linear weights "
+            f"{m['sparsity']:.4f}. Accuracy on {_test_set(cfg)}. Total wall time {m['seconds']:.0f} s."
+        ),
+        "dense": {k: m["dense"].get(k) for k in keys},
+        "pruned": {k: m["pruned"].get(k) for k in keys},
+        "batch_size": 1,
+        "command": _command(cfg),
+    }
+    if m.get("layer_comparison"):
+        results["layers"] = m["layer_comparison"]
+    if m.get("environment"):
+        results["environment"] = m["environment"]
+    return results
 
 
 def summary_rows(m: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -167,7 +267,8 @@ def render_report(m: dict[str, Any]) -> str:
         f"{cfg['dense_epochs']} dense epochs, then "
         f"{cfg['prune_epochs']} epochs of fine-tuning while pruning to {cfg['sparsity']:.0%} global sparsity "
         f"with the cubic schedule of Zhu & Gupta 2017 ({cfg['prune_updates']} updates). "
-        f"Accuracy on the full 10,000-image test set. Total wall time {m['seconds']:.0f} s.",
+        f"Accuracy on {_test_set(cfg)}. Total wall time {m['seconds']:.0f} s. "
+        "Self-contained HTML version: [report.html](report.html).",
         "",
         "| | dense | pruned |",
         "| --- | ---: | ---: |",

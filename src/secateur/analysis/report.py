@@ -31,6 +31,7 @@ from secateur.errors import ConfigError
 __all__ = [
     "build_report",
     "collect_results",
+    "environment",
     "layer_comparison",
     "plot_accuracy_vs_compression",
     "plot_latency_vs_macs",
@@ -163,12 +164,13 @@ def collect_results(
                 out_key = "onnx_latency_ms" if stat == "median" else f"onnx_latency_{stat}_ms"
                 res[key][out_key] = ox[key][f"{stat}_ms"]
     res["layers"] = layer_comparison(dense, pruned, example_inputs)
-    res["environment"] = _environment()
+    res["environment"] = environment()
     res.update(extra)
     return res
 
 
-def _environment() -> dict[str, Any]:
+def environment() -> dict[str, Any]:
+    """Where a measurement ran: torch and Python versions, machine, processor, torch threads, CPU count."""
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -537,8 +539,22 @@ def _notes(results: dict[str, Any]) -> list[str]:
     return notes
 
 
-def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
-    """The self-contained HTML report (inline CSS, plots as base64 PNG data URIs) as a string."""
+def _plot_order(keys: Iterable[str], captions: dict[str, str] | None) -> list[tuple[str, str]]:
+    """``(key, caption)`` of the plots present: the standard ones in their order, then the extra ones."""
+    keys = list(keys)
+    std = [(k, c) for k, c in _PLOTS if k in keys]
+    extra = [(k, (captions or {}).get(k, k)) for k in keys if k not in dict(_PLOTS)]
+    return std + extra
+
+
+def render_html(
+    results: dict[str, Any], plots: dict[str, bytes], captions: dict[str, str] | None = None
+) -> str:
+    """The self-contained HTML report (inline CSS, plots as base64 PNG data URIs) as a string.
+
+    ``plots`` maps plot keys to PNG bytes; keys other than the standard ones are drawn after them,
+    captioned by ``captions[key]`` (the key itself when absent).
+    """
     title = str(results.get("title") or "secateur pruning report")
     parts = [
         "<!DOCTYPE html>",
@@ -554,13 +570,12 @@ def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     parts += [f'<p class="muted">{html.escape(n)}</p>' for n in _notes(results)]
     if plots:
         parts.append('<h2>Plots</h2><div class="plots">')
-        for key, caption in _PLOTS:
-            if key in plots:
-                b64 = base64.b64encode(plots[key]).decode("ascii")
-                parts.append(
-                    f'<figure id="plot-{key}"><img alt="{html.escape(caption)}" '
-                    f'src="data:image/png;base64,{b64}"><figcaption>{html.escape(caption)}</figcaption></figure>'
-                )
+        for key, caption in _plot_order(plots, captions):
+            b64 = base64.b64encode(plots[key]).decode("ascii")
+            parts.append(
+                f'<figure id="plot-{html.escape(key)}"><img alt="{html.escape(caption)}" '
+                f'src="data:image/png;base64,{b64}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+            )
         parts.append("</div>")
     if results.get("sweep"):
         parts.append("<h2>Sweep</h2>")
@@ -587,8 +602,11 @@ def _md_table(head: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: 
     return lines
 
 
-def render_markdown(results: dict[str, Any], plot_files: dict[str, str]) -> str:
-    """The Markdown report as a string; ``plot_files`` maps plot keys to PNG paths relative to it."""
+def render_markdown(
+    results: dict[str, Any], plot_files: dict[str, str], captions: dict[str, str] | None = None
+) -> str:
+    """The Markdown report as a string; ``plot_files`` maps plot keys to PNG paths relative to it
+    (extra keys captioned as in :func:`render_html`)."""
     title = str(results.get("title") or "secateur pruning report")
     lines = [f"# {title}", ""]
     if results.get("description"):
@@ -600,9 +618,8 @@ def render_markdown(results: dict[str, Any], plot_files: dict[str, str]) -> str:
         lines += [n, ""]
     if plot_files:
         lines += ["## Plots", ""]
-        for key, caption in _PLOTS:
-            if key in plot_files:
-                lines += [f"![{caption}]({plot_files[key]})", ""]
+        for key, caption in _plot_order(plot_files, captions):
+            lines += [f"![{caption}]({plot_files[key]})", ""]
     if results.get("sweep"):
         lines += ["## Sweep", ""]
         lines += _md_table(_SWEEP_HEAD, [_sweep_cells(pt) for pt in results["sweep"]]) + [""]
@@ -622,6 +639,7 @@ def build_report(
     formats: Sequence[str] = _FORMATS,
     *,
     name: str = "report",
+    extra_plots: dict[str, tuple[str, bytes]] | None = None,
 ) -> dict[str, Path]:
     """Write the report of ``results`` to ``out_dir``: ``<name>.html`` (self-contained),
     ``<name>.md`` (with ``<name>_<plot>.png`` files beside it) and ``<name>.json`` (the input).
@@ -638,14 +656,26 @@ def build_report(
       "macs", "latency_ms", "latency_iqr_ms"}``.
     - ``title``, ``description``, ``command`` (to reproduce), ``environment``, ``latency`` (settings).
 
+    ``extra_plots`` maps further plot keys to ``(caption, PNG bytes)`` drawn after the standard
+    plots (e.g. the demo's training curves); they are embedded in the HTML and written as PNGs
+    beside the Markdown like the others.
+
     Returns:
         ``{"html": path, "md": path, "json": path, "<plot key>": png path, ...}`` for what was written.
 
     Raises:
-        ConfigError: an unknown format (allowed: "html", "md") or ``results`` not a dict.
+        ConfigError: an unknown format (allowed: "html", "md"), ``results`` not a dict, or an
+            extra plot that is not ``(caption, PNG bytes)`` or reuses a standard key (named).
     """
     if not isinstance(results, dict):
         raise ConfigError(f"results must be a dict, got {type(results).__name__}")
+    for key, value in (extra_plots or {}).items():
+        ok = isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], bytes)
+        if not ok or not value[1].startswith(b"\x89PNG") or key in dict(_PLOTS):
+            raise ConfigError(
+                f"extra plot {key!r} must be (caption, PNG bytes) under a new key "
+                f"(standard keys: {[k for k, _ in _PLOTS]})"
+            )
     bad = [f for f in formats if f not in _FORMATS]
     if bad:
         raise ConfigError(f"unknown report format(s) {bad}; allowed: {list(_FORMATS)}")
@@ -659,6 +689,9 @@ def build_report(
     ):
         if png is not None:
             plots[key] = png
+    captions = {}
+    for key, (caption, png) in (extra_plots or {}).items():
+        plots[key], captions[key] = png, str(caption)
     written: dict[str, Path] = {}
     if "md" in formats:
         plot_files = {}
@@ -668,10 +701,10 @@ def build_report(
             written[key] = p
             plot_files[key] = p.name
         written["md"] = out / f"{name}.md"
-        written["md"].write_text(render_markdown(results, plot_files), encoding="utf-8")
+        written["md"].write_text(render_markdown(results, plot_files, captions), encoding="utf-8")
     if "html" in formats:
         written["html"] = out / f"{name}.html"
-        written["html"].write_text(render_html(results, plots), encoding="utf-8")
+        written["html"].write_text(render_html(results, plots, captions), encoding="utf-8")
     written["json"] = out / f"{name}.json"
     written["json"].write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     return written
