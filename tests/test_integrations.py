@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 
 import pytest
@@ -132,3 +134,40 @@ def test_lightning_module_imports_without_lightning_class_access() -> None:
 
     with pytest.raises(AttributeError):
         mod.NotThere  # noqa: B018
+
+
+class _CountingPruner:
+    """A pruner stand-in whose masks change at even steps; no ``sparsity()`` method."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def step(self, step: int) -> bool:
+        self.calls.append(step)
+        return step % 2 == 0
+
+
+def test_callbacks_share_one_stepping_base() -> None:
+    """Both framework callbacks step through PrunerStepping: same calls, same records."""
+    from secateur.integrations._stepping import PrunerStepping
+
+    classes = []
+    if importlib.util.find_spec("transformers") is not None:
+        from secateur.integrations.hf_trainer import PruningCallback as HF
+
+        classes.append(HF)
+    if importlib.util.find_spec("lightning") is not None:
+        from secateur.integrations.lightning import PruningCallback as PL
+
+        classes.append(PL)
+    if not classes:
+        pytest.skip("neither transformers nor Lightning installed")
+    for cls in classes:
+        assert issubclass(cls, PrunerStepping) and "_step" not in vars(cls)
+        pruner = _CountingPruner()
+        cb = cls(pruner, sync=True)  # no process group: sync is a no-op
+        for s in range(5):
+            cb._step(s)
+        assert pruner.calls == [0, 1, 2, 3, 4]
+        steps = [s for s, _ in cb.updates]
+        assert steps == [0, 2, 4] and all(math.isnan(v) for _, v in cb.updates)

@@ -17,10 +17,12 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from secateur.integrations._stepping import PrunerStepping
+
 __all__ = ["PruningCallback"]
 
 
-class PruningCallback(TrainerCallback):
+class PruningCallback(PrunerStepping, TrainerCallback):
     """Call ``pruner.step(state.global_step)`` at train begin and after every optimizer step.
 
     Args:
@@ -35,25 +37,6 @@ class PruningCallback(TrainerCallback):
     Raises:
         secateur.train.ddp.MaskMismatchError: ranks disagree after an update (with ``sync``).
     """
-
-    def __init__(self, pruner: Any, *, sync: bool = True) -> None:
-        self.pruner = pruner
-        self.sync = sync
-        self.updates: list[tuple[int, float]] = []
-
-    def _step(self, step: int) -> None:
-        if not self.pruner.step(int(step)):
-            return
-        if self.sync:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                from secateur.train.ddp import sync_masks
-
-                sync_masks(self.pruner)
-        has_sparsity = callable(getattr(self.pruner, "sparsity", None))
-        sparsity = self.pruner.sparsity() if has_sparsity else float("nan")
-        self.updates.append((int(step), sparsity))
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

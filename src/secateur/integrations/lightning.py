@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from secateur.integrations._stepping import PrunerStepping
+
 __all__ = ["PruningCallback"]  # noqa: F822 - built on first access by the module __getattr__
 
 _CLASS: type | None = None
@@ -37,7 +39,7 @@ def _callback_base() -> type:
 def _build() -> type:
     base = _callback_base()
 
-    class PruningCallback(base):  # type: ignore[misc, valid-type]
+    class PruningCallback(PrunerStepping, base):  # type: ignore[misc, valid-type]
         """Call ``pruner.step(trainer.global_step)`` at train start and after every training batch.
 
         Args:
@@ -53,26 +55,6 @@ def _build() -> type:
             ImportError: (on first access of the class) Lightning is not installed.
             secateur.train.ddp.MaskMismatchError: ranks disagree after an update (with ``sync``).
         """
-
-        def __init__(self, pruner: Any, *, sync: bool = True) -> None:
-            super().__init__()
-            self.pruner = pruner
-            self.sync = sync
-            self.updates: list[tuple[int, float]] = []
-
-        def _step(self, step: int) -> None:
-            if not self.pruner.step(int(step)):
-                return
-            if self.sync:
-                import torch.distributed as dist
-
-                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                    from secateur.train.ddp import sync_masks
-
-                    sync_masks(self.pruner)
-            has_sparsity = callable(getattr(self.pruner, "sparsity", None))
-            sparsity = self.pruner.sparsity() if has_sparsity else float("nan")
-            self.updates.append((int(step), sparsity))
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             self._step(trainer.global_step)
