@@ -9,6 +9,7 @@ config; transactional). :func:`check_equivalence` is the oracle used in the test
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -126,11 +127,10 @@ def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) 
         if not units or any(u is None for u in units):
             continue
         gi = units[0][0]
-        if gi not in kept_units:
-            continue
-        keep = set(kept_units[gi].tolist())
-        n_new = sum(1 for _, u in units if u in keep)
-        if n_new == ev.n_outer:
+        keep = set(kept_units[gi].tolist()) if gi in kept_units else None
+        n_new = ev.n_outer if keep is None else sum(1 for _, u in units if u in keep)
+        if n_new == ev.n_outer:  # unchanged layers vote for the old count (a config holds one value)
+            events.append((ev.module_paths[0], ev.n_outer, n_new))
             continue
         events.append((ev.module_paths[0], ev.n_outer, n_new))
         for path in ev.module_paths[:2]:
@@ -169,6 +169,14 @@ def _configs(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+_LAYER_INDEX = re.compile(r"\.\d+\.")
+
+
+def _layer_free_key(g: Group) -> tuple[str, ...]:
+    """A group's members with layer indices blanked: the same group of another layer has the same key."""
+    return tuple(sorted(_LAYER_INDEX.sub(".#.", m.name) + f":{m.dim}" for m in g.members))
+
+
 def _config_changes(
     model: nn.Module,
     graph: DependencyGraph,
@@ -201,15 +209,24 @@ def _config_changes(
         for k in CONFIG_HEAD_KEYS + CONFIG_KV_KEYS:
             if getattr(cfg, k, None) == old:
                 proposals.setdefault((ck, k), set()).add(new)
+    pruned_kinds = set()
     for gi, keep in kept_units.items():
         g = graph.groups[gi]
         if any(True for p in attributes for m in g.members if m.module.startswith(p) and p):
             continue
+        pruned_kinds.add(_layer_free_key(g))
         ck = cfg_key_of(g.members[0].module)
         cfg = cfgs[ck]
         for k in CONFIG_FF_KEYS:
             if getattr(cfg, k, None) == g.n_units:
                 proposals.setdefault((ck, k), set()).add(int(keep.size))
+    for gi, g in enumerate(graph.groups):  # the same group in layers left alone keeps the old width
+        if gi in kept_units or _layer_free_key(g) not in pruned_kinds:
+            continue
+        ck = cfg_key_of(g.members[0].module)
+        for k in CONFIG_FF_KEYS:
+            if getattr(cfgs[ck], k, None) == g.n_units:
+                proposals.setdefault((ck, k), set()).add(g.n_units)
     for (ck, k), vals in proposals.items():
         cfg = cfgs[ck]
         old = getattr(cfg, k)
