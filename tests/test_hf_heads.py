@@ -10,6 +10,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +241,173 @@ def test_from_pretrained_reads_a_secateur_save_folder(tmp_path):
     _, plan = prune_heads_non_uniformly(model, x)
     sc.save(model, tmp_path, plan=plan)
     assert torch.equal(logits(sc.from_pretrained(tmp_path), x), logits(model, x))
+
+
+# ------------------------------------------------------------------------------ Michel et al. 2019
+class Gated(torch.nn.Module):
+    """A hand-written head gate: ``layer(z * ξ_h on head h's slice)``, ξ = 1 (Michel et al. 2019, eq. 2)."""
+
+    def __init__(self, layer, n_heads):
+        super().__init__()
+        self.layer = layer
+        self.xi = torch.nn.Parameter(torch.ones(n_heads, dtype=torch.float64))
+
+    def forward(self, z):
+        return self.layer(z * self.xi.repeat_interleave(z.shape[-1] // self.xi.numel()))
+
+
+def gate_gradients(model, consumers, batch, y, loss_of):
+    """``{consumer path: ∂L/∂ξ}`` (shape (heads,)) for the loss of ``batch`` with explicit gates."""
+    gated = copy.deepcopy(model)
+    gates = {}
+    for path in consumers:
+        parent, _, attr = path.rpartition(".")
+        g = Gated(gated.get_submodule(path), 4)
+        setattr(gated.get_submodule(parent), attr, g)
+        gates[path] = g.xi
+    loss = loss_of(gated(**batch), y)
+    grads = torch.autograd.grad(loss, list(gates.values()))
+    return dict(zip(gates, grads))
+
+
+def calibration(n_batches=2, n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ({"input_ids": torch.randint(0, 99, (n, 6), generator=g)}, torch.randint(0, 3, (n,), generator=g))
+        for _ in range(n_batches)
+    ]
+
+
+def bert_loss(out, y):
+    return torch.nn.functional.cross_entropy(out.logits, y)
+
+
+def gpt2_loss(out, y):  # next-token loss; y unused
+    return out.loss
+
+
+def consumer_of(graph, gi, model):
+    from secateur.criteria.group import consumer_members
+
+    (m,) = consumer_members(graph.groups[gi], model)
+    return m
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+def test_michel_scores_equal_explicit_head_gate_gradients_on_bert(per_example):
+    torch.manual_seed(0)
+    model, x = tiny_bert()
+    model.double()
+    graph = DependencyGraph.build(model, x)
+    heads = head_groups(graph)
+    crit = sc.criteria.group.get_group_criterion("michel", per_example=per_example, normalize_layers=False)
+    prunable = [gi for gi, g in enumerate(graph.groups) if g.n_prunable]
+    batches = calibration()
+    # independent reference first (no hooks on the model): E|∂L/∂ξ_h| with explicit gates
+    cons = {gi: consumer_of(graph, gi, model) for gi in heads}
+    assert all(m.module.endswith("attention.output.dense") for m in cons.values())
+    expected = {gi: np.zeros(4) for gi in heads}
+    for batch, y in batches:
+        if per_example:
+            n = y.shape[0]
+            for i in range(n):
+                one = {k: v[i : i + 1] for k, v in batch.items()}
+                grads = gate_gradients(model, [m.module for m in cons.values()], one, y[i : i + 1], bert_loss)
+                for gi, m in cons.items():
+                    expected[gi] += grads[m.module].abs().numpy() / n
+        else:
+            grads = gate_gradients(model, [m.module for m in cons.values()], batch, y, bert_loss)
+            for gi, m in cons.items():
+                expected[gi] += grads[m.module].abs().numpy()
+    crit.attach(model, graph, prunable)
+    for batch, y in batches:  # the user's loop: hooks record during backward
+        model.zero_grad()
+        bert_loss(model(**batch), y).backward()
+    got = crit.scores(model, graph, prunable)
+    crit.detach()
+    assert sorted(got) == heads  # FFN and pooler groups are not scored with units="heads"
+    for gi, m in cons.items():
+        head_to_unit = m.unit_of[::8]  # head h = input channels 8h..8h+7 of the output projection
+        assert sorted(head_to_unit.tolist()) == [0, 1, 2, 3]
+        want = np.zeros(4)
+        want[head_to_unit] = expected[gi] / len(batches)
+        assert np.allclose(got[gi], want, rtol=1e-9, atol=1e-15), (got[gi], want)
+        assert want.min() > 0
+
+
+def test_michel_on_gpt2_conv1d_and_per_layer_l2_normalisation():
+    """GPT-2's output projection is a Conv1D (weight (in, out)): the same hooks, no model-specific code."""
+    torch.manual_seed(0)
+    model, x = tiny_gpt2()
+    model.double()
+    graph = DependencyGraph.build(model, x)
+    heads = head_groups(graph)
+    batch = {"input_ids": _ids(n=3, s=6, seed=2), "labels": _ids(n=3, s=6, seed=2), "use_cache": False}
+    cons = {gi: consumer_of(graph, gi, model) for gi in heads}
+    grads = gate_gradients(model, [m.module for m in cons.values()], batch, None, gpt2_loss)
+    crit = sc.criteria.group.MichelCriterion(per_example=False)
+    crit.attach(model, graph, heads)
+    gpt2_loss(model(**batch), None).backward()
+    got = crit.scores(model, graph, heads)
+    for gi, m in cons.items():
+        raw = np.zeros(4)
+        raw[m.unit_of[::8]] = grads[m.module].abs().numpy()
+        assert np.allclose(got[gi], raw / np.linalg.norm(raw), rtol=1e-9)
+        assert np.isclose(np.linalg.norm(got[gi]), 1.0)
+
+
+def test_channel_pruner_with_michel_removes_lowest_heads_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model, x = tiny_bert()
+    batches = calibration(n_batches=2, n=4)
+    graph = DependencyGraph.build(model, x, protect=["*intermediate*", "*pooler*"])
+    heads = head_groups(graph)
+    assert [gi for gi, g in enumerate(graph.groups) if g.n_prunable] == heads
+    # reference scores on the same batches, before the pruner exists: the 2 lowest of 8 heads must go
+    reference = sc.criteria.group.MichelCriterion()
+    reference.attach(model, graph, heads)
+    sc.criteria.group.collect(reference, model, graph, heads, batches, bert_loss)
+    reference.detach()
+    ref = reference.scores(model, graph, heads)
+    flat = sorted((s, gi, u) for gi in heads for u, s in enumerate(ref[gi]))
+    want = {(gi, u) for _, gi, u in flat[:2]}
+    pruner = sc.ChannelPruner(
+        model, x, schedule=0.25, criterion="michel", data=batches, loss_fn=bert_loss, graph=graph
+    )
+    assert pruner.normalize == "none"  # scores are already per-layer normalised (Michel et al. sec. 4.1)
+    pruner.step(0)  # no statistics yet: the pruner runs the calibration batches itself
+    got = {(gi, int(u)) for gi, rm in pruner.removed.items() for u in rm}
+    assert got == want
+    p0 = n_params(model)
+    model = pruner.compact()  # the oracle runs inside
+    assert n_params(model) < p0
+    sc.save_pretrained(model, tmp_path, pruner.plan)
+    again = sc.from_pretrained(tmp_path)
+    assert torch.equal(logits(again, x), logits(model, x))
+    heads_left = [again.get_submodule(p).num_attention_heads for p in sorted(pruner.plan["attributes"])]
+    assert heads_left == [
+        4 - sum(1 for g, _ in want if g == gi) for gi in heads if any(g == gi for g, _ in want)
+    ]
+
+
+def test_michel_bad_use_is_named():
+    from secateur.criteria.group import available_group_criteria, get_group_criterion
+
+    assert "michel" in available_group_criteria()
+    with pytest.raises(sc.ConfigError, match="units must be"):
+        get_group_criterion("michel", units="neurons")
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    graph = DependencyGraph.build(mlp, torch.randn(2, 4))
+    ids = [gi for gi, g in enumerate(graph.groups) if g.n_prunable]
+    with pytest.raises(sc.ConfigError, match="no attention-head group"):
+        get_group_criterion("michel").attach(mlp, graph, ids)
+    crit = get_group_criterion("michel", units="all")  # the gate on the hidden units of an MLP works
+    crit.attach(mlp, graph, ids)
+    with pytest.raises(sc.ConfigError, match="needs head-gate gradients"):
+        crit.scores(mlp, graph, ids)
+    z = torch.randn(5, 4)
+    mlp(z).sum().backward()
+    s = crit.scores(mlp, graph, ids)[ids[0]]
+    h = torch.relu(mlp[0](z)).detach()
+    direct = (h * mlp[2].weight.detach().sum(0)).abs().sum(0).double().numpy()  # Σ_n |h_n · ∂L/∂h_n|
+    assert np.allclose(s, direct / np.linalg.norm(direct), rtol=1e-6)
