@@ -20,6 +20,7 @@ from secateur.allocation_extra import (
 )
 from secateur.analysis import count_macs, count_params
 from secateur.errors import ConfigError
+from secateur.masks import masked_parameters
 from secateur.pruner import Pruner
 from secateur.scope import Scope
 
@@ -171,3 +172,140 @@ def test_macs_target_reaches_the_fraction_of_dense_macs():
         pruner.prune_to(0.9)  # the protected stem conv holds a large share of the MACs
     with pytest.raises(ConfigError, match="example_inputs"):
         ResourceTarget(model, "macs")
+
+
+# -- measured latency targets (ChannelPruner(target="latency")) ----------------------------------------
+def chain(widths=(8, 8, 8)) -> nn.Module:
+    w1, w2, w3 = widths
+    return nn.Sequential(
+        nn.Conv2d(3, w1, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(w1, w2, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(w2, w3, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(w3, 10),
+    )
+
+
+def tiled_latency(model: nn.Module, inputs) -> float:
+    """A deterministic stand-in for a kernel that works in tiles of 4 channels (a step function)."""
+    t = 5.0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            t += math.ceil(m.out_channels / 4) * 4 * math.ceil(m.in_channels / 4) * 4
+    return t
+
+
+def conv_widths(model: nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_latency_target_uniform_finds_the_smallest_removal_meeting_a_stepwise_latency():
+    from secateur.allocation_extra import LatencyTarget
+    from secateur.structured_pruner import ChannelPruner
+
+    torch.manual_seed(0)
+    model, x = chain(), torch.randn(2, 3, 8, 8)
+    calls = []
+
+    def fake(m, inputs):
+        calls.append(tuple(conv_widths(m)))
+        return tiled_latency(m, inputs)
+
+    lt = LatencyTarget(fake, tolerance=0.02)
+    pruner = ChannelPruner(
+        model, x, schedule=0.5, criterion="l1", allocation="uniform", target="latency", latency=lt
+    )
+    pruner.prune_to(0.5)
+    # Independently: every group has 8 units, so uniform allocation removes the same k from each; the
+    # smallest k whose tiled latency is within (1 - 0.5 + 0.02) of the dense one.
+    dense = tiled_latency(chain(), None)
+    k_star = min(k for k in range(8) if tiled_latency(chain((8 - k,) * 3), None) <= (0.52) * dense)
+    assert k_star == 4  # widths 5..7 still use two tiles: a MAC-proportional guess (k=3) would miss
+    compacted = pruner.compact()
+    assert conv_widths(compacted) == [8 - k_star] * 3
+    assert pruner.history == [] and pruner.dense_ms == dense
+    assert tiled_latency(compacted, None) <= 0.52 * dense
+    assert all(len(set(c)) == 1 for c in calls)  # every probe was a compacted, uniformly pruned copy
+
+
+def test_latency_target_global_with_affine_latency_equals_the_mac_target():
+    from secateur.allocation_extra import LatencyTarget
+    from secateur.structured_pruner import ChannelPruner
+
+    torch.manual_seed(1)
+    base, x = chain((8, 12, 6)), torch.randn(1, 3, 8, 8)
+    m0 = count_macs(base, x)["macs"]
+
+    def affine(m, inputs):  # 2 ms of fixed overhead + 1 ms per 1000 MACs of one image
+        return 2.0 + count_macs(m, x)["macs"] / 1000
+
+    s, tol = 0.45, 0.01
+    lat_model = chain((8, 12, 6))
+    lat_model.load_state_dict(base.state_dict())
+    lp = ChannelPruner(
+        lat_model,
+        x,
+        schedule=s,
+        criterion="l1",
+        target="latency",
+        latency=LatencyTarget(affine, tolerance=tol),
+    )
+    lp.prune_to(s)
+    # latency <= (1 - s + tol) L0  <=>  MACs <= ((1 - s + tol) L0 - 2) * 1000: a MAC target of f_star
+    l0 = 2.0 + m0 / 1000
+    f_star = 1 - ((1 - s + tol) * l0 - 2.0) * 1000 / m0
+    mac_model = chain((8, 12, 6))
+    mac_model.load_state_dict(base.state_dict())
+    mp = ChannelPruner(mac_model, x, schedule=f_star, criterion="l1", target="macs")
+    mp.prune_to(f_star)
+    assert lp.removed_units() == mp.removed_units() and lp.removed_units()
+    assert lp.removed_fraction() == pytest.approx(1 - affine(lp.compact(), x) / l0)
+    assert affine(lat_model, x) <= (1 - s + tol) * l0
+
+
+def test_unreachable_latency_target_says_why_and_leaves_the_model_untouched():
+    from secateur.allocation_extra import LatencyTarget
+    from secateur.structured_pruner import ChannelPruner
+
+    model, x = chain(), torch.randn(1, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lt = LatencyTarget(tiled_latency, tolerance=0.02)
+    # the most-pruned model (width 1, still one tile of 4) runs 53 of the dense 165 "ms": at most 0.679
+    with pytest.raises(ConfigError, match=r"0\.8 of latency is unreachable.*at most 0\.6788.*dense 165 ms"):
+        ChannelPruner(
+            model, x, schedule=0.8, criterion="l1", allocation="uniform", target="latency", latency=lt
+        )
+    pruner = ChannelPruner(
+        model, x, schedule=0.5, criterion="l1", allocation="uniform", target="latency", latency=lt
+    )
+    with pytest.raises(ConfigError, match="unreachable"):
+        pruner.prune_to(0.75)
+    assert not list(masked_parameters(model))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the search itself explains an unreachable goal with the measured numbers
+    with pytest.raises(
+        ConfigError, match=r"latency target 0\.9 unreachable.*53 ms, 32\.1% of the dense 165 ms"
+    ):
+        lt.search(0.9, lambda v: 53.0, 1.0, 165.0)
+
+
+def test_latency_settings_are_validated():
+    from secateur.allocation_extra import LatencyTarget
+    from secateur.structured_pruner import ChannelPruner
+
+    with pytest.raises(ConfigError, match="tolerance"):
+        LatencyTarget(tolerance=1.5)
+    with pytest.raises(ConfigError, match="callable"):
+        LatencyTarget(latency_fn=3.0)
+    with pytest.raises(ConfigError, match="positive finite"):
+        LatencyTarget(lambda m, i: -1.0).measure(chain(), None)
+    with pytest.raises(ConfigError, match="use target='latency'"):
+        ChannelPruner(chain(), torch.randn(1, 3, 8, 8), schedule=0.1, target="macs", latency=LatencyTarget())
+    with pytest.raises(ConfigError, match="do not make dense kernels faster"):
+        ResourceTarget(chain(), "latency")
+    # the default timer (torch.utils.benchmark, fixed threads, median) returns milliseconds
+    assert LatencyTarget(repeats=2).measure(chain(), torch.randn(1, 3, 8, 8)) > 0

@@ -18,8 +18,10 @@ registers the named ones into ``secateur.allocation.ALLOCATIONS``:
   (``|w|`` for magnitude gives exactly LAMP).
 
 Objects that need arguments: :class:`Sensitivity` (per-layer sparsities from a sweep, Li et al.
-2017, "Pruning Filters for Efficient ConvNets", sec. 3.3 / 4.1) and :class:`ResourceTarget`
-(a target expressed as a fraction of the *model's* parameters or MACs).
+2017, "Pruning Filters for Efficient ConvNets", sec. 3.3 / 4.1), :class:`ResourceTarget`
+(a target expressed as a fraction of the *model's* parameters or MACs) and :class:`LatencyTarget`
+(a fraction of the dense model's *measured* latency, for structured pruning:
+``ChannelPruner(..., target="latency")``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ Masks = dict[str, torch.Tensor]
 Allocation = Callable[..., Masks]
 
 __all__ = [
+    "LatencyTarget",
     "ResourceTarget",
     "Sensitivity",
     "erk",
@@ -354,6 +357,12 @@ class ResourceTarget:
     ) -> None:
         from secateur.analysis import count_params, layer_table
 
+        if kind == "latency":
+            raise ConfigError(
+                "resource target kind 'latency' is not available for element-wise masks: zeroed weights "
+                "do not make dense kernels faster; use ChannelPruner(..., target='latency'), which removes "
+                "whole channels and measures the compacted model (see LatencyTarget)"
+            )
         if kind not in ("params", "macs"):
             raise ConfigError(f"resource target kind must be 'params' or 'macs', got {kind!r}")
         self.kind = kind
@@ -415,3 +424,134 @@ class ResourceTarget:
             else:
                 lo = mid
         return best
+
+
+# -- measured latency -----------------------------------------------------------------------------
+LatencyFn = Callable[[nn.Module, Any], float]
+
+
+class LatencyTarget:
+    """A target expressed as a fraction of the dense model's *measured* forward latency.
+
+    Used by :class:`secateur.structured_pruner.ChannelPruner` with ``target="latency"``: a scheduled
+    sparsity ``s`` means "remove ``s`` of the dense latency", i.e. the compacted model must run in at
+    most ``(1 - s + tolerance) · L_dense`` milliseconds. Latency is not a sum of per-layer costs (kernel
+    tiling, memory traffic and fixed per-call overhead do not scale with channel counts), so it is
+    measured, not modelled: the search walks the *same ranking* the MAC target uses (for uniform
+    allocation the common per-group fraction, for global allocation the greedy MAC-fraction order),
+    compacts a copy of the model at each probe and times it, and bisects for the smallest removal
+    whose latency meets the goal (:meth:`search`). The pruner measures each distinct removal once.
+
+    This is how hardware-aware methods set budgets (e.g. NetAdapt, Yang et al. 2018, sec. 3: "the
+    latency of the simplified network is measured" and the number of filters is chosen to meet a
+    latency budget); here the ranking comes from the pruner's criterion and only the *amount* is
+    chosen by measurement.
+
+    Args:
+        latency_fn: ``f(model, inputs) -> float`` milliseconds per forward. Default: the median of
+            :func:`secateur.analysis.latency.measure_latency` (``torch.utils.benchmark`` blocks, fixed
+            thread count ``threads``, eval mode, no grad). Inject a deterministic function in tests.
+        inputs: what to time the model on (a tensor, tuple or dict, as for ``measure_latency``);
+            default: the pruner's ``example_inputs``. Latency at batch 1 of a tiny net is mostly fixed
+            overhead, so a realistic batch is often the better choice.
+        threads: torch intra-op threads during timing (default 1: reproducible on a shared machine).
+        repeats: timed blocks per measurement (statistics over blocks; the median is used).
+        tolerance: fraction of the dense latency by which a measurement may exceed the goal and still
+            count as reaching it (absorbs timing noise), in [0, 1).
+        steps: bisection steps over the ranking (each probe at most one compaction and one timing).
+
+    Raises:
+        ConfigError: a tolerance outside [0, 1), ``steps`` < 1, a ``latency_fn`` that is not callable
+            or returns a non-positive / non-finite time (naming the value), and in :meth:`search` an
+            unreachable target (the message gives the measured latencies).
+    """
+
+    def __init__(
+        self,
+        latency_fn: LatencyFn | None = None,
+        *,
+        inputs: Any = None,
+        threads: int = 1,
+        repeats: int = 20,
+        tolerance: float = 0.02,
+        steps: int = 30,
+    ) -> None:
+        if latency_fn is not None and not callable(latency_fn):
+            raise ConfigError(f"latency_fn must be callable f(model, inputs) -> ms, got {latency_fn!r}")
+        if not 0.0 <= tolerance < 1.0:
+            raise ConfigError(f"latency tolerance must be a fraction in [0, 1), got {tolerance!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"latency search steps must be an int >= 1, got {steps!r}")
+        self.latency_fn = latency_fn
+        self.inputs = inputs
+        self.threads = threads
+        self.repeats = repeats
+        self.tolerance = float(tolerance)
+        self.steps = steps
+
+    def measure(self, model: nn.Module, inputs: Any) -> float:
+        """Milliseconds per forward of ``model`` on ``self.inputs`` (or ``inputs`` if that is None).
+
+        Raises:
+            ConfigError: the latency function returned something that is not a positive finite number.
+        """
+        x = inputs if self.inputs is None else self.inputs
+        if self.latency_fn is None:
+            from secateur.analysis.latency import measure_latency
+
+            ms = measure_latency(model, x, threads=self.threads, repeats=self.repeats)["median_ms"]
+        else:
+            ms = self.latency_fn(model, x)
+        try:
+            ms = float(ms)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"latency_fn must return milliseconds as a number, got {ms!r}") from exc
+        if not (math.isfinite(ms) and ms > 0):
+            raise ConfigError(f"latency_fn must return a positive finite time in ms, got {ms!r}")
+        return ms
+
+    def search(
+        self,
+        fraction: float,
+        latency_at: Callable[[float], float],
+        hi: float,
+        dense_ms: float,
+        *,
+        what: str = "the removal",
+    ) -> float:
+        """The smallest knob ``x`` in ``[0, hi]`` (found by bisection) whose model meets the goal.
+
+        ``latency_at(x)`` is the measured latency (ms) of the model pruned at knob ``x`` (a common
+        per-group fraction, or a MAC fraction along a global ranking), assumed non-decreasing in
+        removal; the goal is ``latency_at(x) <= (1 - fraction + tolerance) · dense_ms`` (``dense_ms``: the
+        unpruned model's measured latency, in ms). Returns 0.0
+        for ``fraction`` 0. With noisy timing the returned knob's *measured* latency meets the goal;
+        the one just below it (to the bisection's resolution) measured above it.
+
+        Raises:
+            ConfigError: a non-positive ``dense_ms``, or even ``x = hi`` (``what``: everything the allocation
+                may remove) measures above the goal: the target is unreachable, and the message says
+                by how much (fixed costs such as the stem, the classifier and per-call overhead).
+        """
+        if not dense_ms > 0:
+            raise ConfigError(f"LatencyTarget.search needs the dense latency in ms (> 0), got {dense_ms!r}")
+        if fraction <= 0.0:
+            return 0.0
+        limit = (1.0 - fraction + self.tolerance) * dense_ms
+        at_hi = latency_at(hi)
+        if at_hi > limit:
+            raise ConfigError(
+                f"latency target {fraction:.4g} unreachable: {what} still measures {at_hi:.4g} ms, "
+                f"{at_hi / dense_ms:.1%} of the dense {dense_ms:.4g} ms, above the goal of "
+                f"{1 - fraction:.1%} (+{self.tolerance:.1%} tolerance); at most "
+                f"{max(1 - at_hi / dense_ms, 0.0):.4g} of the latency can be removed: the rest is "
+                "in layers, units and per-call overhead that channel removal does not shrink"
+            )
+        lo = 0.0
+        for _ in range(self.steps):
+            mid = (lo + hi) / 2
+            if latency_at(mid) <= limit:
+                hi = mid
+            else:
+                lo = mid
+        return hi

@@ -52,7 +52,7 @@ from secateur.structured import _ensure_member_nonempty, choose_units
 
 __all__ = ["ChannelPruner", "TARGETS"]
 
-TARGETS = ("channels", "params", "macs")
+TARGETS = ("channels", "params", "macs", "latency")
 ALLOCATIONS = ("global", "uniform")
 NORMALIZERS = ("auto", "mean", "max", "none")
 _EPS = 1e-12
@@ -146,7 +146,9 @@ class ChannelPruner:
             targets that fraction is found by bisection) or ``"global"`` (one ranking over all groups).
         target: what the sparsity is a fraction of: ``"channels"`` (prunable units: channels, heads,
             neurons), ``"params"`` (all parameters of the model) or ``"macs"`` (multiply-accumulates of one
-            forward on ``example_inputs``, not FLOPs). Costs per unit: see :class:`_CostModel`.
+            forward on ``example_inputs``, not FLOPs) or ``"latency"`` (the dense model's *measured* latency:
+            the MAC ranking is walked and compacted copies are timed, see ``latency``). Costs per unit: see
+            :class:`_CostModel`.
         protect: module name patterns never pruned (fnmatch, ``"re:..."`` for a regex).
         round_to: kept unit counts are multiples of this (a group smaller than it is left alone).
         data: a batch ``(x, y)`` or an iterable of batches for data-dependent criteria when no statistics
@@ -159,6 +161,9 @@ class ChannelPruner:
         prune_outputs: allow pruning dims that reach the model's outputs.
         criterion_kwargs: extra arguments for the criterion (e.g. ``{"method": "sum"}`` for fpgm).
         graph: a graph already traced from ``model`` (skips the trace).
+        latency: for ``target="latency"``, a :class:`secateur.allocation_extra.LatencyTarget` (timing
+            function, inputs, threads, tolerance); default ``LatencyTarget()``. The dense latency and the
+            largest removable fraction are measured at construction, on a mask-free copy of the model.
 
     Global allocation removes units in increasing order of (normalised) score until the removed fraction
     of the target reaches the scheduled sparsity; with ``round_to > 1`` units go in chunks that keep each
@@ -189,6 +194,7 @@ class ChannelPruner:
         prune_outputs: bool = False,
         criterion_kwargs: dict[str, Any] | None = None,
         graph: DependencyGraph | None = None,
+        latency: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -200,6 +206,8 @@ class ChannelPruner:
             raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if target not in TARGETS:
             raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
+        if latency is not None and target != "latency":
+            raise ConfigError(f"latency settings given but target is {target!r}; use target='latency'")
         if normalize not in NORMALIZERS:
             raise ConfigError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -222,6 +230,8 @@ class ChannelPruner:
         self.group_ids = [gi for gi, g in enumerate(self.graph.groups) if g.n_prunable > 0]
         self.removed: dict[int, np.ndarray] = {gi: np.zeros(0, dtype=np.int64) for gi in self.group_ids}
         self.cost = self._build_cost_model()
+        if target == "latency":
+            self._init_latency(latency)
         self.max_fraction = self._max_fraction()
         final = max([float(schedule.sparsity_at(s)) for s in getattr(schedule, "update_steps", [])] or [0.0])
         self._check_reachable(final)
@@ -272,12 +282,57 @@ class ChannelPruner:
         zeros = {gi: np.zeros(self.graph.groups[gi].n_units) for gi in self.group_ids}
         if self.allocation == "uniform":
             rm = self._uniform_removal(zeros, 1.0)
-            return self.cost.state(rm).removed_fraction()
-        _, frac = self._global_removal(zeros, math.inf)
-        return frac
+            frac = self.cost.state(rm).removed_fraction()
+        else:
+            rm, frac = self._global_removal(zeros, math.inf)
+        return self._latency_fraction(rm) if self.target == "latency" else frac
+
+    # -------------------------------------------------------------------------------- latency target
+    def _init_latency(self, latency: Any) -> None:
+        from secateur.allocation_extra import LatencyTarget
+        from secateur.masks import detach_masks
+
+        self.latency = LatencyTarget() if latency is None else latency
+        if not isinstance(self.latency, LatencyTarget):
+            raise ConfigError(f"latency must be a LatencyTarget, got {type(latency).__name__}")
+        # timed copies start from a mask-free, hook-free copy taken now (latency depends on shapes only)
+        self._latency_base = detach_masks(copy.deepcopy(self.model))
+        self._latency_memo: dict[tuple, float] = {}
+        self.dense_ms = self.latency.measure(self._latency_base, self.example_inputs)
+
+    def _latency_ms(self, removed: Mapping[int, np.ndarray]) -> float:
+        """Measured latency (ms) of the model compacted with ``removed``; each removal measured once."""
+        rm = {gi: np.asarray(r, dtype=np.int64) for gi, r in removed.items() if len(r)}
+        key = tuple(sorted((gi, tuple(r.tolist())) for gi, r in rm.items()))
+        if key not in self._latency_memo:
+            probe = compact(copy.deepcopy(self._latency_base), make_plan(self.graph, rm))
+            self._latency_memo[key] = self.latency.measure(probe, self.example_inputs)
+        return self._latency_memo[key]
+
+    def _latency_fraction(self, removed: Mapping[int, np.ndarray]) -> float:
+        return 1.0 - self._latency_ms(removed) / self.dense_ms
+
+    def _latency_removal(self, scores: dict[int, np.ndarray], sparsity: float) -> dict[int, np.ndarray]:
+        """Smallest removal along the MAC target's ranking whose measured latency meets ``sparsity``."""
+        if self.allocation == "uniform":  # knob: the common per-group fraction
+
+            def at(x: float) -> dict[int, np.ndarray]:
+                return self._uniform_removal(scores, x)
+
+            hi, what = 1.0, "removing the most that uniform allocation allows"
+        else:  # knob: the fraction of MACs along the global greedy ranking
+            norm = self._normalised(scores)
+
+            def at(x: float) -> dict[int, np.ndarray]:
+                return self._global_removal(norm, x)[0]
+
+            hi, what = self._global_removal(norm, math.inf)[1], "removing every removable unit"
+        x = self.latency.search(sparsity, lambda v: self._latency_ms(at(v)), hi, self.dense_ms, what=what)
+        return at(x)
 
     def _check_reachable(self, sparsity: float) -> None:
-        if sparsity <= self.max_fraction + 1e-9:
+        slack = self.latency.tolerance if self.target == "latency" else 0.0
+        if sparsity <= self.max_fraction + slack + 1e-9:
             return
         frozen = [g for g in self.graph.groups if g.n_prunable < g.n_units]
         why = sorted({r for g in frozen for r in g.reasons})[:4]
@@ -286,10 +341,20 @@ class ChannelPruner:
             f"keeping at least one unit per group (round_to={self.round_to}), at most "
             f"{self.max_fraction:.4g} can be removed; {len(frozen)} groups are partly or fully unprunable "
             f"({'; '.join(why) or 'no reason recorded'})"
+            + (
+                f"; measured: dense {self.dense_ms:.4g} ms, the most-pruned compacted model "
+                f"{(1 - self.max_fraction) * self.dense_ms:.4g} ms (per-call overhead and unprunable layers "
+                f"remain), tolerance {self.latency.tolerance:.1%}"
+                if self.target == "latency"
+                else ""
+            )
         )
 
     def removed_fraction(self) -> float:
-        """Fraction of the target (channels / params / MACs) removed by the current masks (cost model)."""
+        """Fraction of the target (channels / params / MACs) removed by the current masks (cost model);
+        for ``"latency"``, ``1 - measured latency of the compacted removal / dense latency``."""
+        if self.target == "latency":
+            return self._latency_fraction(self.removed)
         return self.cost.state(self.removed).removed_fraction()
 
     # ----------------------------------------------------------------------------------- allocation
@@ -378,6 +443,9 @@ class ChannelPruner:
         return removed, frac
 
     def _allocate(self, scores: dict[int, np.ndarray], sparsity: float) -> dict[int, np.ndarray]:
+        if self.target == "latency":
+            removed = self._latency_removal(scores, sparsity)
+            return {gi: removed.get(gi, self.removed[gi]) for gi in self.group_ids}
         if self.allocation == "global":
             removed, _ = self._global_removal(self._normalised(scores), sparsity)
             return {gi: removed.get(gi, self.removed[gi]) for gi in self.group_ids}
@@ -443,9 +511,11 @@ class ChannelPruner:
         self._check_reachable(sparsity)
         with torch.enable_grad():
             scores = self.scores()
-        removed = self._allocate(scores, sparsity)
+        removed = self._allocate(scores, sparsity)  # a latency target raises in its search if unreachable
         reached = self.cost.state(removed).removed_fraction()
-        if reached < sparsity - 1e-9 and not (self.allocation == "uniform" and self.target == "channels"):
+        if reached < sparsity - 1e-9 and self.target != "latency" and not (
+            self.allocation == "uniform" and self.target == "channels"
+        ):
             raise ConfigError(
                 f"target {sparsity:.4g} of {self.target} is unreachable: criterion "
                 f"{self.criterion.name!r} scored {len(scores)} of {len(self.group_ids)} prunable groups, and "
