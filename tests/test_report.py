@@ -188,3 +188,27 @@ def test_summary_flags_overlapping_latency_ranges() -> None:
     assert rows["latency, median ± IQR (ms)"][3] == "1.04x (IQRs overlap)"
     rows = {r[0]: r for r in summary_rows({"dense": res(2.0, 2.1, 2.2), "pruned": res(1.0, 1.05, 1.1)})}
     assert rows["latency, median ± IQR (ms)"][3] == "2.00x"
+
+
+def test_table_cells_share_one_format() -> None:
+    """Counts, fractions, MiB and ratios format alike in every table; missing or NaN is a dash."""
+    from secateur.analysis.report import _layer_cells, _sweep_cells, summary_rows
+
+    d = {"params": 1_234_567, "nonzero_params": 1_234_567, "accuracy": 0.91234,
+         "peak_activation_bytes": 3 * 2**20}
+    p = {"params": 1_234_567, "nonzero_params": 411_522, "accuracy": float("nan"),
+         "peak_activation_bytes": 2**19}
+    rows = {r[0]: r[1:] for r in summary_rows({"dense": d, "pruned": p})}
+    assert rows["non-zero parameters"] == ("1,234,567", "411,522", f"{1_234_567 / 411_522:.2f}x")
+    assert rows["accuracy (fraction)"] == ("0.9123", "—", "")
+    assert rows["peak activation memory (MiB)"] == ("3.00", "0.50", "6.00x")
+    # A NaN count (e.g. a failed measurement) is shown as missing, not a crash.
+    rows = {r[0]: r[1:] for r in summary_rows({"dense": {"params": float("nan")}, "pruned": {"params": 7}})}
+    assert rows["parameters"] == ("—", "7", "—")
+    layer = {"name": "fc", "type": "Linear", "dense_params": 5000, "pruned_params": 2500,
+             "pruned_nonzero": 1250, "dense_kept": 1.0, "pruned_kept": 0.25, "dense_macs": 4000,
+             "pruned_macs": None, "pruned_sparse_macs": 1000.7}
+    assert _layer_cells(layer) == ["fc", "Linear", "5,000", "2,500", "1,250", "1.000", "0.250", "4,000", "—",
+                                   "1,000"]
+    pt = {"method": "lamp", "compression": 8, "accuracy": 0.5, "macs": 10_000, "latency_ms": None}
+    assert _sweep_cells(pt) == ["lamp", "8.00x", "0.5000", "10,000", "—", "—"]

@@ -337,31 +337,39 @@ def plot_latency_vs_macs(results: dict[str, Any]) -> bytes | None:
 
 
 # -- tables -------------------------------------------------------------------------------------
-def _fmt_int(v: Any) -> str:
-    return f"{int(v):,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "—"
+_MISSING = "—"
+_Row = tuple[str, str, str, str]
 
 
-def _fmt(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
+def _cell(v: Any, spec: str = ".3f") -> str:
+    """One table cell as text; ``"—"`` for a missing value (None, NaN, a bool or a non-number).
+
+    ``spec`` is a format spec, or ``"int"`` (rounded down, thousands separators), ``"mib"`` (bytes
+    shown in MiB, 2 decimals) or ``"x"`` (a ratio, 2 decimals and an ``x``).
+    """
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or (isinstance(v, float) and math.isnan(v)):
+        return _MISSING
+    if spec == "int":
+        return f"{int(v):,}"
+    if spec == "mib":
+        return f"{v / 2**20:.2f}"
+    if spec == "x":
+        return f"{v:.2f}x"
     return format(v, spec)
 
 
 def _ratio(d: Any, p: Any) -> str:
-    if not isinstance(d, (int, float)) or not isinstance(p, (int, float)) or not p:
-        return "—"
-    return f"{d / p:.2f}x"
-
-
-def _mib(v: Any) -> str:
-    return "—" if v is None else f"{v / 2**20:.2f}"
+    """dense / pruned as ``"2.00x"``; ``"—"`` when either is missing or the pruned value is 0."""
+    if _cell(d) == _MISSING or _cell(p) == _MISSING or not p:
+        return _MISSING
+    return _cell(d / p, "x")
 
 
 def _latency_ratio(d: dict[str, Any], p: dict[str, Any], prefix: str) -> str:
     """dense/pruned median ratio, flagged when the quartile ranges overlap (difference within noise)."""
     text = _ratio(d.get(f"{prefix}_ms"), p.get(f"{prefix}_ms"))
     q = [m.get(f"{prefix}_{k}_ms") for m in (d, p) for k in ("q1", "q3")]
-    if text != "—" and all(isinstance(v, (int, float)) for v in q) and q[0] <= q[3] and q[2] <= q[1]:
+    if text != _MISSING and all(_cell(v) != _MISSING for v in q) and q[0] <= q[3] and q[2] <= q[1]:
         text += " (IQRs overlap)"
     return text
 
@@ -372,63 +380,42 @@ def _batch_label(results: dict[str, Any]) -> str:
     return f"batch of {b}" if b else "one forward of the example inputs"
 
 
-def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def _compare_row(label: str, d: dict[str, Any], p: dict[str, Any], key: str, spec: str) -> _Row:
+    """``(label, dense cell, pruned cell, dense/pruned)`` for one quantity ``key``."""
+    return (label, _cell(d.get(key), spec), _cell(p.get(key), spec), _ratio(d.get(key), p.get(key)))
+
+
+def _latency_row(label: str, d: dict[str, Any], p: dict[str, Any], prefix: str) -> _Row:
+    """``(label, "median ± IQR" dense, pruned, ratio of medians)`` for ``<prefix>_ms`` latencies."""
+
+    def cell(m: dict[str, Any]) -> str:
+        return f"{_cell(m.get(f'{prefix}_ms'))} ± {_cell(m.get(f'{prefix}_iqr_ms'))}"
+
+    return (label, cell(d), cell(p), _latency_ratio(d, p, prefix))
+
+
+def summary_rows(results: dict[str, Any]) -> list[_Row]:
     """``(quantity, dense, pruned, dense/pruned)`` rows of the side-by-side table, as strings."""
     d, p = results.get("dense") or {}, results.get("pruned") or {}
+    batch = _batch_label(results)
+    acc = _compare_row("accuracy (fraction)", d, p, "accuracy", ".4f")
     rows = [
-        ("accuracy (fraction)", _fmt(d.get("accuracy"), ".4f"), _fmt(p.get("accuracy"), ".4f"), ""),
-        (
-            "parameters",
-            _fmt_int(d.get("params")),
-            _fmt_int(p.get("params")),
-            _ratio(d.get("params"), p.get("params")),
-        ),
-        (
-            "non-zero parameters",
-            _fmt_int(d.get("nonzero_params")),
-            _fmt_int(p.get("nonzero_params")),
-            _ratio(d.get("nonzero_params"), p.get("nonzero_params")),
-        ),
-        (
-            f"MACs (dense kernels, {_batch_label(results)})",
-            _fmt_int(d.get("macs")),
-            _fmt_int(p.get("macs")),
-            _ratio(d.get("macs"), p.get("macs")),
-        ),
-        (
-            f"sparse MACs (zeros skipped, {_batch_label(results)})",
-            _fmt_int(d.get("sparse_macs")),
-            _fmt_int(p.get("sparse_macs")),
-            _ratio(d.get("sparse_macs"), p.get("sparse_macs")),
-        ),
+        (acc[0], acc[1], acc[2], ""),
+        _compare_row("parameters", d, p, "params", "int"),
+        _compare_row("non-zero parameters", d, p, "nonzero_params", "int"),
+        _compare_row(f"MACs (dense kernels, {batch})", d, p, "macs", "int"),
+        _compare_row(f"sparse MACs (zeros skipped, {batch})", d, p, "sparse_macs", "int"),
     ]
-    if d.get("latency_ms") is not None or p.get("latency_ms") is not None:
-        rows.append(
-            (
-                "latency, median ± IQR (ms)",
-                f"{_fmt(d.get('latency_ms'), '.3f')} ± {_fmt(d.get('latency_iqr_ms'), '.3f')}",
-                f"{_fmt(p.get('latency_ms'), '.3f')} ± {_fmt(p.get('latency_iqr_ms'), '.3f')}",
-                _latency_ratio(d, p, "latency"),
-            )
-        )
-    if d.get("onnx_latency_ms") is not None or p.get("onnx_latency_ms") is not None:
-        rows.append(
-            (
-                "ONNX Runtime latency, median ± IQR (ms)",
-                f"{_fmt(d.get('onnx_latency_ms'), '.3f')} ± {_fmt(d.get('onnx_latency_iqr_ms'), '.3f')}",
-                f"{_fmt(p.get('onnx_latency_ms'), '.3f')} ± {_fmt(p.get('onnx_latency_iqr_ms'), '.3f')}",
-                _latency_ratio(d, p, "onnx_latency"),
-            )
-        )
-    if d.get("peak_activation_bytes") is not None or p.get("peak_activation_bytes") is not None:
-        rows.append(
-            (
-                "peak activation memory (MiB)",
-                _mib(d.get("peak_activation_bytes")),
-                _mib(p.get("peak_activation_bytes")),
-                _ratio(d.get("peak_activation_bytes"), p.get("peak_activation_bytes")),
-            )
-        )
+
+    def present(key: str) -> bool:
+        return d.get(key) is not None or p.get(key) is not None
+
+    if present("latency_ms"):
+        rows.append(_latency_row("latency, median ± IQR (ms)", d, p, "latency"))
+    if present("onnx_latency_ms"):
+        rows.append(_latency_row("ONNX Runtime latency, median ± IQR (ms)", d, p, "onnx_latency"))
+    if present("peak_activation_bytes"):
+        rows.append(_compare_row("peak activation memory (MiB)", d, p, "peak_activation_bytes", "mib"))
     return rows
 
 
@@ -446,34 +433,25 @@ _LAYER_HEAD = (
 )
 
 
+_LAYER_CELLS = (
+    ("dense_params", "int"), ("pruned_params", "int"), ("pruned_nonzero", "int"), ("dense_kept", ".3f"),
+    ("pruned_kept", ".3f"), ("dense_macs", "int"), ("pruned_macs", "int"), ("pruned_sparse_macs", "int"),
+)
+
+
 def _layer_cells(r: dict[str, Any]) -> list[str]:
-    return [
-        str(r["name"]),
-        str(r["type"]),
-        _fmt_int(r.get("dense_params")),
-        _fmt_int(r.get("pruned_params")),
-        _fmt_int(r.get("pruned_nonzero")),
-        _fmt(r.get("dense_kept"), ".3f"),
-        _fmt(r.get("pruned_kept"), ".3f"),
-        _fmt_int(r.get("dense_macs")),
-        _fmt_int(r.get("pruned_macs")),
-        _fmt_int(r.get("pruned_sparse_macs")),
-    ]
+    return [str(r["name"]), str(r["type"])] + [_cell(r.get(k), spec) for k, spec in _LAYER_CELLS]
 
 
 _SWEEP_HEAD = ("method", "compression", "accuracy", "MACs", "sparse MACs", "latency (ms)")
 
 
+_SWEEP_CELLS = (("compression", "x"), ("accuracy", ".4f"), ("macs", "int"), ("sparse_macs", "int"),
+                ("latency_ms", ".3f"))
+
+
 def _sweep_cells(pt: dict[str, Any]) -> list[str]:
-    c = pt.get("compression")
-    return [
-        str(pt.get("method", "sweep")),
-        "—" if c is None else f"{c:.2f}x",
-        _fmt(pt.get("accuracy"), ".4f"),
-        _fmt_int(pt.get("macs")),
-        _fmt_int(pt.get("sparse_macs")),
-        _fmt(pt.get("latency_ms"), ".3f"),
-    ]
+    return [str(pt.get("method", "sweep"))] + [_cell(pt.get(k), spec) for k, spec in _SWEEP_CELLS]
 
 
 # -- rendering ----------------------------------------------------------------------------------
