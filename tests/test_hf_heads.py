@@ -411,3 +411,42 @@ def test_michel_bad_use_is_named():
     h = torch.relu(mlp[0](z)).detach()
     direct = (h * mlp[2].weight.detach().sum(0)).abs().sum(0).double().numpy()  # Σ_n |h_n · ∂L/∂h_n|
     assert np.allclose(s, direct / np.linalg.norm(direct), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- prune_heads
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prune_heads_touches_only_heads_and_round_trips(tmp_path, name):
+    torch.manual_seed(0)
+    model, x = MODELS[name]()
+    loss_of = bert_loss if name == "bert" else gpt2_loss
+    batches = [
+        ({**b, "labels": b["input_ids"]} if name == "gpt2" else b, y) for b, y in calibration(n_batches=1)
+    ]
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model, plan = sc.prune_heads(model, x, 0.3, criterion="michel", data=batches, loss_fn=loss_of)
+    removed = sum(len(g["removed"]) for g in plan["groups"])
+    assert removed == 3  # ceil(0.3 * 8): global ranking until the ratio is reached
+    assert all(g["n_units"] == 4 and len(g["removed"]) < 4 for g in plan["groups"])
+    changed = {k for k, v in model.state_dict().items() if tuple(v.shape) != before[k]}
+    assert changed and all(".attn." in k or ".attention." in k for k in changed)
+    sc.save_pretrained(model, tmp_path, plan)
+    assert torch.equal(logits(sc.from_pretrained(tmp_path), x), logits(model, x))
+
+
+def test_prune_heads_uniform_with_a_data_free_criterion_and_bad_input():
+    torch.manual_seed(0)
+    model, x = tiny_llama()
+    model, plan = sc.prune_heads(model, x, 0.5, criterion="l1", allocation="uniform")
+    assert [len(g["removed"]) for g in plan["groups"]] == [2, 2]  # 4 key/value heads per layer, 2 go
+    assert model.config.num_key_value_heads == 2 and model.config.num_attention_heads == 4
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    w = mlp[0].weight.clone()
+    with pytest.raises(sc.ConfigError, match="no prunable attention heads"):
+        sc.prune_heads(mlp, torch.randn(2, 4), 0.5, criterion="l1")
+    bert, xb = tiny_bert()
+    with pytest.raises(sc.ConfigError, match="michel.*needs head-gate gradients"):
+        sc.prune_heads(bert, xb, 0.5)  # data-dependent criterion without data
+    assert all(not m._forward_pre_hooks for m in bert.modules())  # hooks removed, model untouched
+    assert torch.equal(mlp[0].weight, w)
+    with pytest.raises(sc.ConfigError, match="ratio"):
+        sc.prune_heads(bert, xb, 1.0)

@@ -20,6 +20,7 @@ from secateur.errors import (
     UnsupportedOpError,
 )
 from secateur.graph import DependencyGraph
+from secateur.heads import prune_heads
 from secateur.io import from_pretrained, load, save, save_pretrained
 from secateur.pruner import Pruner
 from secateur.schedules import Cubic, Iterative, OneShot
@@ -46,6 +47,7 @@ __all__ = [
     "load",
     "measure",
     "prune_channels",
+    "prune_heads",
     "save",
     "save_pretrained",
     "ConfigError",
