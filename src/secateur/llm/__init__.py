@@ -2,10 +2,20 @@
 
 ``calibration``: tokenised calibration batches and running input statistics;
 ``wanda`` / ``sparsegpt``: the per-layer algorithms; ``oneshot``: the block-by-block driver;
-``text``: real English text (Debian fortunes) and sentence-embedding quality measures.
+``text``: real English text (Debian fortunes) and sentence-embedding quality measures;
+``structural``: LLM-Pruner-style removal of heads and MLP channels of decoder layers;
+``moe``: expert removal in mixture-of-experts models (router-weighted activation saliency).
 """
 
 from secateur.llm.calibration import InputStats, tokenized_batches
+from secateur.llm.moe import (
+    MoEBlock,
+    expert_plan,
+    expert_saliency,
+    find_moe_blocks,
+    mask_experts,
+    remove_experts,
+)
 from secateur.llm.oneshot import (
     METHODS,
     LayerResult,
@@ -17,6 +27,14 @@ from secateur.llm.oneshot import (
     reconstruction_error,
 )
 from secateur.llm.sparsegpt import sparsegpt_prune
+from secateur.llm.structural import (
+    LLMPrunerTaylor,
+    WandaStructured,
+    calibration_batches,
+    decoder_groups,
+    prune_decoder,
+    structural_scores,
+)
 from secateur.llm.text import (
     FortuneSplit,
     load_fortunes,
@@ -30,7 +48,19 @@ __all__ = [
     "METHODS",
     "FortuneSplit",
     "InputStats",
+    "LLMPrunerTaylor",
     "LayerResult",
+    "MoEBlock",
+    "WandaStructured",
+    "calibration_batches",
+    "decoder_groups",
+    "expert_plan",
+    "expert_saliency",
+    "find_moe_blocks",
+    "mask_experts",
+    "prune_decoder",
+    "remove_experts",
+    "structural_scores",
     "OneShotReport",
     "collect_linear_inputs",
     "find_blocks",
