@@ -438,6 +438,120 @@ def fallback_channels(
     return m
 
 
+# ------------------------------------------------------------------------------- GraSP diagnostic
+class _Transformed:
+    """A criterion whose scores are ``fn(inner scores)`` (e.g. negated: prune the other end)."""
+
+    def __init__(self, inner: Any, fn: Callable[[torch.Tensor], torch.Tensor], name: str) -> None:
+        self.inner, self.fn, self.name = inner, fn, name
+
+    def scores(self, targets: Any) -> dict[str, torch.Tensor]:
+        return {k: self.fn(v) for k, v in self.inner.scores(targets).items()}
+
+
+def _loss_and_grad_norm2(model: nn.Module, data: list) -> tuple[float, float]:
+    """Mean cross-entropy over ``data`` and ||∇L||² w.r.t. the kept conv/linear weights (the gradient
+    flow GraSP's score predicts, to first order, for the pruned network)."""
+    from secateur.masks.element import original
+
+    was = model.training
+    model.eval()
+    # the stored tensors (under a mask: the parametrization's original, whose gradient is masked)
+    weights = [original(model.get_submodule(n), "weight") for n in linear_names(model)]
+    loss = sum(nn.functional.cross_entropy(model(x), y) for x, y in data) / len(data)
+    g = torch.autograd.grad(loss, weights, allow_unused=True)
+    model.train(was)
+    return float(loss.detach()), float(sum((t * t).sum() for t in g if t is not None))
+
+
+def grasp_check(cfg: dict[str, Any], out: Path, sparsities: tuple[float, ...] = (0.5, 0.9)) -> dict:
+    """Why GraSP fails on *trained* weights: one-shot pruning of each model's seed-0 dense weights by
+    magnitude, random, GraSP (the paper's direction: remove the highest ``S = -θ⊙Hg``), GraSP inverted
+    (remove the lowest S), GraSP with the released code's temperature 200, and |θ⊙Hg|; for each, test
+    accuracy, loss and gradient norm ||∇L||² on the scoring batches after pruning (eval-mode BN), and the
+    share of the pruned weights that lie in the upper half by |w|. No fine-tuning."""
+    from secateur.criteria.at_init import GraSP
+
+    torch.set_num_threads(cfg["threads"])
+    bench = Bench(cfg)
+    res: dict[str, Any] = {"config": {**cfg, "sparsities": list(sparsities)}, "rows": []}
+    for spec in cfg["models"]:
+        dense, dinfo = bench.dense(spec, 0)
+        data = bench.score_data(0)
+        base = {
+            "accuracy": dinfo["accuracy"],
+            **dict(zip(("loss", "grad_norm2"), _loss_and_grad_norm2(dense, data))),
+        }
+        res["rows"].append({"model": spec, "variant": "dense", "sparsity": 0.0, **base})
+        for sp in sparsities:
+            for variant in ("magnitude", "random", "grasp", "grasp_inverted", "grasp_T200", "grasp_abs"):
+                model = copy.deepcopy(dense)
+                model.train()
+                weights = {
+                    f"{n}.weight": model.get_submodule(n).weight.detach().abs().clone()
+                    for n in linear_names(model)
+                }
+                allw = torch.cat([w.flatten() for w in weights.values()])
+                median = allw.median()
+                if variant in ("magnitude", "random"):
+                    kw = {"seed": 0} if variant == "random" else {}
+                    pr = Pruner(model, sp, criterion=variant, allocation="global", criterion_kwargs=kw)
+                else:
+                    temp = 200.0 if variant == "grasp_T200" else 1.0
+                    inner = GraSP(model, data, num_batches=None, temperature=temp)
+                    fn = {"grasp_inverted": torch.neg, "grasp_abs": torch.abs}.get(variant, lambda v: v)
+                    pr = Pruner(model, sp, criterion=_Transformed(inner, fn, variant), allocation="global")
+                pr.prune_to(sp)
+                masks = pr.masks()
+                pruned_big = sum(int((~masks[n] & (weights[n] > median)).sum()) for n in masks)
+                pruned = sum(int((~m).sum()) for m in masks.values())
+                loss, gn2 = _loss_and_grad_norm2(model, data)
+                row = {
+                    "model": spec,
+                    "variant": variant,
+                    "sparsity": sp,
+                    "accuracy": evaluate(model, bench.xte, bench.yte),
+                    "loss": loss,
+                    "grad_norm2": gn2,
+                    "pruned_in_upper_half_by_abs_w": pruned_big / max(pruned, 1),
+                }
+                res["rows"].append(row)
+                log(
+                    f"grasp check {spec} {variant:15s} {sp}: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+                )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def grasp_table(res: dict) -> list[str]:
+    """Markdown table of :func:`grasp_check`'s rows."""
+    names = {
+        "dense": "dense (no pruning)",
+        "magnitude": "magnitude (global)",
+        "random": "random",
+        "grasp": "GraSP, paper's direction (remove highest −θ⊙Hg)",
+        "grasp_inverted": "GraSP inverted (remove lowest −θ⊙Hg)",
+        "grasp_T200": "GraSP, temperature 200 (released code)",
+        "grasp_abs": "|θ⊙Hg| (remove smallest)",
+    }
+    lines = [
+        "| model | sparsity | variant | one-shot accuracy | loss | ‖∇L‖² "
+        "| pruned weights in the upper half by \\|w\\| |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res["rows"]:
+        share = r.get("pruned_in_upper_half_by_abs_w")
+        lines.append(
+            f"| {r['model'].partition(':')[0]} | {100 * r['sparsity']:g}% "
+            f"| {names.get(r['variant'], r['variant'])} | "
+            f"{100 * r['accuracy']:.1f} | {r['loss']:.3f} | {r['grad_norm2']:.3g} | "
+            f"{'—' if share is None else f'{100 * share:.0f}%'} |"
+        )
+    return lines
+
+
 # ------------------------------------------------------------------------------------------- run
 def run(cfg: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
     torch.set_num_threads(cfg["threads"])
@@ -1046,6 +1160,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true", help="keep the points already in --out, run the rest")
     ap.add_argument("--estimate", action="store_true", help="with --docs-only: time the full run's models")
     ap.add_argument("--docs-only", action="store_true", help="only rebuild the page and plots from --out")
+    ap.add_argument(
+        "--grasp-check",
+        metavar="JSON",
+        help="only run the GraSP-on-trained-weights diagnostic on the seed-0 dense models, write JSON",
+    )
     args = ap.parse_args(argv)
 
     base = QUICK if args.quick else FULL
@@ -1057,6 +1176,13 @@ def main(argv: list[str] | None = None) -> None:
     out = outs[0]
     docs = Path(args.docs or ROOT / "docs" / "tradeoff.md")
     label = f"{prefix} configuration"
+    if args.grasp_check:
+        pick = {k: getattr(args, k) for k in base if getattr(args, k, None) is not None}
+        gcfg = {**base, **pick, "dense_lr": args.dense_lr, "batch_size": args.batch_size}
+        gcfg.update(threads=args.threads, cache_dir=args.cache_dir)
+        gcfg["command"] = "python benchmarks/tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        grasp_check(gcfg, Path(args.grasp_check))
+        return
     if args.docs_only:
         results = [json.loads(o.read_text()) for o in outs]
         if args.discussion:

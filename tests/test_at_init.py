@@ -1,5 +1,6 @@
 """Pruning at initialisation: SNIP, GraSP and SynFlow through prune_at_init."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,52 @@ def test_grasp_prunes_the_papers_highest_scores():
     for n, m in pruner.masks().items():
         assert torch.all(paper[n][~m] >= highest)
         assert torch.all(paper[n][m] <= highest)
+
+
+def test_grasp_removes_the_weights_whose_removal_lowers_gradient_flow_least():
+    """Wang et al. 2020, sec. 4: removing weight q changes the gradient norm ||g||² by about
+    2·S(-θ_q) = -2·θ_q·(Hg)_q; GraSP removes the weights with the *largest* change (gradient flow
+    grows or shrinks least) and keeps those whose removal would shrink it most. Here that change
+    is measured directly by finite differences of ||∇L||² along δ = -ε·θ_q·e_q, independently of
+    any Hessian-vector product, and the pruned set must be exactly its top half."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    ref = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    ref.load_state_dict(model.state_dict())
+    layers = {"0.weight": ref[0], "2.weight": ref[2]}
+
+    def grad_norm2() -> float:
+        g = torch.autograd.grad(F.cross_entropy(ref(x), y), [m.weight for m in layers.values()])
+        return float(sum((t * t).sum() for t in g))
+
+    eps, change = 1e-5, {}
+    for name, layer in layers.items():
+        w = layer.weight
+        d = torch.zeros_like(w)
+        for idx in np.ndindex(*w.shape):
+            theta = float(w.detach()[idx])
+            with torch.no_grad():
+                w[idx] = theta * (1 - eps)  # a small step of the removal δ = -θ e_q
+            plus = grad_norm2()
+            with torch.no_grad():
+                w[idx] = theta * (1 + eps)
+            minus = grad_norm2()
+            with torch.no_grad():
+                w[idx] = theta
+            d[idx] = (plus - minus) / (2 * eps)  # d||g||²/dε along the removal
+        change[name] = d
+    allc = torch.cat([c.flatten() for c in change.values()])
+    k = int(0.5 * allc.numel())
+    threshold = torch.sort(allc, descending=True).values[k - 1]
+    # GraSP's own score is that change, halved and negated (θ ⊙ Hg = -S = -change / 2) ...
+    ours = GraSP(model, (x, y)).scores(Scope().resolve(model))
+    for name in layers:
+        assert torch.allclose(-2 * ours[name], change[name], rtol=1e-4, atol=1e-8)
+    # ... and the pruner removes the top half of the change (the paper's highest scores)
+    masks = prune_at_init(model, "grasp", 0.5, data=(x, y)).masks()
+    for name in layers:
+        assert torch.equal(~masks[name], change[name] >= threshold)
 
 
 def synflow_scores_by_formula(ws):

@@ -10,7 +10,12 @@
   least). secateur's convention is "higher = more important, lowest pruned", so
   :class:`GraSP` returns ``θ ⊙ Hg = -S``: pruning its lowest values prunes the paper's highest.
   ``Hg`` is a Hessian-vector product by double backprop: ``∂(g_detached · ∇L(θ))/∂θ``, the
-  gradient ``g`` being computed first and detached, as in the paper's algorithm 1.
+  gradient ``g`` being computed first and detached, as in the paper's algorithm 1. The direction is
+  checked in ``tests/test_at_init.py`` against finite differences of ``||∇L||²`` along each removal.
+  On *trained* weights GraSP is expected to do worse than random: near a minimum any large removal
+  raises ``||∇L||²`` (it moves the network away from the minimum), and GraSP removes first the weights
+  whose removal raises it most, i.e. those that disturb the trained function most (measured in
+  ``docs/tradeoff.md``, "GraSP on trained weights"). Use it at initialisation, as the paper does.
 - **SynFlow** (Tanaka et al. 2020, "Pruning neural networks without any data by iteratively
   conserving synaptic flow", section 6): ``R = 1ᵀ (Π_l |θ^[l]|) 1``, evaluated as the sum of the
   network's output on an all-ones input with every parameter replaced by its absolute value;
