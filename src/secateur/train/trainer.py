@@ -102,9 +102,9 @@ class Trainer:
             (after ``optimizer.step()``, with ``global_step`` already incremented),
             ``on_epoch_end(trainer, metrics)``, ``on_train_end(trainer)``, ``extra_loss(trainer) ->
             Tensor | None`` (a penalty added to the task loss before backward, e.g. ADMM's
-            ρ/2‖W−Z+U‖² or slimming's λ‖γ‖₁; the logged loss stays the task loss) and
+            ρ/2‖W−Z+U‖² or FBS's saliency L1; the logged loss stays the task loss) and
             ``on_after_backward(trainer)`` (gradients present, before ``optimizer.step()``; e.g. to
-            accumulate Taylor scores); optional
+            accumulate Taylor scores or add slimming's subgradient λ·sign(γ)); optional
             ``state_dict``/``load_state_dict`` go into checkpoints. A callback may set
             ``trainer.should_stop = True`` to end training after the current epoch.
         progress: show a tqdm bar with loss, accuracy and LR.
