@@ -219,3 +219,22 @@ def test_vgg_small_and_errors():
         FBS(_net(), density=0.0)
     with pytest.raises(ConfigError, match="nope"):
         FBS(_net(), exclude=["nope"])
+
+
+def test_trainer_trains_fbs_on_resnet8_and_gates_stay_exact():
+    from secateur.data import TensorLoader
+    from secateur.train import Trainer
+
+    model, fbs, x = _resnet8_fbs(0.5, exclude=["conv1"])
+    assert "conv1" not in fbs.layers
+    before = {n: l.predictor.weight.detach().clone() for n, l in fbs.layers.items()}
+    y = torch.randint(0, 10, (6,))
+    trainer = Trainer(model, TensorLoader(x, y, 3), epochs=1, lr=0.05, callbacks=[fbs], progress=False)
+    trainer.fit()
+    assert all(not torch.equal(before[n], l.predictor.weight) for n, l in fbs.layers.items())
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for name, l in fbs.layers.items():
+        assert torch.all(l.gate.sum(1) == math.ceil(0.5 * l.conv.out_channels)), name
+    assert_no_hooks(model)
