@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from trainer_grads import assert_no_hooks
 
 from secateur.criteria.structured import fisher_channel_scores
 from secateur.data import TensorLoader
@@ -88,6 +89,9 @@ def test_one_channel_at_a_time_with_trainer_on_resnet():
     assert len(fp.removed) == 3 and [r["step"] for r in fp.removed] == [2, 4, 6]
     assert sum(p.numel() for p in model.parameters()) < n0
     assert model(x[:2]).shape == (2, 10)
+    assert_no_hooks(model)  # on_train_end detached the Fisher hooks
+    held = [id(p) for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert held == [id(p) for p in model.parameters()]
 
 
 def test_errors():
