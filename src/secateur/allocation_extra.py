@@ -439,8 +439,9 @@ class LatencyTarget:
     tiling, memory traffic and fixed per-call overhead do not scale with channel counts), so it is
     measured, not modelled: the search walks the *same ranking* the MAC target uses (for uniform
     allocation the common per-group fraction, for global allocation the greedy MAC-fraction order),
-    compacts a copy of the model at each probe and times it, and bisects for the smallest removal
-    whose latency meets the goal (:meth:`search`). The pruner measures each distinct removal once.
+    compacts a copy of the model at each probe and times it against the dense copy (:meth:`ratio`),
+    and bisects for the smallest removal whose latency meets the goal (:meth:`search`). The pruner
+    measures each distinct removal once.
 
     This is how hardware-aware methods set budgets (e.g. NetAdapt, Yang et al. 2018, sec. 3: "the
     latency of the simplified network is measured" and the number of filters is chosen to meet a
@@ -448,9 +449,10 @@ class LatencyTarget:
     chosen by measurement.
 
     Args:
-        latency_fn: ``f(model, inputs) -> float`` milliseconds per forward. Default: the median of
-            :func:`secateur.analysis.latency.measure_latency` (``torch.utils.benchmark`` blocks, fixed
-            thread count ``threads``, eval mode, no grad). Inject a deterministic function in tests.
+        latency_fn: ``f(model, inputs) -> float`` milliseconds per forward. Default: medians from
+            :func:`secateur.analysis.latency.compare_latency` (``torch.utils.benchmark`` blocks of the
+            probe and the dense model interleaved, fixed thread count ``threads``, eval mode, no grad).
+            Inject a deterministic function in tests.
         inputs: what to time the model on (a tensor, tuple or dict, as for ``measure_latency``);
             default: the pruner's ``example_inputs``. Latency at batch 1 of a tiny net is mostly fixed
             overhead, so a realistic batch is often the better choice.
@@ -463,7 +465,7 @@ class LatencyTarget:
     Raises:
         ConfigError: a tolerance outside [0, 1), ``steps`` < 1, a ``latency_fn`` that is not callable
             or returns a non-positive / non-finite time (naming the value), and in :meth:`search` an
-            unreachable target (the message gives the measured latencies).
+            unreachable target (the message gives the measured latency ratio).
     """
 
     def __init__(
@@ -502,56 +504,74 @@ class LatencyTarget:
             ms = measure_latency(model, x, threads=self.threads, repeats=self.repeats)["median_ms"]
         else:
             ms = self.latency_fn(model, x)
-        try:
-            ms = float(ms)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"latency_fn must return milliseconds as a number, got {ms!r}") from exc
-        if not (math.isfinite(ms) and ms > 0):
-            raise ConfigError(f"latency_fn must return a positive finite time in ms, got {ms!r}")
-        return ms
+        return _positive_ms(ms)
+
+    def ratio(self, model: nn.Module, reference: nn.Module, inputs: Any) -> float:
+        """``model``'s latency as a fraction of ``reference``'s (e.g. 0.6: 40% faster).
+
+        The default timer measures both in one interleaved run
+        (:func:`secateur.analysis.latency.compare_latency`: one block of each in turn, order alternating),
+        so a change in machine load during the search hits both alike; an injected ``latency_fn`` is
+        called once on each.
+
+        Raises:
+            ConfigError: the latency function returned a non-positive or non-finite time.
+        """
+        x = inputs if self.inputs is None else self.inputs
+        if self.latency_fn is None:
+            from secateur.analysis.latency import compare_latency
+
+            res = compare_latency(reference, model, x, threads=self.threads, repeats=self.repeats)
+            return _positive_ms(res["pruned"]["median_ms"]) / _positive_ms(res["dense"]["median_ms"])
+        return _positive_ms(self.latency_fn(model, x)) / _positive_ms(self.latency_fn(reference, x))
 
     def search(
         self,
         fraction: float,
-        latency_at: Callable[[float], float],
+        ratio_at: Callable[[float], float],
         hi: float,
-        dense_ms: float,
         *,
         what: str = "the removal",
     ) -> float:
         """The smallest knob ``x`` in ``[0, hi]`` (found by bisection) whose model meets the goal.
 
-        ``latency_at(x)`` is the measured latency (ms) of the model pruned at knob ``x`` (a common
-        per-group fraction, or a MAC fraction along a global ranking), assumed non-decreasing in
-        removal; the goal is ``latency_at(x) <= (1 - fraction + tolerance) · dense_ms`` (``dense_ms``: the
-        unpruned model's measured latency, in ms). Returns 0.0
-        for ``fraction`` 0. With noisy timing the returned knob's *measured* latency meets the goal;
-        the one just below it (to the bisection's resolution) measured above it.
+        ``ratio_at(x)`` is the measured latency of the model pruned at knob ``x`` (a common per-group
+        fraction, or a MAC fraction along a global ranking) as a fraction of the dense model's, assumed
+        non-decreasing in removal; the goal is ``ratio_at(x) <= 1 - fraction + tolerance``. Returns 0.0
+        for ``fraction`` 0. With noisy timing the returned knob's *measured* ratio meets the goal and the
+        one just below it (to the bisection's resolution) measured above it.
 
         Raises:
-            ConfigError: a non-positive ``dense_ms``, or even ``x = hi`` (``what``: everything the allocation
-                may remove) measures above the goal: the target is unreachable, and the message says
-                by how much (fixed costs such as the stem, the classifier and per-call overhead).
+            ConfigError: even ``x = hi`` (``what``: everything the allocation may remove) measures above
+                the goal: the target is unreachable, and the message says by how much (fixed costs such
+                as the stem, the classifier and per-call overhead).
         """
-        if not dense_ms > 0:
-            raise ConfigError(f"LatencyTarget.search needs the dense latency in ms (> 0), got {dense_ms!r}")
         if fraction <= 0.0:
             return 0.0
-        limit = (1.0 - fraction + self.tolerance) * dense_ms
-        at_hi = latency_at(hi)
+        limit = 1.0 - fraction + self.tolerance
+        at_hi = ratio_at(hi)
         if at_hi > limit:
             raise ConfigError(
-                f"latency target {fraction:.4g} unreachable: {what} still measures {at_hi:.4g} ms, "
-                f"{at_hi / dense_ms:.1%} of the dense {dense_ms:.4g} ms, above the goal of "
-                f"{1 - fraction:.1%} (+{self.tolerance:.1%} tolerance); at most "
-                f"{max(1 - at_hi / dense_ms, 0.0):.4g} of the latency can be removed: the rest is "
+                f"latency target {fraction:.4g} unreachable: {what} still runs at {at_hi:.1%} of the dense "
+                f"model's measured latency, above the goal of {1 - fraction:.1%} (+{self.tolerance:.1%} "
+                f"tolerance); at most {max(1 - at_hi, 0.0):.4g} of the latency can be removed: the rest is "
                 "in layers, units and per-call overhead that channel removal does not shrink"
             )
         lo = 0.0
         for _ in range(self.steps):
             mid = (lo + hi) / 2
-            if latency_at(mid) <= limit:
+            if ratio_at(mid) <= limit:
                 hi = mid
             else:
                 lo = mid
         return hi
+
+
+def _positive_ms(ms: Any) -> float:
+    try:
+        value = float(ms)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"latency_fn must return milliseconds as a number, got {ms!r}") from exc
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"latency_fn must return a positive finite time in ms, got {ms!r}")
+    return value

@@ -300,17 +300,17 @@ class ChannelPruner:
         self._latency_memo: dict[tuple, float] = {}
         self.dense_ms = self.latency.measure(self._latency_base, self.example_inputs)
 
-    def _latency_ms(self, removed: Mapping[int, np.ndarray]) -> float:
-        """Measured latency (ms) of the model compacted with ``removed``; each removal measured once."""
+    def _latency_ratio(self, removed: Mapping[int, np.ndarray]) -> float:
+        """Measured latency of the model compacted with ``removed`` over the dense one's; memoised."""
         rm = {gi: np.asarray(r, dtype=np.int64) for gi, r in removed.items() if len(r)}
         key = tuple(sorted((gi, tuple(r.tolist())) for gi, r in rm.items()))
         if key not in self._latency_memo:
             probe = compact(copy.deepcopy(self._latency_base), make_plan(self.graph, rm))
-            self._latency_memo[key] = self.latency.measure(probe, self.example_inputs)
+            self._latency_memo[key] = self.latency.ratio(probe, self._latency_base, self.example_inputs)
         return self._latency_memo[key]
 
     def _latency_fraction(self, removed: Mapping[int, np.ndarray]) -> float:
-        return 1.0 - self._latency_ms(removed) / self.dense_ms
+        return 1.0 - self._latency_ratio(removed)
 
     def _latency_removal(self, scores: dict[int, np.ndarray], sparsity: float) -> dict[int, np.ndarray]:
         """Smallest removal along the MAC target's ranking whose measured latency meets ``sparsity``."""
@@ -327,7 +327,7 @@ class ChannelPruner:
                 return self._global_removal(norm, x)[0]
 
             hi, what = self._global_removal(norm, math.inf)[1], "removing every removable unit"
-        x = self.latency.search(sparsity, lambda v: self._latency_ms(at(v)), hi, self.dense_ms, what=what)
+        x = self.latency.search(sparsity, lambda v: self._latency_ratio(at(v)), hi, what=what)
         return at(x)
 
     def _check_reachable(self, sparsity: float) -> None:
@@ -342,9 +342,9 @@ class ChannelPruner:
             f"{self.max_fraction:.4g} can be removed; {len(frozen)} groups are partly or fully unprunable "
             f"({'; '.join(why) or 'no reason recorded'})"
             + (
-                f"; measured: dense {self.dense_ms:.4g} ms, the most-pruned compacted model "
-                f"{(1 - self.max_fraction) * self.dense_ms:.4g} ms (per-call overhead and unprunable layers "
-                f"remain), tolerance {self.latency.tolerance:.1%}"
+                f"; measured: dense {self.dense_ms:.4g} ms, the most-pruned compacted model at "
+                f"{1 - self.max_fraction:.1%} of it (per-call overhead and unprunable layers remain), "
+                f"tolerance {self.latency.tolerance:.1%}"
                 if self.target == "latency"
                 else ""
             )
