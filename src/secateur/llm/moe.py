@@ -115,7 +115,11 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         mt = pat.match(path) if pat is not None else None
         out.append(
             MoEBlock(
-                path, _join(path, "gate"), _join(path, "experts"), e, _top_k(mod, router, model),
+                path,
+                _join(path, "gate"),
+                _join(path, "experts"),
+                e,
+                _top_k(mod, router, model),
                 int(mt.group(1)) if mt else None,
             )
         )
@@ -132,7 +136,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
 # ----------------------------------------------------------------------------------------------------
 def _expert_call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     names = ("hidden_states", "top_k_index", "top_k_weights")
-    vals = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
+    vals = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]) :]]
     if any(not isinstance(v, torch.Tensor) for v in vals):
         raise ConfigError(
             "the experts module was not called as experts(hidden_states, top_k_index, top_k_weights)"
@@ -303,8 +307,13 @@ def expert_plan(model: nn.Module, removed: Mapping[str, Iterable[int]]) -> dict:
                         config.setdefault(ck, {})[k] = [v, news[0]]
                     else:
                         config.setdefault(ck, {})["_inconsistent_" + k] = [v, news]
-    return {"version": PLAN_VERSION, "tensors": tensors, "groups": groups, "attributes": attributes,
-            "config": config}
+    return {
+        "version": PLAN_VERSION,
+        "tensors": tensors,
+        "groups": groups,
+        "attributes": attributes,
+        "config": config,
+    }
 
 
 class _RouterLogitMask(TorchFunctionMode):

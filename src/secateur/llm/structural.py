@@ -322,6 +322,12 @@ def _head_classes(graph: DependencyGraph) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
+def _check_what(what: Sequence[str]) -> None:
+    bad = [w for w in what if w not in KINDS]
+    if bad or not what or isinstance(what, str):
+        raise ConfigError(f"what must be a non-empty subset of {KINDS}, got {what!r}")
+
+
 def decoder_groups(
     model: nn.Module,
     graph: DependencyGraph,
@@ -345,9 +351,7 @@ def decoder_groups(
     Raises:
         ConfigError: unknown kind, a layer index out of range, no layers, or no blocks found.
     """
-    bad = [w for w in what if w not in KINDS]
-    if bad or not what:
-        raise ConfigError(f"what must be a non-empty subset of {KINDS}, got {tuple(what)!r}")
+    _check_what(what)
     path, mods = find_blocks(model, blocks)
     n = len(mods)
     chosen = list(range(1, n - 1)) if layers is None else [int(i) for i in layers]
@@ -398,8 +402,13 @@ def _make_criterion(criterion: str | GroupCriterion, taylor: str, seed: int) -> 
 
 
 def _run_taylor(
-    model: nn.Module, crit: GroupCriterion, graph: DependencyGraph, gids: list[int], batches: list[Batch],
-    loss_fn: LossFn, per_sample: bool,
+    model: nn.Module,
+    crit: GroupCriterion,
+    graph: DependencyGraph,
+    gids: list[int],
+    batches: list[Batch],
+    loss_fn: LossFn,
+    per_sample: bool,
 ) -> None:
     params = list(model.parameters())
     saved = [(p.grad, p.requires_grad) for p in params]
@@ -426,8 +435,9 @@ def _run_taylor(
             p.requires_grad_(rg)
 
 
-def _run_forward(model: nn.Module, crit: GroupCriterion, graph: DependencyGraph, gids: list[int],
-                 batches: list[Batch]) -> None:
+def _run_forward(
+    model: nn.Module, crit: GroupCriterion, graph: DependencyGraph, gids: list[int], batches: list[Batch]
+) -> None:
     crit.attach(model, graph, gids)
     try:
         with torch.no_grad():
@@ -554,6 +564,7 @@ def prune_decoder(
         ConfigError: bad ratio, criterion, variant, layers or kinds (the model is untouched).
         CompactionError: compaction or the oracle failed; the model is restored as it was.
     """
+    _check_what(what)
     ratios = _ratios(ratio, what)
     if not isinstance(round_to, int) or round_to < 1:
         raise ConfigError(f"round_to must be a positive int, got {round_to!r}")
