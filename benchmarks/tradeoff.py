@@ -534,7 +534,7 @@ def grasp_table(res: dict) -> list[str]:
         "grasp": "GraSP, paper's direction (remove highest −θ⊙Hg)",
         "grasp_inverted": "GraSP inverted (remove lowest −θ⊙Hg)",
         "grasp_T200": "GraSP, temperature 200 (released code)",
-        "grasp_abs": "|θ⊙Hg| (remove smallest)",
+        "grasp_abs": "\\|θ⊙Hg\\| (remove smallest)",
     }
     lines = [
         "| model | sparsity | variant | one-shot accuracy | loss | ‖∇L‖² "
@@ -760,6 +760,11 @@ def _ranking_notes(res: dict) -> list[str]:
         p = min(max(acc / 100, 0.01), 0.99)
         return 2 * 100 * math.sqrt(2 * p * (1 - p) / n_test / n_seeds)
 
+    by_seed: dict[tuple, dict[int, float]] = {}
+    for p in res["points"]:
+        level = p["target_sparsity"] if p["kind"] == "unstructured" else p["target_mac_reduction"]
+        by_seed.setdefault((p["model"], p["kind"], p["method"], level), {})[p["seed"]] = 100 * p["accuracy"]
+
     def compare(a: str, b: str, kind: str, levels: list[float], unit: str) -> list[str]:
         parts = []
         for spec in cfg["models"]:
@@ -769,10 +774,16 @@ def _ranking_notes(res: dict) -> list[str]:
                     continue
                 d = ma - mb
                 t = tie_pp((ma + mb) / 2)
-                verdict = "tie" if abs(d) < t else (f"{LABELS[a]} ahead" if d > 0 else f"{LABELS[b]} ahead")
+                # paired over seeds (each seed starts both methods from the same dense weights)
+                sa, sb = by_seed.get((spec, kind, a, lv), {}), by_seed.get((spec, kind, b, lv), {})
+                diffs = [sa[k] - sb[k] for k in sa if k in sb]
+                agree = sum(1 for x in diffs if (x > 0) == (d > 0) and x != 0)
+                clear = abs(d) >= t and (len(diffs) < 2 or agree == len(diffs))
+                verdict = "tie" if not clear else (f"{LABELS[a]} ahead" if d > 0 else f"{LABELS[b]} ahead")
+                seeds = f", same sign on {agree}/{len(diffs)} seeds" if len(diffs) > 1 else ""
                 parts.append(
                     f"{spec.partition(':')[0]} @ {lv:g}{unit}: {ma:.1f} vs {mb:.1f} "
-                    f"({verdict}, noise ±{t:.1f})"
+                    f"({verdict}, noise ±{t:.1f}{seeds})"
                 )
         return parts
 
@@ -1059,9 +1070,11 @@ def page(res: dict, img_dir: Path, prefix: str, label: str, literature: bool = T
     lines += [
         "## Where the ranking agrees or disagrees with the papers",
         "",
-        "Automatic comparisons (mean accuracy after fine-tuning; a difference smaller than two "
-        "standard errors of a difference of two binomial accuracies on this test set, divided by "
-        "√seeds, is called a tie — seed-to-seed training noise comes on top):",
+        "Automatic comparisons (mean accuracy after fine-tuning over seeds). A difference is called a "
+        "lead only if it exceeds two standard errors of a difference of two binomial accuracies on this "
+        "test set (divided by √seeds) *and*, with several seeds, has the same sign on every seed (both "
+        "methods start from the same dense weights at each seed, so the comparison is paired); "
+        "otherwise it is a tie:",
         "",
     ]
     lines += _ranking_notes({**res, "n_test": cfg["test_subset"] or 10000})
@@ -1098,8 +1111,9 @@ def page(res: dict, img_dir: Path, prefix: str, label: str, literature: bool = T
     return lines
 
 
-def write_docs(results: list[dict], docs: Path, img_dir: Path) -> None:
-    """One page for several results files (the last one carries the literature notes)."""
+def write_docs(results: list[dict], docs: Path, img_dir: Path, grasp: dict | None = None) -> None:
+    """One page for several results files (the last one carries the literature notes), and the GraSP
+    diagnostic of :func:`grasp_check` when given."""
     names = [r["config"]["label"] for r in results]
     lines: list[str] = [
         "# Accuracy versus compression on Fashion-MNIST",
@@ -1107,8 +1121,9 @@ def write_docs(results: list[dict], docs: Path, img_dir: Path) -> None:
         "`benchmarks/tradeoff.py` (issue 4): every unstructured and channel criterion, random as the "
         "baseline, one fine-tuning budget for all methods, torch.ao.pruning's and Torch-Pruning's "
         f"equivalents in the same run. This page holds: {', '.join(names)}. Each section names the "
-        "exact command that produced it; the full configuration (3 seeds, wider nets, all compression "
-        "levels) is a by-hand run whose command and expected runtime are under *Reproducing*"
+        "exact command that produced it; the full configuration (full-width ResNet-20 and VGG, all 60k "
+        "images, one epoch of fine-tuning per point) is a by-hand run whose command and expected runtime "
+        "are under *Reproducing*"
         + ("" if any(r["config"]["prefix"] == "full" for r in results) else " (not run yet)")
         + ". Tables, plots and the automatic comparisons are generated from the JSON files; the "
         "*Reading the results* section is written by hand.",
@@ -1118,6 +1133,22 @@ def write_docs(results: list[dict], docs: Path, img_dir: Path) -> None:
         cfg = res["config"]
         body = page(res, img_dir, cfg["prefix"], cfg["label"], literature=i == len(results) - 1)
         lines += ["#" + ln if ln.startswith("#") else ln for ln in body]
+    if grasp is not None:
+        gc = grasp["config"]
+        lines += [
+            "## GraSP on trained weights (diagnostic)",
+            "",
+            f"`{gc['command']}` (results: `benchmarks/results/tradeoff_grasp_check.json`). The seed-0 dense "
+            "weights of each model above, pruned one-shot (no fine-tuning) by global magnitude, random, "
+            "GraSP in the paper's direction, GraSP inverted, GraSP with the released code's softmax "
+            "temperature 200, and |θ⊙Hg|, all scored on the same "
+            f"{gc['score_batches']} training batches. Loss and ‖∇L‖² (over the kept conv/linear weights, "
+            "BatchNorm in eval mode) are measured on those batches after pruning; accuracy on "
+            f"{'the first ' + str(gc['test_subset']) if gc.get('test_subset') else 'all 10k'} test images.",
+            "",
+            *grasp_table(grasp),
+            "",
+        ]
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(lines) + "\n")
     log(f"wrote {docs}")
@@ -1160,6 +1191,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true", help="keep the points already in --out, run the rest")
     ap.add_argument("--estimate", action="store_true", help="with --docs-only: time the full run's models")
     ap.add_argument("--docs-only", action="store_true", help="only rebuild the page and plots from --out")
+    ap.add_argument("--grasp-json", help="with --docs-only: add the --grasp-check results to the page")
     ap.add_argument(
         "--grasp-check",
         metavar="JSON",
@@ -1190,7 +1222,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.estimate:
             results[-1]["full_estimate"] = estimate_full(args.threads)
             outs[-1].write_text(json.dumps(results[-1], indent=1))
-        write_docs(results, docs, Path(args.img_dir))
+        grasp = json.loads(Path(args.grasp_json).read_text()) if args.grasp_json else None
+        write_docs(results, docs, Path(args.img_dir), grasp)
         return
     pick = {k: getattr(args, k) for k in base if getattr(args, k, None) is not None}
     cfg = {
