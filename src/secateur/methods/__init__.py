@@ -6,13 +6,14 @@
 - :mod:`~secateur.methods.rethinking`: Scratch-E / Scratch-B budgets (Liu et al. 2019).
 - :class:`ADMM` (Zhang et al. 2018), :class:`Movement` (Sanh et al. 2020), network slimming
   (:class:`SlimmingPenalty`, :func:`slim`; Liu et al. 2017), :class:`SCOP` (Tang et al. 2020),
-  :class:`FBS` (Gao et al. 2019), :func:`prune_redundant` (Ayinde & Zurada 2018),
-  :class:`FisherPruner` (Theis et al. 2018; Crowley et al. 2018).
+  :class:`FBS` (Gao et al. 2019; any Conv2d→BatchNorm2d pair, :func:`find_conv_bn_pairs`),
+  :func:`prune_redundant` (Ayinde & Zurada 2018), :class:`FisherPruner` (Theis et al. 2018; Crowley et al.
+  2018).
 """
 
 from secateur.methods.admm import ADMM
 from secateur.methods.at_init import prune_at_init
-from secateur.methods.fbs import FBS
+from secateur.methods.fbs import FBS, find_conv_bn_pairs
 from secateur.methods.fisher_prune import FisherPruner
 from secateur.methods.lottery import LotteryTicket
 from secateur.methods.movement import Movement
@@ -31,6 +32,7 @@ __all__ = [
     "SCOP",
     "ScratchBudgets",
     "SlimmingPenalty",
+    "find_conv_bn_pairs",
     "prune_at_init",
     "prune_groups",
     "prune_redundant",

@@ -241,4 +241,5 @@ class ADMM:
 
     @property
     def names(self) -> Sequence[str]:
+        """Qualified names of the constrained weights (the keys of ``Z`` and ``U``)."""
         return [t.name for t in self.targets]
