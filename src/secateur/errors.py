@@ -42,3 +42,9 @@ class CompactionError(SecateurError):
 
 class SerializationError(SecateurError, ValueError):
     """A saved file or plan that cannot be loaded (pickle, truncated, does not fit the model)."""
+
+
+class IncompatibleGroupError(GraphError, CompactionError):
+    """Removing units of a group breaks the model's own code (e.g. a head width it derives from another
+    dimension) or changes its outputs; the message names the group, the op and the module where it failed.
+    The model is unchanged."""

@@ -7,8 +7,8 @@ trace -> groups -> score units -> choose per group -> plan (JSON data) -> compac
 
 from __future__ import annotations
 
-import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.compact import check_equivalence, compact, make_plan, mask_model
-from secateur.errors import ConfigError
+from secateur.compact import compact, make_plan
+from secateur.compact.verify import incompatible_groups, verified_compact
+from secateur.errors import CompactionError, ConfigError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
 
 Criterion = Callable[[Group, nn.Module], Any]
@@ -99,6 +100,7 @@ def prune_channels(
     prune_outputs: bool = False,
     verify: bool = True,
     graph: DependencyGraph | None = None,
+    skip_incompatible: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Remove ``ratio`` of the prunable units of every group (channels, features, heads) in place.
 
@@ -113,12 +115,15 @@ def prune_channels(
         verify: run the oracle (masked copy vs compacted model, float64, atol 1e-6) and roll back on failure
             (default: a wrong model is never returned; costs a deep copy and two float64 forwards, so
             pass ``verify=False`` for timing or for models too large to copy).
+        skip_incompatible: with ``verify``, leave whole the groups whose removal breaks the model (see
+            :func:`remove_units`) instead of raising IncompatibleGroupError.
 
     Returns ``(model, plan)``; ``plan`` is plain JSON-serialisable data (:func:`secateur.compact.make_plan`).
 
     Raises:
         ConfigError: bad ratio or criterion.
         UnsupportedOpError / GraphError: from tracing.
+        IncompatibleGroupError: removing some groups breaks the model (named with the op and module).
         CompactionError: compaction (or verification) failed; the model is unchanged.
     """
     if not 0.0 <= ratio < 1.0:
@@ -146,7 +151,9 @@ def prune_channels(
         rm = _ensure_member_nonempty(g, choose_units(g, scores, ratio, round_to), scores)
         if rm.size:
             removed[gi] = rm
-    return remove_units(model, graph, removed, example_inputs, verify=verify)
+    return remove_units(
+        model, graph, removed, example_inputs, verify=verify, skip_incompatible=skip_incompatible
+    )
 
 
 def remove_units(
@@ -155,24 +162,58 @@ def remove_units(
     removed: dict[int, np.ndarray],
     example_inputs: Any,
     verify: bool = False,
+    skip_incompatible: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Plan the removal of ``{group index: unit indices}`` and compact ``model`` in place.
 
-    With ``verify`` the oracle (masked copy vs compacted model, float64, atol 1e-6) runs inside the
-    transaction, so a mismatch rolls the model back. Returns ``(model, plan)``.
+    With ``verify`` the compacted model must run and equal the masked one (float64, atol 1e-6) inside the
+    transaction (:func:`secateur.compact.verify.verified_compact`). When it does not, each group is tried
+    alone to find the ones at fault (a model that derives a width from another dimension, such as
+    torchvision's Swin v1 attention): with ``skip_incompatible`` those groups are left whole (listed in
+    ``plan["skipped"]`` with the reason, and a warning) and the rest is removed; otherwise
+    IncompatibleGroupError names them. Returns ``(model, plan)``.
 
     Raises:
+        IncompatibleGroupError: ``verify`` found groups whose removal breaks the model (names each group,
+            the op and the module); the model is unchanged.
         CompactionError: planning, slicing or verification failed; the model is unchanged.
     """
     plan = make_plan(graph, removed)
-    check = None
-    if verify:
-        masked = mask_model(copy.deepcopy(model), plan)
-
-        def check(m: nn.Module) -> None:
-            check_equivalence(masked, m, example_inputs)
-
-    compact(model, plan, check=check)
+    if not verify:
+        compact(model, plan)
+        return model, plan
+    try:
+        verified_compact(model, plan, example_inputs)
+        return model, plan
+    except CompactionError as e:
+        bad = incompatible_groups(model, graph, removed, example_inputs)
+        if not bad:
+            raise
+        why = {graph.groups[gi].name: msg for gi, msg in bad.items()}
+        if not skip_incompatible:
+            lines = "\n".join(f"  group {n}: {m}" for n, m in why.items())
+            raise IncompatibleGroupError(
+                f"removing units of {len(bad)} group(s) breaks the model (its code derives a shape from a "
+                f"dimension these groups do not change, or the outputs differ); the model is unchanged:\n"
+                f"{lines}\nProtect those modules, or pass skip_incompatible=True to leave these groups whole."
+            ) from e
+    kept = {gi: rm for gi, rm in removed.items() if gi not in bad}
+    plan = make_plan(graph, kept)
+    try:
+        verified_compact(model, plan, example_inputs)
+    except CompactionError:  # the first pass found shape breakers only; now those whose outputs differ
+        more = incompatible_groups(model, graph, kept, example_inputs)
+        if not more:
+            raise
+        why.update({graph.groups[gi].name: msg for gi, msg in more.items()})
+        plan = make_plan(graph, {gi: rm for gi, rm in kept.items() if gi not in more})
+        verified_compact(model, plan, example_inputs)
+    warnings.warn(
+        f"left {len(why)} group(s) whole because removing their units breaks the model: "
+        + "; ".join(f"{n}: {m}" for n, m in why.items()),
+        stacklevel=2,
+    )
+    plan["skipped"] = why
     return model, plan
 
 

@@ -9,9 +9,9 @@ import numpy as np
 
 def prune_and_check(model, x, ratio=0.3, criterion="random", seed=0, atol=1e-6, **kw):
     """Prune ``ratio`` of every group with the oracle; returns (pruned model, plan, graph, max diff)."""
-    from secateur.compact import check_equivalence, compact, make_plan, mask_model
+    from secateur.compact import check_equivalence, mask_model
     from secateur.graph import DependencyGraph
-    from secateur.structured import choose_units
+    from secateur.structured import choose_units, remove_units
 
     graph = DependencyGraph.build(model, x, **kw)
     rng = np.random.default_rng(seed)
@@ -22,8 +22,9 @@ def prune_and_check(model, x, ratio=0.3, criterion="random", seed=0, atol=1e-6, 
             rm = choose_units(g, scores, ratio)
             if rm.size:
                 removed[gi] = rm
-    plan = make_plan(graph, removed)
+    # remove_units verifies inside the transaction and names the groups, ops and modules that break the
+    # model (IncompatibleGroupError, a named refusal); the oracle is then re-run for the figure
+    pruned, plan = remove_units(copy.deepcopy(model), graph, removed, x, verify=True)
     masked = mask_model(copy.deepcopy(model), plan)
-    pruned = compact(copy.deepcopy(model), plan)
     diff = check_equivalence(masked, pruned, x, atol=atol)
     return pruned, plan, graph, diff

@@ -32,8 +32,8 @@ def register_rule(op: Any, rule: Rule | None = None) -> Any:
     names = op if isinstance(op, (list, tuple)) else [op]
 
     def deco(fn: Rule) -> Rule:
-        for o in names:
-            RULES[o if isinstance(o, str) else op_name(o)] = fn
+        for o in names:  # keys as op_name makes them: in-place "zero_" and "__iadd__" are looked up bare
+            RULES[o.strip("_") if isinstance(o, str) else op_name(o)] = fn
         return fn
 
     return deco(rule) if rule is not None else deco

@@ -1,0 +1,107 @@
+"""A model whose own code derives a shape from another dimension (torchvision's Swin v1 attention computes the
+head width as C // num_heads from the *input* width C): removing whole heads breaks its reshape. secateur must
+refuse by name (group, op, module) with the model unchanged, or, when asked, leave those groups whole and
+prune the rest exactly."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateur.compact import check_equivalence, mask_model
+from secateur.errors import CompactionError, GraphError, IncompatibleGroupError
+from secateur.structured import prune_channels
+
+
+class DerivedHeadWidth(nn.Module):
+    """Window attention as torchvision writes it: head width from the input width, not from qkv."""
+
+    def __init__(self, c: int = 8, heads: int = 4, hidden: int = 16) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.fc1 = nn.Linear(c, hidden)
+        self.fc2 = nn.Linear(hidden, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, -1))
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+def _model() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(DerivedHeadWidth(), nn.LayerNorm(8)).eval(), torch.randn(2, 5, 8)
+
+
+def _state(m: nn.Module) -> dict:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_a_head_width_derived_from_the_input_is_a_named_refusal_and_the_model_is_unchanged():
+    model, x = _model()
+    before = _state(model)
+    with pytest.raises(IncompatibleGroupError) as ei:
+        prune_channels(model, x, ratio=0.5, criterion="random")
+    msg = str(ei.value)
+    # the op and the module where the compacted forward broke, and the group at fault
+    assert "op 'reshape' in module '0' (DerivedHeadWidth)" in msg
+    assert "group 0.qkv" in msg
+    assert "skip_incompatible=True" in msg
+    # a refusal in both families of errors: graph (cannot prune this) and compaction (rolled back)
+    assert isinstance(ei.value, GraphError) and isinstance(ei.value, CompactionError)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model[0].num_heads == 4 and model[0].qkv.out_features == 24 and model[0].fc1.out_features == 16
+
+
+def test_skip_incompatible_leaves_those_groups_whole_and_prunes_the_rest_exactly():
+    model, x = _model()
+    ref = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        _, plan = prune_channels(model, x, ratio=0.5, criterion="random", skip_incompatible=True)
+    assert any("left 1 group(s) whole" in str(r.message) for r in w)
+    assert list(plan["skipped"]) == [g for g in plan["skipped"] if g.startswith("0.qkv")]
+    assert "op 'reshape'" in next(iter(plan["skipped"].values()))
+    blk = model[0]
+    assert blk.num_heads == 4 and blk.qkv.out_features == 24  # heads kept whole
+    assert blk.fc1.out_features == 8 and blk.fc2.in_features == 8  # the MLP lost half its hidden units
+    # exact: the pruned model equals the reference with the same units masked
+    check_equivalence(mask_model(ref, plan), model, x)
+
+
+class Roll(nn.Module):
+    """torch.roll along channels: channel i meets channel i - 1, so removing channels changes the result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.roll(self.a(x), 1, dims=1))
+
+
+def test_a_wrong_user_rule_is_caught_by_the_oracle_and_named(monkeypatch):
+    """A user registers a wrong rule (roll treated as per-channel): the compacted outputs differ from the
+    masked ones; the group is named, the model unchanged."""
+    from secateur.graph import identity_rule
+    from secateur.graph import rules
+
+    monkeypatch.setitem(rules.RULES, "roll", identity_rule)
+    torch.manual_seed(0)
+    model, x = Roll().eval(), torch.randn(1, 3, 4, 4)
+    before = _state(model)
+    with pytest.raises(IncompatibleGroupError, match=r"group a\.weight.*differs from masked output"):
+        prune_channels(model, x, ratio=0.25, criterion="l1")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.a.out_channels == 8
