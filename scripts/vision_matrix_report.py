@@ -28,7 +28,7 @@ sys.path.insert(1, str(ROOT / "tests" / "graph"))
 
 import conftest as vision  # noqa: E402  (tests_vision/conftest.py)
 
-SIZES = (64, 96, 128, 160, 224, 299)
+SIZES = (64, 96, 128, 160, 224, 256, 299, 384)
 
 
 class _Timeout(Exception):
@@ -116,6 +116,17 @@ def timm_smallest_per_family() -> dict[str, tuple[str, int]]:
     return best
 
 
+def pinned_families() -> dict[str, tuple[str, int]]:
+    """The families pinned in tests_vision/test_timm_matrix.py (parameter counts recounted on meta)."""
+    import timm
+    from test_timm_matrix import FAMILIES
+
+    return {
+        fam: (name, n_params_meta(lambda n=name: timm.create_model(n, pretrained=False)))
+        for fam, name in FAMILIES.items()
+    }
+
+
 def timm_specs(families: dict[str, tuple[str, int]]):
     import timm
 
@@ -135,6 +146,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["torchvision", "timm"])
     ap.add_argument("--all", action="store_true", help="also models over conftest.LARGE_PARAMS")
     ap.add_argument("--timeout", type=int, default=180)
+    ap.add_argument(
+        "--recompute-families",
+        action="store_true",
+        help="choose the smallest model of each timm family again (builds all ~1400 on meta: minutes)",
+    )
     ap.add_argument("--reverse", action="store_true", help="reverse order (second worker)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vision_matrix.json"))
     args = ap.parse_args()
@@ -152,7 +168,7 @@ def main() -> None:
             import timm
 
             result["versions"]["timm"] = timm.__version__
-            fams = timm_smallest_per_family()
+            fams = timm_smallest_per_family() if args.recompute_families else pinned_families()
             result["timm_families"] = {k: v[0] for k, v in sorted(fams.items())}
             specs = list(timm_specs(fams))
         if args.reverse:

@@ -28,20 +28,33 @@ LARGE_PARAMS = 100_000_000
 RUN_ALL = os.environ.get("SECATEUR_VISION_ALL", "") not in ("", "0")
 
 
-def check(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """The main matrix's check (raises on a refusal or a failure)."""
+def check(model: torch.nn.Module, x: torch.Tensor, skip_incompatible: bool = False) -> dict:
+    """The main matrix's check (raises on a refusal or a failure); returns the plan."""
     from test_matrix import assert_prunable
 
     torch.manual_seed(0)
-    assert_prunable(model.eval(), x)
+    return assert_prunable(model.eval(), x, skip_incompatible=skip_incompatible)[1]
 
 
 def outcome(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, str]:
-    """("pass", "") or ("refused", "<ErrorType>: message"); any other exception propagates (a failure)."""
-    from secateur.errors import GraphError
+    """("pass", ""), ("partial", why) or ("refused", "<ErrorType>: message"); any other exception
+    propagates (a failure).
+
+    "partial": removing some groups breaks the model's own code (IncompatibleGroupError, e.g. a head width
+    derived from the input width); with ``skip_incompatible=True`` those groups are left whole and the
+    rest passes every check.
+    """
+    from secateur.errors import GraphError, IncompatibleGroupError
 
     try:
         check(model, x)
+    except IncompatibleGroupError as e:
+        try:
+            plan = check(model, x, skip_incompatible=True)
+        except GraphError as e2:
+            return "refused", f"{type(e2).__name__}: {e2}"
+        n = len(plan.get("skipped", {}))
+        return "partial", f"{n} group(s) left whole; first: {str(e).splitlines()[1].strip()}"
     except GraphError as e:
         return "refused", f"{type(e).__name__}: {e}"
     return "pass", ""

@@ -7,7 +7,9 @@ import copy
 import numpy as np
 
 
-def prune_and_check(model, x, ratio=0.3, criterion="random", seed=0, atol=1e-6, **kw):
+def prune_and_check(
+    model, x, ratio=0.3, criterion="random", seed=0, atol=1e-6, skip_incompatible=False, **kw
+):
     """Prune ``ratio`` of every group with the oracle; returns (pruned model, plan, graph, max diff)."""
     from secateur.compact import check_equivalence, mask_model
     from secateur.graph import DependencyGraph
@@ -24,7 +26,9 @@ def prune_and_check(model, x, ratio=0.3, criterion="random", seed=0, atol=1e-6, 
                 removed[gi] = rm
     # remove_units verifies inside the transaction and names the groups, ops and modules that break the
     # model (IncompatibleGroupError, a named refusal); the oracle is then re-run for the figure
-    pruned, plan = remove_units(copy.deepcopy(model), graph, removed, x, verify=True)
+    pruned, plan = remove_units(
+        copy.deepcopy(model), graph, removed, x, verify=True, skip_incompatible=skip_incompatible
+    )
     masked = mask_model(copy.deepcopy(model), plan)
     diff = check_equivalence(masked, pruned, x, atol=atol)
     return pruned, plan, graph, diff

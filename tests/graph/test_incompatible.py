@@ -94,8 +94,7 @@ class Roll(nn.Module):
 def test_a_wrong_user_rule_is_caught_by_the_oracle_and_named(monkeypatch):
     """A user registers a wrong rule (roll treated as per-channel): the compacted outputs differ from the
     masked ones; the group is named, the model unchanged."""
-    from secateur.graph import identity_rule
-    from secateur.graph import rules
+    from secateur.graph import identity_rule, rules
 
     monkeypatch.setitem(rules.RULES, "roll", identity_rule)
     torch.manual_seed(0)
