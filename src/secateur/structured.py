@@ -208,9 +208,10 @@ def remove_units(
         why.update({graph.groups[gi].name: msg for gi, msg in more.items()})
         plan = make_plan(graph, {gi: rm for gi, rm in kept.items() if gi not in more})
         verified_compact(model, plan, example_inputs)
+    shown = "; ".join(f"{n}: {m}" for n, m in list(why.items())[:3])
+    more = f" (and {len(why) - 3} more, listed in plan['skipped'])" if len(why) > 3 else ""
     warnings.warn(
-        f"left {len(why)} group(s) whole because removing their units breaks the model: "
-        + "; ".join(f"{n}: {m}" for n, m in why.items()),
+        f"left {len(why)} group(s) whole because removing their units breaks the model: {shown}{more}",
         stacklevel=2,
     )
     plan["skipped"] = why

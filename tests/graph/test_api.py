@@ -300,3 +300,26 @@ def test_masked_model_equals_compacted_in_train_mode():
     a = mask_model(copy.deepcopy(m), plan)
     b = compact(copy.deepcopy(m), plan)
     assert check_equivalence(a, b, x) <= 1e-6
+
+
+def test_a_module_reached_by_two_paths_keeps_its_real_tensors_after_the_meta_trace():
+    """timm's CoaT reuses one module under several attribute names; the meta trace swaps each module slot
+    once, so no meta tensor is left behind in the user's model, and the shared module is pruned once."""
+    torch.manual_seed(0)
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+            self.again = self.mlp  # the same module under a second path
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(x + self.mlp(x) + self.again(x))
+
+    m, x = Shared().eval(), torch.randn(3, 4)
+    g = DependencyGraph.build(m, x)
+    assert not any(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
+    assert g.group_of("mlp.0.weight", 0).n_prunable == 8
+    pruned, plan, _, diff = prune_and_check(m, x, ratio=0.5)
+    assert diff <= 1e-6 and pruned.again is pruned.mlp and pruned.mlp[0].out_features == 4

@@ -15,6 +15,7 @@ from graph_helpers import prune_and_check
 from hf_models import HF_MODELS
 from torch.utils.flop_counter import FlopCounterMode
 
+from secateur.analysis.counting import frozen_parameters
 from secateur.graph.tracer import call_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,7 +24,7 @@ REFUSALS: dict[str, tuple[type, str]] = {}
 
 
 def _macs(model, x) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with torch.no_grad(), frozen_parameters(model), FlopCounterMode(display=False) as fc:
         call_model(model, x)
     return fc.get_total_flops() // 2
 

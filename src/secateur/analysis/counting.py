@@ -12,7 +12,8 @@ linear layers, where every weight is used the same number of times per output po
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,6 +117,24 @@ def _call(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Turn ``requires_grad`` off on every parameter for the block, then restore it.
+
+    Why: FlopCounterMode's module tracker (torch >= 2.14) registers gradient hooks on module inputs that
+    require grad, and a view of a parameter taken under ``no_grad`` (e.g. ``cls_token.expand(...)`` in
+    CaiT) still reports ``requires_grad`` without a grad function, which makes it raise.
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 @torch.no_grad()
 def layer_table(model: nn.Module, example_inputs: Any) -> list[LayerStats]:
     """Per leaf module (any module with direct parameters): params, non-zero params, MACs, sparse MACs.
@@ -155,7 +174,7 @@ def layer_table(model: nn.Module, example_inputs: Any) -> list[LayerStats]:
         for name, m in leaves:
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name)))
-        with counter:
+        with frozen_parameters(model), counter:
             _call(model, example_inputs)
         total_macs = counter.get_total_flops() // 2
     finally:

@@ -27,6 +27,7 @@ HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "attentio
 KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_key_value_heads_per_partition")
 WIDTH_ATTRS = (
     "all_head_size",
+    "attn_dim",
     "inner_dim",
     "split_size",
     "inner_size",

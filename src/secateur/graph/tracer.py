@@ -465,11 +465,23 @@ def run_trace(
             if device == "meta":
                 from torch.func import functional_call
 
+                # one entry per (module object, attribute): a module reachable under two paths (timm's
+                # CoaT reuses one Mlp as mlp2/mlp3/mlp4) would otherwise be swapped twice, and restoring
+                # in order would leave a meta tensor in the user's model; tied tensors of distinct modules
+                # are all listed, so tie_weights (which re-adds every alias path) is not needed
+                slots: set[tuple[int, str]] = set()
+                swap: dict[str, torch.Tensor] = {}
+                for n, t in sub.items():
+                    owner, _, attr = n.rpartition(".")
+                    key = (id(model.get_submodule(owner) if owner else model), attr)
+                    if key not in slots:
+                        slots.add(key)
+                        swap[n] = t
                 if isinstance(inputs, dict):
-                    out = functional_call(model, sub, (), inputs, strict=False)
+                    out = functional_call(model, swap, (), inputs, strict=False, tie_weights=False)
                 else:
                     args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-                    out = functional_call(model, sub, tuple(args), strict=False)
+                    out = functional_call(model, swap, tuple(args), strict=False, tie_weights=False)
             else:
                 out = call_model(model, inputs)
     except (UnsupportedOpError, GraphError):
