@@ -47,6 +47,7 @@ def _fake_metrics(tmp_path) -> dict:
                {"step": 20, "phase": "prune", "eval_accuracy": 0.875}, {"step": 20, "sparsity": sparsity}]
     return {
         "sparsity": sparsity, "dense": d, "pruned": p, "seconds": 3.0, "config": cfg,
+        "pruned_accuracy_before_bn_recalibration": 0.5,
         "layers": [r.as_dict() for r in layer_table(pruned, x)],
         "layer_comparison": layer_comparison(dense, pruned, x), "history": history,
     }
@@ -62,6 +63,7 @@ def _embedded_pngs(page: str) -> dict[str, bytes]:
 def test_demo_writes_self_contained_html_report(tmp_path):
     m = _fake_metrics(tmp_path)
     paths = write_outputs(m, tmp_path / "out")
+    cfg_bn = m["config"]["bn_batches"]
     assert paths["html"] == tmp_path / "out" / "report.html" and paths["md"].name == "report.md"
     page = paths["html"].read_text()
     # Self-contained: nothing is loaded from elsewhere.
@@ -84,6 +86,7 @@ def test_demo_writes_self_contained_html_report(tmp_path):
     # The command that reproduces the run, with the subset, and the honest test-set wording.
     assert "secateur demo --dense-epochs 1 --prune-epochs 1" in page and "--subset 64" in page
     assert "first 64 test images" in page
+    assert f"statistics on {cfg_bn} training batches" in page and "(before: 0.5000)" in page
     assert "report.html" in paths["md"].read_text()
     saved = json.loads(paths["metrics"].read_text())
     assert saved["pruned"]["nonzero_params"] == p["nonzero_params"] and "outputs" not in saved
@@ -161,6 +164,11 @@ def test_demo_small_run_writes_metrics_report_and_plots(tmp_path):
     for png in ("accuracy_sparsity.png", "layer_sparsity.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # The pruned accuracy is measured after re-estimating BatchNorm statistics, recorded as the
+    # last evaluation of the history, with the accuracy before it kept for comparison.
+    evals = [h for h in m["history"] if "eval_accuracy" in h]
+    assert evals[-1]["phase"] == "bn_recalibrated" and evals[-1]["eval_accuracy"] == m["pruned_accuracy"]
+    assert 0.0 <= m["pruned_accuracy_before_bn_recalibration"] <= 1.0
     printed = json.loads(res.output)
     assert printed["sparsity"] == m["sparsity"]
     assert printed["outputs"]["html"] == str(out / "report.html")
