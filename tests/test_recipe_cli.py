@@ -1,5 +1,6 @@
 import difflib
 import json
+import shlex
 
 import pytest
 from click.testing import CliRunner
@@ -247,3 +248,12 @@ def test_cli_finetune_prune_report_chain(tmp_path):
     assert html.count("data:image/png;base64,") >= 2
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["pruned"]["macs"] < report["dense"]["macs"]
+    # The "Reproduce" command is the one that was run: same options and values.
+    argv = shlex.split(report["command"])
+    assert argv[:2] == ["secateur", "report"]
+    opts = dict(zip(argv[2::2], argv[3::2]))
+    assert opts == {
+        "--dense": f"saved:{tmp_path / 'ft' / 'model'}", "--pruned": f"saved:{tmp_path / 'p' / 'model'}",
+        "--data": "fashion-mnist", "--batch": "4", "--out": str(tmp_path / "r"), "--subset": "200",
+    }
+    assert "first 200 Fashion-MNIST test images" in report["description"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import click
@@ -208,18 +209,25 @@ def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
     try:
         dense, pruned = build_model(dense_spec).eval(), build_model(pruned_spec).eval()
         acc = {}
+        description = "No accuracy measured (--data none)."
         if data == "fashion-mnist":
             from secateur.data import fashion_mnist_loaders
             from secateur.run import _evaluate
 
             _, test = fashion_mnist_loaders(subset=subset)
             acc = {"dense_accuracy": _evaluate(dense, test), "pruned_accuracy": _evaluate(pruned, test)}
+            which = "the full 10,000-image" if subset is None else f"the first {min(subset, 10_000):,}"
+            description = f"Accuracy on {which} Fashion-MNIST test images."
+        argv = ["secateur", "report", "--dense", dense_spec, "--pruned", pruned_spec, "--data", data,
+                "--batch", str(batch), "--out", out_dir]
+        argv += (["--subset", str(subset)] if subset is not None else []) + (["--onnx"] if onnx else [])
         results = collect_results(
             dense,
             pruned,
             torch.zeros(batch, 1, 28, 28),
             onnx_dir=f"{out_dir}/onnx" if onnx else None,
-            command="secateur report " + " ".join(f"{k}" for k in (dense_spec, pruned_spec)),
+            command=shlex.join(argv),
+            description=f"Dense {dense_spec} vs pruned {pruned_spec}. {description}",
             **acc,
         )
         paths = build_report(results, out_dir)
