@@ -7,6 +7,9 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FORTUNES := /usr/share/games/fortunes/fortunes
 
 CHROMIUM := /usr/bin/chromium
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+# where plain PyPI would give the (much larger) CUDA build.
+TORCH_PIP_ARGS ?=
 
 .PHONY: setup data browser demo test lint clean
 
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned to the CPU wheel; the project's own requirement is a range.
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
