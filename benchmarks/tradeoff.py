@@ -591,8 +591,9 @@ def run(cfg: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
 
-    for seed in cfg["seeds"]:
-        for spec in cfg["models"]:
+    # model-major: a run cut short still has every seed of the first model(s), not one seed of each
+    for spec in cfg["models"]:
+        for seed in cfg["seeds"]:
             dense, dinfo = bench.dense(spec, seed)
             results["dense"] = [d for d in results["dense"] if (d["model"], d["seed"]) != (spec, seed)]
             results["dense"].append(dinfo)
@@ -646,7 +647,7 @@ def _cell(vals: list[float], n_seeds: int) -> str:
     if not vals:
         return "—"
     m, sd = _stats([100 * v for v in vals])
-    return f"{m:.1f} ± {sd:.1f}" if n_seeds > 1 else f"{m:.1f}"
+    return f"{m:.1f} ± {sd:.1f}" if n_seeds > 1 and len(vals) > 1 else f"{m:.1f}"
 
 
 def _group(points: list[dict], key: str = "accuracy") -> dict[tuple, list[float]]:
@@ -1030,8 +1031,9 @@ def page(res: dict, img_dir: Path, prefix: str, label: str, literature: bool = T
         ]
         for spec in cfg["models"]:
             lines += [
-                f"**{spec}** — accuracy after fine-tuning (one-shot accuracy before fine-tuning in "
-                "brackets)" + (", achieved MAC reduction in square brackets" if kind == "structured" else ""),
+                f"**{spec}** — accuracy after fine-tuning, mean ± std over seeds (one-shot accuracy "
+                "before fine-tuning in brackets, over the seeds where it was measured)"
+                + (", achieved MAC reduction in square brackets" if kind == "structured" else ""),
                 "",
                 "| method | " + " | ".join(head) + " |",
                 "| --- |" + " ---: |" * len(levels),
