@@ -18,7 +18,7 @@ from torch import nn
 
 from secateur.compact import compact, make_plan
 from secateur.compact.verify import incompatible_groups, verified_compact
-from secateur.errors import CompactionError, ConfigError, IncompatibleGroupError
+from secateur.errors import CompactionError, ConfigError, GraphError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
 
 Criterion = Callable[[Group, nn.Module], Any]
@@ -130,6 +130,7 @@ def prune_channels(
         raise ConfigError(f"ratio must be in [0, 1), got {ratio}")
     if graph is None:
         graph = DependencyGraph.build(model, example_inputs, protect=protect, prune_outputs=prune_outputs)
+    require_prunable(graph)
     rng = np.random.default_rng(seed)
     removed = {}
     cache: dict = {}
@@ -153,6 +154,26 @@ def prune_channels(
             removed[gi] = rm
     return remove_units(
         model, graph, removed, example_inputs, verify=verify, skip_incompatible=skip_incompatible
+    )
+
+
+def require_prunable(graph: DependencyGraph) -> None:
+    """Raise GraphError if no group of ``graph`` has a prunable unit, with the most common reasons.
+
+    Why: a model whose every channel is frozen (e.g. all widths normalised by an RMSNorm over channels) would
+    otherwise come back unchanged, which reads as success.
+    """
+    if graph.prunable_groups():
+        return
+    counts: dict[str, int] = {}
+    for g in graph.groups:
+        for r in g.reasons:
+            counts[r] = counts.get(r, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    why = "; ".join(f"{r} (x{n})" for r, n in top) or "no groups"
+    raise GraphError(
+        f"nothing to prune in {type(graph.model).__name__}: all {len(graph.groups)} groups are frozen. "
+        f"Most common reasons: {why}"
     )
 
 
@@ -221,4 +242,11 @@ def remove_units(
 #: Public name (used by the structured pruner and methods): keep one unit of every member.
 ensure_member_nonempty = _ensure_member_nonempty
 
-__all__ = ["choose_units", "ensure_member_nonempty", "lp_scores", "prune_channels", "remove_units"]
+__all__ = [
+    "choose_units",
+    "ensure_member_nonempty",
+    "lp_scores",
+    "prune_channels",
+    "remove_units",
+    "require_prunable",
+]

@@ -104,3 +104,23 @@ def test_a_wrong_user_rule_is_caught_by_the_oracle_and_named(monkeypatch):
         prune_channels(model, x, ratio=0.25, criterion="l1")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.a.out_channels == 8
+
+
+def test_a_model_with_nothing_prunable_is_a_named_refusal():
+    """Every width is normalised over channels by inline code (as MobileNetV5's RmsNorm2d does): nothing
+    can be removed exactly, so prune_channels says why instead of returning the model unchanged."""
+
+    class InlineRms(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y / y.pow(2).mean(1, keepdim=True).add(1e-6).sqrt())
+
+    model, x = InlineRms().eval(), torch.randn(1, 3, 4, 4)
+    with pytest.raises(GraphError, match=r"nothing to prune in InlineRms: .*reduction over a channel dim"):
+        prune_channels(model, x, ratio=0.3)
+    assert model.a.out_channels == 8

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.errors import CompactionError
+from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.graph.tracer import call_model, iter_tensors
 
@@ -150,8 +150,9 @@ def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) 
                         attrs.setdefault(path, {})[a] = [v, n_new * ev.inner]
                 hd = getattr(mod, "head_dim", None)
                 if isinstance(hd, int) and hd != ev.inner:
-                    raise CompactionError(
-                        f"module {path}: head_dim {hd} differs from traced head size {ev.inner}"
+                    raise IncompatibleGroupError(
+                        f"module {path} ({type(mod).__name__}): its head_dim {hd} differs from the head size "
+                        f"{ev.inner} the trace saw, so its heads cannot be removed consistently; protect it"
                     )
                 break
     return attrs, events
