@@ -13,10 +13,9 @@ def prune_and_check(
     """Prune ``ratio`` of every group with the oracle; returns (pruned model, plan, graph, max diff)."""
     from secateur.compact import check_equivalence, mask_model
     from secateur.graph import DependencyGraph
-    from secateur.structured import choose_units, remove_units, require_prunable
+    from secateur.structured import choose_units, remove_units
 
     graph = DependencyGraph.build(model, x, **kw)
-    require_prunable(graph)
     rng = np.random.default_rng(seed)
     removed = {}
     for gi, g in enumerate(graph.groups):

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from secateur.analysis.counting import frozen_parameters
 from secateur.graph.tracer import call_model
+from secateur.structured import require_prunable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -41,6 +42,7 @@ def assert_prunable(model, x, ratio=0.3, skip_incompatible=False):
     pruned, plan, graph, diff = prune_and_check(
         model, x, ratio=ratio, criterion="random", skip_incompatible=skip_incompatible
     )
+    require_prunable(graph)  # a named refusal (GraphError) when every group is frozen
     assert diff <= 1e-6
     assert _params(pruned) < p0
     assert _macs(pruned, x) < m0
