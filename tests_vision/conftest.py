@@ -60,8 +60,21 @@ def outcome(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, str]:
     return "pass", ""
 
 
-def run_expecting(model, x, refusal: tuple[type, str] | None) -> None:
-    """Check ``model``; if a refusal is expected, assert it is raised with the op named in the message."""
+def run_expecting(model, x, refusal: tuple[type, str] | None, partial: str | None = None) -> None:
+    """Check ``model``.
+
+    ``refusal=(ErrorType, pattern)``: assert that error is raised, its message naming the op.
+    ``partial=pattern``: assert IncompatibleGroupError naming the op (pattern) by default, then that with
+    ``skip_incompatible=True`` the rest passes every check and the skipped groups are listed in the plan.
+    """
+    from secateur.errors import IncompatibleGroupError
+
+    if partial is not None:
+        with pytest.raises(IncompatibleGroupError, match=partial):
+            check(model, x)
+        plan = check(model, x, skip_incompatible=True)
+        assert plan["skipped"], "expected groups left whole"
+        return
     if refusal is None:
         check(model, x)
         return
