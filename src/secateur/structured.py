@@ -128,6 +128,11 @@ def prune_channels(
     """
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio must be in [0, 1), got {ratio}")
+    if graph is not None and (protect or prune_outputs):
+        raise ConfigError(
+            "protect/prune_outputs shape the graph when it is built: pass them to DependencyGraph.build, "
+            "not together with graph="
+        )
     if graph is None:
         graph = DependencyGraph.build(model, example_inputs, protect=protect, prune_outputs=prune_outputs)
     require_prunable(graph)

@@ -124,3 +124,15 @@ def test_a_model_with_nothing_prunable_is_a_named_refusal():
     with pytest.raises(GraphError, match=r"nothing to prune in InlineRms: .*reduction over a channel dim"):
         prune_channels(model, x, ratio=0.3)
     assert model.a.out_channels == 8
+
+
+def test_protect_with_a_prebuilt_graph_is_refused():
+    """protect shapes the graph when it is built; passing both would silently ignore it."""
+    from secateur.errors import ConfigError
+    from secateur.graph import DependencyGraph
+
+    model, x = _model()
+    g = DependencyGraph.build(model, x)
+    with pytest.raises(ConfigError, match="pass them to DependencyGraph.build"):
+        prune_channels(model, x, ratio=0.3, graph=g, protect=["0.fc1"])
+    assert model[0].fc1.out_features == 16
