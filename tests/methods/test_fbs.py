@@ -238,3 +238,23 @@ def test_trainer_trains_fbs_on_resnet8_and_gates_stay_exact():
     for name, l in fbs.layers.items():
         assert torch.all(l.gate.sum(1) == math.ceil(0.5 * l.conv.out_channels)), name
     assert_no_hooks(model)
+
+
+def test_resnet20_every_block_conv_is_gated_and_skip_equals_masked():
+    torch.manual_seed(0)
+    fresh = create_model("resnet20", width=0.25, stem_stride=2)
+    expect = {n for n, m in fresh.named_modules() if isinstance(m, nn.Conv2d) and n.startswith("layer")}
+    model = copy.deepcopy(fresh).eval()
+    x = torch.randn(3, 1, 28, 28)
+    fbs = FBS(model, 0.4, example_inputs=x[:1], include=["layer*"])
+    assert set(fbs.layers) == expect and len(expect) == 20  # 9 blocks x 2 convs + 2 downsample convs
+    with torch.no_grad():
+        for l in fbs.layers.values():
+            l.predictor.weight.normal_(std=0.3)
+            l.bn.running_var.uniform_(0.5, 2.0)
+        masked = model(x)
+        fbs.set_mode("skip")
+        skipped = model(x)
+    torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
+    for name, l in fbs.layers.items():
+        assert torch.all(l.gate.sum(1) == math.ceil(0.4 * l.conv.out_channels)), name
