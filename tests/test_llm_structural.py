@@ -486,6 +486,12 @@ def test_remove_experts_round_trips(tmp_path):
     assert again2.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 3
     with torch.no_grad():
         assert torch.equal(model2(ids).logits, again2(ids).logits)
+    # the Hugging Face layout plus the plan (transformers 5 fuses experts: saved under the model's own names)
+    sc.save_pretrained(model2, tmp_path / "pre", plan=plan2)
+    again3 = sc.from_pretrained(tmp_path / "pre")
+    assert again3.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 3
+    with torch.no_grad():
+        assert torch.equal(model2(ids).logits, again3(ids).logits)
 
 
 def test_remove_experts_is_transactional(monkeypatch):

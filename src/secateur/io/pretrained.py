@@ -28,6 +28,7 @@ What plain ``transformers`` does with such a folder (tested in ``tests/test_hf_h
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -195,6 +196,11 @@ def save_pretrained(
         raise SerializationError(f"plan or metadata is not JSON-serialisable: {e}") from e
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
+        # transformers 5 would rename fused tensors back to a legacy layout (MoE experts as one tensor per
+        # expert) that from_pretrained cannot read without transformers' own converters; the model's own
+        # names load in both (transformers' loader passes them through unchanged)
+        save_kwargs.setdefault("save_original_format", False)
     model.save_pretrained(directory, **save_kwargs)
     tmp = directory / (PLAN_FILE + ".tmp")
     tmp.write_text(text)
