@@ -99,7 +99,9 @@ class FBSConv(nn.Module):
         pi = s * gate
         if self.mode == "skip":
             return self._skip(x, pi, gate)
-        return self.bn(self.conv(x)) * pi[:, :, None, None]
+        # suppressed channels are exact zeros even if BN(conv(x)) overflowed there (inf * 0 would be nan)
+        z = self.bn(self.conv(x)) * pi[:, :, None, None]
+        return torch.where(gate[:, :, None, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
 
     def _bn_eval(self, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         bn = self.bn
