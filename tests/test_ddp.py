@@ -191,3 +191,36 @@ def test_wrap_ddp_needs_process_group() -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_the_ddp_callback_forwards_backward_statistics_and_loss_terms():
+    """Without forwarding, a Taylor ChannelPruner driven through DistributedPruningCallback never saw a
+    gradient, and penalties (ADMM, movement, FBS) were dropped."""
+    from secateur.train import Trainer
+    from secateur.train.ddp import DistributedPruningCallback
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.grads: list[float] = []
+
+        def step(self, step: int) -> bool:
+            return False
+
+        def on_after_backward(self, trainer) -> None:
+            self.grads.append(float(trainer.model.weight.grad.abs().sum()))
+
+        def extra_loss(self, trainer):
+            return 100.0 * trainer.model.weight.pow(2).sum()
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    rec = Recorder()
+    cb = DistributedPruningCallback(rec)
+    t = Trainer(model, [(x, y)], epochs=2, lr=1e-9, callbacks=[cb], progress=False)
+    t.fit()
+    assert len(rec.grads) == 2
+    # the penalty's gradient (200 w) dominates the cross-entropy's: it reached the backward pass
+    ce_only = torch.nn.functional.cross_entropy(model(x), y)
+    g = torch.autograd.grad(ce_only, model.weight)[0]
+    assert rec.grads[-1] > float(g.abs().sum()) + 100.0 * float(model.weight.abs().sum())

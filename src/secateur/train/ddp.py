@@ -226,7 +226,8 @@ def wrap_ddp(
 class DistributedPruningCallback:
     """A :class:`secateur.train.Trainer` callback that drives a pruner under DDP.
 
-    On ``on_train_begin`` and ``on_step_end`` it calls ``pruner.step(trainer.global_step)``; when
+    It forwards ``on_after_backward`` and ``extra_loss`` to the pruner when it has them. On
+    ``on_train_begin`` and ``on_step_end`` it calls ``pruner.step(trainer.global_step)``; when
     the masks changed it calls :func:`sync_masks` (broadcast from rank 0 if ``broadcast``, then a
     digest check if ``check``). Use it *instead of* passing the pruner itself as a callback.
     ``digests`` records ``(step, digest)`` of each checked update. Saves/loads the pruner's state.
@@ -249,6 +250,18 @@ class DistributedPruningCallback:
 
     def on_train_begin(self, trainer: Any) -> None:
         self._step(int(trainer.global_step))
+
+    def on_after_backward(self, trainer: Any) -> None:
+        """Forward to the pruner (e.g. Taylor statistics of a ChannelPruner): under DDP the gradients are
+        already averaged across ranks here, so every rank accumulates the same statistics."""
+        fn = getattr(self.pruner, "on_after_backward", None)
+        if fn is not None:
+            fn(trainer)
+
+    def extra_loss(self, trainer: Any) -> Any:
+        """Forward the pruner's loss term (ADMM, movement, FBS penalties), if it has one."""
+        fn = getattr(self.pruner, "extra_loss", None)
+        return fn(trainer) if fn is not None else None
 
     def on_step_end(self, trainer: Any) -> None:
         self._step(int(trainer.global_step))
