@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 from secateur.allocation import check_sparsity
 from secateur.analysis.counting import count_params, layer_table
 from secateur.compact import check_equivalence, compact, make_plan, mask_model
+from secateur.compact.norms import norm_plan, set_norm_masks
 from secateur.criteria.group import (
     GroupCriterion,
     collect,
@@ -159,6 +160,9 @@ class ChannelPruner:
             already estimate a loss change on one scale (taylor, fisher: Molchanov et al. 2019 rank them
             globally as they are) and ``"mean"`` otherwise (norms of differently sized layers differ).
         prune_outputs: allow pruning dims that reach the model's outputs.
+        prune_normalized: allow pruning dims that norm modules normalise over (a transformer's hidden size;
+            :meth:`secateur.graph.DependencyGraph.build`); the masks then make those norms compute their
+            statistics over the kept channels (:mod:`secateur.compact.norms`).
         criterion_kwargs: extra arguments for the criterion (e.g. ``{"method": "sum"}`` for fpgm).
         graph: a graph already traced from ``model`` (skips the trace).
         latency: for ``target="latency"``, a :class:`secateur.allocation_extra.LatencyTarget` (timing
@@ -192,6 +196,7 @@ class ChannelPruner:
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         normalize: str = "auto",
         prune_outputs: bool = False,
+        prune_normalized: bool = False,
         criterion_kwargs: dict[str, Any] | None = None,
         graph: DependencyGraph | None = None,
         latency: Any = None,
@@ -225,7 +230,11 @@ class ChannelPruner:
         if normalize == "auto":
             self.normalize = "none" if self.criterion.comparable else "mean"
         self.graph = graph or DependencyGraph.build(
-            model, example_inputs, protect=protect, prune_outputs=prune_outputs
+            model,
+            example_inputs,
+            protect=protect,
+            prune_outputs=prune_outputs,
+            prune_normalized=prune_normalized,
         )
         self.group_ids = [gi for gi, g in enumerate(self.graph.groups) if g.n_prunable > 0]
         self.removed: dict[int, np.ndarray] = {gi: np.zeros(0, dtype=np.int64) for gi in self.group_ids}
@@ -556,6 +565,8 @@ class ChannelPruner:
                 keep &= self._base_masks[name].to(keep.device)
             set_mask(mod, keep, attr)
             self._masked[name] = keep
+        # norms over a pruned dim (graph built with prune_normalized=True): statistics over kept channels
+        set_norm_masks(self.model, norm_plan(self.graph, self.removed))
 
     @torch.no_grad()
     def _rezero_tied(self) -> None:

@@ -21,6 +21,8 @@ from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.graph.tracer import call_model, iter_tensors
 
+from .norms import norm_plan, remove_norm_masks, set_norm_masks
+
 PLAN_VERSION = 1
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "attention_heads", "num_attn_heads")
@@ -53,6 +55,9 @@ CONFIG_FF_KEYS = (
     "decoder_ffn_dim",
     "hidden_dim",
 )
+# the residual width of a transformer; aliases a config maps onto another key (GPT-2's hidden_size ->
+# n_embd) are skipped when written
+CONFIG_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")
 
 
 def _owner(model: nn.Module, qualname: str) -> tuple[nn.Module, str]:
@@ -68,13 +73,16 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
         removed: ``{group index in graph.groups: unit indices to remove}``.
 
     Returns ``{"version", "tensors": {qualname: {dim(str): kept indices}}, "groups": [...],
-    "attributes": {module path: {attr: [old, new]}}, "config": {config path: {key: [old, new]}}}``.
+    "attributes": {module path: {attr: [old, new]}}, "config": {config path: {key: [old, new]}}}``, plus
+    ``"norms": {module path: {"dim", "size", "kept"}}`` when norm modules lose channels of the dim they
+    normalise (graphs built with ``prune_normalized=True``; :func:`secateur.compact.norms.norm_plan`).
     Raises CompactionError if a removal empties a member or touches an unprunable unit.
     """
     model = graph.model
     tensors: dict[str, dict[str, list[int]]] = {}
     groups_out = []
     kept_units: dict[int, np.ndarray] = {}
+    gone: dict[int, np.ndarray] = {}
     for gi, units in removed.items():
         g = graph.groups[gi]
         rm = np.unique(np.asarray(list(units), dtype=np.int64))
@@ -89,6 +97,7 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
             )
         keep = np.setdiff1d(np.arange(g.n_units), rm)
         kept_units[gi] = keep
+        gone[gi] = rm
         groups_out.append({"group": g.name, "n_units": g.n_units, "removed": rm.tolist()})
         for m in g.members:
             kept_idx = np.nonzero(np.isin(m.unit_of, keep))[0]
@@ -98,6 +107,7 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
                 )
             tensors.setdefault(m.name, {})[str(m.dim)] = kept_idx.tolist()
     attributes, events = _head_attributes(graph, kept_units)
+    norms = norm_plan(graph, gone)
     plan = {
         "version": PLAN_VERSION,
         "tensors": tensors,
@@ -105,6 +115,8 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
         "attributes": attributes,
         "config": {},
     }
+    if norms:
+        plan["norms"] = norms
     plan["config"] = _config_changes(model, graph, kept_units, attributes, events)
     return plan
 
@@ -205,6 +217,17 @@ def _config_changes(
         return ""
 
     proposals: dict[tuple[str, str], set] = {}
+    norm_groups = _norm_groups(graph)
+    for gi, g in enumerate(graph.groups):  # the residual width: a group normalised by norm modules
+        if gi not in norm_groups or (gi not in kept_units and g.n_prunable == 0):
+            continue
+        ck = cfg_key_of(g.members[0].module)
+        cfg = cfgs[ck]
+        aliases = getattr(cfg, "attribute_map", {}) or {}
+        for k in CONFIG_HIDDEN_KEYS:
+            if k not in aliases and getattr(cfg, k, None) == g.n_units:
+                new = int(kept_units[gi].size) if gi in kept_units else g.n_units
+                proposals.setdefault((ck, k), set()).add(new)
     for path, old, new in events:
         ck = cfg_key_of(path)
         cfg = cfgs[ck]
@@ -214,6 +237,8 @@ def _config_changes(
     pruned_kinds = set()
     for gi, keep in kept_units.items():
         g = graph.groups[gi]
+        if gi in norm_groups:
+            continue
         if any(True for p in attributes for m in g.members if m.module.startswith(p) and p):
             continue
         pruned_kinds.add(_layer_free_key(g))
@@ -223,7 +248,7 @@ def _config_changes(
             if getattr(cfg, k, None) == g.n_units:
                 proposals.setdefault((ck, k), set()).add(int(keep.size))
     for gi, g in enumerate(graph.groups):  # the same group in layers left alone keeps the old width
-        if gi in kept_units or _layer_free_key(g) not in pruned_kinds:
+        if gi in kept_units or gi in norm_groups or _layer_free_key(g) not in pruned_kinds:
             continue
         ck = cfg_key_of(g.members[0].module)
         for k in CONFIG_FF_KEYS:
@@ -237,14 +262,30 @@ def _config_changes(
         else:
             changes.setdefault(ck, {})["_inconsistent_" + k] = [old, sorted(vals)]
     for ck, d in changes.items():
+        cfg = cfgs[ck]
+        hd = getattr(cfg, "head_dim", None)
+        hidden = getattr(cfg, "hidden_size", None)
         if any(k in d for k in CONFIG_HEAD_KEYS):
-            cfg = cfgs[ck]
-            hd = getattr(cfg, "head_dim", None)
-            hidden = getattr(cfg, "hidden_size", None)
             heads_key = next(k for k in CONFIG_HEAD_KEYS if k in d)
             if hd is None and hidden is not None:
                 d["head_dim"] = [None, hidden // d[heads_key][0]]
+        elif any(k in d for k in CONFIG_HIDDEN_KEYS) and hd is None and isinstance(hidden, int):
+            # the head width is no longer hidden_size // heads: record it (models reading head_dim use it)
+            counts = [getattr(cfg, k, None) for k in CONFIG_HEAD_KEYS]
+            heads = next((h for h in counts if isinstance(h, int) and not isinstance(h, bool)), None)
+            if heads:
+                d["head_dim"] = [None, hidden // heads]
     return changes
+
+
+def _norm_groups(graph: DependencyGraph) -> set[int]:
+    """Indices of the groups holding the normalised channels of norm modules (graphs built with
+    ``prune_normalized=True``): residual widths, whose config keys are :data:`CONFIG_HIDDEN_KEYS`."""
+    wanted = [ev.classes for ev in graph.splits if ev.kind == "norm" and ev.classes is not None]
+    if not wanted:
+        return set()
+    cls = np.unique(np.concatenate(wanted))
+    return {gi for gi, g in enumerate(graph.groups) if np.isin(g.classes, cls).any()}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -258,9 +299,15 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def mask_model(model: nn.Module, plan: Mapping) -> nn.Module:
-    """Zero, in place, every index that :func:`compact` would remove (structured masks on groups).
+    """Zero, in place, every index that :func:`compact` would remove (structured masks on groups), and
+    make the norms listed in ``plan["norms"]`` compute their statistics over the kept channels only (a
+    forward hook, :mod:`secateur.compact.norms`; removed by :func:`compact`).
 
     The masked model computes what the compacted one will (checked by :func:`check_equivalence`).
+
+    Raises:
+        KeyError: the plan names a tensor the model does not have.
+        CompactionError: the plan names a norm the model does not have or of another width.
     """
     named = _named_tensors(model)
     for name, dims in plan["tensors"].items():
@@ -272,6 +319,7 @@ def mask_model(model: nn.Module, plan: Mapping) -> nn.Module:
             shape = [1] * t.dim()
             shape[d] = -1
             t.masked_fill_(~mask.view(shape).to(t.device), 0)  # not mul_: inf * 0 would be nan
+    set_norm_masks(model, plan.get("norms") or {})
     return model
 
 
@@ -293,6 +341,10 @@ class _Undo:
         self.old_shape.setdefault(id(t), tuple(t.shape))
         t.data = new
 
+    def record(self, restore: Any) -> None:
+        """Journal an arbitrary change: ``restore()`` undoes it."""
+        self.steps.append(("call", restore))
+
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         had = name in getattr(obj, "__dict__", {})
         self.steps.append(("attr", obj, name, getattr(obj, name, None), had))
@@ -302,6 +354,8 @@ class _Undo:
         for step in reversed(self.steps):
             if step[0] == "data":
                 step[1].data = step[2]
+            elif step[0] == "call":
+                step[1]()
             else:
                 _, obj, name, old, had = step
                 if had or not hasattr(obj, name):
@@ -338,8 +392,9 @@ def _update_module(mod: nn.Module, undo: _Undo) -> None:
         n = (w if w is not None else mod.running_mean).shape[0]
         undo.set_attr(mod, "num_features", n)
     elif isinstance(mod, nn.GroupNorm):
-        if w is not None:
-            undo.set_attr(mod, "num_groups", mod.num_groups * w.shape[0] // mod.num_channels)
+        if w is not None:  # one group (pruned through the norm, kept channels normalised together) stays one
+            g = mod.num_groups if mod.num_groups == 1 else mod.num_groups * w.shape[0] // mod.num_channels
+            undo.set_attr(mod, "num_groups", g)
             undo.set_attr(mod, "num_channels", w.shape[0])
     elif isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
         if w is not None:
@@ -353,10 +408,21 @@ def _update_module(mod: nn.Module, undo: _Undo) -> None:
             undo.set_attr(mod, "nx", w.shape[0])
 
 
+def _update_norm_width(mod: nn.Module, k: int, undo: _Undo) -> None:
+    """The width attribute of a norm module whose normalised dim now has ``k`` channels."""
+    if isinstance(mod, nn.GroupNorm):
+        undo.set_attr(mod, "num_channels", k)
+    else:
+        shape = getattr(mod, "normalized_shape", None)
+        if isinstance(shape, tuple) and len(shape) == 1 and shape[0] != k:
+            undo.set_attr(mod, "normalized_shape", (k,))
+
+
 def compact(model: nn.Module, plan: Mapping, check: Any = None) -> nn.Module:
     """Physically remove what ``plan`` drops: slice every listed parameter/buffer (tied tensors once),
     update layer attributes (in/out_channels, groups, in/out_features, num_features, normalized_shape,
-    num_heads and the like) and the Hugging Face config. Returns ``model`` (changed in place).
+    num_heads and the like) and the Hugging Face config. Returns ``model`` (changed in place). Mask-aware
+    norm hooks (:func:`mask_model`, :class:`secateur.ChannelPruner`) are removed.
 
     Transactional: on any exception the model's tensors, attributes and config are restored bit-identical
     and CompactionError is raised (chained to the cause). ``check(model)``, if given, runs inside the
@@ -364,6 +430,7 @@ def compact(model: nn.Module, plan: Mapping, check: Any = None) -> nn.Module:
     """
     undo = _Undo()
     try:
+        remove_norm_masks(model, journal=undo.record)  # mask-aware norm hooks from mask_model / ChannelPruner
         named = _named_tensors(model)
         done: dict[int, tuple] = {}
         touched_modules: dict[str, nn.Module] = {}
@@ -381,10 +448,15 @@ def compact(model: nn.Module, plan: Mapping, check: Any = None) -> nn.Module:
             for d, kept in sorted(dims.items(), key=lambda kv: int(kv[0])):
                 new = _slice(new, int(d), torch.as_tensor(kept, dtype=torch.long))
             undo.set_data(t, new)
-            path = name.rpartition(".")[0]
-            touched_modules[path] = model.get_submodule(path) if path else model
+            for other, u in named.items():  # every module holding the tensor (a tied LM head too)
+                if u is t:
+                    path = other.rpartition(".")[0]
+                    touched_modules[path] = model.get_submodule(path) if path else model
         for mod in touched_modules.values():
             _update_module(mod, undo)
+        for path, spec in (plan.get("norms") or {}).items():  # norms without weights have no sliced tensor
+            mod = model.get_submodule(path) if path else model
+            _update_norm_width(mod, len(spec["kept"]), undo)
         for path, d in plan.get("attributes", {}).items():
             mod = model.get_submodule(path) if path else model
             for a, (_old, new) in d.items():

@@ -97,11 +97,19 @@ class DependencyGraph:
     with at least one prunable unit.
     """
 
-    def __init__(self, model: nn.Module, groups: list[Group], splits: list[SplitEvent], n_ops: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: list[Group],
+        splits: list[SplitEvent],
+        n_ops: int,
+        prune_normalized: bool = False,
+    ) -> None:
         self.model = model
         self.groups = groups
         self.splits = splits
         self.n_ops = n_ops
+        self.prune_normalized = prune_normalized
 
     @classmethod
     def build(
@@ -111,6 +119,7 @@ class DependencyGraph:
         protect: Sequence[str] = (),
         prune_outputs: bool = False,
         device: str = "auto",
+        prune_normalized: bool = False,
     ) -> DependencyGraph:
         """Trace ``model`` on ``example_inputs`` (tensor, tuple of args or dict of kwargs) and group channels.
 
@@ -119,6 +128,13 @@ class DependencyGraph:
                 pruned (their groups become unprunable).
             prune_outputs: allow pruning dims that reach the model's outputs (classes, vocabulary).
             device: ``"auto"`` (meta tensors, real ones if the model reads values), ``"meta"`` or ``"real"``.
+            prune_normalized: also allow pruning the dims that normalisation *modules* normalise over
+                (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm(1, C)``, Hugging Face ``*RMSNorm`` /
+                ``*LayerNorm`` classes, :func:`secateur.graph.norms.register_norm`): the hidden size of a
+                transformer. Masks made by :func:`secateur.compact.mask_model` and
+                :class:`secateur.ChannelPruner` then compute those norms' statistics over the kept channels
+                only (:mod:`secateur.compact.norms`), so the masked model still equals the compacted one.
+                Default False: such dims stay frozen (``'layer_norm' normalises over a channel dim``).
 
         Raises:
             UnsupportedOpError: an op without a rule ran on a tensor carrying channels (names op and module).
@@ -126,7 +142,12 @@ class DependencyGraph:
         """
         from secateur.graph.rules import MODULE_RULES, RULES
 
-        tracer, out = run_trace(model, example_inputs, RULES, MODULE_RULES, device)
+        module_rules = MODULE_RULES
+        if prune_normalized:
+            from secateur.graph.norms import norm_module_rules
+
+            module_rules = {**norm_module_rules(model), **MODULE_RULES}  # rules users registered win
+        tracer, out = run_trace(model, example_inputs, RULES, module_rules, device)
         atoms = tracer.atoms
         if not prune_outputs:
             for t in iter_tensors(out):
@@ -136,9 +157,8 @@ class DependencyGraph:
         labels = atoms.solve()
         for ev in tracer.splits:
             ev.classes = labels[ev.atoms]
-        return cls(
-            model, _make_groups(tracer.param_dims, labels, atoms.frozen, protect), tracer.splits, tracer.n_ops
-        )
+        groups = _make_groups(tracer.param_dims, labels, atoms.frozen, protect)
+        return cls(model, groups, tracer.splits, tracer.n_ops, prune_normalized)
 
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.n_prunable > 0]
