@@ -151,6 +151,7 @@ def main() -> None:
         action="store_true",
         help="choose the smallest model of each timm family again (builds all ~1400 on meta: minutes)",
     )
+    ap.add_argument("--models", nargs="+", help="re-run only these models (others kept from --out)")
     ap.add_argument("--reverse", action="store_true", help="reverse order (second worker)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vision_matrix.json"))
     args = ap.parse_args()
@@ -159,7 +160,7 @@ def main() -> None:
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
     import torchvision
 
-    result["versions"] = {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    result.setdefault("versions", {}).update(torch=torch.__version__, torchvision=torchvision.__version__)
     suites = [args.only] if args.only else ["torchvision", "timm"]
     for suite in suites:
         if suite == "torchvision":
@@ -173,14 +174,21 @@ def main() -> None:
             specs = list(timm_specs(fams))
         if args.reverse:
             specs = specs[::-1]
-        records = []
+        old = {r["model"]: r for r in result.get(suite, {}).get("models", [])}
+        if args.models:  # re-run only these; keep the other records
+            specs = [(n, b) for n, b in specs if n in args.models or n.split(":")[-1] in args.models]
+            records = [r for r in old.values() if r["model"] not in {n for n, _ in specs}]
+        else:
+            records = []
+        total = len(old) if args.models else len(specs)
         for name, build in specs:
             rec = run_one(name, build, SIZES, args.timeout, args.all)
             records.append(rec)
             err = rec.get("error", "")[:160]
             line = f"{suite} {name}: {rec['outcome']} {rec.get('size')} {rec.get('seconds')}s {err}"
             print(line, flush=True)
-            result[suite] = {"counts": summarize(records), "total": len(specs), "models": records}
+            records.sort(key=lambda r: r["model"])
+            result[suite] = {"counts": summarize(records), "total": total, "models": records}
             out_path.write_text(json.dumps(result, indent=1) + "\n")
         print(suite, summarize(records), flush=True)
 
