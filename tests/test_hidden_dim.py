@@ -224,6 +224,13 @@ def test_hidden_dim_pruned_exactly(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(call_model(back, x).logits, want)
     assert back.config.hidden_size == expect
+    # plain transformers: ViT reads head_dim from its config; BERT and GPT-2 derive hidden_size / heads
+    loadable = json.loads((tmp_path / "hf" / "plan.json").read_text())["transformers_loadable"]
+    assert loadable is (name == "vit")
+    if loadable:
+        plain = type(pruned).from_pretrained(tmp_path / "hf").eval()
+        with torch.no_grad():
+            assert torch.equal(call_model(plain, x).logits, want)
 
 
 def _tiny_llama_head_dim():
@@ -472,3 +479,19 @@ def test_channel_pruner_train_then_compact_exact(name):
     assert pruned.config.hidden_size == h - math.floor(RATIO * h)
     assert norm_masks(pruned) == {}
     assert all(not m._forward_hooks for m in pruned.modules())
+
+
+def test_config_hidden_size_only_when_every_residual_stream_agrees():
+    """Whisper's encoder width reaches an output (frozen) and its decoder's is pruned: d_model keeps its
+    value and the plan marks it inconsistent; the oracle still holds."""
+    from secateur.structured import remove_units
+
+    model, x = HF_MODELS["whisper"]()
+    model.eval()
+    graph = DependencyGraph.build(model, x, prune_normalized=True)
+    dec = graph.group_of("model.decoder.layer_norm.weight", 0)
+    enc = graph.group_of("model.encoder.layer_norm.weight", 0)
+    assert dec.n_prunable == 32 and enc.n_prunable == 0
+    pruned, plan = remove_units(model, graph, {graph.groups.index(dec): np.arange(5)}, x, verify=True)
+    assert pruned.model.decoder.layer_norm.weight.shape == (27,) and pruned.config.d_model == 32
+    assert plan["config"][""]["_inconsistent_d_model"] == [32, [27, 32]]

@@ -219,7 +219,7 @@ def _config_changes(
     proposals: dict[tuple[str, str], set] = {}
     norm_groups = _norm_groups(graph)
     for gi, g in enumerate(graph.groups):  # the residual width: a group normalised by norm modules
-        if gi not in norm_groups or (gi not in kept_units and g.n_prunable == 0):
+        if gi not in norm_groups:  # those left whole (frozen ones too) vote for the old width
             continue
         ck = cfg_key_of(g.members[0].module)
         cfg = cfgs[ck]
