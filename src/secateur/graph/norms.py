@@ -294,9 +294,8 @@ def norm_module_rules(model: nn.Module) -> dict[type, ModuleRule]:
             return
         dims = list(ctx.dims(x))
         c = dims[d]
-        for t in _channel_tensors(mod, n).values():
-            if ctx.param_name(t) is not None:
-                c = ctx.couple(c, ctx.dims(t)[0], "per-channel norm weight on a dim without channel identity")
+        for t in _channel_tensors(mod, n).values():  # a parameter, or computed from one (a masked weight)
+            c = ctx.couple(c, ctx.dims(t)[0], "per-channel norm weight without channel identity")
         if c is not None:
             prev = first_atoms.setdefault(id(mod), c)
             if prev is not c:
