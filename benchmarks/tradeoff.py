@@ -782,6 +782,8 @@ def _ranking_notes(res: dict) -> list[str]:
                 clear = abs(d) >= t and (len(diffs) < 2 or agree == len(diffs))
                 verdict = "tie" if not clear else (f"{LABELS[a]} ahead" if d > 0 else f"{LABELS[b]} ahead")
                 seeds = f", same sign on {agree}/{len(diffs)} seeds" if len(diffs) > 1 else ""
+                if diffs and all(x == 0 for x in diffs):
+                    seeds = ", identical on every seed"
                 parts.append(
                     f"{spec.partition(':')[0]} @ {lv:g}{unit}: {ma:.1f} vs {mb:.1f} "
                     f"({verdict}, noise ±{t:.1f}{seeds})"
