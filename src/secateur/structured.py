@@ -101,6 +101,7 @@ def prune_channels(
     verify: bool = True,
     graph: DependencyGraph | None = None,
     skip_incompatible: bool = False,
+    prune_normalized: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Remove ``ratio`` of the prunable units of every group (channels, features, heads) in place.
 
@@ -115,6 +116,9 @@ def prune_channels(
         verify: run the oracle (masked copy vs compacted model, float64, atol 1e-6) and roll back on failure
             (default: a wrong model is never returned; costs a deep copy and two float64 forwards, so
             pass ``verify=False`` for timing or for models too large to copy).
+        prune_normalized: also prune dims that normalisation modules (LayerNorm, RMSNorm, ...) normalise,
+            e.g. a transformer's hidden size (:meth:`DependencyGraph.build`; exact: the masks compute the
+            norm's statistics over kept channels).
         skip_incompatible: with ``verify``, leave whole the groups whose removal breaks the model (see
             :func:`remove_units`) instead of raising IncompatibleGroupError.
 
@@ -128,13 +132,19 @@ def prune_channels(
     """
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio must be in [0, 1), got {ratio}")
-    if graph is not None and (protect or prune_outputs):
+    if graph is not None and (protect or prune_outputs or prune_normalized):
         raise ConfigError(
-            "protect/prune_outputs shape the graph when it is built: pass them to DependencyGraph.build, "
-            "not together with graph="
+            "protect/prune_outputs/prune_normalized shape the graph when it is built: pass them to "
+            "DependencyGraph.build, not together with graph="
         )
     if graph is None:
-        graph = DependencyGraph.build(model, example_inputs, protect=protect, prune_outputs=prune_outputs)
+        graph = DependencyGraph.build(
+            model,
+            example_inputs,
+            protect=protect,
+            prune_outputs=prune_outputs,
+            prune_normalized=prune_normalized,
+        )
     require_prunable(graph)
     rng = np.random.default_rng(seed)
     removed = {}

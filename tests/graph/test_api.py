@@ -323,3 +323,22 @@ def test_a_module_reached_by_two_paths_keeps_its_real_tensors_after_the_meta_tra
     assert g.group_of("mlp.0.weight", 0).n_prunable == 8
     pruned, plan, _, diff = prune_and_check(m, x, ratio=0.5)
     assert diff <= 1e-6 and pruned.again is pruned.mlp and pruned.mlp[0].out_features == 4
+
+
+def test_prune_channels_prunes_normalised_dims_on_request():
+    """A width normalised by a LayerNorm is frozen by default (a named refusal here: nothing else to prune)
+    and prunable with prune_normalized=True, exactly (verify runs inside prune_channels)."""
+    from secateur.errors import GraphError
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 4)
+    with pytest.raises(GraphError, match="layer_norm"):
+        prune_channels(m, x, ratio=0.5)
+    ref = copy.deepcopy(m)
+    _, plan = prune_channels(m, x, ratio=0.5, criterion="l1", prune_normalized=True)
+    assert m[1].normalized_shape == (4,) and m[0].out_features == 4 and m[3].in_features == 4
+    kept = plan["tensors"]["1.weight"]["0"]
+    h = ref[0](x)[:, kept]
+    expect = ref[3].weight[:, kept] @ F.gelu(F.layer_norm(h, (4,), ref[1].weight[kept], ref[1].bias[kept])).T
+    assert torch.allclose(m(x), expect.T + ref[3].bias, atol=1e-6)

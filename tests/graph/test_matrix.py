@@ -34,13 +34,13 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def assert_prunable(model, x, ratio=0.3, skip_incompatible=False):
+def assert_prunable(model, x, ratio=0.3, skip_incompatible=False, **graph_kw):
     """``skip_incompatible``: groups whose removal breaks the model's own code are left whole (listed in
     ``plan["skipped"]``); the checks then hold for the rest."""
     model.eval()
     p0, m0 = _params(model), _macs(model, x)
     pruned, plan, graph, diff = prune_and_check(
-        model, x, ratio=ratio, criterion="random", skip_incompatible=skip_incompatible
+        model, x, ratio=ratio, criterion="random", skip_incompatible=skip_incompatible, **graph_kw
     )
     require_prunable(graph)  # a named refusal (GraphError) when every group is frozen
     assert diff <= 1e-6
@@ -65,6 +65,21 @@ def test_hf_model(name):
             assert_prunable(model, x)
         return
     assert_prunable(model, x)
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+def test_hf_model_with_hidden_dims(name):
+    """The same checks with dims normalised by LayerNorm/RMSNorm prunable (the hidden size): exact because the
+    masks compute the norms' statistics over the kept channels (secateur.compact.norms)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, x = HF_MODELS[name]()
+    token_norms = any(
+        isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm") for m in model.modules()
+    )
+    _, plan = assert_prunable(model, x, prune_normalized=True)
+    if token_norms and name not in ("t5", "clip", "convnext"):  # T5/CLIP: the hidden size reaches an output
+        assert plan.get("norms"), f"{name}: no normalisation layer was narrowed"
 
 
 def _zoo_names() -> list[str]:

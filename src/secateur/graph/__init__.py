@@ -1,10 +1,12 @@
 """Dependency graph: which channels of which tensors must be pruned together.
 
 Public API: :class:`DependencyGraph` (``DependencyGraph.build(model, example_inputs)``), :class:`Group`,
-:class:`Member`, :func:`register_rule`, :func:`register_module_rule`, :class:`OpContext`.
+:class:`Member`, :func:`register_rule`, :func:`register_module_rule`, :func:`register_norm`,
+:class:`OpContext`.
 """
 
 from secateur.graph.groups import DependencyGraph, Group, Member
+from secateur.graph.norms import probe_norm, register_norm
 from secateur.graph.rules import (
     broadcast_couple,
     elementwise_rule,
@@ -25,6 +27,8 @@ __all__ = [
     "elementwise_rule",
     "identity_rule",
     "known_ops",
+    "probe_norm",
     "register_module_rule",
+    "register_norm",
     "register_rule",
 ]
