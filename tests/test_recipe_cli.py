@@ -257,3 +257,24 @@ def test_cli_finetune_prune_report_chain(tmp_path):
         "--data": "fashion-mnist", "--batch": "4", "--out": str(tmp_path / "r"), "--subset": "200",
     }
     assert "first 200 Fashion-MNIST test images" in report["description"]
+
+
+def test_python_api_names_get_did_you_mean_too():
+    """The same suggestions outside recipes: criteria, group criteria, allocations, zoo names, model specs."""
+    from secateur.allocation import get_allocation
+    from secateur.criteria.base import get_criterion
+    from secateur.criteria.group import get_group_criterion
+    from secateur.errors import ConfigError
+    from secateur.models import build_model
+    from secateur.zoo import create_model
+
+    cases = [
+        (lambda: get_criterion("magnitde", {}), "did you mean 'magnitude'"),
+        (lambda: get_group_criterion("fpmg"), "did you mean 'fpgm'"),
+        (lambda: get_allocation("globl"), "did you mean 'global'"),
+        (lambda: create_model("resnt20"), "did you mean 'resnet20'"),
+        (lambda: build_model("resnet20"), "did you mean 'zoo:resnet20'"),
+    ]
+    for call, hint in cases:
+        with pytest.raises(ConfigError, match=hint):
+            call()

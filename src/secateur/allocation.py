@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from secateur.errors import ConfigError
+from secateur.errors import ConfigError, did_you_mean
 
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
@@ -136,5 +136,7 @@ def get_allocation(spec):
     if callable(spec):
         return spec
     if spec not in ALLOCATIONS:
-        raise ConfigError(f"unknown allocation {spec!r}; available: {sorted(ALLOCATIONS)}")
+        raise ConfigError(
+            f"unknown allocation {spec!r}{did_you_mean(spec, ALLOCATIONS)}; available: {sorted(ALLOCATIONS)}"
+        )
     return ALLOCATIONS[spec]

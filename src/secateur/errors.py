@@ -7,6 +7,9 @@ All derive from :class:`SecateurError`; the ones caused by bad arguments also de
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class SecateurError(Exception):
     """Base class of all secateur errors."""
@@ -48,3 +51,24 @@ class IncompatibleGroupError(GraphError, CompactionError):
     """Removing units of a group breaks the model's own code (e.g. a head width it derives from another
     dimension) or changes its outputs; the message names the group, the op and the module where it failed.
     The model is unchanged."""
+
+
+def did_you_mean(word: object, choices: Iterable[object]) -> str:
+    """A ``" (did you mean 'x'?)"`` suffix naming the choice closest to ``word``, or ``""``.
+
+    Closeness is :func:`difflib.get_close_matches` (Ratcliff/Obershelp similarity >= 0.6), compared
+    case-insensitively; the closest choice is named, with any other choice equally close (ties).
+    Non-string inputs give ``""``.
+    """
+    if not isinstance(word, str):
+        return ""
+    by_lower: dict[str, str] = {}
+    for c in choices:
+        if isinstance(c, str):
+            by_lower.setdefault(c.lower(), c)
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    ratio = [difflib.SequenceMatcher(None, word.lower(), c).ratio() for c in close]
+    best = [c for c, r in zip(close, ratio) if r >= ratio[0] - 1e-9]
+    return " (did you mean " + " or ".join(repr(by_lower[c]) for c in best) + "?)"

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from secateur.errors import ConfigError
+from secateur.errors import ConfigError, did_you_mean
 
 
 def build_model(spec: str, **kwargs: Any) -> nn.Module:
@@ -24,8 +24,12 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
     """
     scheme, sep, rest = spec.partition(":")
     if not sep:
+        from secateur.zoo import list_models
+
+        hint = did_you_mean(spec, list_models())
+        hint = f" (did you mean 'zoo:{hint.split(chr(39))[1]}'?)" if hint else ""
         raise ConfigError(
-            f"model spec {spec!r}: use zoo:NAME, hf:PATH, saved:PATH or package.module:function"
+            f"model spec {spec!r}{hint}: use zoo:NAME, hf:PATH, saved:PATH or package.module:function"
         )
     if scheme == "zoo":
         from secateur.zoo import create_model

@@ -18,10 +18,9 @@ Example (``secateur/recipes/gmp90.yaml``)::
 
 from __future__ import annotations
 
-import difflib
 import math
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -29,29 +28,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from secateur.errors import ConfigError
+from secateur.errors import ConfigError, did_you_mean
 from secateur.schedules import Cubic, Iterative, OneShot
-
-
-def did_you_mean(word: object, choices: Iterable[object]) -> str:
-    """A ``" (did you mean 'x'?)"`` suffix naming the choice closest to ``word``, or ``""``.
-
-    Closeness is :func:`difflib.get_close_matches` (Ratcliff/Obershelp similarity >= 0.6), compared
-    case-insensitively; the closest choice is named, with any other choice equally close (ties).
-    Non-string inputs give ``""``.
-    """
-    if not isinstance(word, str):
-        return ""
-    by_lower: dict[str, str] = {}
-    for c in choices:
-        if isinstance(c, str):
-            by_lower.setdefault(c.lower(), c)
-    close = difflib.get_close_matches(word.lower(), list(by_lower), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    ratio = [difflib.SequenceMatcher(None, word.lower(), c).ratio() for c in close]
-    best = [c for c, r in zip(close, ratio) if r >= ratio[0] - 1e-9]
-    return " (did you mean " + " or ".join(repr(by_lower[c]) for c in best) + "?)"
 
 
 class _Strict(BaseModel):

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from secateur.errors import ConfigError
+from secateur.errors import ConfigError, did_you_mean
 from secateur.scope import Target
 
 
@@ -58,7 +58,9 @@ def get_criterion(
     if not isinstance(spec, str):
         return spec
     if spec not in _REGISTRY:
-        raise ConfigError(f"unknown criterion {spec!r}; available: {sorted(_REGISTRY)}")
+        raise ConfigError(
+            f"unknown criterion {spec!r}{did_you_mean(spec, _REGISTRY)}; available: {sorted(_REGISTRY)}"
+        )
     factory = _REGISTRY[spec]
     try:
         params = inspect.signature(factory).parameters

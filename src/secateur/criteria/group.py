@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from secateur.criteria.structured import TaylorAccumulator, fpgm_scores, norm_scores
-from secateur.errors import ConfigError
+from secateur.errors import ConfigError, did_you_mean
 from secateur.graph.groups import DependencyGraph, Group, Member
 
 __all__ = [
@@ -257,7 +257,10 @@ def get_group_criterion(
         return spec
     if isinstance(spec, str):
         if spec not in _REGISTRY:
-            raise ConfigError(f"unknown group criterion {spec!r}; available: {available_group_criteria()}")
+            raise ConfigError(
+                f"unknown group criterion {spec!r}{did_you_mean(spec, available_group_criteria())}; "
+                f"available: {available_group_criteria()}"
+            )
         try:
             return _REGISTRY[spec](**kwargs)
         except TypeError as e:

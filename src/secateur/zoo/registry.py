@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from secateur.errors import ConfigError
+from secateur.errors import ConfigError, did_you_mean
 
 __all__ = ["create_model", "list_models", "rebuild_model", "register_model"]
 
@@ -55,7 +55,10 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **kwargs: 
             ``in_chans`` < 1, or a family-specific bad keyword argument.
     """
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+        raise ConfigError(
+            f"unknown model {name!r}{did_you_mean(name, list_models())}; "
+            f"available models: {', '.join(list_models())}"
+        )
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"create_model({name!r}): num_classes must be an int >= 1, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
