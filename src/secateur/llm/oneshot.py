@@ -413,76 +413,28 @@ def prune_oneshot(
     # model half-pruned. The snapshot lives on the CPU and costs one copy of the pruned weights.
     snapshot = _snapshot_linears(all_linears)
     try:
-        inputs = _capture_first_block_inputs(model, block_list[0], batches)
-        masks = [_token_mask(b) for b in batches]
-        inputs = [(_to(h, dev), _to(r, dev), _to(k, dev)) for h, r, k in inputs]
-        masks = [_to(m, dev) for m in masks]
-        report = OneShotReport(method=method, pattern=str(p), sparsity=sp, n_tokens=0)
-        report.n_tokens = int(
-            sum(
-                m.sum().item() if m is not None else h.shape[0] * h.shape[1]
-                for m, (h, _, _) in zip(masks, inputs)
-            )
-        )
-        need_stats = method != "magnitude" or track_error
-        need_h = method == "sparsegpt" or track_error
-
+        inputs, masks, n_tokens = calibration_inputs(model, block_list[0], batches, dev)
+        report = OneShotReport(method=method, pattern=str(p), sparsity=sp, n_tokens=n_tokens)
         last = max(i for i, lin in enumerate(per_block) if lin)
         for bi, block in enumerate(block_list[: last + 1]):
-            linears = per_block[bi]
-            home = next(block.parameters()).device
-            if dev is not None:
-                block.to(dev)
-            held = _nbytes(inputs)
-            stats: dict[str, InputStats] = {}
-            if linears and need_stats:
-                current: dict[str, torch.Tensor | None] = {"mask": None}
-                handles = []
-                for name, mod in linears:
-                    stats[name] = InputStats(_out_in(mod)[1], hessian=need_h, device=mod.weight.device)
-
-                    def hook(
-                        _m: nn.Module, inp: tuple, _out: Any, _s: InputStats = stats[name], _c: dict = current
-                    ) -> None:
-                        x, tm = inp[0], _c["mask"]
-                        real = x.numel() // x.shape[-1]
-                        if tm is not None and tuple(tm.shape) == tuple(x.shape[:-1]):
-                            real = int(tm.sum())
-                        report.full_capture_bytes += real * x.shape[-1] * x.element_size()
-                        _s.add(x, tm)
-
-                    handles.append(mod.register_forward_hook(hook))
-                try:
-                    for (h, rest, kw), m in zip(inputs, masks):
-                        current["mask"] = m
-                        block(h, *rest, **kw)
-                finally:
-                    for hd in handles:
-                        hd.remove()
-                held += sum(s.nbytes for s in stats.values())
-            report.peak_held_bytes = max(report.peak_held_bytes, held)
-
-            for name, mod in linears:
-                t1 = time.perf_counter()
-                w_old = _weight_out_in(mod).detach().clone() if track_error else None
-                keep = prune_linear(mod, method, stats.get(name), sp, p, name, block_size, damp, as_masks)
-                res = LayerResult(
-                    name=name,
-                    shape=_out_in(mod),
-                    sparsity=1.0 - keep.float().mean().item(),
-                    seconds=time.perf_counter() - t1,
-                )
-                if track_error:
-                    res.rel_error = _rel_error(w_old, _weight_out_in(mod).detach(), stats[name].xtx)
-                report.layers.append(res)
-            stats.clear()
-
             # The pruned block's outputs are the next block's inputs (errors propagate forward);
             # past the last block with selected Linears there is nothing left to feed.
-            if bi < last:
-                inputs = [(_block_output(block(h, *rest, **kw)).detach(), rest, kw) for h, rest, kw in inputs]
-            if dev is not None:
-                block.to(home)
+            inputs = prune_block(
+                block,
+                per_block[bi],
+                inputs,
+                masks,
+                method,
+                sp,
+                p,
+                report,
+                block_size=block_size,
+                damp=damp,
+                device=dev,
+                track_error=track_error,
+                as_masks=as_masks,
+                feed_next=bi < last,
+            )
     except BaseException:
         _restore_linears(all_linears, snapshot)
         raise
@@ -490,6 +442,129 @@ def prune_oneshot(
         model.train(was_training)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+BlockInputs = list[tuple[torch.Tensor, tuple, dict]]
+
+
+@torch.no_grad()
+def calibration_inputs(
+    model: nn.Module,
+    first_block: nn.Module,
+    batches: list[Mapping[str, torch.Tensor]],
+    device: torch.device | None = None,
+) -> tuple[BlockInputs, list[torch.Tensor | None], int]:
+    """Inputs of ``first_block`` for each calibration batch, the batches' token masks and real-token count.
+
+    Each batch runs through ``model`` until ``first_block`` is called (a forward pre-hook stores its
+    arguments and stops the pass), so only the layers before the first block need weights.
+    Returns ``(inputs, masks, n_tokens)``: ``inputs[i] = (hidden (batch, seq, width), other_args,
+    kwargs)``; ``masks[i]`` the bool ``(batch, seq)`` attention mask (None if the batch has none);
+    ``n_tokens`` the number of real tokens. Tensors are moved to ``device`` when given.
+
+    Raises:
+        ConfigError: the block is called without hidden states or with a key/value cache, or the
+            model finishes its pass without calling it.
+    """
+    inputs = _capture_first_block_inputs(model, first_block, batches)
+    masks = [_token_mask(b) for b in batches]
+    inputs = [(_to(h, device), _to(r, device), _to(k, device)) for h, r, k in inputs]
+    masks = [_to(m, device) for m in masks]
+    n_tokens = sum(
+        int(m.sum().item()) if m is not None else h.shape[0] * h.shape[1]
+        for m, (h, _, _) in zip(masks, inputs)
+    )
+    return inputs, masks, n_tokens
+
+
+@torch.no_grad()
+def prune_block(
+    block: nn.Module,
+    linears: list[tuple[str, nn.Module]],
+    inputs: BlockInputs,
+    masks: list[torch.Tensor | None],
+    method: str,
+    sparsity: float,
+    pattern: Pattern,
+    report: OneShotReport,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    device: torch.device | None = None,
+    track_error: bool = False,
+    as_masks: bool = True,
+    feed_next: bool = True,
+) -> BlockInputs:
+    """Prune the ``linears`` of one block from its calibration ``inputs``; return the next block's inputs.
+
+    One step of :func:`prune_oneshot` (and of :func:`secateur.llm.offload.prune_checkpoint`): run
+    ``inputs`` through ``block`` with hooks accumulating :class:`InputStats` of each Linear
+    (real tokens only, from ``masks``), prune every Linear with :func:`prune_linear`, append a
+    :class:`LayerResult` per Linear to ``report`` and raise ``report.peak_held_bytes`` to the bytes
+    held (inputs plus statistics). If ``feed_next``, the inputs then run through the *pruned* block
+    and its outputs (same shapes as the hidden states) are returned; otherwise ``inputs`` is
+    returned as is. ``device``: the block runs there and is moved back to where it was.
+    ``sparsity`` is the validated fraction and ``pattern`` the parsed pattern.
+
+    Raises:
+        ConfigError: as :func:`prune_linear`, or a block output that is not a tensor or a tuple
+            starting with one.
+    """
+    need_stats = method != "magnitude" or track_error
+    need_h = method == "sparsegpt" or track_error
+    home = next(block.parameters()).device
+    if device is not None:
+        block.to(device)
+    held = _nbytes(inputs)
+    stats: dict[str, InputStats] = {}
+    if linears and need_stats:
+        current: dict[str, torch.Tensor | None] = {"mask": None}
+        handles = []
+        for name, mod in linears:
+            stats[name] = InputStats(_out_in(mod)[1], hessian=need_h, device=mod.weight.device)
+
+            def hook(
+                _m: nn.Module, inp: tuple, _out: Any, _s: InputStats = stats[name], _c: dict = current
+            ) -> None:
+                x, tm = inp[0], _c["mask"]
+                real = x.numel() // x.shape[-1]
+                if tm is not None and tuple(tm.shape) == tuple(x.shape[:-1]):
+                    real = int(tm.sum())
+                report.full_capture_bytes += real * x.shape[-1] * x.element_size()
+                _s.add(x, tm)
+
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            for (h, rest, kw), m in zip(inputs, masks):
+                current["mask"] = m
+                block(h, *rest, **kw)
+        finally:
+            for hd in handles:
+                hd.remove()
+        held += sum(s.nbytes for s in stats.values())
+    report.peak_held_bytes = max(report.peak_held_bytes, held)
+
+    for name, mod in linears:
+        t1 = time.perf_counter()
+        w_old = _weight_out_in(mod).detach().clone() if track_error else None
+        # Looked up in the module at call time so that tests can inject a failure.
+        keep = prune_linear(mod, method, stats.get(name), sparsity, pattern, name, block_size, damp, as_masks)
+        res = LayerResult(
+            name=name,
+            shape=_out_in(mod),
+            sparsity=1.0 - keep.float().mean().item(),
+            seconds=time.perf_counter() - t1,
+        )
+        if track_error:
+            res.rel_error = _rel_error(w_old, _weight_out_in(mod).detach(), stats[name].xtx)
+        report.layers.append(res)
+    stats.clear()
+
+    if feed_next:
+        inputs = [(_block_output(block(h, *rest, **kw)).detach(), rest, kw) for h, rest, kw in inputs]
+    if device is not None:
+        block.to(home)
+    return inputs
 
 
 def _snapshot_linears(linears: list[tuple[str, nn.Module]]) -> dict[str, tuple[torch.Tensor, Any]]:
@@ -599,9 +674,11 @@ __all__ = [
     "METHODS",
     "LayerResult",
     "OneShotReport",
+    "calibration_inputs",
     "collect_linear_inputs",
     "find_blocks",
     "is_linear_like",
+    "prune_block",
     "prune_linear",
     "prune_oneshot",
     "reconstruction_error",
