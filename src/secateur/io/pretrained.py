@@ -35,17 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateur.errors import CompactionError, SerializationError
+from secateur.errors import SerializationError
 from secateur.io.serialization import (
     FORMAT,
     PLAN_FILE,
     VERSION,
-    _read_plan,
+    _apply_plan,
+    _open_folder,
+    _plan_text,
+    _read_safetensors,
     _refuse_pickle,
     architecture_of,
     build_architecture,
@@ -163,15 +164,7 @@ def save_pretrained(
             )
     arch = architecture_of(model, plan)
     ref = _meta_build(arch)
-    if plan:
-        try:
-            from secateur.compact import compact
-
-            compact(ref, plan)
-        except CompactionError as e:
-            raise SerializationError(
-                f"the plan does not fit {type(model).__name__}'s original config: {e}"
-            ) from e
+    _apply_plan(ref, plan, f"the plan does not fit {type(model).__name__}'s original config")
     diff = _shape_diff(_shapes(ref), _shapes(model))
     if diff is not None:
         hint = " (a compacted model needs its plan: pass plan=...)" if not plan else ""
@@ -190,10 +183,7 @@ def save_pretrained(
         "transformers_loadable": loadable,
         "metadata": metadata or {},
     }
-    try:
-        text = json.dumps(doc, indent=1)
-    except TypeError as e:
-        raise SerializationError(f"plan or metadata is not JSON-serialisable: {e}") from e
+    text = _plan_text(doc)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
@@ -225,13 +215,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise SerializationError(f"{directory}: no {WEIGHTS_FILE} nor {INDEX_FILE}")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        if not f.exists():
-            raise SerializationError(f"{f}: missing (listed in {INDEX_FILE})")
-        _refuse_pickle(f)
-        try:
-            tensors.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise SerializationError(f"{f}: cannot read safetensors ({e}); the file may be truncated") from e
+        tensors.update(_read_safetensors(f, missing=f"missing (listed in {INDEX_FILE})"))
     return tensors
 
 
@@ -271,12 +255,7 @@ def from_pretrained(directory: str | os.PathLike[str]) -> nn.Module:
         SerializationError: missing/truncated/pickle files, a plan that does not fit the rebuilt model,
             or weights whose names or shapes do not fit; the message names the file at fault.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        if directory.exists():
-            _refuse_pickle(directory)
-        raise SerializationError(f"{directory}: not a folder written by secateur.save_pretrained")
-    doc = _read_plan(directory)
+    directory, doc = _open_folder(directory, "secateur.save_pretrained")
     if doc.get("layout") != LAYOUT:
         from secateur.io.serialization import load
 
@@ -288,13 +267,6 @@ def from_pretrained(directory: str | os.PathLike[str]) -> nn.Module:
         )
     tensors = _read_weights(directory)
     model = build_architecture(arch)
-    plan = doc.get("plan")
-    if plan:
-        from secateur.compact import compact
-
-        try:
-            compact(model, plan)
-        except CompactionError as e:
-            raise SerializationError(f"{directory / PLAN_FILE}: the plan does not fit the model: {e}") from e
+    _apply_plan(model, doc.get("plan"), f"{directory / PLAN_FILE}: the plan does not fit the model")
     _load_weights(model, tensors, directory)
     return model.eval()

@@ -151,6 +151,14 @@ def _weights_and_masks(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}, masks
 
 
+def _plan_text(doc: dict[str, Any]) -> str:
+    """``doc`` (the content of plan.json) as JSON text."""
+    try:
+        return json.dumps(doc, indent=1)
+    except TypeError as e:
+        raise SerializationError(f"plan or metadata is not JSON-serialisable: {e}") from e
+
+
 def save(
     model: nn.Module,
     directory: str | os.PathLike[str],
@@ -184,10 +192,7 @@ def save(
         "masks": masks,
         "metadata": metadata or {},
     }
-    try:
-        text = json.dumps(doc, indent=1)
-    except TypeError as e:
-        raise SerializationError(f"plan or metadata is not JSON-serialisable: {e}") from e
+    text = _plan_text(doc)
     directory.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_p = directory / (WEIGHTS_FILE + ".tmp"), directory / (PLAN_FILE + ".tmp")
     save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
@@ -241,6 +246,42 @@ def _read_plan(directory: Path) -> dict[str, Any]:
     return doc
 
 
+def _open_folder(directory: str | os.PathLike[str], writer: str) -> tuple[Path, dict[str, Any]]:
+    """The folder as a Path and its plan.json; a path that is no folder raises (naming ``writer``, the
+    function that writes such folders), after refusing it if it is a pickle file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        if directory.exists():
+            _refuse_pickle(directory)
+        raise SerializationError(f"{directory}: not a folder written by {writer}")
+    return directory, _read_plan(directory)
+
+
+def _read_safetensors(path: Path, missing: str = "missing") -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; a missing, pickle or unreadable file raises (``missing``: what
+    the message says when the file is absent)."""
+    if not path.exists():
+        raise SerializationError(f"{path}: {missing}")
+    _refuse_pickle(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SerializationError(f"{path}: cannot read safetensors ({e}); the file may be truncated") from e
+
+
+def _apply_plan(model: nn.Module, plan: dict | None, misfit: str) -> None:
+    """Compact ``model`` (the rebuilt original) by ``plan`` when there is one; a plan that does not fit
+    raises SerializationError ``"<misfit>: <why>"``."""
+    if not plan:
+        return
+    from secateur.compact import compact
+
+    try:
+        compact(model, plan)
+    except CompactionError as e:
+        raise SerializationError(f"{misfit}: {e}") from e
+
+
 def load(directory: str | os.PathLike[str], *, factory: str | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save`: architecture, then the plan, then weights and masks.
 
@@ -252,36 +293,18 @@ def load(directory: str | os.PathLike[str], *, factory: str | None = None) -> nn
         SerializationError: a missing, truncated or pickle file, or a plan or weights that do not fit
             the rebuilt model; the message names the file and the fault.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        if directory.exists():
-            _refuse_pickle(directory)
-        raise SerializationError(f"{directory}: not a folder written by secateur.save")
-    doc = _read_plan(directory)
+    directory, doc = _open_folder(directory, "secateur.save")
     if doc.get("layout") == "huggingface":  # written by secateur.save_pretrained
         from secateur.io.pretrained import from_pretrained
 
         return from_pretrained(directory)
     wpath = directory / WEIGHTS_FILE
-    if not wpath.exists():
-        raise SerializationError(f"{wpath}: missing")
-    _refuse_pickle(wpath)
-    try:
-        tensors = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SerializationError(f"{wpath}: cannot read safetensors ({e}); the file may be truncated") from e
+    tensors = _read_safetensors(wpath)
     arch = dict(doc["architecture"])
     if factory is not None:
         arch = {"kind": "factory", "factory": factory, "kwargs": arch.get("kwargs", {})}
     model = build_architecture(arch)
-    plan = doc.get("plan")
-    if plan:
-        from secateur.compact import compact
-
-        try:
-            compact(model, plan)
-        except CompactionError as e:
-            raise SerializationError(f"{directory / PLAN_FILE}: the plan does not fit the model: {e}") from e
+    _apply_plan(model, doc.get("plan"), f"{directory / PLAN_FILE}: the plan does not fit the model")
     masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     try:
