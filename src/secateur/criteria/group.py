@@ -108,52 +108,40 @@ def _unit_mean(values: np.ndarray, m: Member, n_units: int) -> np.ndarray:
     return _unit_sum(values, m, n_units) / np.maximum(np.bincount(m.unit_of, minlength=n_units), 1)
 
 
-def _output_dim(mod: nn.Module) -> int | None:
-    """Dimension of ``mod.weight`` that indexes its output channels, or None if not a producer."""
+def _weight_dims(mod: nn.Module) -> tuple[int, int] | None:
+    """Dimensions ``(output channels, input channels)`` of ``mod.weight``, or None if ``mod`` is not a
+    conv / linear layer."""
     if isinstance(mod, nn.modules.conv._ConvNd):
-        return 1 if mod.transposed else 0
+        return (1, 0) if mod.transposed else (0, 1)
     if isinstance(mod, nn.Linear):
-        return 0
+        return (0, 1)
     if type(mod).__name__ == "Conv1D":  # Hugging Face GPT-2: weight (in, out)
-        return 1
+        return (1, 0)
     return None
+
+
+def _weight_members(group: Group, model: nn.Module, side: int) -> list[Member]:
+    """Members that are dim ``_weight_dims(module)[side]`` of a conv / linear ``weight``."""
+    out = []
+    for m in group.members:
+        if m.is_buffer or not m.name.endswith(".weight"):
+            continue
+        dims = _weight_dims(model.get_submodule(m.module) if m.module else model)
+        if dims is not None and dims[side] == m.dim:
+            out.append(m)
+    return out
 
 
 def producer_members(group: Group, model: nn.Module) -> list[Member]:
     """Members that are the output-channel dim of a conv / linear ``weight`` (the layers producing the
     group's channels). Several for residual groups; none for e.g. a group of embedding columns."""
-    out = []
-    for m in group.members:
-        if m.is_buffer or not m.name.endswith(".weight"):
-            continue
-        mod = model.get_submodule(m.module) if m.module else model
-        if _output_dim(mod) == m.dim:
-            out.append(m)
-    return out
-
-
-def _input_dim(mod: nn.Module) -> int | None:
-    """Dimension of ``mod.weight`` that indexes its input channels, or None if not a consumer."""
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return 0 if mod.transposed else 1
-    if isinstance(mod, nn.Linear):
-        return 1
-    if type(mod).__name__ == "Conv1D":  # Hugging Face GPT-2: weight (in, out)
-        return 0
-    return None
+    return _weight_members(group, model, 0)
 
 
 def consumer_members(group: Group, model: nn.Module) -> list[Member]:
     """Members that are the input-channel dim of a conv / linear ``weight``: the layers reading the group's
     channels (for attention heads, the output projection that consumes the concatenated head outputs)."""
-    out = []
-    for m in group.members:
-        if m.is_buffer or not m.name.endswith(".weight"):
-            continue
-        mod = model.get_submodule(m.module) if m.module else model
-        if _input_dim(mod) == m.dim:
-            out.append(m)
-    return out
+    return _weight_members(group, model, 1)
 
 
 def head_group_ids(graph: DependencyGraph, group_ids: Sequence[int] | None = None) -> list[int]:
