@@ -136,7 +136,32 @@ def _unit_sum(per_index: torch.Tensor, m: Member, n_units: int) -> np.ndarray:
     return np.bincount(m.unit_of, weights=per_index.cpu().numpy(), minlength=n_units)
 
 
-class LLMPrunerTaylor(GroupCriterion):
+class _MemberSumCriterion(GroupCriterion):
+    """A data-dependent criterion whose unit score sums, over the group's parameter members, a score per
+    index of the member's dim (:meth:`member_scores`); :meth:`scores` raises until statistics exist."""
+
+    needs_data = True
+
+    def member_scores(self, m: Member, model: nn.Module) -> torch.Tensor | None:  # pragma: no cover
+        """``(size of m.dim,)`` scores of member ``m`` (a parameter), or None when it is not scored."""
+        raise NotImplementedError
+
+    def group_scores(self, group: Group, model: nn.Module) -> np.ndarray:
+        total = np.zeros(group.n_units)
+        with torch.no_grad():
+            for m in group.members:
+                per_index = None if m.is_buffer else self.member_scores(m, model)
+                if per_index is not None:
+                    total += _unit_sum(per_index, m, group.n_units)
+        return total
+
+    def scores(self, model: nn.Module, graph: DependencyGraph, group_ids: Sequence[int]) -> GroupScores:
+        if not self.has_stats():
+            raise ConfigError(self.missing_stats_message())
+        return super().scores(model, graph, group_ids)
+
+
+class LLMPrunerTaylor(_MemberSumCriterion):
     """LLM-Pruner's group importance (Ma et al. 2023, sec. 3.2, eq. 3-5), summed over the group.
 
     With ``w`` a weight, ``g = ∂L/∂w`` the mean gradient over the calibration batches seen by
@@ -160,7 +185,6 @@ class LLMPrunerTaylor(GroupCriterion):
     """
 
     name = "llm_pruner_taylor"
-    needs_data = True
     comparable = True
 
     def __init__(self, variant: str = "element1") -> None:
@@ -192,29 +216,18 @@ class LLMPrunerTaylor(GroupCriterion):
     def has_stats(self) -> bool:
         return bool(self.count)
 
-    def group_scores(self, group: Group, model: nn.Module) -> np.ndarray:
-        total = np.zeros(group.n_units)
-        with torch.no_grad():
-            for m in group.members:
-                if m.is_buffer or m.name not in self.count:
-                    continue
-                n = self.count[m.name]
-                w = effective_tensor(model, m.name).detach().double()
-                wg = w * (self.grad_sum[m.name] / n)
-                if self.variant == "vector":
-                    per_index = _rows(wg, m.dim).sum(1).abs()
-                elif self.variant == "element1":
-                    per_index = _rows(wg, m.dim).abs().sum(1)
-                else:
-                    fisher = self.sq_sum[m.name] / n
-                    per_index = _rows(wg - 0.5 * w * w * fisher, m.dim).abs().sum(1)
-                total += _unit_sum(per_index, m, group.n_units)
-        return total
-
-    def scores(self, model: nn.Module, graph: DependencyGraph, group_ids: Sequence[int]) -> GroupScores:
-        if not self.has_stats():
-            raise ConfigError(self.missing_stats_message())
-        return {gi: self.group_scores(graph.groups[gi], model) for gi in group_ids}
+    def member_scores(self, m: Member, model: nn.Module) -> torch.Tensor | None:
+        if m.name not in self.count:
+            return None
+        n = self.count[m.name]
+        w = effective_tensor(model, m.name).detach().double()
+        wg = w * (self.grad_sum[m.name] / n)
+        if self.variant == "vector":
+            return _rows(wg, m.dim).sum(1).abs()
+        if self.variant == "element1":
+            return _rows(wg, m.dim).abs().sum(1)
+        fisher = self.sq_sum[m.name] / n
+        return _rows(wg - 0.5 * w * w * fisher, m.dim).abs().sum(1)
 
     def after_prune(self) -> None:
         self.grad_sum, self.sq_sum, self.count = {}, {}, {}
@@ -225,7 +238,7 @@ def _out_dim(mod: nn.Module) -> int:
     return 0 if isinstance(mod, nn.Linear) else 1
 
 
-class WandaStructured(GroupCriterion):
+class WandaStructured(_MemberSumCriterion):
     """Wanda's weight-times-activation score summed over a structured group (Wanda-sp).
 
     Wanda (Sun et al. 2023, eq. 1) scores a weight ``W_ij`` (output ``i``, input ``j`` of a Linear) by
@@ -245,7 +258,6 @@ class WandaStructured(GroupCriterion):
     """
 
     name = "wanda_sp"
-    needs_data = True
 
     def __init__(self) -> None:
         self.stats: dict[str, InputStats] = {}
@@ -288,25 +300,14 @@ class WandaStructured(GroupCriterion):
     def missing_stats_message(self) -> str:
         return "criterion 'wanda' needs activations: run forward passes on calibration text after attach()"
 
-    def group_scores(self, group: Group, model: nn.Module) -> np.ndarray:
-        total = np.zeros(group.n_units)
-        with torch.no_grad():
-            for m in group.members:
-                if m.is_buffer or m.module not in self.stats or not m.name.endswith(".weight"):
-                    continue
-                mod = model.get_submodule(m.module)
-                od = _out_dim(mod)
-                w = effective_tensor(model, m.name).detach().double().abs()
-                w = w if od == 0 else w.T  # (out, in)
-                s = w * self.stats[m.module].sq_sum.sqrt().to(w.device).unsqueeze(0)
-                per_index = s.sum(1) if m.dim == od else s.sum(0)
-                total += _unit_sum(per_index, m, group.n_units)
-        return total
-
-    def scores(self, model: nn.Module, graph: DependencyGraph, group_ids: Sequence[int]) -> GroupScores:
-        if not self.has_stats():
-            raise ConfigError(self.missing_stats_message())
-        return {gi: self.group_scores(graph.groups[gi], model) for gi in group_ids}
+    def member_scores(self, m: Member, model: nn.Module) -> torch.Tensor | None:
+        if m.module not in self.stats or not m.name.endswith(".weight"):
+            return None
+        od = _out_dim(model.get_submodule(m.module))
+        w = effective_tensor(model, m.name).detach().double().abs()
+        w = w if od == 0 else w.T  # (out, in)
+        s = w * self.stats[m.module].sq_sum.sqrt().to(w.device).unsqueeze(0)
+        return s.sum(1) if m.dim == od else s.sum(0)
 
     def after_prune(self) -> None:
         for s in self.stats.values():
