@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,42 +23,23 @@ from secateur.graph import DependencyGraph
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _ids(n=2, s=7, vocab=99, seed=0):
-    return torch.randint(0, vocab, (n, s), generator=torch.Generator().manual_seed(seed))
+sys.path.insert(0, str(Path(__file__).parent / "graph"))
+import hf_models  # noqa: E402
 
 
 def tiny_bert():
-    cfg = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(cfg).eval(), {"input_ids": _ids()}
+    model, x = hf_models.bert()
+    return model.eval(), {"input_ids": x["input_ids"]}
 
 
 def tiny_gpt2():
-    cfg = transformers.GPT2Config(
-        vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(cfg).eval(), {"input_ids": _ids(), "use_cache": False}
+    model, x = hf_models.gpt2(bos_token_id=0, eos_token_id=0)
+    return model.eval(), x
 
 
 def tiny_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=99,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval(), {"input_ids": _ids(), "use_cache": False}
+    model, x = hf_models.llama()
+    return model.eval(), x
 
 
 MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2}
@@ -342,7 +325,8 @@ def test_michel_on_gpt2_conv1d_and_per_layer_l2_normalisation():
     model.double()
     graph = DependencyGraph.build(model, x)
     heads = head_groups(graph)
-    batch = {"input_ids": _ids(n=3, s=6, seed=2), "labels": _ids(n=3, s=6, seed=2), "use_cache": False}
+    ids = hf_models._ids(n=3, s=6, seed=2)
+    batch = {"input_ids": ids, "labels": ids.clone(), "use_cache": False}
     cons = {gi: consumer_of(graph, gi, model) for gi in heads}
     grads = gate_gradients(model, [m.module for m in cons.values()], batch, None, gpt2_loss)
     crit = sc.criteria.group.MichelCriterion(per_example=False)

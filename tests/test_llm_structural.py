@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +33,8 @@ from secateur.llm import (
 from secateur.llm.moe import eager_experts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent / "graph"))
+import hf_models  # noqa: E402
 
 HD = 8  # head_dim of the tiny Llama
 N_REP = 2  # query heads per KV head
@@ -38,16 +42,7 @@ N_REP = 2  # query heads per KV head
 
 def _llama(layers: int = 4, seed: int = 0) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=99,
-        hidden_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-    )
-    m = transformers.LlamaForCausalLM(cfg).eval()
+    m = hf_models.llama(num_hidden_layers=layers, intermediate_size=48)[0].eval()
     with torch.no_grad():  # HF init has tiny std: larger weights make scores and outputs distinct
         for p in m.parameters():
             if p.dim() == 2:
@@ -279,8 +274,7 @@ def test_what_and_round_to():
 
 def test_gpt2_conv1d_heads_and_mlp():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=3, n_head=4, n_positions=16)
-    dense = transformers.GPT2LMHeadModel(cfg).eval()
+    dense = hf_models.gpt2(n_layer=3)[0].eval()
     model, plan = prune_decoder(copy.deepcopy(dense), _calib(), ratio=0.5, criterion="wanda")
     h = model.transformer.h[1]
     assert h.attn.c_attn.weight.shape == (32, 3 * 16) and h.mlp.c_fc.weight.shape == (32, 64)

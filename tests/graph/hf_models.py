@@ -1,4 +1,10 @@
-"""Tiny Hugging Face models built from configs (random init, no downloads) and their example inputs."""
+"""Tiny Hugging Face models built from configs (random init, no downloads) and their example inputs.
+
+The text builders used outside the model matrix (``bert``, ``gpt2``, ``llama``) take config overrides as
+keyword arguments, so a test that needs a variant (more layers, another MLP width) states only how it
+differs. From a test outside ``tests/graph``: ``sys.path.insert(0, <tests/graph>)``, then
+``from hf_models import ...``.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,8 @@ def _img(n=2, c=3, s=32):
     return torch.randn(n, c, s, s)
 
 
-def _ids(vocab=99, n=2, s=7):
-    g = torch.Generator().manual_seed(0)
+def _ids(vocab=99, n=2, s=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, s), generator=g)
 
 
@@ -125,17 +131,18 @@ def beit():
     return BeitForImageClassification(cfg), _img()
 
 
-def _text(cls_name, cfg_name, **kw):
+def _text(cls_name, cfg_name, overrides=None, **kw):
     import transformers
 
-    cfg = getattr(transformers, cfg_name)(**kw)
+    cfg = getattr(transformers, cfg_name)(**{**kw, **(overrides or {})})
     return getattr(transformers, cls_name)(cfg)
 
 
-def bert():
+def bert(**overrides):
     m = _text(
         "BertForSequenceClassification",
         "BertConfig",
+        overrides,
         vocab_size=99,
         hidden_size=32,
         num_hidden_layers=2,
@@ -189,15 +196,25 @@ def albert():
     return m, {"input_ids": _ids()}
 
 
-def gpt2():
-    m = _text("GPT2LMHeadModel", "GPT2Config", vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+def gpt2(**overrides):
+    m = _text(
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        overrides,
+        vocab_size=99,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=16,
+    )
     return m, {"input_ids": _ids(), "use_cache": False}
 
 
-def llama():
+def llama(**overrides):
     m = _text(
         "LlamaForCausalLM",
         "LlamaConfig",
+        overrides,
         vocab_size=99,
         hidden_size=64,
         num_hidden_layers=2,
