@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,23 +15,16 @@ from secateur.errors import CompactionError
 from secateur.graph.groups import DependencyGraph
 from secateur.train import compact_in_training
 
+sys.path.insert(0, str(Path(__file__).parent / "methods"))
+from tiny_nets import conv_bn_net  # noqa: E402
+
 X = torch.randn(8, 1, 6, 6)
 Y = torch.randint(0, 3, (8,))
 
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1, bias=False),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 5, 3, padding=1),
-        nn.BatchNorm2d(5),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(5, 3),
-    )
+    return conv_bn_net(5, conv2_bias=True)
 
 
 def _train(model, opt, steps):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tiny_nets import conv_bn_net
 from torch import nn
 from trainer_grads import assert_no_hooks, own_loop_grads, trainer_grads
 
@@ -14,17 +15,7 @@ from secateur.zoo import create_model
 
 
 def _net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1, bias=False),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 10, 3, padding=1),
-        nn.BatchNorm2d(10),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(10, 3),
-    )
+    return conv_bn_net(10, conv2_bias=True)
 
 
 @pytest.mark.parametrize("density", [0.25, 0.5, 0.7, 1.0])

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_nets import conv_bn_net
 from torch import nn
 
 from secateur.data import TensorLoader
@@ -11,17 +12,7 @@ from secateur.methods.scop import SCOP, KnockoffVAE, train_knockoff_vae
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1, bias=False),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 3),
-    ).eval()
+    return conv_bn_net().eval()
 
 
 def test_beta_one_is_plain_network_and_beta_zero_is_knockoff_path():
