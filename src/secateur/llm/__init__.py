@@ -2,6 +2,7 @@
 
 ``calibration``: tokenised calibration batches and running input statistics;
 ``wanda`` / ``sparsegpt``: the per-layer algorithms; ``oneshot``: the block-by-block driver;
+``offload``: the same driver on a safetensors checkpoint streamed from disk one block at a time;
 ``text``: real English text (Debian fortunes) and sentence-embedding quality measures;
 ``structural``: LLM-Pruner-style removal of heads and MLP channels of decoder layers;
 ``moe``: expert removal in mixture-of-experts models (router-weighted activation saliency).
@@ -16,6 +17,7 @@ from secateur.llm.moe import (
     mask_experts,
     remove_experts,
 )
+from secateur.llm.offload import CheckpointReport, prune_checkpoint
 from secateur.llm.oneshot import (
     METHODS,
     LayerResult,
@@ -49,6 +51,7 @@ __all__ = [
     "FortuneSplit",
     "InputStats",
     "LLMPrunerTaylor",
+    "CheckpointReport",
     "LayerResult",
     "MoEBlock",
     "WandaStructured",
@@ -66,6 +69,7 @@ __all__ = [
     "find_blocks",
     "load_fortunes",
     "mean_cosine",
+    "prune_checkpoint",
     "prune_linear",
     "prune_oneshot",
     "reconstruction_error",
