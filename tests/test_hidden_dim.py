@@ -495,3 +495,25 @@ def test_config_hidden_size_only_when_every_residual_stream_agrees():
     pruned, plan = remove_units(model, graph, {graph.groups.index(dec): np.arange(5)}, x, verify=True)
     assert pruned.model.decoder.layer_norm.weight.shape == (27,) and pruned.config.d_model == 32
     assert plan["config"][""]["_inconsistent_d_model"] == [32, [27, 32]]
+
+
+def test_save_pretrained_turns_transformers_config_refusal_into_a_named_error(tmp_path):
+    """transformers 5 refuses a Llama config whose hidden size is not a multiple of the head count (even with
+    an explicit head_dim); secateur says what to do instead, and writes nothing."""
+    import transformers
+
+    import secateur as sc
+    from secateur.errors import SerializationError
+    from secateur.structured import prune_channels
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=3, head_dim=8,
+    )
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    m, plan = prune_channels(m, {"input_ids": torch.randint(0, 64, (1, 8))}, 0.3, "l1", prune_normalized=True)
+    assert m.config.hidden_size % 6 != 0
+    with pytest.raises(SerializationError, match="round_to=.*secateur.save"):
+        sc.save_pretrained(m, tmp_path / "hf", plan=plan)
+    assert not (tmp_path / "hf" / "config.json").exists() and not (tmp_path / "hf" / "plan.json").exists()

@@ -191,7 +191,14 @@ def save_pretrained(
         # expert) that from_pretrained cannot read without transformers' own converters; the model's own
         # names load in both (transformers' loader passes them through unchanged)
         save_kwargs.setdefault("save_original_format", False)
-    model.save_pretrained(directory, **save_kwargs)
+    try:
+        model.save_pretrained(directory, **save_kwargs)
+    except Exception as e:  # transformers validates the config (e.g. hidden size vs head count) on save
+        raise SerializationError(
+            f"transformers refused to save {type(model).__name__} into {directory}: {e}. A pruned width "
+            "its config must divide (hidden_size by num_attention_heads) can be kept a multiple with "
+            "round_to=..., or save with secateur.save, which rebuilds from the original config"
+        ) from e
     tmp = directory / (PLAN_FILE + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, directory / PLAN_FILE)
