@@ -80,6 +80,7 @@ _DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 @dataclass
@@ -178,6 +179,8 @@ class _Checkpoint:
         if key not in self.where:
             raise ConfigError(f"{self.root}: tensor {key} of the model built from config.json is missing")
         fname, entry = self.where[key]
+        if entry.get("dtype") not in _DTYPES:
+            raise ConfigError(f"{self.root / fname}: {key} has dtype {entry.get('dtype')}, not supported")
         if list(entry["shape"]) != list(like.shape):
             raise ConfigError(
                 f"{self.root / fname}: {key} has shape {tuple(entry['shape'])}, the model built from "
@@ -185,18 +188,40 @@ class _Checkpoint:
             )
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Read ``keys`` (each file opened once), on the CPU, in their stored dtype."""
-        from safetensors import safe_open
+        """Read ``keys`` into fresh CPU tensors in their stored dtype (each file opened once).
 
+        Plain reads at the offsets of the header into newly allocated memory, not
+        ``safetensors.safe_open`` (whose tensors are copy-on-write maps of the input file: resident
+        only where touched, and tied to the input file), so that what is counted as held really is.
+
+        Raises:
+            ConfigError: a dtype this reader does not know, or a file shorter than its header says.
+        """
         by_file: dict[str, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.where[k][0], []).append(k)
         out = {}
         for fname, ks in by_file.items():
-            with safe_open(str(self.root / fname), framework="pt", device="cpu") as f:
+            with open(self.root / fname, "rb") as f:
                 for k in ks:
-                    out[k] = f.get_tensor(k)
+                    out[k] = self._read_one(f, fname, k)
         return out
+
+    def _read_one(self, f, fname: str, key: str) -> torch.Tensor:
+        entry = self.where[key][1]
+        where = f"{self.root / fname}: {key}"
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ConfigError(f"{where} has dtype {entry['dtype']}, which this reader does not support")
+        begin, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=dtype)
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        if raw.nbytes != end - begin:
+            raise ConfigError(f"{where} spans {end - begin} bytes, its dtype and shape need {raw.nbytes}")
+        f.seek(8 + self.header_len[fname] + begin)
+        if raw.nbytes and f.readinto(memoryview(raw)) != raw.nbytes:
+            raise ConfigError(f"{where}: the file ends inside this tensor")
+        return t
 
 
 class _Writer:
@@ -214,8 +239,6 @@ class _Writer:
                 f"{self.ckpt.root / fname}: {key} is {entry['dtype']} {tuple(entry['shape'])} on disk, "
                 f"the pruned tensor is {tensor.dtype} {tuple(tensor.shape)}"
             )
-        if sys.byteorder != "little":
-            raise ConfigError("safetensors data is little-endian; big-endian machines are not supported")
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         begin, end = entry["data_offsets"]
         if raw.nbytes != end - begin:
@@ -430,6 +453,8 @@ def prune_checkpoint(
     report.block_bytes = [sum(ckpt.nbytes(k) for k in keys) for keys in block_keys]
     last = max(i for i, lin in enumerate(per_block) if lin)
 
+    if sys.byteorder != "little":
+        raise ConfigError("safetensors data is little-endian; big-endian machines are not supported")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     writer = _Writer(tmp, ckpt)
     try:
