@@ -7,17 +7,17 @@ or shards listed in ``model.safetensors.index.json``) instead of a model in memo
 
 1. the model is built from ``config.json`` with every parameter on the ``meta`` device (no
    storage; buffers computed at construction, such as rotary frequencies, stay real);
-2. the tensors outside the blocks (embeddings, final norm, head) are read from the safetensors
-   files, the calibration batches run up to the first block and its inputs are kept, then those
-   tensors go back to ``meta``;
-3. for each block in turn: its tensors are read (``safetensors.safe_open`` reads single tensors),
+2. the calibration batches run up to the first block and its inputs are kept; the tensors of the
+   modules called on the way (the embeddings, read from the safetensors files when a module is
+   first called) then go back to ``meta``; the final norm and an untied head are never read;
+3. for each block in turn: its tensors are read (single tensors at their offsets in the file),
    its Linears are pruned by :func:`secateur.llm.oneshot.prune_block` (statistics on the current
    inputs, then the *pruned* block's outputs become the next inputs, as in the in-memory driver and
    the papers), the pruned weights are written into the output files, and the block goes back to
    ``meta``.
 
-So at any moment the parameters held are those outside the blocks (during step 2 only) or one
-block's (step 3), plus the calibration activations entering one block; ``peak_materialised_bytes``
+So at any moment the parameters held are the embeddings (during step 2 only) or one block's
+(step 3), plus the calibration activations entering one block; ``peak_materialised_bytes``
 in the report records the largest set held.
 
 Output: a directory with the same files as the input (``config.json``, tokenizer files, the same
@@ -89,8 +89,9 @@ class CheckpointReport(OneShotReport):
 
     ``peak_materialised_bytes``: the most bytes of checkpoint tensors (parameters and persistent
     buffers, each storage once) held in memory at any moment, sampled after every load.
-    ``non_block_bytes``: bytes of the tensors outside the blocks (loaded only for the calibration
-    pass up to the first block). ``block_bytes[i]``: bytes of block ``i``'s tensors (from the
+    ``non_block_bytes``: bytes of the tensors outside the blocks that the calibration pass up to the
+    first block read (the embeddings; not the final norm nor an untied head, which run after the
+    last block), held during that pass only. ``block_bytes[i]``: bytes of block ``i``'s tensors (from the
     checkpoint headers). ``written_tensors``: checkpoint keys overwritten with pruned weights;
     ``copied_files`` / ``skipped_files``: file names copied to ``out_dir`` / left out (weights in
     other formats or safetensors files outside the index, sub-directories).
@@ -301,6 +302,67 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor | nn.Parameter)
         mod._buffers[attr] = value.data if isinstance(value, nn.Parameter) else value
 
 
+def _has_meta(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type == "meta"
+    if isinstance(obj, (tuple, list)):
+        return any(_has_meta(o) for o in obj)
+    if isinstance(obj, Mapping):
+        return any(_has_meta(o) for o in obj.values())
+    return False
+
+
+def _capture_streamed(
+    model: nn.Module,
+    first: nn.Module,
+    batches: list,
+    dev: torch.device | None,
+    ckpt: _Checkpoint,
+    outside: list[tuple[list[str], str, torch.Tensor]],
+) -> tuple[list, list, int, set[int]]:
+    """First-block inputs, loading only the tensors of the modules called before the first block.
+
+    Each module outside the blocks that owns tensors gets a forward pre-hook that reads them (and
+    their tied aliases) on its first call, so the final norm and an untied head, which run after the
+    last block, are never read. If the captured inputs still hold a ``meta`` tensor or the pass
+    fails (a model reading a weight without calling its module), every tensor outside the blocks is
+    loaded and the pass runs again. Returns ``(inputs, masks, n_tokens, loaded group indices)``.
+    """
+    loaded: set[int] = set()
+
+    def load(groups: Iterable[int]) -> None:
+        todo = [g for g in groups if g not in loaded]
+        tensors = ckpt.read(outside[g][1] for g in todo)
+        for g in todo:
+            names, key, meta = outside[g]
+            value = tensors.pop(key)
+            value = nn.Parameter(value, requires_grad=False) if isinstance(meta, nn.Parameter) else value
+            for n in names:
+                _set_tensor(model, n, value)
+            loaded.add(g)
+
+    owners: dict[str, list[int]] = {}
+    for g, (names, _, _) in enumerate(outside):
+        for n in names:
+            owners.setdefault(n.rpartition(".")[0], []).append(g)
+    handles = [
+        model.get_submodule(mod).register_forward_pre_hook(lambda *_a, _g=tuple(gs): load(_g))
+        for mod, gs in owners.items()
+    ]
+    try:
+        inputs, masks, n_tokens = calibration_inputs(model, first, batches, dev)
+        lazy_ok = not _has_meta(inputs)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        lazy_ok = False
+    finally:
+        for h in handles:
+            h.remove()
+    if not lazy_ok:
+        load(range(len(outside)))
+        inputs, masks, n_tokens = calibration_inputs(model, first, batches, dev)
+    return inputs, masks, n_tokens, loaded
+
+
 def materialised_bytes(model: nn.Module) -> int:
     """Bytes of the model's state-dict tensors that are not on ``meta``, each storage counted once."""
     seen: set[tuple[str, int]] = set()
@@ -449,7 +511,6 @@ def prune_checkpoint(
         outside.append((names, stored[0], t))
 
     report = CheckpointReport(method=method, pattern=str(p), sparsity=sp, n_tokens=0, out_dir=str(out))
-    report.non_block_bytes = sum(ckpt.nbytes(key) for _, key, _ in outside)
     report.block_bytes = [sum(ckpt.nbytes(k) for k in keys) for keys in block_keys]
     last = max(i for i, lin in enumerate(per_block) if lin)
 
@@ -461,14 +522,11 @@ def prune_checkpoint(
         report.copied_files, report.skipped_files = _copy_files(src, tmp, ckpt.files, ckpt.index_file)
 
         # The layers before the first block (embeddings) need their weights for the calibration pass.
-        loaded = ckpt.read(key for _, key, _ in outside)
-        for names, key, t in outside:
-            value = loaded.pop(key)
-            value = nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
-            for n in names:
-                _set_tensor(model, n, value)
+        inputs, masks, report.n_tokens, loaded = _capture_streamed(
+            model, block_list[0], batches, dev, ckpt, outside
+        )
+        report.non_block_bytes = sum(ckpt.nbytes(outside[g][1]) for g in loaded)
         report.peak_materialised_bytes = materialised_bytes(model)
-        inputs, masks, report.n_tokens = calibration_inputs(model, block_list[0], batches, dev)
         for names, _, t in outside:
             for n in names:
                 _set_tensor(model, n, t)  # back to the meta tensors of the skeleton
