@@ -85,22 +85,26 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
     gone: dict[int, np.ndarray] = {}
     for gi, units in removed.items():
         g = graph.groups[gi]
-        rm = np.unique(np.asarray(list(units), dtype=np.int64))
+        if isinstance(units, np.ndarray):
+            rm = np.unique(units.astype(np.int64, copy=False))
+        else:
+            rm = np.unique(np.asarray(list(units), dtype=np.int64))
         if rm.size == 0:
             continue
-        if (rm < 0).any() or (rm >= g.n_units).any():
+        if rm[0] < 0 or rm[-1] >= g.n_units:
             raise CompactionError(f"group {g.name}: unit index out of range 0..{g.n_units - 1}")
         if not g.prunable[rm].all():
             raise CompactionError(
                 f"group {g.name}: units {rm[~g.prunable[rm]].tolist()} are not prunable "
                 f"({'; '.join(g.reasons) or 'frozen'})"
             )
-        keep = np.setdiff1d(np.arange(g.n_units), rm)
-        kept_units[gi] = keep
+        keep_mask = np.ones(g.n_units, dtype=bool)
+        keep_mask[rm] = False
+        kept_units[gi] = np.flatnonzero(keep_mask)
         gone[gi] = rm
         groups_out.append({"group": g.name, "n_units": g.n_units, "removed": rm.tolist()})
         for m in g.members:
-            kept_idx = np.nonzero(np.isin(m.unit_of, keep))[0]
+            kept_idx = np.flatnonzero(keep_mask[m.unit_of])  # indices of this dim whose unit stays
             if kept_idx.size == 0:
                 raise CompactionError(
                     f"group {g.name}: removing units {rm.tolist()} empties {m.name} dim {m.dim}"
@@ -121,27 +125,56 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
     return plan
 
 
+def _class_index(graph: DependencyGraph) -> tuple[np.ndarray, np.ndarray]:
+    """``(group_of, unit_of)``: for every atom class label, the index of the group holding it and its unit
+    there (``-1`` where no listed group holds it). Every class belongs to one group; if several listed it,
+    the later one would win (as a dict filled in group order would)."""
+    groups = graph.groups
+    if not groups:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    sizes = np.array([g.n_units for g in groups], dtype=np.int64)
+    cls = np.concatenate([np.asarray(g.classes, dtype=np.int64) for g in groups])
+    n = int(cls.max()) + 1 if cls.size else 0
+    group_of = np.full(n, -1, dtype=np.int64)
+    unit_of = np.full(n, -1, dtype=np.int64)
+    group_of[cls] = np.repeat(np.arange(len(groups), dtype=np.int64), sizes)
+    unit_of[cls] = np.arange(cls.size, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return group_of, unit_of
+
+
+def _lookup_classes(
+    index: tuple[np.ndarray, np.ndarray], classes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group and unit of each class in ``classes`` (``-1`` for classes no group holds)."""
+    group_of, unit_of = index
+    c = np.asarray(classes, dtype=np.int64)
+    ok = (c >= 0) & (c < group_of.size)
+    if not ok.any():
+        return np.full(c.shape, -1, dtype=np.int64), np.full(c.shape, -1, dtype=np.int64)
+    cc = np.where(ok, c, 0)
+    return np.where(ok, group_of[cc], -1), np.where(ok, unit_of[cc], -1)
+
+
 def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) -> tuple[dict, list]:
     """num_heads-like attributes of the modules where a channel dim was split into heads, and the
     changed head splits as ``(innermost module path, old count, new count)``."""
-    wanted = {int(c) for ev in graph.splits if ev.classes is not None for c in ev.classes}
-    class_to_group: dict[int, tuple[int, int]] = {}
-    for gi, g in enumerate(graph.groups):
-        hit = np.nonzero(np.isin(g.classes, list(wanted)))[0] if wanted else []
-        for u in hit:
-            class_to_group[int(g.classes[u])] = (gi, int(u))
+    index = _class_index(graph)
     attrs: dict[str, dict[str, list]] = {}
     events: list[tuple[str, int, int]] = []
     model = graph.model
     for ev in graph.splits:
-        if ev.kind != "heads":
+        if ev.kind != "heads" or ev.classes is None or len(ev.classes) == 0:
             continue
-        units = [class_to_group.get(int(c)) for c in ev.classes] if ev.classes is not None else []
-        if not units or any(u is None for u in units):
+        gids, units = _lookup_classes(index, ev.classes)
+        if (gids < 0).any():
             continue
-        gi = units[0][0]
-        keep = set(kept_units[gi].tolist()) if gi in kept_units else None
-        n_new = ev.n_outer if keep is None else sum(1 for _, u in units if u in keep)
+        gi = int(gids[0])
+        if gi in kept_units:  # units of this split kept in the group of its first unit
+            keep = np.zeros(graph.groups[gi].n_units, dtype=bool)
+            keep[kept_units[gi]] = True
+            n_new = int(keep[units[units < keep.size]].sum())
+        else:
+            n_new = ev.n_outer
         if n_new == ev.n_outer:  # unchanged layers vote for the old count (a config holds one value)
             events.append((ev.module_paths[0], ev.n_outer, n_new))
             continue
@@ -206,15 +239,22 @@ def _config_changes(
     # which config does a module path use: the closest ancestor with a .config attribute
     cfg_ids = {id(c): k for k, c in cfgs.items()}
 
+    modules = _ModuleLookup(model)
+    memo: dict[str, str] = {}
+
     def cfg_key_of(path: str) -> str:
+        if path in memo:
+            return memo[path]
         parts = path.split(".") if path else []
+        key = ""
         for i in range(len(parts), -1, -1):
-            p = ".".join(parts[:i])
-            mod = model.get_submodule(p) if p else model
+            mod = modules[".".join(parts[:i])]
             c = getattr(mod, "config", None)
             if c is not None and id(c) in cfg_ids:
-                return cfg_ids[id(c)]
-        return ""
+                key = cfg_ids[id(c)]
+                break
+        memo[path] = key
+        return key
 
     proposals: dict[tuple[str, str], set] = {}
     norm_groups = _norm_groups(graph)
@@ -284,8 +324,24 @@ def _norm_groups(graph: DependencyGraph) -> set[int]:
     wanted = [ev.classes for ev in graph.splits if ev.kind == "norm" and ev.classes is not None]
     if not wanted:
         return set()
-    cls = np.unique(np.concatenate(wanted))
-    return {gi for gi, g in enumerate(graph.groups) if np.isin(g.classes, cls).any()}
+    gids, _ = _lookup_classes(_class_index(graph), np.concatenate(wanted))
+    return set(np.unique(gids[gids >= 0]).tolist())
+
+
+class _ModuleLookup:
+    """``lookup[path]``: the submodule at ``path`` (``""``: the model), from one walk of the module tree
+    instead of one ``get_submodule`` walk per query; paths not listed fall back to ``get_submodule``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.by_path = dict(model.named_modules(remove_duplicate=False))
+
+    def __getitem__(self, path: str) -> nn.Module:
+        mod = self.by_path.get(path)
+        if mod is None:
+            mod = self.model.get_submodule(path) if path else self.model
+            self.by_path[path] = mod
+        return mod
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -326,9 +382,44 @@ def mask_model(model: nn.Module, plan: Mapping) -> nn.Module:
 # ------------------------------------------------------------------------------------------------------
 # compaction
 # ------------------------------------------------------------------------------------------------------
-def _slice(t: torch.Tensor, dim: int, kept: torch.Tensor) -> torch.Tensor:
-    """Keep ``kept`` indices of ``t`` along ``dim`` (a fresh contiguous tensor)."""
-    return t.index_select(dim, kept.to(t.device)).contiguous()
+def _slice(t: torch.Tensor, dim: int, kept: np.ndarray) -> torch.Tensor:
+    """Keep the ``kept`` indices (int64 array) of ``t`` along ``dim``: a view (``narrow``, no copy) when they
+    are one contiguous range (``t`` itself when that is the whole dim), else a gathered copy."""
+    if _is_range(kept):
+        n = kept.size
+        return t if n == t.shape[dim] and kept[0] == 0 else t.narrow(dim, int(kept[0]), n)
+    return t.index_select(dim, torch.from_numpy(kept).to(t.device))
+
+
+def _sliced(t: torch.Tensor, dims: Mapping) -> torch.Tensor:
+    """``t`` with only the kept indices of each listed dim (``{dim: kept indices}``), as a fresh contiguous
+    tensor: what ``index_select`` dim after dim would give, with fewer copies. Contiguous ranges are narrowed
+    first (views), then the other dims gathered (each gather copies only what is left), and ``t`` is copied
+    once at the end when no gather copied it."""
+    items = [(int(d), np.asarray(k, dtype=np.int64)) for d, k in dims.items()]
+    items.sort(key=lambda dk: (not _is_range(dk[1]), dk[0]))  # views first, then gathers by dim
+    out = t
+    copied = False
+    for d, kept in items:
+        new = _slice(out, d, kept)
+        copied = copied or (new is not out and not _is_view_of(new, out))
+        out = new
+    if not copied:
+        return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()
+
+
+def _is_range(kept: np.ndarray) -> bool:
+    n = kept.size
+    return bool(n and kept[0] >= 0 and kept[-1] - kept[0] == n - 1 and (n < 3 or (np.diff(kept) == 1).all()))
+
+
+def _is_view_of(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _slicing_key(dims: Mapping) -> tuple:
+    return tuple(sorted((int(d), tuple(k)) for d, k in dims.items()))
 
 
 class _Undo:
@@ -432,33 +523,32 @@ def compact(model: nn.Module, plan: Mapping, check: Any = None) -> nn.Module:
     try:
         remove_norm_masks(model, journal=undo.record)  # mask-aware norm hooks from mask_model / ChannelPruner
         named = _named_tensors(model)
-        done: dict[int, tuple] = {}
+        paths_of: dict[int, list[str]] = {}  # every name of a tensor (tied weights have several)
+        for n, u in named.items():
+            paths_of.setdefault(id(u), []).append(n)
+        modules = _ModuleLookup(model)
+        done: dict[int, Mapping] = {}
         touched_modules: dict[str, nn.Module] = {}
         for name, dims in plan["tensors"].items():
             if name not in named:
                 raise CompactionError(f"plan names tensor {name!r}, which the model does not have")
             t = named[name]
-            key = tuple(sorted((int(d), tuple(k)) for d, k in dims.items()))
             if id(t) in done:
-                if done[id(t)] != key:
+                if _slicing_key(done[id(t)]) != _slicing_key(dims):
                     raise CompactionError(f"tied tensor {name} is sliced two different ways")
                 continue
-            done[id(t)] = key
-            new = t.data
-            for d, kept in sorted(dims.items(), key=lambda kv: int(kv[0])):
-                new = _slice(new, int(d), torch.as_tensor(kept, dtype=torch.long))
-            undo.set_data(t, new)
-            for other, u in named.items():  # every module holding the tensor (a tied LM head too)
-                if u is t:
-                    path = other.rpartition(".")[0]
-                    touched_modules[path] = model.get_submodule(path) if path else model
+            done[id(t)] = dims
+            undo.set_data(t, _sliced(t.data, dims))
+            for other in paths_of[id(t)]:  # every module holding the tensor (a tied LM head too)
+                path = other.rpartition(".")[0]
+                touched_modules[path] = modules[path]
         for mod in touched_modules.values():
             _update_module(mod, undo)
         for path, spec in (plan.get("norms") or {}).items():  # norms without weights have no sliced tensor
-            mod = model.get_submodule(path) if path else model
+            mod = modules[path]
             _update_norm_width(mod, len(spec["kept"]), undo)
         for path, d in plan.get("attributes", {}).items():
-            mod = model.get_submodule(path) if path else model
+            mod = modules[path]
             for a, (_old, new) in d.items():
                 undo.set_attr(mod, a, new)
             if any(a in HEAD_ATTRS for a in d) and hasattr(mod, "num_key_value_groups"):

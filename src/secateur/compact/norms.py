@@ -86,17 +86,16 @@ def norm_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict[str, d
         return {}
     # class -> (group, unit): every group's classes are sorted (np.unique), so one searchsorted finds them
     cls_all = np.concatenate([g.classes for g in graph.groups])
-    gid = np.concatenate([np.full(g.n_units, i) for i, g in enumerate(graph.groups)])
-    unit = np.concatenate([np.arange(g.n_units) for g in graph.groups])
     order = np.argsort(cls_all, kind="stable")
     cls_sorted = cls_all[order]
-    dead: dict[int, np.ndarray] = {}
+    starts = np.cumsum([0] + [g.n_units for g in graph.groups])
+    dead = np.zeros(cls_all.size, dtype=bool)  # aligned with cls_all: is that unit removed
     for gi, rm in removed.items():
         rm = np.asarray(list(rm) if not isinstance(rm, np.ndarray) else rm, dtype=np.int64)
         if rm.size:
             mask = np.zeros(graph.groups[gi].n_units, dtype=bool)
             mask[rm] = True
-            dead[gi] = mask
+            dead[starts[gi] : starts[gi + 1]] = mask
     out: dict[str, dict[str, Any]] = {}
     model = graph.model
     for ev in events:
@@ -104,10 +103,7 @@ def norm_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict[str, d
         pos = np.minimum(pos, cls_sorted.size - 1)
         found = cls_sorted[pos] == ev.classes
         gone = np.zeros(ev.classes.size, dtype=bool)
-        for j in np.nonzero(found)[0]:
-            idx = order[pos[j]]
-            m = dead.get(int(gid[idx]))
-            gone[j] = m is not None and bool(m[unit[idx]])
+        gone[found] = dead[order[pos[found]]]
         if not gone.any():
             continue
         path = ev.module_paths[0]
