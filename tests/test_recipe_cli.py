@@ -278,3 +278,36 @@ def test_python_api_names_get_did_you_mean_too():
     for call, hint in cases:
         with pytest.raises(ConfigError, match=hint):
             call()
+
+
+def test_recipe_runner_recalibrates_batchnorm_after_pruning():
+    """finetune.recalibrate_bn: after a one-shot prune the running statistics are the cumulative average of
+    the pruned model's own BatchNorm inputs over the first k training batches (adaptive BN); 0 keeps them."""
+    import torch
+    from torch import nn
+
+    from secateur.data.loader import TensorLoader
+    from secateur.run import prune_with_recipe
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+
+    x, y = torch.randn(24, 1, 6, 6), torch.randint(0, 3, (24,))
+    spec = {"criterion": "magnitude", "schedule": {"kind": "one_shot", "sparsity": 0.5}}
+    for k in (2, 0):
+        model = net()
+        before = model[1].running_mean.clone()
+        loader = TensorLoader(x, y, batch_size=8, shuffle=False)
+        recipe = recipe_from_dict({**spec, "finetune": {"epochs": 0, "recalibrate_bn": k}})
+        out = prune_with_recipe(model, recipe, train_loader=loader)
+        assert out["bn_batches"] == k
+        if k == 0:
+            assert torch.equal(model[1].running_mean, before)
+            continue
+        with torch.no_grad():  # BatchNorm's input on the first k batches, through the pruned conv
+            means = [model[0](x[i * 8 : (i + 1) * 8]).mean(dim=(0, 2, 3)) for i in range(k)]
+        assert torch.allclose(model[1].running_mean, torch.stack(means).mean(0), atol=1e-6)

@@ -90,6 +90,10 @@ class FinetuneSpec(_Strict):
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
+    #: After pruning (and fine-tuning), re-estimate BatchNorm running statistics on this many training
+    #: batches (adaptive BN, Li et al. 2020, EagleEye); 0 disables. Stale statistics are most of the
+    #: accuracy collapse right after one-shot pruning.
+    recalibrate_bn: int = Field(50, ge=0)
 
 
 class Recipe(_Strict):

@@ -157,8 +157,21 @@ def prune_with_recipe(
         out["sparsity"] = pruner.removed_fraction()
         model = pruner.compact()
         out["plan"] = pruner.plan
+    out["bn_batches"] = _recalibrate(model, recipe, train_loader)
     out["model"] = model
     return out
+
+
+def _recalibrate(model: nn.Module, recipe: Recipe, train_loader: Any) -> int:
+    """Re-estimate BatchNorm statistics (``finetune.recalibrate_bn`` batches); returns the number used."""
+    from secateur.train import recalibrate_bn
+
+    n = recipe.finetune.recalibrate_bn
+    bn = nn.modules.batchnorm._BatchNorm
+    has_bn = any(isinstance(m, bn) and m.track_running_stats for m in model.modules())
+    if n == 0 or train_loader is None or not has_bn:
+        return 0
+    return recalibrate_bn(model, train_loader, num_batches=n)
 
 
 def run(
