@@ -9,6 +9,7 @@ whose Python code reads tensor values). Module hooks give every op the path of t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,12 +25,44 @@ from secateur.graph.atoms import Atoms, AtomStore
 Dims = list  # list[Atoms | None], one entry per tensor dimension
 
 
+_OP_NAMES: dict[Any, str] = {}
+
+
 def op_name(func: Any) -> str:
     """Registry key of a torch callable: bare name without underscores (``Tensor.__iadd__`` -> ``iadd``)."""
+    try:
+        return _OP_NAMES[func]
+    except (KeyError, TypeError):
+        pass
     name = getattr(func, "__name__", None) or str(func)
     if name == "__get__":  # property getters (Tensor.T, Tensor.data) arrive as their __get__
         name = getattr(getattr(func, "__self__", None), "__name__", name)
-    return name.strip("_")
+        return name.strip("_")  # a fresh method-wrapper per access: not cached
+    name = name.strip("_")
+    if len(_OP_NAMES) < 4096:
+        try:
+            _OP_NAMES[func] = name
+        except TypeError:
+            pass
+    return name
+
+
+def list_tensors(obj: Any) -> list[torch.Tensor]:
+    """``list(iter_tensors(obj))``, faster for the common flat cases (a tensor, a tuple of tensors and
+    scalars, a dict of those)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        out = []
+        for o in obj:
+            if isinstance(o, torch.Tensor):
+                out.append(o)
+            elif isinstance(o, (tuple, list, dict)) or dataclasses.is_dataclass(o):
+                out.extend(iter_tensors(o, 1))
+        return out
+    if isinstance(obj, dict):
+        return list_tensors(tuple(obj.values())) if obj else []
+    return list(iter_tensors(obj))
 
 
 def iter_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -173,7 +206,128 @@ ModuleRule = Callable[["OpContext", nn.Module, tuple, dict, Any], None]
 def _like(args: tuple, kwargs: dict) -> torch.Tensor:
     x = args[0] if args else kwargs["input"]
     dtype = kwargs.get("dtype")
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        # dense: what empty_like (preserve_format) gives, without its slow Python meta decomposition
+        return torch.empty_strided(x.shape, x.stride(), dtype=dtype or x.dtype, device=x.device)
     return torch.empty_like(x, dtype=dtype) if dtype is not None else torch.empty_like(x)
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple | None:
+    if a == b:
+        return a
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + a
+    b = (1,) * (n - len(b)) + b
+    out = []
+    for x, y in zip(a, b):
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            return None
+    return tuple(out)
+
+
+_SCALARS = (int, float)
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_major(shape: tuple) -> tuple:
+    strides = []
+    acc = 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
+
+
+def _standard(t: torch.Tensor) -> bool:
+    """Row-major strides exactly, size-1 dims included: a layout no op reads as channels-last."""
+    return t.stride() == _row_major(tuple(t.shape))
+
+
+def _binary_shape(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """add/sub/mul/div of two row-major floating tensors of one dtype (or one and a Python number): a
+    row-major tensor of the broadcast shape. ``None`` (run the op) for anything else."""
+    if kwargs or len(args) != 2:
+        return None
+    a, b = args
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+        if not isinstance(a, torch.Tensor):
+            return None
+    if type(a) is not torch.Tensor or not a.is_floating_point() or not _standard(a):
+        return None
+    if isinstance(b, torch.Tensor):
+        if type(b) is not torch.Tensor or b.dtype != a.dtype or b.device != a.device or not _standard(b):
+            return None
+        shape = _broadcast(tuple(a.shape), tuple(b.shape))
+        if shape is None:
+            return None
+    elif isinstance(b, _SCALARS) and not isinstance(b, bool):
+        shape = tuple(a.shape)
+    else:
+        return None
+    return torch.empty(shape, dtype=a.dtype, device=a.device)
+
+
+def _pair(v: Any, n: int) -> tuple | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    if isinstance(v, (tuple, list)) and len(v) == 1 and isinstance(v[0], int):
+        return (v[0],) * n
+    return None
+
+
+def _conv_shape(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """F.conv{1,2,3}d of a batched row-major input and weight (positional arguments, numeric or 'valid'
+    padding): a row-major tensor of the output shape from the usual formula. ``None`` (run the op) for
+    anything else."""
+    if kwargs or len(args) < 2:
+        return None
+    x, w = args[0], args[1]
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or x.dim() != w.dim() or x.dim() < 3:
+        return None
+    n = x.dim() - 2
+    if type(x) is not torch.Tensor or x.dtype != w.dtype or x.device != w.device:
+        return None
+    if not (_standard(x) and _standard(w)):  # other layouts: let the op pick the output's memory format
+        return None
+    b = args[2] if len(args) > 2 else None
+    if b is not None and not (isinstance(b, torch.Tensor) and b.dtype == x.dtype):
+        return None
+    stride = _pair(args[3] if len(args) > 3 else 1, n)
+    pad_arg = args[4] if len(args) > 4 else 0
+    dilation = _pair(args[5] if len(args) > 5 else 1, n)
+    groups = args[6] if len(args) > 6 else 1
+    if stride is None or dilation is None or not isinstance(groups, int) or groups < 1:
+        return None
+    k = tuple(w.shape[2:])
+    if isinstance(pad_arg, str):
+        if pad_arg == "valid":
+            padding = (0,) * n
+        else:
+            return None
+    else:
+        padding = _pair(pad_arg, n)
+        if padding is None:
+            return None
+    if x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+        return None
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        return None
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        return None
+    spatial = []
+    for i in range(n):
+        o = (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1
+        if o <= 0:
+            return None
+        spatial.append(o)
+    return torch.empty((x.shape[0], w.shape[0], *spatial), dtype=x.dtype, device=x.device)
 
 
 def _linear_shape(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -221,6 +375,11 @@ _META_SHAPES: dict[str, Callable] = {
     "linear": _linear_shape,
     "scaled_dot_product_attention": _sdpa_shape,
 }
+# Shape-only results that apply only to some calls (they return None otherwise, and the op then runs).
+_META_MAYBE: dict[str, Callable] = {
+    **{n: _binary_shape for n in ("add", "sub", "mul", "div", "true_divide", "radd", "rmul")},
+    **{n: _conv_shape for n in ("conv1d", "conv2d", "conv3d")},
+}
 
 
 class _Mode(TorchFunctionMode):
@@ -231,11 +390,23 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
         tr = self.tracer
-        fast = _META_SHAPES.get(op_name(func)) if tr.meta else None
-        out = fast(args, kwargs) if fast is not None else func(*args, **kwargs)
+        name = op_name(func)
+        out = None
+        if tr.meta:
+            fast = _META_SHAPES.get(name)
+            if fast is not None:
+                out = fast(args, kwargs)
+            else:
+                maybe = _META_MAYBE.get(name)
+                if maybe is not None:
+                    out = maybe(args, kwargs)
+                if out is None:
+                    out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         if tr.opaque:
             return out
-        tr.on_op(func, args, kwargs, out)
+        tr.on_op(func, args, kwargs, out, name)
         return out
 
 
@@ -325,12 +496,16 @@ class Tracer:
         return f"op '{name}' in module '{path or '<root>'}' ({cls})"
 
     # --- the op hook --------------------------------------------------------------------------------
-    def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any, name: str | None = None) -> None:
         self.n_ops += 1
-        outs = list(iter_tensors(out))
-        if not outs and op_name(func) != "setitem":
+        if name is None:
+            name = op_name(func)
+        outs = list_tensors(out)
+        if not outs and name != "setitem":
             return
-        ins = list(iter_tensors(args)) + list(iter_tensors(kwargs))
+        ins = list_tensors(args)
+        if kwargs:
+            ins += list_tensors(kwargs)
         if ins and all(self.is_param_derived(t) for t in ins):
             for t in outs:
                 self._pderived[id(t)] = weakref.ref(t)
@@ -339,7 +514,6 @@ class Tracer:
                 if id(t) not in self._params:
                     self.set_dims(t, [None] * t.dim())
             return
-        name = op_name(func)
         rule = self.rules.get(name)
         if rule is None:
             raise UnsupportedOpError(
