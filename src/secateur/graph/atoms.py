@@ -50,32 +50,45 @@ class AtomStore:
         self.frozen.append((np.asarray(a).ravel(), reason))
 
     def solve(self) -> np.ndarray:
-        """Class label of every atom, shape ``(n,)``: equal labels = same channel; labels are < ``n``."""
-        parent = np.arange(self.n, dtype=np.int64)
+        """Class label of every atom, shape ``(n,)``: equal labels = same channel. The label of a class is its
+        smallest atom (so labels are < ``n`` and sort classes by their first atom)."""
         if not self._a:
+            return np.arange(self.n, dtype=np.int64)
+        return connected_labels(self.n, np.concatenate(self._a), np.concatenate(self._b))
+
+
+def connected_labels(n: int, a: np.ndarray, b: np.ndarray, max_rounds: int = 48) -> np.ndarray:
+    """Connected components of the graph on ``n`` nodes with edges ``a[i] -- b[i]``: the label of every
+    node is the smallest node of its component.
+
+    A vectorised union-find (hook the larger root of each edge under the smaller, then pointer-jump until
+    every tree is a star) finishes in a few rounds on dependency graphs, faster than building a sparse
+    matrix; an adversarial graph that needs more than ``max_rounds`` rounds is finished by scipy's
+    ``connected_components`` when available.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    for _ in range(max_rounds):
+        pa, pb = parent[a], parent[b]
+        diff = pa != pb
+        if not diff.any():
             return parent
-        a = np.concatenate(self._a)
-        b = np.concatenate(self._b)
-        try:  # scipy's connected components when available (C speed), else a vectorised union-find
-            from scipy.sparse import csr_matrix
-            from scipy.sparse.csgraph import connected_components
-        except ImportError:
-            pass
-        else:
-            adj = csr_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n, self.n))
-            _, comp = connected_components(adj, directed=True, connection="weak")
-            return comp.astype(np.int64)  # component index: any consistent label < n will do
-        while True:
-            pa, pb = parent[a], parent[b]
-            diff = pa != pb
-            if not diff.any():
-                return parent
-            a, b, pa, pb = a[diff], b[diff], pa[diff], pb[diff]
-            lo = np.minimum(pa, pb)
-            hi = np.maximum(pa, pb)
-            np.minimum.at(parent, hi, lo)
-            while True:  # pointer jumping until every atom points at a root
-                nxt = parent[parent]
-                if np.array_equal(nxt, parent):
-                    break
-                parent = nxt
+        a, b, pa, pb = a[diff], b[diff], pa[diff], pb[diff]
+        np.minimum.at(parent, np.maximum(pa, pb), np.minimum(pa, pb))
+        while True:  # pointer jumping until every atom points at a root
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+    try:
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import connected_components
+    except ImportError:  # keep hooking: each round removes at least one root, so this ends
+        return connected_labels(n, a, b, max_rounds=1 << 62)
+    adj = csr_matrix((np.ones(a.size, dtype=np.int8), (parent[a], parent[b])), shape=(n, n))
+    _, comp = connected_components(adj, directed=True, connection="weak")
+    comp = comp.astype(np.int64)
+    # scipy numbers components in order of their smallest node: that node is each label's first occurrence
+    _, first = np.unique(comp, return_index=True)
+    return first[comp[parent]]

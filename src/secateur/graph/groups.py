@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import gc
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.graph.atoms import AtomStore
+from secateur.graph.atoms import connected_labels
 from secateur.graph.tracer import ParamDim, SplitEvent, iter_tensors, run_trace
 
 
@@ -147,17 +148,23 @@ class DependencyGraph:
             from secateur.graph.norms import norm_module_rules
 
             module_rules = {**norm_module_rules(model), **MODULE_RULES}  # rules users registered win
-        tracer, out = run_trace(model, example_inputs, RULES, module_rules, device)
-        atoms = tracer.atoms
-        if not prune_outputs:
-            for t in iter_tensors(out):
-                for d in tracer.dims(t):
-                    if d is not None:
-                        atoms.freeze(d, "reaches a model output (pass prune_outputs=True to allow)")
-        labels = atoms.solve()
-        for ev in tracer.splits:
-            ev.classes = labels[ev.atoms]
-        groups = _make_groups(tracer.param_dims, labels, atoms.frozen, protect)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a trace allocates many small objects and frees them by refcount: no cycles to collect
+        try:
+            tracer, out = run_trace(model, example_inputs, RULES, module_rules, device)
+            atoms = tracer.atoms
+            if not prune_outputs:
+                for t in iter_tensors(out):
+                    for d in tracer.dims(t):
+                        if d is not None:
+                            atoms.freeze(d, "reaches a model output (pass prune_outputs=True to allow)")
+            labels = atoms.solve()
+            for ev in tracer.splits:
+                ev.classes = labels[ev.atoms]
+            groups = _make_groups(tracer.param_dims, labels, atoms.frozen, protect)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         return cls(model, groups, tracer.splits, tracer.n_ops, prune_normalized)
 
     def prunable_groups(self) -> list[Group]:
@@ -194,16 +201,33 @@ def _make_groups(
     pds = list(param_dims.values())
     if not pds:
         return []
-    # classes of each member; a second union-find over classes joins classes sharing a member (vectorised)
-    cls_of = [labels[pd.atoms] for pd in pds]
-    joint = AtomStore()
-    joint.n = labels.size
-    for c in cls_of:
-        joint.union(c[:1], c)
-    root = joint.solve()
+    n = labels.size
+    sizes = np.array([pd.atoms.size for pd in pds], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    cls_all = labels[np.concatenate([pd.atoms for pd in pds])]  # class of every index of every member
+    # a second union-find over classes joins the classes of one member: its group (vectorised)
+    first_cls = cls_all[starts]
+    root = connected_labels(n, np.repeat(first_cls, sizes), cls_all)
+    # units: the classes present in each group, in increasing order (what np.unique per group gives)
+    present = np.zeros(n, dtype=bool)
+    present[cls_all] = True
+    pres = np.flatnonzero(present)
+    order = np.argsort(root[pres], kind="stable")
+    cls_sorted = pres[order]  # classes grouped by root, increasing within a group
+    root_sorted = root[cls_sorted]
+    block_start = np.flatnonzero(np.r_[True, root_sorted[1:] != root_sorted[:-1]])
+    block_end = np.r_[block_start[1:], root_sorted.size]
+    spans = zip(block_start.tolist(), block_end.tolist())
+    block_of_root = dict(zip(root_sorted[block_start].tolist(), spans))
+    unit_of_cls = np.zeros(n, dtype=np.int64)
+    unit_of_cls[cls_sorted] = np.arange(cls_sorted.size, dtype=np.int64) - np.repeat(
+        block_start, block_end - block_start
+    )
+    unit_all = unit_of_cls[cls_all]
     # first reason per frozen class
-    frozen_mask = np.zeros(labels.size, dtype=bool)
-    first_reason = np.full(labels.size, -1, dtype=np.int64)
+    frozen_mask = np.zeros(n, dtype=bool)
+    first_reason = np.full(n, -1, dtype=np.int64)
     reasons_text = [why for _, why in frozen]
     if frozen:
         cls = labels[np.concatenate([a for a, _ in frozen])]
@@ -212,19 +236,21 @@ def _make_groups(
         order = np.argsort(rid, kind="stable")[::-1]  # earliest reason written last
         first_reason[cls[order]] = rid[order]
     by_root: dict[int, list[int]] = {}
-    for i in range(len(pds)):
-        by_root.setdefault(int(root[cls_of[i][0]]), []).append(i)
+    for i, r in enumerate(root[first_cls].tolist()):
+        by_root.setdefault(r, []).append(i)
+    starts_l, ends_l = starts.tolist(), ends.tolist()
     groups = []
-    for members_idx in by_root.values():
-        classes = np.unique(np.concatenate([cls_of[i] for i in members_idx]))
+    for r, members_idx in by_root.items():
+        b0, b1 = block_of_root[r]
+        classes = cls_sorted[b0:b1]
         members = []
         for i in members_idx:
             pd = pds[i]
-            unit_of = np.searchsorted(classes, cls_of[i])
+            unit_of = unit_all[starts_l[i] : ends_l[i]]
             members.append(Member(pd.name, pd.dim, unit_of, pd.aliases, pd.is_buffer))
         prunable = ~frozen_mask[classes]
         rids = first_reason[classes]
-        reasons = [reasons_text[r] for r in dict.fromkeys(rids[rids >= 0].tolist())][:5]
+        reasons = [reasons_text[k] for k in dict.fromkeys(rids[rids >= 0].tolist())][:5]
         if len({m.module for m in members}) == 1 and not prunable.any():
             continue  # kernel dims, input channels of a stem, classifier rows: not worth listing
         if protect:

@@ -637,25 +637,24 @@ def run_trace(
         handles.append(nn.modules.module.register_module_forward_hook(gpost))
         with torch.no_grad(), _Mode(tracer):
             if device == "meta":
-                from torch.func import functional_call
-
-                # one entry per (module object, attribute): a module reachable under two paths (timm's
-                # CoaT reuses one Mlp as mlp2/mlp3/mlp4) would otherwise be swapped twice, and restoring
-                # in order would leave a meta tensor in the user's model; tied tensors of distinct modules
-                # are all listed, so tie_weights (which re-adds every alias path) is not needed
-                slots: set[tuple[int, str]] = set()
-                swap: dict[str, torch.Tensor] = {}
-                for n, t in sub.items():
-                    owner, _, attr = n.rpartition(".")
-                    key = (id(model.get_submodule(owner) if owner else model), attr)
-                    if key not in slots:
-                        slots.add(key)
-                        swap[n] = t
-                if isinstance(inputs, dict):
-                    out = functional_call(model, swap, (), inputs, strict=False, tie_weights=False)
-                else:
-                    args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-                    out = functional_call(model, swap, tuple(args), strict=False, tie_weights=False)
+                # the meta stand-ins go into every (module, attribute) slot directly (what
+                # torch.func.functional_call does, without a get_submodule walk per name): one entry per
+                # module object, so a module reachable under two paths (timm's CoaT reuses one Mlp as
+                # mlp2/mlp3/mlp4) is swapped and restored once; tied tensors of distinct modules are all
+                # swapped, so no tie_weights is needed
+                swaps: list[tuple[dict, str, torch.Tensor]] = []
+                for mod in model.modules():
+                    for store in (mod._parameters, mod._buffers):
+                        for attr, t in store.items():
+                            if t is not None and id(t) in cache:
+                                swaps.append((store, attr, t))
+                try:
+                    for store, attr, t in swaps:
+                        store[attr] = cache[id(t)]
+                    out = call_model(model, inputs)
+                finally:
+                    for store, attr, t in reversed(swaps):
+                        store[attr] = t
             else:
                 out = call_model(model, inputs)
     except (UnsupportedOpError, GraphError):
