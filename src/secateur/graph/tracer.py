@@ -26,6 +26,27 @@ Dims = list  # list[Atoms | None], one entry per tensor dimension
 
 
 _OP_NAMES: dict[Any, str] = {}
+_INPLACE: dict[Any, bool] = {}
+_INPLACE_DUNDERS = {
+    f"__i{op}__"
+    for op in "add sub mul truediv div floordiv mod pow and or xor lshift rshift matmul".split()
+}
+
+
+def _is_inplace(func: Any) -> bool:
+    """``Tensor.add_``, ``Tensor.__iadd__``...: the op writes into its first argument and returns it."""
+    try:
+        return _INPLACE[func]
+    except (KeyError, TypeError):
+        pass
+    raw = getattr(func, "__name__", "") or ""
+    res = (raw.endswith("_") and not raw.endswith("__")) or raw in _INPLACE_DUNDERS
+    if len(_INPLACE) < 4096:
+        try:
+            _INPLACE[func] = res
+        except TypeError:
+            pass
+    return res
 
 
 def op_name(func: Any) -> str:
@@ -247,13 +268,16 @@ def _standard(t: torch.Tensor) -> bool:
     return t.stride() == _row_major(tuple(t.shape))
 
 
-def _binary_shape(args: tuple, kwargs: dict) -> torch.Tensor | None:
+def _binary_shape(args: tuple, kwargs: dict, inplace: bool = False) -> torch.Tensor | None:
     """add/sub/mul/div of two row-major floating tensors of one dtype (or one and a Python number): a
-    row-major tensor of the broadcast shape. ``None`` (run the op) for anything else."""
+    row-major tensor of the broadcast shape (in place: the first argument itself, when the result has its
+    shape). ``None`` (run the op) for anything else."""
     if kwargs or len(args) != 2:
         return None
     a, b = args
     if not isinstance(a, torch.Tensor):
+        if inplace:
+            return None
         a, b = b, a
         if not isinstance(a, torch.Tensor):
             return None
@@ -269,7 +293,31 @@ def _binary_shape(args: tuple, kwargs: dict) -> torch.Tensor | None:
         shape = tuple(a.shape)
     else:
         return None
+    if inplace:
+        return a if shape == tuple(a.shape) else None
     return torch.empty(shape, dtype=a.dtype, device=a.device)
+
+
+def _adaptive_avg_pool2d_shape(args: tuple, kwargs: dict, inplace: bool = False) -> torch.Tensor | None:
+    """F.adaptive_avg_pool2d of a row-major 3-d or 4-d floating tensor: a row-major tensor of the output
+    shape. ``None`` (run the op) for anything else."""
+    if kwargs or len(args) != 2 or inplace:
+        return None
+    x, size = args
+    if type(x) is not torch.Tensor or x.dim() not in (3, 4) or not x.is_floating_point() or not _standard(x):
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if not (isinstance(size, (tuple, list)) and len(size) == 2):
+        return None
+    out = []
+    for o, i in zip(size, x.shape[-2:]):
+        if o is None:
+            o = i
+        if not isinstance(o, int) or isinstance(o, bool) or o < 1 or i < 1:
+            return None
+        out.append(o)
+    return torch.empty((*x.shape[:-2], *out), dtype=x.dtype, device=x.device)
 
 
 def _pair(v: Any, n: int) -> tuple | None:
@@ -282,11 +330,11 @@ def _pair(v: Any, n: int) -> tuple | None:
     return None
 
 
-def _conv_shape(args: tuple, kwargs: dict) -> torch.Tensor | None:
+def _conv_shape(args: tuple, kwargs: dict, inplace: bool = False) -> torch.Tensor | None:
     """F.conv{1,2,3}d of a batched row-major input and weight (positional arguments, numeric or 'valid'
     padding): a row-major tensor of the output shape from the usual formula. ``None`` (run the op) for
     anything else."""
-    if kwargs or len(args) < 2:
+    if kwargs or len(args) < 2 or inplace:
         return None
     x, w = args[0], args[1]
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or x.dim() != w.dim() or x.dim() < 3:
@@ -376,9 +424,12 @@ _META_SHAPES: dict[str, Callable] = {
     "scaled_dot_product_attention": _sdpa_shape,
 }
 # Shape-only results that apply only to some calls (they return None otherwise, and the op then runs).
+# Called as ``f(args, kwargs, inplace)``; ``inplace``: the op writes into (and returns) its first argument.
 _META_MAYBE: dict[str, Callable] = {
     **{n: _binary_shape for n in ("add", "sub", "mul", "div", "true_divide", "radd", "rmul")},
+    **{n: _binary_shape for n in ("iadd", "isub", "imul", "itruediv")},  # in place (see _is_inplace)
     **{n: _conv_shape for n in ("conv1d", "conv2d", "conv3d")},
+    "adaptive_avg_pool2d": _adaptive_avg_pool2d_shape,
 }
 
 
@@ -399,7 +450,7 @@ class _Mode(TorchFunctionMode):
             else:
                 maybe = _META_MAYBE.get(name)
                 if maybe is not None:
-                    out = maybe(args, kwargs)
+                    out = maybe(args, kwargs) if not _is_inplace(func) else maybe(args, kwargs, True)
                 if out is None:
                     out = func(*args, **kwargs)
         else:
@@ -563,6 +614,26 @@ def _to_meta(obj: Any) -> Any:
     return obj
 
 
+def _walk(model: nn.Module) -> tuple[dict, dict, list[tuple[str, nn.Module]]]:
+    """One walk of the module tree: ``(named_parameters, named_buffers)`` as
+    ``model.named_parameters(remove_duplicate=False)`` / ``named_buffers(...)`` give them (same names, same
+    order) and ``list(model.named_modules())`` (each module once, under its first path)."""
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    first: dict[int, tuple[str, nn.Module]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        pre = path + "." if path else ""
+        for k, v in mod._parameters.items():
+            if v is not None:
+                params[pre + k] = v
+        for k, v in mod._buffers.items():
+            if v is not None:
+                buffers[pre + k] = v
+        if id(mod) not in first:
+            first[id(mod)] = (path, mod)
+    return params, buffers, list(first.values())
+
+
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
     """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs."""
     if isinstance(example_inputs, dict):
@@ -593,8 +664,7 @@ def run_trace(
         except Exception:  # data-dependent Python code (item(), bool()) cannot run on meta tensors
             return run_trace(model, example_inputs, rules, module_rules, "real")
     tracer = Tracer(model, rules, module_rules)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers(remove_duplicate=False))
+    named, buffers, unique_modules = _walk(model)
     if device == "meta":
         cache: dict[int, torch.Tensor] = {}
         sub: dict[str, torch.Tensor] = {}
@@ -610,12 +680,12 @@ def run_trace(
         tracer.register_tensors(sub, set(buffers))
         inputs = example_inputs
     handles = []
-    was_training = {m: m.training for m in model.modules()}
+    was_training = {m: m.training for _, m in unique_modules}
     try:
         # one global pair of hooks (cheap) names every module; modules with a module rule get their own
         # kwargs-aware hooks because the rule needs the call's arguments
         paths: dict[int, str] = {}
-        for path, mod in model.named_modules():
+        for path, mod in unique_modules:
             tracer.modules.setdefault(path, mod)
             if type(mod) in module_rules:
                 handles.append(mod.register_forward_pre_hook(tracer.pre_hook(path), with_kwargs=True))
@@ -643,7 +713,7 @@ def run_trace(
                 # mlp2/mlp3/mlp4) is swapped and restored once; tied tensors of distinct modules are all
                 # swapped, so no tie_weights is needed
                 swaps: list[tuple[dict, str, torch.Tensor]] = []
-                for mod in model.modules():
+                for _, mod in unique_modules:
                     for store in (mod._parameters, mod._buffers):
                         for attr, t in store.items():
                             if t is not None and id(t) in cache:
@@ -667,5 +737,6 @@ def run_trace(
         for h in handles:
             h.remove()
         for m, tr in was_training.items():
-            m.training = tr
+            if m.training is not tr:
+                m.training = tr
     return tracer, out
