@@ -136,3 +136,36 @@ def test_protect_with_a_prebuilt_graph_is_refused():
     with pytest.raises(ConfigError, match="pass them to DependencyGraph.build"):
         prune_channels(model, x, ratio=0.3, graph=g, protect=["0.fc1"])
     assert model[0].fc1.out_features == 16
+
+
+def test_numeric_culprits_are_found_by_halving(monkeypatch):
+    """Among 16 groups only the one rolled across channels (wrong user rule) differs from its masked model:
+    it alone is named, with far fewer float64 oracle runs than one per group."""
+    from secateur.compact import verify
+    from secateur.graph import identity_rule, rules
+
+    monkeypatch.setitem(rules.RULES, "roll", identity_rule)
+
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.convs = nn.ModuleList([nn.Conv2d(3 if i == 0 else 8, 8, 1) for i in range(16)])
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            for i, c in enumerate(self.convs):
+                x = torch.tanh(c(x))  # no dead units: every channel carries signal
+                if i == 13:
+                    x = torch.roll(x, 1, dims=1)
+            return self.head(x)
+
+    calls = []
+    real = verify.check_equivalence
+    monkeypatch.setattr(verify, "check_equivalence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model, x = Chain().eval(), torch.randn(2, 3, 4, 4)
+    with pytest.raises(IncompatibleGroupError) as ei:
+        prune_channels(model, x, ratio=0.25, criterion="l1")
+    named = [ln for ln in str(ei.value).splitlines() if ln.strip().startswith("group ")]
+    assert len(named) == 1 and "convs.13.weight" in named[0], named
+    assert len(calls) <= 1 + 2 * 4 + 1  # the failing full check, then halving over 16 groups

@@ -117,39 +117,65 @@ def incompatible_groups(
 
     Each group of ``removed`` (``{group index: unit indices}``) is compacted alone inside a transaction that
     always rolls back, so ``model`` ends bit-identical. First pass: does the compacted forward run (one
-    float32 forward per group)? Only if every group passes, a second pass compares each with its masked
-    model (a deep copy and two float64 forwards per group). Meant for the failure path.
+    float32 forward per group)? Only if every group passes, a second pass finds the groups whose compacted
+    outputs differ from their masked model (a deep copy and two float64 forwards per probe, halving the
+    set: :func:`_bisect`). Groups that fail only together are not found. Meant for the failure path.
     """
     groups = [(gi, u) for gi, u in removed.items() if len(np.atleast_1d(u))]
-    bad = _probe(model, graph, groups, example_inputs, None)
+    bad: dict[int, str] = {}
+    for gi, units in groups:
+        why = _probe(model, graph, {gi: units}, example_inputs, None)
+        if why is not None:
+            bad[gi] = why
     if not bad:
-        bad = _probe(model, graph, groups, example_inputs, atol)
+        bad = _bisect(model, graph, groups, example_inputs, atol)
     return bad
+
+
+def _bisect(
+    model: nn.Module, graph: DependencyGraph, groups: list, example_inputs: Any, atol: float
+) -> dict[int, str]:
+    """Groups whose compacted outputs differ from their masked model, found by halving: a set that passes
+    the oracle is cleared at once, so k culprits among n cost about 2k·log2(n) oracle runs, not n."""
+    why = _probe(model, graph, dict(groups), example_inputs, atol)
+    if why is None:
+        return {}
+    if len(groups) == 1:
+        return {groups[0][0]: why}
+    half = len(groups) // 2
+    return {
+        **_bisect(model, graph, groups[:half], example_inputs, atol),
+        **_bisect(model, graph, groups[half:], example_inputs, atol),
+    }
 
 
 def _probe(
-    model: nn.Module, graph: DependencyGraph, groups: list, example_inputs: Any, atol: float | None
-) -> dict[int, str]:
-    bad: dict[int, str] = {}
-    for gi, units in groups:
-        plan = make_plan(graph, {gi: units})
-        ref = mask_model(copy.deepcopy(model), plan) if atol is not None else None
+    model: nn.Module,
+    graph: DependencyGraph,
+    removed: Mapping[int, Any],
+    example_inputs: Any,
+    atol: float | None,
+) -> str | None:
+    """Compact ``removed`` inside a transaction that always rolls back; ``None`` if the compacted model runs
+    (``atol`` None) or also equals its masked model (float64, ``atol``), else why not."""
+    plan = make_plan(graph, removed)
+    ref = mask_model(copy.deepcopy(model), plan) if atol is not None else None
 
-        def probe(m: nn.Module, ref: nn.Module | None = ref) -> None:
-            if ref is None:
-                broke = forward_failure(m, example_inputs)
-                if broke is not None:
-                    raise CompactionError(f"the compacted forward fails at {broke}")
-            else:
-                check_equivalence(ref, m, example_inputs, atol=atol)
-            raise _Probed()
+    def probe(m: nn.Module) -> None:
+        if ref is None:
+            broke = forward_failure(m, example_inputs)
+            if broke is not None:
+                raise CompactionError(f"the compacted forward fails at {broke}")
+        else:
+            check_equivalence(ref, m, example_inputs, atol=atol)
+        raise _Probed()
 
-        try:
-            compact(model, plan, check=probe)
-        except CompactionError as e:
-            if not isinstance(e.__cause__, _Probed):
-                bad[gi] = str(e)
-    return bad
+    try:
+        compact(model, plan, check=probe)
+    except CompactionError as e:
+        if not isinstance(e.__cause__, _Probed):
+            return str(e)
+    return None
 
 
 __all__ = ["forward_failure", "incompatible_groups", "verified_compact"]
