@@ -1,7 +1,10 @@
 """Accuracy versus compression on Fashion-MNIST for every criterion, at one fine-tuning budget (issue 4).
 
     python benchmarks/tradeoff.py --quick                       # ~10-15 min on 2 busy CPU cores
-    python benchmarks/tradeoff.py                               # the full run (3 seeds; hours, see docs)
+    python benchmarks/tradeoff.py                               # the full run (3 seeds; about a day)
+    python benchmarks/tradeoff.py --name standard ...           # 3 seeds, small nets, ~1.5 h on one core
+                                                                # (exact command: docs/benchmarks.md)
+    python benchmarks/tradeoff.py ... --grasp-check out.json    # GraSP on trained weights, diagnostic
     python benchmarks/tradeoff.py --docs-only --out benchmarks/results/tradeoff_quick.json \
         --docs docs/tradeoff.md                                 # rebuild tables, plots and text from JSON
 
