@@ -46,15 +46,19 @@ def lp_scores(
     members = [m for m in group.members if not m.is_buffer]
     if producers_only and any(m.dim == 0 for m in members):
         members = [m for m in members if m.dim == 0]
+    n = group.n_units
     with torch.no_grad():
         for m in members:
             t = named[m.name].detach()
             a = (t if m.dim == 0 else t.movedim(m.dim, 0)).reshape(t.shape[m.dim], -1)
             red = a.abs().sum(1) if p == 1.0 else (a * a).sum(1) if p == 2.0 else a.abs().pow(p).sum(1)
-            red = (red.double() / max(1, a.shape[1])).cpu().numpy()  # abs().sum() beats vector_norm on CPU
-            per_unit = np.bincount(m.unit_of, weights=red, minlength=group.n_units)
-            cnt = np.maximum(np.bincount(m.unit_of, minlength=group.n_units), 1)
-            per_unit = per_unit / cnt
+            red = red.double().cpu().numpy() / max(1, a.shape[1])  # abs().sum() beats vector_norm on CPU
+            u = m.unit_of
+            if u.size == n and (n < 2 or (u[0] == 0 and u[-1] == n - 1 and (np.diff(u) == 1).all())):
+                per_unit = red  # one index per unit, in order: the per-unit mean is the value itself
+            else:
+                per_unit = np.bincount(u, weights=red, minlength=n)
+                per_unit = per_unit / np.maximum(np.bincount(u, minlength=n), 1)
             total += per_unit / max(per_unit.mean(), 1e-12)
     return total
 

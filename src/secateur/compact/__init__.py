@@ -60,6 +60,26 @@ CONFIG_FF_KEYS = (
 CONFIG_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")
 
 
+def _attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)``, fast when a module lacks the attribute: ``nn.Module.__getattr__``
+    raises (slowly) for every missing name, and most names looked for (num_heads, config...) are missing."""
+    d = getattr(obj, "__dict__", None)
+    if d is not None and name in d:
+        return d[name]
+    cls = type(obj)
+    if (
+        isinstance(obj, nn.Module)
+        and cls.__getattr__ is nn.Module.__getattr__
+        and cls.__getattribute__ is object.__getattribute__
+        and not hasattr(cls, name)
+        and name not in d.get("_parameters", ())
+        and name not in d.get("_buffers", ())
+        and name not in d.get("_modules", ())
+    ):
+        return None
+    return getattr(obj, name, None)
+
+
 def _owner(model: nn.Module, qualname: str) -> tuple[nn.Module, str]:
     path, _, attr = qualname.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
@@ -86,7 +106,9 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
     for gi, units in removed.items():
         g = graph.groups[gi]
         if isinstance(units, np.ndarray):
-            rm = np.unique(units.astype(np.int64, copy=False))
+            rm = units.astype(np.int64, copy=False).ravel()
+            if rm.size > 1 and not (rm[1:] > rm[:-1]).all():  # already sorted and unique: as np.unique gives
+                rm = np.unique(rm)
         else:
             rm = np.unique(np.asarray(list(units), dtype=np.int64))
         if rm.size == 0:
@@ -100,17 +122,25 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
             )
         keep_mask = np.ones(g.n_units, dtype=bool)
         keep_mask[rm] = False
-        kept_units[gi] = np.flatnonzero(keep_mask)
+        keep = np.flatnonzero(keep_mask)
+        kept_units[gi] = keep
         gone[gi] = rm
         groups_out.append({"group": g.name, "n_units": g.n_units, "removed": rm.tolist()})
+        keep_list = None
         for m in g.members:
-            kept_idx = np.flatnonzero(keep_mask[m.unit_of])  # indices of this dim whose unit stays
-            if kept_idx.size == 0:
+            if _is_identity(m.unit_of, g.n_units):  # index i is unit i: the kept indices are the kept units
+                if keep_list is None:
+                    keep_list = keep.tolist()
+                kept = keep_list.copy()  # each member its own list (plans are data a caller may edit)
+            else:
+                kept = np.nonzero(keep_mask[m.unit_of])[0].tolist()  # indices of this dim whose unit stays
+            if not kept:
                 raise CompactionError(
                     f"group {g.name}: removing units {rm.tolist()} empties {m.name} dim {m.dim}"
                 )
-            tensors.setdefault(m.name, {})[str(m.dim)] = kept_idx.tolist()
-    attributes, events = _head_attributes(graph, kept_units)
+            tensors.setdefault(m.name, {})[str(m.dim)] = kept
+    index = _class_index(graph)
+    attributes, events = _head_attributes(graph, kept_units, index)
     norms = norm_plan(graph, gone)
     plan = {
         "version": PLAN_VERSION,
@@ -121,8 +151,15 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
     }
     if norms:
         plan["norms"] = norms
-    plan["config"] = _config_changes(model, graph, kept_units, attributes, events)
+    plan["config"] = _config_changes(model, graph, kept_units, attributes, events, index)
     return plan
+
+
+def _is_identity(unit_of: np.ndarray, n: int) -> bool:
+    """``unit_of == arange(n)``: one index per unit, in order (most channel members)."""
+    return unit_of.size == n and (n == 0 or (unit_of[0] == 0 and unit_of[-1] == n - 1)) and (
+        n < 3 or bool((unit_of[1:] > unit_of[:-1]).all())
+    )
 
 
 def _class_index(graph: DependencyGraph) -> tuple[np.ndarray, np.ndarray]:
@@ -155,10 +192,13 @@ def _lookup_classes(
     return np.where(ok, group_of[cc], -1), np.where(ok, unit_of[cc], -1)
 
 
-def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) -> tuple[dict, list]:
+def _head_attributes(
+    graph: DependencyGraph, kept_units: dict[int, np.ndarray], index: tuple | None = None
+) -> tuple[dict, list]:
     """num_heads-like attributes of the modules where a channel dim was split into heads, and the
     changed head splits as ``(innermost module path, old count, new count)``."""
-    index = _class_index(graph)
+    if index is None:
+        index = _class_index(graph)
     attrs: dict[str, dict[str, list]] = {}
     events: list[tuple[str, int, int]] = []
     model = graph.model
@@ -184,16 +224,16 @@ def _head_attributes(graph: DependencyGraph, kept_units: dict[int, np.ndarray]) 
             hit = False
             for names in (HEAD_ATTRS, KV_HEAD_ATTRS):
                 for a in names:
-                    v = getattr(mod, a, None)
+                    v = _attr(mod, a)
                     if isinstance(v, int) and not isinstance(v, bool) and v == ev.n_outer:
                         attrs.setdefault(path, {})[a] = [v, n_new]
                         hit = True
             if hit:
                 for a in WIDTH_ATTRS:
-                    v = getattr(mod, a, None)
+                    v = _attr(mod, a)
                     if isinstance(v, int) and not isinstance(v, bool) and v == ev.n_outer * ev.inner:
                         attrs.setdefault(path, {})[a] = [v, n_new * ev.inner]
-                hd = getattr(mod, "head_dim", None)
+                hd = _attr(mod, "head_dim")
                 if isinstance(hd, int) and hd != ev.inner:
                     raise IncompatibleGroupError(
                         f"module {path} ({type(mod).__name__}): its head_dim {hd} differs from the head size "
@@ -230,6 +270,7 @@ def _config_changes(
     kept_units: dict[int, np.ndarray],
     attributes: dict,
     events: list,
+    index: tuple | None = None,
 ) -> dict:
     """Hugging Face config keys to update, only where every layer agrees on the new value."""
     cfgs = _configs(model)
@@ -243,21 +284,32 @@ def _config_changes(
     memo: dict[str, str] = {}
 
     def cfg_key_of(path: str) -> str:
-        if path in memo:
-            return memo[path]
-        parts = path.split(".") if path else []
-        key = ""
-        for i in range(len(parts), -1, -1):
-            mod = modules[".".join(parts[:i])]
-            c = getattr(mod, "config", None)
+        key = memo.get(path)
+        if key is None:
+            c = _attr(modules[path], "config")
             if c is not None and id(c) in cfg_ids:
                 key = cfg_ids[id(c)]
-                break
-        memo[path] = key
+            else:
+                key = cfg_key_of(path.rpartition(".")[0]) if path else ""
+            memo[path] = key
         return key
 
+    values: dict[tuple[str, str], Any] = {}  # config values read once (HF config getattr is slow)
+
+    def value(ck: str, k: str) -> Any:
+        if (ck, k) not in values:
+            values[(ck, k)] = getattr(cfgs[ck], k, None)
+        return values[(ck, k)]
+
+    layer_free: dict[int, tuple[str, ...]] = {}
+
+    def layer_free_key(gi: int) -> tuple[str, ...]:
+        if gi not in layer_free:
+            layer_free[gi] = _layer_free_key(graph.groups[gi])
+        return layer_free[gi]
+
     proposals: dict[tuple[str, str], set] = {}
-    norm_groups = _norm_groups(graph)
+    norm_groups = _norm_groups(graph, index)
     for gi, g in enumerate(graph.groups):  # the residual width: a group normalised by norm modules
         if gi not in norm_groups:  # those left whole (frozen ones too) vote for the old width
             continue
@@ -265,14 +317,13 @@ def _config_changes(
         cfg = cfgs[ck]
         aliases = getattr(cfg, "attribute_map", {}) or {}
         for k in CONFIG_HIDDEN_KEYS:
-            if k not in aliases and getattr(cfg, k, None) == g.n_units:
+            if k not in aliases and value(ck, k) == g.n_units:
                 new = int(kept_units[gi].size) if gi in kept_units else g.n_units
                 proposals.setdefault((ck, k), set()).add(new)
     for path, old, new in events:
         ck = cfg_key_of(path)
-        cfg = cfgs[ck]
         for k in CONFIG_HEAD_KEYS + CONFIG_KV_KEYS:
-            if getattr(cfg, k, None) == old:
+            if value(ck, k) == old:
                 proposals.setdefault((ck, k), set()).add(new)
     pruned_kinds = set()
     for gi, keep in kept_units.items():
@@ -281,18 +332,17 @@ def _config_changes(
             continue
         if any(True for p in attributes for m in g.members if m.module.startswith(p) and p):
             continue
-        pruned_kinds.add(_layer_free_key(g))
+        pruned_kinds.add(layer_free_key(gi))
         ck = cfg_key_of(g.members[0].module)
-        cfg = cfgs[ck]
         for k in CONFIG_FF_KEYS:
-            if getattr(cfg, k, None) == g.n_units:
+            if value(ck, k) == g.n_units:
                 proposals.setdefault((ck, k), set()).add(int(keep.size))
     for gi, g in enumerate(graph.groups):  # the same group in layers left alone keeps the old width
-        if gi in kept_units or gi in norm_groups or _layer_free_key(g) not in pruned_kinds:
+        if gi in kept_units or gi in norm_groups or layer_free_key(gi) not in pruned_kinds:
             continue
         ck = cfg_key_of(g.members[0].module)
         for k in CONFIG_FF_KEYS:
-            if getattr(cfgs[ck], k, None) == g.n_units:
+            if value(ck, k) == g.n_units:
                 proposals.setdefault((ck, k), set()).add(g.n_units)
     for (ck, k), vals in proposals.items():
         cfg = cfgs[ck]
@@ -318,28 +368,36 @@ def _config_changes(
     return changes
 
 
-def _norm_groups(graph: DependencyGraph) -> set[int]:
+def _norm_groups(graph: DependencyGraph, index: tuple | None = None) -> set[int]:
     """Indices of the groups holding the normalised channels of norm modules (graphs built with
     ``prune_normalized=True``): residual widths, whose config keys are :data:`CONFIG_HIDDEN_KEYS`."""
     wanted = [ev.classes for ev in graph.splits if ev.kind == "norm" and ev.classes is not None]
     if not wanted:
         return set()
-    gids, _ = _lookup_classes(_class_index(graph), np.concatenate(wanted))
-    return set(np.unique(gids[gids >= 0]).tolist())
+    gids, _ = _lookup_classes(_class_index(graph) if index is None else index, np.concatenate(wanted))
+    gids = gids[gids >= 0]
+    return set(np.flatnonzero(np.bincount(gids)).tolist()) if gids.size else set()
 
 
 class _ModuleLookup:
-    """``lookup[path]``: the submodule at ``path`` (``""``: the model), from one walk of the module tree
-    instead of one ``get_submodule`` walk per query; paths not listed fall back to ``get_submodule``."""
+    """``lookup[path]``: the submodule at ``path`` (``""``: the model), resolved one name at a time through
+    the parents' ``_modules`` and remembered, instead of a ``get_submodule`` walk per query (paths that are
+    not plain submodule chains fall back to ``get_submodule``)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.by_path = dict(model.named_modules(remove_duplicate=False))
+        self.by_path: dict[str, nn.Module] = {"": model}
 
     def __getitem__(self, path: str) -> nn.Module:
         mod = self.by_path.get(path)
         if mod is None:
-            mod = self.model.get_submodule(path) if path else self.model
+            parent, _, name = path.rpartition(".")
+            try:
+                mod = self[parent]._modules.get(name) if name else None
+            except AttributeError:
+                mod = None
+            if mod is None:  # not a chain of registered submodules: get_submodule resolves it or raises
+                mod = self.model.get_submodule(path)
             self.by_path[path] = mod
         return mod
 
