@@ -208,3 +208,21 @@ def test_counting_macs_leaves_batchnorm_statistics_untouched():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_remove_does_not_warn_when_the_final_sparsity_was_reached_by_hand():
+    """prune_to(final) by hand, then remove(): the exact-count sparsity (floor) may sit a hair under the
+    target; that is not an unfinished schedule."""
+    import warnings
+
+    from secateur.pruner import Pruner
+    from secateur.schedules import Cubic
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 2))  # 117 weights: 0.9 is 105.3
+    p = Pruner(model, Cubic(final_sparsity=0.9, start=0, every=10, n=10))
+    p.prune_to(0.9)
+    assert p.sparsity() < 0.9  # floor counts: just under
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.remove()

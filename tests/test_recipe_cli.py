@@ -311,3 +311,12 @@ def test_recipe_runner_recalibrates_batchnorm_after_pruning():
         with torch.no_grad():  # BatchNorm's input on the first k batches, through the pruned conv
             means = [model[0](x[i * 8 : (i + 1) * 8]).mean(dim=(0, 2, 3)) for i in range(k)]
         assert torch.allclose(model[1].running_mean, torch.stack(means).mean(0), atol=1e-6)
+
+
+def test_latency_is_a_recipe_target_for_channel_pruning_only():
+    sched = {"kind": "one_shot", "sparsity": 0.5}
+    spec = {"granularity": "channel", "criterion": "l1", "target": "latency", "schedule": sched}
+    r = recipe_from_dict(spec)
+    assert r.target == "latency"
+    with pytest.raises(ConfigError, match="target 'latency' needs granularity 'channel'"):
+        recipe_from_dict({"criterion": "magnitude", "target": "latency", "schedule": sched})

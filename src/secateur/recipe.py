@@ -98,8 +98,9 @@ class FinetuneSpec(_Strict):
 
 class Recipe(_Strict):
     """A whole pruning run. ``target`` says what the schedule's sparsity is a fraction of:
-    ``weights`` (scoped weights, element granularity), ``channels`` (prunable units), ``params`` or
-    ``macs`` (of the whole model; channel granularity)."""
+    ``weights`` (scoped weights, element granularity), ``channels`` (prunable units), ``params``,
+    ``macs`` or ``latency`` (of the whole model, latency as measured on CPU at the example inputs;
+    channel granularity)."""
 
     name: str = ""
     description: str = ""
@@ -108,7 +109,7 @@ class Recipe(_Strict):
     criterion_kwargs: dict[str, Any] = {}
     allocation: str = "global"
     schedule: ScheduleSpec
-    target: Literal["weights", "channels", "params", "macs"] = "weights"
+    target: Literal["weights", "channels", "params", "macs", "latency"] = "weights"
     scope: ScopeSpec = ScopeSpec()
     protect: list[str] = []
     round_to: int = Field(1, ge=1)
@@ -145,7 +146,7 @@ class Recipe(_Strict):
                 f"target {self.target!r} needs granularity 'channel' (element pruning targets 'weights')"
             )
         if self.granularity == "channel" and self.target == "weights":
-            raise ValueError("granularity 'channel' takes target 'channels', 'params' or 'macs'")
+            raise ValueError("granularity 'channel' takes target 'channels', 'params', 'macs' or 'latency'")
         if self.granularity == "n:m" and self.n >= self.m:
             raise ValueError(f"N:M needs n < m, got {self.n}:{self.m}")
         return self
