@@ -363,6 +363,33 @@ def _capture_streamed(
     return inputs, masks, n_tokens, loaded
 
 
+def _release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    Pruning a block allocates and frees tensors of many sizes (weights, scores, sort indices, masks,
+    activations). glibc serves those of a few MB from its heap once its dynamic mmap threshold has
+    risen, and keeps them there after they are freed, fragmented: without this, pruning a 16-block
+    GPT-2 shape (48 MiB per block) grew the process by about 70 MiB per block (1.2 GB at the end)
+    while the live tensors stayed at one block; with it the resident memory is flat across blocks.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        if sys.platform.startswith("linux"):
+            import ctypes
+            import ctypes.util
+
+            try:
+                _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+                _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def materialised_bytes(model: nn.Module) -> int:
     """Bytes of the model's state-dict tensors that are not on ``meta``, each storage counted once."""
     seen: set[tuple[str, int]] = set()
@@ -557,6 +584,7 @@ def prune_checkpoint(
                 writer.write(f"{name}.weight", mod.weight)
                 report.written_tensors.append(f"{name}.weight")
             block.to("meta")
+            _release_free_memory()
         writer.close(sync=fsync)
         if out.exists():
             raise ConfigError(f"{out} was created while pruning; the result is not moved there")
