@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--n-seq", type=int, default=64)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--workdir", type=Path, default=None, help="parent of the temporary checkpoint directory")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--docs-only", action="store_true", help="rewrite the docs from the saved JSON")
