@@ -66,15 +66,20 @@ def connected_labels(n: int, a: np.ndarray, b: np.ndarray, max_rounds: int = 48)
     matrix; an adversarial graph that needs more than ``max_rounds`` rounds is finished by scipy's
     ``connected_components`` when available.
     """
-    parent = np.arange(n, dtype=np.int64)
-    a = np.asarray(a, dtype=np.int64)
-    b = np.asarray(b, dtype=np.int64)
-    for _ in range(max_rounds):
-        pa, pb = parent[a], parent[b]
-        diff = pa != pb
-        if not diff.any():
-            return parent
-        a, b, pa, pb = a[diff], b[diff], pa[diff], pb[diff]
+    dtype = np.int32 if n < 2**31 - 1 else np.int64  # half the memory traffic on every pass
+    parent = np.arange(n, dtype=dtype)
+    a = np.asarray(a).astype(dtype, copy=False)
+    b = np.asarray(b).astype(dtype, copy=False)
+    keep = a != b  # first round: every atom is its own root
+    a, b = a[keep], b[keep]
+    pa, pb = a, b
+    for r in range(max_rounds):
+        if r:
+            pa, pb = parent[a], parent[b]
+            diff = pa != pb
+            a, b, pa, pb = a[diff], b[diff], pa[diff], pb[diff]
+        if not a.size:
+            return parent.astype(np.int64, copy=False)
         np.minimum.at(parent, np.maximum(pa, pb), np.minimum(pa, pb))
         while True:  # pointer jumping until every atom points at a root
             nxt = parent[parent]
@@ -85,8 +90,12 @@ def connected_labels(n: int, a: np.ndarray, b: np.ndarray, max_rounds: int = 48)
         from scipy.sparse import csr_matrix
         from scipy.sparse.csgraph import connected_components
     except ImportError:  # keep hooking: each round removes at least one root, so this ends
+        every = np.arange(n, dtype=parent.dtype)  # the forest so far (atom -- its root) and what is left
+        a, b = np.concatenate([every, parent[a]]), np.concatenate([parent, parent[b]])
         return connected_labels(n, a, b, max_rounds=1 << 62)
-    adj = csr_matrix((np.ones(a.size, dtype=np.int8), (parent[a], parent[b])), shape=(n, n))
+    parent = parent.astype(np.int64, copy=False)
+    a, b = parent[a.astype(np.int64)], parent[b.astype(np.int64)]
+    adj = csr_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n, n))
     _, comp = connected_components(adj, directed=True, connection="weak")
     comp = comp.astype(np.int64)
     # scipy numbers components in order of their smallest node: that node is each label's first occurrence
