@@ -433,6 +433,13 @@ _META_MAYBE: dict[str, Callable] = {
 }
 
 
+# Tensor metadata queries: they return sizes, dtypes or flags, never a tensor carrying channels.
+_METADATA = frozenset(
+    "dim size shape dtype device numel stride is_floating_point is_contiguous ndim ndimension layout "
+    "is_complex requires_grad is_cuda is_meta nelement element_size".split()
+)
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
@@ -442,6 +449,15 @@ class _Mode(TorchFunctionMode):
         kwargs = kwargs or {}
         tr = self.tracer
         name = op_name(func)
+        if name in _METADATA:  # x.dim(), x.shape...: no tensor out, nothing to record but the count
+            out = func(*args, **kwargs)
+            if not tr.opaque and not isinstance(out, torch.Tensor):
+                tr.n_ops += 1
+                return out
+            if tr.opaque:
+                return out
+            tr.on_op(func, args, kwargs, out, name)
+            return out
         out = None
         if tr.meta:
             fast = _META_SHAPES.get(name)
@@ -602,6 +618,16 @@ class Tracer:
         return hook
 
 
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    """``t.detach().to("meta")``: a meta tensor of the same shape, strides and dtype (directly for a dense
+    plain tensor, which is cheaper than going through ``to``)."""
+    if type(t) in (torch.Tensor, nn.Parameter) and (
+        t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return t.detach().to("meta")
+
+
 def _to_meta(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to("meta")
@@ -670,7 +696,7 @@ def run_trace(
         sub: dict[str, torch.Tensor] = {}
         for n, t in list(named.items()) + list(buffers.items()):
             if id(t) not in cache:
-                cache[id(t)] = t.detach().to("meta")
+                cache[id(t)] = _meta_like(t)
             sub[n] = cache[id(t)]
         tracer.register_tensors(sub, set(buffers))
         tracer.meta = True
