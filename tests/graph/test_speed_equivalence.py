@@ -689,3 +689,21 @@ def test_lp_scores_bit_identical(name):
     for g in graph.prunable_groups():
         for p in (1.0, 2.0, 3.0):
             assert np.array_equal(lp_scores(g, model, p), old_lp_scores(g, model, p)), g.name
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_binding_parameter_atoms_equals_coupling_fresh_ones(name, monkeypatch):
+    """Weights and norm parameters take the atoms of the activation they meet (no new atoms, no edges):
+    the same groups, unit maps, reasons and plans as coupling fresh atoms, with far fewer atoms."""
+    model, x, graph = _build(name, False)
+    monkeypatch.setattr(tracer_mod.Tracer, "dims_binding", lambda self, t, bind: (self.dims(t), set()))
+    _, _, fresh = _build(name, False)
+    assert [(g.name, g.n_units, g.reasons) for g in graph.groups] == [
+        (g.name, g.n_units, g.reasons) for g in fresh.groups
+    ]
+    for ga, gb in zip(graph.groups, fresh.groups):
+        assert np.array_equal(ga.prunable, gb.prunable)
+        for ma, mb in zip(ga.members, gb.members):
+            assert (ma.name, ma.dim) == (mb.name, mb.dim) and np.array_equal(ma.unit_of, mb.unit_of)
+    removed = _removals(graph)
+    assert make_plan(graph, removed) == make_plan(fresh, removed)

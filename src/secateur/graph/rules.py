@@ -222,7 +222,9 @@ def batch_norm_rule(ctx: OpContext) -> None:
     for name, i in names:
         t = ctx.arg(i, name)
         if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == x.shape[1] > 1:
-            c = ctx.couple(c, ctx.dims(t)[0])
+            td, bound = ctx.dims_binding(t, {0: c})
+            if not bound:
+                c = ctx.couple(c, td[0])
     if len(dims) > 1:
         dims[1] = c
     ctx.set_dims(_first_out(ctx), dims)
@@ -260,15 +262,20 @@ def linear_rule(ctx: OpContext) -> None:
     """linear(x, W[out, in], b[out]): x's last dim <-> W dim 1; output last dim = W dim 0 (+ bias)."""
     x, w = ctx.args[0], ctx.arg(1, "weight")
     b = ctx.arg(2, "bias")
-    xd, wd = ctx.dims(x), ctx.dims(w)
+    xd = ctx.dims(x)
+    wd, bound = ctx.dims_binding(w, {w.dim() - 1: xd[-1] if x.shape[-1] > 1 else None})
     if w.dim() == 1:
-        ctx.couple(xd[-1], wd[0])
+        if not bound:
+            ctx.couple(xd[-1], wd[0])
         ctx.set_dims(_first_out(ctx), xd[:-1])
         return
-    ctx.couple(xd[-1], wd[1]) if x.shape[-1] > 1 else None
+    if x.shape[-1] > 1 and not bound:
+        ctx.couple(xd[-1], wd[1])
     o = wd[0]
     if isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] > 1:
-        o = ctx.couple(o, ctx.dims(b)[0])
+        bd, bound = ctx.dims_binding(b, {0: o})
+        if not bound:
+            o = ctx.couple(o, bd[0])
     ctx.set_dims(_first_out(ctx), list(xd[:-1]) + [o])
 
 
@@ -284,10 +291,13 @@ def conv_rule(ctx: OpContext) -> None:
     else:  # F.conv*d and F.conv_transpose*d both take groups at position 6
         groups = ctx.arg(6, "groups", 1)
     groups = int(groups or 1)
-    xd, wd = list(ctx.dims(x)), ctx.dims(w)
+    xd = list(ctx.dims(x))
     batched = x.dim() == w.dim()
     cdim = 1 if batched else 0
     cin = xd[cdim]
+    # an ungrouped conv's input-channel dim is the input's channels (bound, not coupled, when first seen)
+    w_in_dim = 0 if transposed else 1
+    wd, bound = ctx.dims_binding(w, {w_in_dim: cin if groups == 1 and x.shape[cdim] > 1 else None})
     if transposed:  # weight (Cin, Cout/G, k...)
         w_in, w_out = wd[0], wd[1]
     else:  # weight (Cout, Cin/G, k...)
@@ -297,7 +307,8 @@ def conv_rule(ctx: OpContext) -> None:
     out = _first_out(ctx)
     cout_n = out.shape[cdim]
     if groups == 1:
-        ctx.couple(cin, w_in) if x.shape[cdim] > 1 else None
+        if x.shape[cdim] > 1 and not bound:
+            ctx.couple(cin, w_in)
         o = w_out
     else:
         cin_g, cout_g = x.shape[cdim] // groups, cout_n // groups
@@ -320,7 +331,9 @@ def conv_rule(ctx: OpContext) -> None:
         ctx.union_rows(mat)
         o = o_atoms
     if isinstance(b, torch.Tensor) and b.shape[0] > 1:
-        o = ctx.couple(o, ctx.dims(b)[0])
+        bd, bound = ctx.dims_binding(b, {0: o})
+        if not bound:
+            o = ctx.couple(o, bd[0])
     od = [None] * out.dim()
     od[cdim] = o
     ctx.set_dims(out, od)

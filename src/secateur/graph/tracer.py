@@ -164,6 +164,11 @@ class OpContext:
         """Atoms per dimension of a tensor (``None`` for non-channel dims); ``[]`` for a non-tensor."""
         return self.tracer.dims(t)
 
+    def dims_binding(self, t: Any, bind: dict[int, Atoms | None]) -> tuple[Dims, set[int]]:
+        """:meth:`dims`, where a parameter seen for the first time takes the atoms ``bind[d]`` for its dims
+        ``d`` (what coupling fresh atoms to them would give); returns the dims and the dims bound."""
+        return self.tracer.dims_binding(t, bind)
+
     def has_atoms(self, t: Any) -> bool:
         return any(d is not None for d in self.dims(t))
 
@@ -552,6 +557,40 @@ class Tracer:
 
     def set_dims(self, t: torch.Tensor, dims: Dims) -> None:
         self._info[id(t)] = (weakref.ref(t), dims)
+
+    def dims_binding(self, t: Any, bind: dict[int, Atoms | None]) -> tuple[Dims, set[int]]:
+        """``dims(t)``, except that a parameter seen for the first time takes, for each dim ``d`` in
+        ``bind``, the atoms ``bind[d]`` (same size) instead of fresh ones. Returns the dims and the set of
+        dims bound.
+
+        Binding a weight's dim to the atoms of the activation it meets is what ``couple`` of fresh atoms
+        with them would give (index ``i`` is in the class of ``bind[d][i]``), without new atoms or edges
+        for the union-find: a trace of a CNN allocates a third of the atoms. Atoms made later are numbered
+        lower but in the same order, so classes keep their order (a class is labelled by its first atom,
+        which is never a fresh parameter atom coupled to older ones)."""
+        rec = self._info.get(id(t))
+        if rec is not None and rec[0]() is t:
+            return rec[1], set()
+        prec = self._params.get(id(t))
+        if prec is None or prec[0] is not t:
+            return self.dims(t), set()
+        _, name, is_buffer = prec
+        if (is_buffer and not t.is_floating_point()) or any((name, d) in self.param_dims for d in bind):
+            return self.dims(t), set()
+        dims: Dims = []
+        bound: set[int] = set()
+        for d, size in enumerate(t.shape):
+            a = bind.get(d)
+            if size <= 1:
+                dims.append(None)
+            elif a is not None and a.shape == (size,):
+                self.param_dims[(name, d)] = ParamDim(name, d, a, self.aliases.get(name, ()), is_buffer)
+                dims.append(a)
+                bound.add(d)
+            else:
+                dims.append(self.param_atoms(name, d, size, is_buffer))
+        self.set_dims(t, dims)
+        return dims, bound
 
     # --- where are we -------------------------------------------------------------------------------
     def module_path(self) -> str:
