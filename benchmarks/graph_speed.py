@@ -5,9 +5,14 @@
 
 Models: Hugging Face ResNet-50 and ViT-base/16 (random init, default configs), example input 1x3x224x224,
 the same for both libraries. Each repetition prunes a fresh deep copy (the copy is not timed). Both libraries
-use L1 magnitude importance and a 50% ratio with the classifier protected. Reported: median over ``--reps``.
-Then CPU latency (torch.utils.benchmark, batch 32) of the dense vs secateur-pruned ResNet-50 next to the MACs
-ratio (torch.utils.flop_counter).
+use L1 magnitude importance and a 50% ratio with the classifier protected, and remove the same parameters:
+Torch-Pruning prunes ViT's hidden size through its LayerNorms, so secateur builds that graph with
+``prune_normalized=True`` (``PRUNE_NORMALIZED``); ``params_match`` records that both end with the same number
+of parameters (a mismatch is printed and makes the script exit with status 1 after writing the results).
+Reported: median over ``--reps`` of wall time (``time.perf_counter``) and of this thread's CPU time
+(``time.thread_time``: less sensitive to other jobs on a shared machine). Then CPU latency
+(torch.utils.benchmark, batch 32) of the dense vs secateur-pruned ResNet-50 next to the MACs ratio
+(torch.utils.flop_counter).
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ def build_models() -> dict:
     }
 
 
+# what Torch-Pruning removes by default: ViT's hidden size too (through LayerNorm), ResNet has no such dims
+PRUNE_NORMALIZED = {"hf-resnet-50": False, "hf-vit-base-16": True}
+
+
 def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -53,23 +62,44 @@ def macs(m: torch.nn.Module, x: torch.Tensor) -> int:
     return fc.get_total_flops() // 2
 
 
-def ours_once(model: torch.nn.Module, x: torch.Tensor) -> dict:
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15-minute load averages (other jobs on the machine), for the record."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
+def _times(c0: tuple, c1: tuple, c2: tuple, m: torch.nn.Module) -> dict:
+    return {
+        "build_s": c1[0] - c0[0],
+        "step_s": c2[0] - c1[0],
+        "total_s": c2[0] - c0[0],
+        "cpu_build_s": c1[1] - c0[1],
+        "cpu_step_s": c2[1] - c1[1],
+        "cpu_total_s": c2[1] - c0[1],
+        "params_after": n_params(m),
+    }
+
+
+def ours_once(model: torch.nn.Module, x: torch.Tensor, prune_normalized: bool = False) -> dict:
     m = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    graph = DependencyGraph.build(m, x)
-    t1 = time.perf_counter()
+    c0 = _clocks()
+    graph = DependencyGraph.build(m, x, prune_normalized=prune_normalized)
+    c1 = _clocks()
     prune_channels(m, x, ratio=0.5, criterion="l1", graph=graph, verify=False)
-    t2 = time.perf_counter()
+    c2 = _clocks()
     with torch.no_grad():
         m(x)
-    return {"build_s": t1 - t0, "step_s": t2 - t1, "total_s": t2 - t0, "params_after": n_params(m)}
+    return _times(c0, c1, c2, m)
 
 
 def tp_once(model: torch.nn.Module, x: torch.Tensor) -> dict:
     import torch_pruning as tp
 
     m = copy.deepcopy(model)
-    t0 = time.perf_counter()
+    c0 = _clocks()
     pruner = tp.pruner.MetaPruner(
         m,
         x,
@@ -77,17 +107,20 @@ def tp_once(model: torch.nn.Module, x: torch.Tensor) -> dict:
         pruning_ratio=0.5,
         ignored_layers=[m.classifier],
     )
-    t1 = time.perf_counter()
+    c1 = _clocks()
     pruner.step()
-    t2 = time.perf_counter()
+    c2 = _clocks()
     with torch.no_grad():
         m(x)
-    return {"build_s": t1 - t0, "step_s": t2 - t1, "total_s": t2 - t0, "params_after": n_params(m)}
+    return _times(c0, c1, c2, m)
+
+
+TIMES = ("build_s", "step_s", "total_s", "cpu_build_s", "cpu_step_s", "cpu_total_s")
 
 
 def median_of(fn, model, x, reps: int) -> dict:
     runs = [fn(model, x) for _ in range(reps)]
-    out = {k: statistics.median(r[k] for r in runs) for k in ("build_s", "step_s", "total_s")}
+    out = {k: statistics.median(r[k] for r in runs) for k in TIMES}
     out["params_after"] = runs[-1]["params_after"]
     out["runs_total_s"] = [round(r["total_s"], 4) for r in runs]
     return out
@@ -163,24 +196,38 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "reps": args.reps,
+        "loadavg_1_5_15_at_start": _loadavg(),
         "input": [1, 3, 224, 224],
         "models": {},
     }
     import transformers
 
     result["transformers"] = transformers.__version__
+    mismatches = []
     for name, model in build_models().items():
-        row: dict = {"params": n_params(model)}
-        ours_once(model, x)  # warm-up (imports, allocator)
-        row["secateur"] = median_of(ours_once, model, x, args.reps)
+        pn = PRUNE_NORMALIZED[name]
+        row: dict = {"params": n_params(model), "secateur_prune_normalized": pn}
+
+        def ours(m, xx, pn=pn):
+            return ours_once(m, xx, prune_normalized=pn)
+
+        ours(model, x)  # warm-up (imports, allocator)
+        row["secateur"] = median_of(ours, model, x, args.reps)
         if tp is not None:
             try:
                 tp_once(model, x)
                 row["torch_pruning"] = median_of(tp_once, model, x, args.reps)
-                row["speedup_total"] = row["torch_pruning"]["total_s"] / row["secateur"]["total_s"]
-                row["speedup_build"] = row["torch_pruning"]["build_s"] / row["secateur"]["build_s"]
             except Exception as e:  # noqa: BLE001  (a peer failure is a result, not a crash)
                 row["torch_pruning"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            else:
+                ours_r, tp_r = row["secateur"], row["torch_pruning"]
+                row["params_match"] = ours_r["params_after"] == tp_r["params_after"]
+                if not row["params_match"]:
+                    mismatches.append(f"{name}: {ours_r['params_after']} vs {tp_r['params_after']}")
+                row["speedup_total"] = tp_r["total_s"] / ours_r["total_s"]
+                row["speedup_build"] = tp_r["build_s"] / ours_r["build_s"]
+                row["speedup_step"] = tp_r["step_s"] / ours_r["step_s"]
+                row["speedup_total_cpu"] = tp_r["cpu_total_s"] / ours_r["cpu_total_s"]
         result["models"][name] = row
         print(name, json.dumps(row, indent=1), flush=True)
     if not args.skip_latency:
@@ -213,9 +260,13 @@ def main() -> None:
             print(setting, json.dumps(row), flush=True)
         result["latency_resnet50_50pct"] = lat
         print(json.dumps(lat, indent=1), flush=True)
+    result["loadavg_1_5_15_at_end"] = _loadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("wrote", args.out)
+    if mismatches:
+        print("parameter counts differ between the libraries:", "; ".join(mismatches), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
