@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from secateur.analysis.rss import reset_peak_rss, status_mib
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -44,24 +46,6 @@ DOCS = {
     ROOT / "docs" / "benchmarks.md": ("<!-- llm_offload:begin -->", "<!-- llm_offload:end -->"),
 }
 COMMAND = "nice -n 19 env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_offload.py"
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS mark (VmHWM) (Linux: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _config(args: argparse.Namespace):
@@ -123,8 +107,8 @@ def probe(mode: str, src: Path, out: Path, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         tiny(**batches[0])
     del tiny
-    reset = _reset_peak_rss()
-    base = _status_mib("VmRSS")
+    reset = reset_peak_rss()
+    base = status_mib("VmRSS")
     t0 = time.perf_counter()
     extra = {}
     if mode == "streamed":
@@ -142,7 +126,7 @@ def probe(mode: str, src: Path, out: Path, args: argparse.Namespace) -> dict:
         extra = {"peak_held_calibration_mib": rep.peak_held_bytes / 2**20}
     return {
         "mode": mode,
-        "peak_rss_growth_mib": _status_mib("VmHWM") - base if reset else None,
+        "peak_rss_growth_mib": status_mib("VmHWM") - base if reset else None,
         "seconds": time.perf_counter() - t0,
         "overall_sparsity": rep.overall_sparsity,
         "n_tokens": rep.n_tokens,

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from secateur.analysis.rss import reset_peak_rss, status_mib
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -70,24 +72,6 @@ def _calibration(split, n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(split.calibration, n)
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_probe(mode: str, n_calib: int, max_length: int) -> dict:
     """In a fresh process: peak RSS growth of the layer-by-layer pass or of the whole-model capture."""
     from secateur.llm import load_fortunes, prune_oneshot, tokenized_batches
@@ -101,8 +85,8 @@ def memory_probe(mode: str, n_calib: int, max_length: int) -> dict:
     with torch.no_grad():
         model(**batches[0])  # warm-up: allocator and lazy init are not part of either approach
     # Peak RSS during the pass minus RSS before it; the mark is reset so model loading does not count.
-    reset = _reset_peak_rss()
-    base = _status_mib("VmRSS")
+    reset = reset_peak_rss()
+    base = status_mib("VmRSS")
     t0 = time.perf_counter()
     if mode == "layerwise":
         rep = prune_oneshot(model, batches, "wanda", 0.5, "row")
@@ -127,7 +111,7 @@ def memory_probe(mode: str, n_calib: int, max_length: int) -> dict:
     return {
         "mode": mode,
         "n_calib": n_calib,
-        "peak_rss_growth_mib": _status_mib("VmHWM") - base if reset else None,
+        "peak_rss_growth_mib": status_mib("VmHWM") - base if reset else None,
         "held_tensor_mib": held / 2**20,
         "seconds": time.perf_counter() - t0,
     }

@@ -245,3 +245,20 @@ def test_compare_callables() -> None:
         _check_stats(r, 3)
     with pytest.raises(ConfigError):
         compare_callables({})
+
+
+def test_rss_figures_follow_an_allocation_and_the_peak_resets():
+    import os
+
+    from secateur.analysis.rss import reset_peak_rss, status_mib
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux /proc")
+    before = status_mib("VmRSS")
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
+    assert status_mib("VmRSS") - before > 48
+    del big
+    if reset_peak_rss():
+        assert status_mib("VmHWM") - status_mib("VmRSS") < 16
+    with pytest.raises(RuntimeError, match="NoSuchField"):
+        status_mib("NoSuchField")
