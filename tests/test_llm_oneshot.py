@@ -32,13 +32,7 @@ transformers = pytest.importorskip("transformers")
 LAYERS = ("encoder.layer.0.attention.output.dense", "encoder.layer.0.intermediate.dense")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Many small ops: on a shared 2-core machine one intra-op thread is 2-3x faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from secateur.errors import ConfigError, SerializationError
 from secateur.train import Trainer, lr_at_step, read_state, seed_everything
 from secateur.zoo import create_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and do not fight other test processes for cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyLoader:
