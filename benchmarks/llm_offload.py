@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from _docs import write_block
 from secateur.analysis.rss import reset_peak_rss, status_mib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -199,13 +200,7 @@ def markdown(res: dict) -> str:
 
 def write_docs(res: dict) -> None:
     for path, (begin, end) in DOCS.items():
-        text = path.read_text()
-        block = f"{begin}\n{markdown(res)}\n{end}"
-        if begin in text and end in text:
-            text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        path.write_text(text)
+        write_block(path, begin, end, markdown(res))
 
 
 def main() -> None:

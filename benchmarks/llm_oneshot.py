@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from _docs import write_block
 from secateur.analysis.rss import reset_peak_rss, status_mib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -347,13 +348,7 @@ def gpt2_markdown(g: dict) -> list[str]:
 
 
 def write_docs(res: dict) -> None:
-    text = DOCS.read_text() if DOCS.exists() else ""
-    block = f"{BEGIN}\n{markdown(res)}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n## Results\n\n" + block + "\n"
-    DOCS.write_text(text)
+    write_block(DOCS, BEGIN, END, markdown(res), heading="## Results\n\n")
 
 
 def main() -> None:
