@@ -273,7 +273,7 @@ def gpt2_experiment(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     split = load_fortunes(seed=0)
-    train, held = _bytes("\\n".join(split.calibration)), _bytes("\\n".join(split.heldout))
+    train, held = _bytes("\n".join(split.calibration)), _bytes("\n".join(split.heldout))
     seq = 128
     cfg = transformers.GPT2Config(
         vocab_size=256, n_positions=seq, n_embd=128, n_layer=4, n_head=4, bos_token_id=10, eos_token_id=10
