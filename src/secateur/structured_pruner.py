@@ -36,8 +36,9 @@ from torch.nn.utils import parametrize
 
 from secateur.allocation import check_sparsity
 from secateur.analysis.counting import count_params, layer_table
-from secateur.compact import check_equivalence, compact, make_plan, mask_model
+from secateur.compact import compact, make_plan
 from secateur.compact.norms import norm_plan, set_norm_masks
+from secateur.compact.verify import verified_compact
 from secateur.criteria.group import (
     GroupCriterion,
     collect,
@@ -651,7 +652,7 @@ class ChannelPruner:
         """Physically remove the masked units (:func:`secateur.compact.compact`, transactional).
 
         Bakes this pruner's masks into plain weights, builds the plan (kept in ``self.plan``), and slices
-        every member. With ``verify`` the oracle (:func:`~secateur.compact.check_equivalence`, float64,
+        every member. With ``verify`` the oracle (:func:`~secateur.compact.verify.verified_compact`, float64,
         ``atol``) compares the compacted model with the masked one inside the transaction. Returns the
         model (changed in place); afterwards the pruner is finished (its hooks are removed).
 
@@ -666,14 +667,10 @@ class ChannelPruner:
         # parametrization from a copy would break the original (torch.nn.utils.parametrize)
         self._detach_masks(self.model)
         try:
-            check = None
             if verify:
-                ref = mask_model(copy.deepcopy(self.model), plan)
-
-                def check(m: nn.Module) -> None:
-                    check_equivalence(ref, m, self.example_inputs, atol=atol)
-
-            compact(self.model, plan, check=check)
+                verified_compact(self.model, plan, self.example_inputs, atol=atol)
+            else:
+                compact(self.model, plan)
         except Exception:
             with torch.no_grad():
                 self._apply_masks()
