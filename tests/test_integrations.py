@@ -65,6 +65,8 @@ def test_hf_trainer_callback_drives_schedule(tmp_path) -> None:
     ones = torch.ones(8, dtype=torch.long)
     data = [{"input_ids": ids[i], "attention_mask": ones, "labels": int(ids[i, 0] % 2)} for i in range(24)]
     recorder = _Recorder(pruner)
+    grads: list[bool] = []  # forwarded before each optimizer step, with gradients present
+    pruner.on_after_backward = lambda _t: grads.append(all(p.grad is not None for p in model.parameters()))
 
     class Record(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -79,6 +81,7 @@ def test_hf_trainer_callback_drives_schedule(tmp_path) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, Record()])
     trainer.train()
     assert trainer.state.global_step == 6
+    assert grads == [True] * 6
     recorder.rows.insert(0, (0, callback.updates[0][1]))
     _check_schedule(recorder.rows, callback.updates, pruner)
     # The masked weights really are zero in the trained model.
@@ -96,6 +99,8 @@ def test_lightning_callback_drives_schedule(tmp_path) -> None:
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     pruner = Pruner(net, SCHEDULE)
     recorder = _Recorder(pruner)
+    grads: list[bool] = []  # forwarded before each optimizer step, with gradients present
+    pruner.on_after_backward = lambda _t: grads.append(all(p.grad is not None for p in net.parameters()))
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -124,6 +129,7 @@ def test_lightning_callback_drives_schedule(tmp_path) -> None:
     )
     trainer.fit(Module(), loader)
     assert trainer.global_step == 6
+    assert grads == [True] * 6
     recorder.rows.insert(0, (0, callback.updates[0][1]))
     _check_schedule(recorder.rows, callback.updates, pruner)
     assert callback.state_dict()["last_update"] == 4

@@ -33,6 +33,13 @@ class PrunerStepping:
         self.sync = sync
         self.updates: list[tuple[int, float]] = []
 
+    def _after_backward(self) -> None:
+        """Gradients are present, the optimizer has not stepped: forward to ``pruner.on_after_backward``
+        when it has one (a Taylor/Fisher ChannelPruner reads its statistics there)."""
+        fn = getattr(self.pruner, "on_after_backward", None)
+        if fn is not None:
+            fn(None)
+
     def _step(self, step: int) -> None:
         """``pruner.step(step)``; on a mask change, sync the ranks and record ``(step, sparsity)``."""
         if not self.pruner.step(int(step)):

@@ -43,6 +43,11 @@ class PruningCallback(PrunerStepping, TrainerCallback):
     ) -> None:
         self._step(state.global_step)
 
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._after_backward()
+
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:

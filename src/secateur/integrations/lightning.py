@@ -59,6 +59,9 @@ def _build() -> type:
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             self._step(trainer.global_step)
 
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            self._after_backward()
+
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                                batch_idx: int) -> None:
             self._step(trainer.global_step)
