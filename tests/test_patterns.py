@@ -15,7 +15,7 @@ from secateur.masks.patterns import (
 )
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (0, 4), (4, 4)])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 4), (7, 8)])
 def test_nm_every_group_exact_and_keeps_the_largest(n, m):
     s = torch.randn(16, 32)
     keep = nm_mask(s, n, m)
@@ -25,10 +25,9 @@ def test_nm_every_group_exact_and_keeps_the_largest(n, m):
     assert (groups_k.sum(-1) == n).all()
     assert check_nm_mask(keep, n, m)
     # Every kept score is >= every pruned score inside its own group.
-    if 0 < n < m:
-        kept_min = torch.where(groups_k, groups_s, torch.full_like(groups_s, math.inf)).min(-1).values
-        pruned_max = torch.where(~groups_k, groups_s, torch.full_like(groups_s, -math.inf)).max(-1).values
-        assert (kept_min >= pruned_max).all()
+    kept_min = torch.where(groups_k, groups_s, torch.full_like(groups_s, math.inf)).min(-1).values
+    pruned_max = torch.where(~groups_k, groups_s, torch.full_like(groups_s, -math.inf)).max(-1).values
+    assert (kept_min >= pruned_max).all()
 
 
 def test_nm_ties_are_exact():
@@ -53,6 +52,27 @@ def test_nm_errors_name_the_layer():
         nm_mask(torch.randn(4, 8), 5, 4, layer="fc2")
     with pytest.raises(ConfigError):
         nm_mask(torch.randn(8), 2, 4)
+
+
+@pytest.mark.parametrize(
+    "spec,why",
+    [
+        ("0:4", "N=0 would remove every weight"),
+        ("4:4", "N=M keeps every weight"),
+        ((0, 8), "N=0 would remove every weight"),
+        ((8, 8), "N=M keeps every weight"),
+        ("5:4", "need 0 < N < M"),
+        ("1:0", "need 0 < N < M"),
+        ((2.0, 4), "N of N:M must be an int"),
+    ],
+)
+def test_nm_refuses_patterns_that_prune_everything_or_nothing(spec, why):
+    """0:M zeroes every weight (a sparsity of 1.0, refused elsewhere too) and M:M is a silent no-op."""
+    with pytest.raises(ConfigError, match=why):
+        parse_pattern(spec)
+    s = torch.randn(4, 8)
+    with pytest.raises(ConfigError, match=f"^fc: .*{why}"):
+        pattern_mask(s, spec, layer="fc")
 
 
 @pytest.mark.parametrize("sp", [0.0, 0.3, 0.5, 0.9])

@@ -69,6 +69,13 @@ def _parse_kwargs(text: str | None) -> dict:
     return value
 
 
+def _user_factory(model_spec: str) -> list[str]:
+    """``[model_spec]`` when it names a user factory (``package.module:function``), else ``[]``: the names
+    :func:`secateur.load` may run because the user typed them (a saved folder's own names are never run)."""
+    scheme = model_spec.partition(":")[0]
+    return [] if scheme in ("zoo", "hf", "saved") else [model_spec]
+
+
 def _fail(e: Exception) -> None:
     raise click.ClickException(str(e))
 
@@ -258,14 +265,17 @@ def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, 
     try:
         model = build_model(model_spec, **_parse_kwargs(model_kwargs))
         plan = None
-        if model_spec.startswith("saved:"):
-            plan = json.loads((Path(model_spec[6:]) / "plan.json").read_text()).get("plan")
+        if model_spec.startswith("saved:"):  # build_model loaded it; its plan is re-saved with it
+            from secateur.io.validate import read_plan_file
+
+            plan = read_plan_file(Path(model_spec[6:])).get("plan")
         train, test = fashion_mnist_loaders(batch_size=batch_size, subset=subset)
         trainer = Trainer(model, train, test, epochs=epochs, lr=lr, progress=not quiet)
         trainer.fit()
         acc = trainer.evaluate(test)["accuracy"]
         save(model, Path(out_dir) / "model", plan=plan, metadata={"accuracy": acc, "epochs": epochs})
-        load(Path(out_dir) / "model")  # fail now, not later, if it does not reload
+        # fail now, not later, if it does not reload (a factory named on this command line is trusted)
+        load(Path(out_dir) / "model", trust_factory=_user_factory(model_spec))
     except SecateurError as e:
         _fail(e)
     click.echo(json.dumps({"accuracy": acc, "saved": f"{out_dir}/model"}))

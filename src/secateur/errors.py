@@ -39,12 +39,39 @@ class UnsupportedOpError(GraphError):
     """An op without a coupling rule ran on a path that carries a prunable dimension."""
 
 
+class UntracedModuleError(GraphError):
+    """Modules with parameters that the traced forward pass never reached (a branch taken only on other
+    inputs, a training-only head): their channels' couplings are unknown. The message names them and the
+    remedies (trace every branch with ``secateur.graph.ExampleInputs``, or ``untraced="freeze"``)."""
+
+
+class UntracedModuleWarning(UserWarning):
+    """``untraced="freeze"`` kept untraced modules whole and froze the channels around them."""
+
+
 class CompactionError(SecateurError):
     """Physical removal failed; the model was restored to its state before the call."""
 
 
 class SerializationError(SecateurError, ValueError):
     """A saved file or plan that cannot be loaded (pickle, truncated, does not fit the model)."""
+
+
+class UntrustedCodeError(SerializationError):
+    """A saved folder names code to run (a user factory ``"package.module:function"``) that the caller did
+    not pass or allow; nothing was imported or called. Pass the factory to ``load(..., factory=...)`` or
+    allow its name with ``load(..., trust_factory=[...])``."""
+
+
+class UnsafePathError(SerializationError):
+    """A file a saved folder lists that is not a regular file inside the folder (a path that resolves
+    outside it, an absolute path, a symlink leaving it, a FIFO or device); nothing was read from it."""
+
+
+class InvalidModelError(ConfigError, TypeError):
+    """The model argument is not a usable ``nn.Module``: not a module at all (a string, a path, a class) or
+    a module whose parameters are on the meta device (shapes without values). Also a ``TypeError``, which
+    these checks raised before."""
 
 
 class IncompatibleGroupError(GraphError, CompactionError):

@@ -9,18 +9,35 @@ zero through training; :meth:`Pruner.remove` bakes them into plain weights.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from secateur._validate import check_model, check_ratio
 from secateur.allocation import check_sparsity, get_allocation
 from secateur.criteria import Criterion, get_criterion
+from secateur.errors import ConfigError
 from secateur.masks import attach_mask, detach_masks, get_mask, set_mask
 from secateur.masks.element import _element_mask
 from secateur.schedules import OneShot, Schedule
 from secateur.scope import Scope, Target
+
+
+def _check_schedule(schedule: object) -> Schedule:
+    """``schedule`` as a schedule object: a number is a one-shot sparsity (checked to be in [0, 1)).
+
+    Raises:
+        ConfigError: a string (even ``"0.5"``), a bool or another object without ``update_at``, naming
+            ``schedule``; a number outside [0, 1).
+    """
+    if hasattr(schedule, "update_at") and hasattr(schedule, "sparsity_at"):
+        return schedule  # type: ignore[return-value]
+    if isinstance(schedule, bool) or not isinstance(schedule, numbers.Real):
+        check_ratio(schedule, "schedule (a one-shot sparsity)")
+    return OneShot(check_sparsity(float(schedule), "schedule (a one-shot sparsity)"))
 
 
 class Pruner:
@@ -39,9 +56,12 @@ class Pruner:
         criterion_kwargs: extra arguments for the criterion's constructor.
 
     Raises:
-        ConfigError / ScopeError: bad sparsity, unknown criterion or allocation, a pattern that
-            matches nothing, non-floating-point weights. Validation happens before any mask is
-            attached, so on error the model is untouched.
+        InvalidModelError: ``model`` is not an ``nn.Module`` (e.g. the string ``"resnet"``) or has
+            tensors on the meta device.
+        ConfigError / ScopeError: a schedule that is neither a schedule object nor a number (a
+            sparsity given as a string is named), bad sparsity, unknown criterion or allocation, a
+            pattern that matches nothing or does not compile, non-floating-point weights. Validation
+            happens before any mask is attached, so on error the model is untouched.
     """
 
     def __init__(
@@ -56,10 +76,12 @@ class Pruner:
         example_inputs: Any = None,
         criterion_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(schedule, (OneShot,)) and isinstance(schedule, (int, float)):
-            schedule = OneShot(check_sparsity(schedule))
+        check_model(model)
+        schedule = _check_schedule(schedule)
+        if criterion_kwargs is not None and not isinstance(criterion_kwargs, dict):
+            raise ConfigError(
+                f"criterion_kwargs must be a dict of keyword arguments, got {type(criterion_kwargs).__name__}"
+            )
         self.model = model
         self.schedule = schedule
         context = {"model": model, "data": data, "example_inputs": example_inputs}

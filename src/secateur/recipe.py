@@ -31,9 +31,107 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from secateur.errors import ConfigError, did_you_mean
 from secateur.schedules import Cubic, Iterative, OneShot
 
+#: Most YAML nodes a recipe may expand to, aliases counted at every use (a recipe has tens).
+MAX_YAML_NODES = 10_000
+#: Deepest nesting of mappings/sequences in a recipe.
+MAX_YAML_DEPTH = 32
+#: Largest recipe file read, in bytes.
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _RecipeLimit(Exception):
+    """A recipe document over a size limit (nesting depth, alias expansion)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (no Python objects) with bounded nesting and bounded alias expansion.
+
+    An alias (``*a``) re-uses the node of its anchor (``&a``), so a document of a few lines can stand for
+    billions of nodes once expanded (the "billion laughs" alias bomb), which any later traversal (validation,
+    ``model_dump``, :func:`dump_recipe`) pays for. Each document's node graph is measured as its expanded
+    tree (shared nodes counted at every use, memoised so measuring is linear) and refused above
+    :data:`MAX_YAML_NODES`; a recursive alias (a node containing itself) is refused too; nesting deeper than
+    :data:`MAX_YAML_DEPTH` is refused while composing (before Python's recursion limit).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _RecipeLimit(f"nests deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if node is not None:
+            size = _expanded_size(node, {}, set())
+            if size > MAX_YAML_NODES:
+                raise _RecipeLimit(
+                    f"expands to more than {MAX_YAML_NODES} nodes once its aliases are expanded "
+                    "(an alias bomb?); write the values out or use fewer aliases"
+                )
+        return node
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Nodes in the tree ``node`` expands to (an alias counted at each use), capped just above the limit."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise _RecipeLimit("holds a recursive alias (a node that contains itself)")
+    active.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children: list = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, memo, active)
+        if total > MAX_YAML_NODES:
+            total = MAX_YAML_NODES + 1
+            break
+    active.discard(key)
+    memo[key] = total
+    return total
+
+
+def _json_like_size(value: Any, memo: dict[int, int], active: set[int], depth: int = 0) -> int:
+    """Expanded size of a plain-data value (dicts, lists, scalars), shared objects counted at each use.
+
+    Raises ValueError: a recursive structure, nesting deeper than :data:`MAX_YAML_DEPTH`."""
+    if not isinstance(value, (dict, list, tuple)):
+        return 1
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise ValueError("holds a recursive structure (a value that contains itself)")
+    if depth > MAX_YAML_DEPTH:
+        raise ValueError(f"nests deeper than {MAX_YAML_DEPTH} levels")
+    active.add(key)
+    items = [v for kv in value.items() for v in kv] if isinstance(value, dict) else list(value)
+    total = 1
+    for v in items:
+        total += _json_like_size(v, memo, active, depth + 1)
+        if total > MAX_YAML_NODES:
+            total = MAX_YAML_NODES + 1
+            break
+    active.discard(key)
+    memo[key] = total
+    return total
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ScopeSpec(_Strict):
@@ -117,6 +215,26 @@ class Recipe(_Strict):
     m: int = Field(4, ge=1)
     finetune: FinetuneSpec = FinetuneSpec()
     seed: int = 0
+
+    @field_validator("criterion_kwargs")
+    @classmethod
+    def _bounded_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if _json_like_size(v, {}, set()) > MAX_YAML_NODES:
+            raise ValueError(
+                f"expands to more than {MAX_YAML_NODES} values (shared sub-structures counted at each use)"
+            )
+        return v
+
+    @field_validator("protect")
+    @classmethod
+    def _compiled_patterns(cls, v: list[str]) -> list[str]:
+        from secateur._validate import check_name_patterns
+
+        try:
+            check_name_patterns(v, "protect")
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("protect: ")) from None
+        return v
 
     @field_validator("criterion")
     @classmethod
@@ -219,6 +337,8 @@ def _format_error(e: ValidationError, source: str) -> str:
             ann = _annotation_at(err["loc"])
             choices = get_args(ann) if get_origin(ann) is Literal else ()
             msg = f"{msg}, got {err.get('input')!r}{did_you_mean(err.get('input'), choices)}"
+        elif err["type"].endswith("_type") and "input" in err:  # strict: "0.5" is not a number
+            msg = f"{msg}, got {type(err['input']).__name__} {err['input']!r:.60}"
         parts.append(f"{field}: {msg}")
     return f"invalid recipe {source}: " + "; ".join(parts)
 
@@ -242,12 +362,18 @@ def recipe_from_dict(data: dict[str, Any], source: str = "(dict)") -> Recipe:
 def load_recipe(path_or_name: str | Path) -> Recipe:
     """Load a recipe from a YAML file, or a shipped recipe by name (see :func:`shipped_recipes`).
 
+    YAML is read with safe types only; nesting (:data:`MAX_YAML_DEPTH`) and alias expansion
+    (:data:`MAX_YAML_NODES`, counted at every use of an alias) are bounded, so an alias bomb is refused
+    here instead of hanging a later :func:`dump_recipe`.
+
     Raises:
-        ConfigError: a missing file, invalid YAML, an unknown key or a bad value (named).
+        ConfigError: a missing file, a file that is not regular or over :data:`MAX_RECIPE_BYTES`, invalid
+            YAML, a document over the limits, an unknown key or a bad value (named, with the file). Values
+            are strict: a number written as a string (``sparsity: "0.5"``) is refused, naming the field.
     """
     p = Path(path_or_name)
     if p.exists():
-        text, source = p.read_text(), str(p)
+        text, source = _read_recipe_file(p), str(p)
     else:
         name = str(path_or_name).removesuffix(".yaml")
         if name not in shipped_recipes():
@@ -257,11 +383,41 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
             )
         text = resources.files("secateur.recipes").joinpath(f"{name}.yaml").read_text()
         source = f"{name} (shipped)"
+    return recipe_from_dict(_parse_yaml(text, source), source)
+
+
+def _read_recipe_file(p: Path) -> str:
+    """The text of the recipe file ``p``: a regular file (a FIFO would block) of at most
+    :data:`MAX_RECIPE_BYTES`, UTF-8."""
+    import os
+    import stat
+
+    st = os.stat(p)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"invalid recipe {p}: not a regular file (a folder, FIFO or device)")
+    if st.st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"invalid recipe {p}: {st.st_size} bytes, more than the {MAX_RECIPE_BYTES} allowed")
     try:
-        data = yaml.safe_load(text)
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"invalid recipe {p}: cannot read it as UTF-8 text: {e}") from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """One YAML document, safe types only, nesting and alias expansion bounded (:class:`_BoundedLoader`).
+
+    Raises:
+        ConfigError: invalid YAML, a document over the limits, or several documents; names ``source``.
+    """
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except _RecipeLimit as e:
+        raise ConfigError(f"invalid recipe {source}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid recipe {source}: not valid YAML: {e}") from None
-    return recipe_from_dict(data, source)
+    finally:
+        loader.dispose()
 
 
 def shipped_recipes() -> list[str]:

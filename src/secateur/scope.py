@@ -3,8 +3,9 @@
 A scope selects modules by type and by name pattern, minus excluded patterns, and can exclude the
 first and last selected layers (the stem conv and the classifier, which most papers keep dense).
 Patterns are shell-style globs matched against the full module path (``fnmatch``), e.g.
-``"layer1.*"`` or ``"*.conv2"``; every pattern must match at least one module, so a typo is an error
-instead of a silently dense model.
+``"layer1.*"`` or ``"*.conv2"``, or regular expressions written ``"re:..."`` (searched in the path), the
+dialect ``protect=`` uses in the structured pruners; every pattern must match at least one module, so a
+typo is an error instead of a silently dense model, and a regex that does not compile is an error naming it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from secateur._validate import check_model, compile_name_pattern
 from secateur.errors import ConfigError, ScopeError
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def path_matches(path: str, pattern: str, argname: str = "scope") -> bool:
+    """Whether the module path ``path`` matches ``pattern``: a ``"re:..."`` regex (``re.search``) or a glob.
+
+    Raises:
+        ConfigError: ``pattern`` is not a string or its regex does not compile (named, with ``argname``).
+    """
+    rx = compile_name_pattern(pattern, argname)
+    return bool(rx.search(path)) if rx is not None else fnmatch.fnmatchcase(path, pattern)
 
 
 @dataclass(frozen=True)
@@ -41,8 +53,8 @@ class Scope:
 
     Attributes:
         types: module classes whose ``weight`` is prunable (default conv and linear layers).
-        include: glob patterns of module paths to consider; ``None`` means all modules.
-        exclude: glob patterns of module paths never pruned (protected).
+        include: patterns (globs, or ``"re:..."`` regexes) of module paths to consider; ``None``: all.
+        exclude: patterns of module paths never pruned (protected).
         exclude_first: protect the first selected module (registration order, which for the zoo
             and most models is the forward order), e.g. the stem conv.
         exclude_last: protect the last selected module, e.g. the classifier.
@@ -59,22 +71,30 @@ class Scope:
         """The list of :class:`Target` selected in ``model``, in registration order.
 
         Raises:
+            InvalidModelError: ``model`` is not an ``nn.Module`` or has tensors on the meta device.
             ScopeError: a pattern matches no module, or nothing is selected.
-            ConfigError: a selected parameter is not floating point (e.g. an integer-typed model).
+            ConfigError: a pattern is not a string, a ``"re:"`` pattern does not compile (named), or a
+                selected parameter is not floating point (e.g. an integer-typed model).
         """
+        check_model(model)
+        for what, patterns in (("include", self.include or []), ("exclude", self.exclude)):
+            if isinstance(patterns, str):
+                raise ConfigError(f"scope {what} must be a list of patterns, got the string {patterns!r}")
+            for pattern in patterns:
+                compile_name_pattern(pattern, f"scope {what}")
         named = [(p, m) for p, m in model.named_modules() if p]
         paths = [p for p, _ in named]
         for pattern in list(self.include or []) + list(self.exclude):
-            if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+            if not any(path_matches(p, pattern) for p in paths):
                 raise ScopeError(f"scope pattern {pattern!r} matches no module of {type(model).__name__}")
         types = tuple(self.types)
         selected: list[Target] = []
         for path, module in named:
             if not isinstance(module, types):
                 continue
-            if self.include is not None and not any(fnmatch.fnmatchcase(path, p) for p in self.include):
+            if self.include is not None and not any(path_matches(path, p) for p in self.include):
                 continue
-            if any(fnmatch.fnmatchcase(path, p) for p in self.exclude):
+            if any(path_matches(path, p) for p in self.exclude):
                 continue
             if getattr(module, self.param_name, None) is None:
                 continue

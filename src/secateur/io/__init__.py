@@ -5,6 +5,9 @@
 - :func:`save_pretrained` / :func:`from_pretrained`: the Hugging Face layout (``config.json`` + safetensors
   from ``model.save_pretrained``) plus ``plan.json``, for pruned Hugging Face models (see
   :mod:`secateur.io.pretrained`); :func:`load` reads these folders too.
+
+A saved folder is data: loading runs no code it names (a user factory only when the caller passes it or
+lists it in ``trust_factory``), and :mod:`secateur.io.validate` checks the folder before anything is built.
 """
 
 from secateur.io.pretrained import from_pretrained, save_pretrained, transformers_loadable

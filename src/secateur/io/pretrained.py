@@ -28,9 +28,10 @@ What plain ``transformers`` does with such a folder (tested in ``tests/test_hf_h
 
 from __future__ import annotations
 
+import copy
 import inspect
-import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from secateur._validate import check_model
 from secateur.errors import SerializationError
 from secateur.io.serialization import (
     FORMAT,
@@ -47,10 +49,13 @@ from secateur.io.serialization import (
     _open_folder,
     _plan_text,
     _read_safetensors,
-    _refuse_pickle,
+    _refuse_pickles_in,
+    _weights_path,
+    architecture_builder,
     architecture_of,
-    build_architecture,
+    check_before_build,
 )
+from secateur.io.validate import folder_file, read_json, safetensors_shapes, validate_plan
 
 LAYOUT = "huggingface"
 WEIGHTS_FILE = "model.safetensors"
@@ -71,10 +76,12 @@ def _shape_diff(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]) ->
     return None
 
 
-def _meta_build(arch: dict[str, Any]) -> nn.Module:
-    """The architecture of an :func:`architecture_of` record on the meta device (no memory, no init cost)."""
+def _meta_build(model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    """``type(model)`` built from the config dict ``config`` on the meta device (no memory, no init cost).
+
+    The classes are the in-memory model's own (this is the save side: no class is looked up by name)."""
     with torch.device("meta"):
-        return build_architecture(arch)
+        return type(model)(type(model.config).from_dict(copy.deepcopy(config)))
 
 
 def _attributes_match(model: nn.Module, plan: dict | None) -> bool:
@@ -104,15 +111,8 @@ def transformers_loadable(model: nn.Module, plan: dict | None = None) -> bool:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         return False
-    cls = type(model)
-    arch = {
-        "kind": "huggingface",
-        "class": f"{cls.__module__}:{cls.__qualname__}",
-        "config_class": f"{type(cfg).__module__}:{type(cfg).__qualname__}",
-        "config": cfg.to_dict(),
-    }
     try:
-        ref = _meta_build(arch)
+        ref = _meta_build(model, cfg.to_dict())
     except Exception:  # a config transformers itself rejects (e.g. hidden_size % heads != 0)
         return False
     return _shape_diff(_shapes(ref), _shapes(model)) is None and _attributes_match(ref, plan)
@@ -162,8 +162,11 @@ def save_pretrained(
                 f"module {path or '<root>'!r} still has masks on {names}: bake them first "
                 "(Pruner.remove() / ChannelPruner.compact()), or use secateur.save, which keeps masks"
             )
+    check_model(model)
+    if plan is not None:
+        validate_plan(plan, "plan")  # a plan from_pretrained would refuse is refused before writing
     arch = architecture_of(model, plan)
-    ref = _meta_build(arch)
+    ref = _meta_build(model, arch["config"])
     _apply_plan(ref, plan, f"the plan does not fit {type(model).__name__}'s original config")
     diff = _shape_diff(_shapes(ref), _shapes(model))
     if diff is not None:
@@ -205,25 +208,38 @@ def save_pretrained(
     return directory
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face safetensors checkpoint (single file or sharded with an index)."""
-    single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face checkpoint folder (single file, or the shards its index lists),
+    each confined to the folder, regular, present and not a pickle."""
+    single = folder_file(directory, WEIGHTS_FILE, "the folder")
     if single.exists():
-        files = [single]
-    elif index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SerializationError(f"{index}: not a safetensors index ({e!r})") from e
-        files = [directory / f for f in sorted(set(weight_map.values()))]
-    else:
-        for other in sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt")):
-            _refuse_pickle(other)
+        return [_weights_path(directory, WEIGHTS_FILE, "the folder")]
+    index = folder_file(directory, INDEX_FILE, "the folder")
+    if not index.exists():
+        _refuse_pickles_in(directory, (".bin", ".pt"))
         raise SerializationError(f"{directory}: no {WEIGHTS_FILE} nor {INDEX_FILE}")
-    tensors: dict[str, torch.Tensor] = {}
+    doc = read_json(index, "safetensors index", max_bytes=1 << 28)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SerializationError(f"{index}: not a safetensors index (no 'weight_map' object)")
+    names = set()
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise SerializationError(f"{index}: weight_map[{tensor!r}] is not a file name: {shard!r}")
+        names.add(shard)
+    missing = f"missing (listed in {INDEX_FILE})"
+    return [_weights_path(directory, n, f"{INDEX_FILE} (weight_map)", missing) for n in sorted(names)]
+
+
+def _header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """``{tensor: shape}`` over all files' headers; a tensor stored in two files is refused."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
-        tensors.update(_read_safetensors(f, missing=f"missing (listed in {INDEX_FILE})"))
-    return tensors
+        for k, shape in safetensors_shapes(f).items():
+            if k in shapes:
+                raise SerializationError(f"{f}: tensor {k!r} is also stored in another shard")
+            shapes[k] = shape
+    return shapes
 
 
 def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -249,31 +265,53 @@ def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Pat
         raise SerializationError(f"{where}: tensors missing for {missing[:5]}")
 
 
-def from_pretrained(directory: str | os.PathLike[str]) -> nn.Module:
+def from_pretrained(
+    directory: str | os.PathLike[str],
+    *,
+    factory: str | Callable[..., nn.Module] | None = None,
+    trust_factory: str | Iterable[str] | None = (),
+) -> nn.Module:
     """Rebuild a model written by :func:`save_pretrained` (a folder of :func:`secateur.save` works too, via
-    :func:`secateur.load`).
+    :func:`secateur.load`, which receives ``factory`` and ``trust_factory``).
 
-    Steps: read ``plan.json``; build the original class from the original config; re-apply the plan
-    (:func:`secateur.compact.compact`: tensors sliced, head counts / widths / config updated); cast to the
-    checkpoint's dtype; load the safetensors weights (tied aliases may be absent, nothing else). Returns
-    the model in eval mode, as transformers' ``from_pretrained`` does.
+    Steps: read and validate ``plan.json`` (:mod:`secateur.io.validate`); read the safetensors headers (the
+    single file, or the shards ``model.safetensors.index.json`` lists, each confined to the folder, a regular
+    file); build the original class among transformers' own classes from the original config (``auto_map``
+    ignored, no remote code; a class outside transformers only with ``trust_factory`` naming it) on the meta
+    device, check the plan against it and compare shapes with the headers; then build it for real, apply the
+    plan (:func:`secateur.compact.compact`), cast to the checkpoint's dtype and load the weights (tied aliases
+    may be absent, nothing else). Returns the model in eval mode, as transformers' ``from_pretrained`` does.
+
+    Args:
+        directory: the folder.
+        factory, trust_factory: as in :func:`secateur.load` (a factory the caller passes overrides the
+            recorded class; it is called with no arguments here).
 
     Raises:
-        SerializationError: missing/truncated/pickle files, a plan that does not fit the rebuilt model,
-            or weights whose names or shapes do not fit; the message names the file at fault.
+        UntrustedCodeError: a recorded factory or class outside transformers the caller did not trust.
+        UnsafePathError: a weight file (e.g. a ``weight_map`` entry ``../x.safetensors`` or an absolute path)
+            outside the folder, a symlink leaving it, or a file that is not regular (FIFO).
+        SerializationError: missing/truncated/pickle files, a malformed plan, sizes the weights do not back, a
+            plan that does not fit the rebuilt model, or weights whose names or shapes do not fit; the message
+            names the file at fault.
     """
     directory, doc = _open_folder(directory, "secateur.save_pretrained")
     if doc.get("layout") != LAYOUT:
         from secateur.io.serialization import load
 
-        return load(directory).eval()
-    arch = doc["architecture"]
+        return load(directory, factory=factory, trust_factory=trust_factory).eval()
+    source = str(directory / PLAN_FILE)
+    arch, plan = doc["architecture"], doc.get("plan")
     if arch.get("kind") != "huggingface":
-        raise SerializationError(
-            f"{directory / PLAN_FILE}: architecture kind {arch.get('kind')!r}, expected huggingface"
-        )
-    tensors = _read_weights(directory)
-    model = build_architecture(arch)
-    _apply_plan(model, doc.get("plan"), f"{directory / PLAN_FILE}: the plan does not fit the model")
+        raise SerializationError(f"{source}: architecture kind {arch.get('kind')!r}, expected huggingface")
+    files = _weight_files(directory)
+    shapes = _header_shapes(files)
+    build, meta_ok = architecture_builder(arch, source, factory=factory, trust_factory=trust_factory)
+    check_before_build(build, meta_ok, arch, plan, shapes, source, str(directory), allow_missing=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(_read_safetensors(f))
+    model = build()
+    _apply_plan(model, plan, f"{source}: the plan does not fit the model")
     _load_weights(model, tensors, directory)
     return model.eval()

@@ -11,6 +11,11 @@ A saved model is a folder with two files:
 Loading rebuilds the *original* architecture, re-applies the plan with the same transactional
 compaction that pruned it, loads the weights strictly and re-attaches masks, so outputs are
 reproduced exactly. Nothing is ever unpickled: a pickle file is refused with an error naming it.
+
+A folder is data, never code: loading runs no code the folder names. Zoo and Hugging Face
+architectures are rebuilt from secateur's zoo and transformers' own classes; a user factory only
+when the caller passes it or allows its name (:func:`load`). The folder is validated before anything
+is built (:mod:`secateur.io.validate`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import importlib
 import json
 import os
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,28 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateur.errors import CompactionError, SerializationError
+from secateur._validate import check_model
+from secateur.errors import (
+    CompactionError,
+    ConfigError,
+    SecateurError,
+    SerializationError,
+    UnsafePathError,
+    UntrustedCodeError,
+)
+from secateur.io.validate import (
+    check_architecture_sizes,
+    check_plan_fits,
+    clean_hf_config,
+    compare_shapes,
+    folder_file,
+    is_factory_name,
+    read_plan_file,
+    regular_file,
+    safetensors_shapes,
+    validate_architecture,
+    validate_plan,
+)
 from secateur.masks import set_mask
 from secateur.masks.element import _element_mask
 
@@ -71,7 +98,7 @@ def architecture_of(
         SerializationError: none of these applies (pass ``factory=``).
     """
     if factory is not None:
-        if ":" not in factory:
+        if not isinstance(factory, str) or not is_factory_name(factory):
             raise SerializationError(f"factory must look like 'package.module:function', got {factory!r}")
         return {"kind": "factory", "factory": factory, "kwargs": dict(factory_kwargs or {})}
     recorded = getattr(model, "secateur_factory", None)
@@ -97,6 +124,7 @@ def architecture_of(
 
 
 def _import(path: str, what: str) -> Any:
+    """The object named ``"package.module:attr"``; the caller decides the name is trusted (never a folder)."""
     mod_name, _, attr = path.partition(":")
     try:
         obj: Any = importlib.import_module(mod_name)
@@ -107,25 +135,150 @@ def _import(path: str, what: str) -> Any:
     return obj
 
 
-def build_architecture(arch: dict[str, Any]) -> nn.Module:
-    """Build the unpruned model described by an :func:`architecture_of` record.
+def trusted_names(trust_factory: str | Iterable[str] | None) -> frozenset[str]:
+    """``trust_factory`` as a set of ``"package.module:function"`` names (one string counts as one name).
 
     Raises:
-        SerializationError: an unknown kind or a factory/class that cannot be imported.
+        ConfigError: an entry that is not a string of that form (named).
     """
-    kind = arch.get("kind")
-    if kind == "zoo":
-        from secateur.zoo import rebuild_model
+    if trust_factory is None:
+        return frozenset()
+    names = [trust_factory] if isinstance(trust_factory, str) else list(trust_factory)
+    for n in names:
+        if not isinstance(n, str) or not is_factory_name(n.strip()):
+            raise ConfigError(f"trust_factory: expected names like 'mypkg.models:build', got {n!r}")
+    return frozenset(n.strip() for n in names)
 
-        return rebuild_model(arch["record"])
+
+def _untrusted(name: str, source: str, what: str = "factory") -> UntrustedCodeError:
+    return UntrustedCodeError(
+        f"{source}: the architecture is built by the {what} {name!r}, code that the saved folder names; "
+        "secateur runs no code a folder names. If you trust it, pass it yourself: "
+        f"load(path, factory={name!r}) (or the function itself, factory=build), or allow this name: "
+        f"load(path, trust_factory=[{name!r}])"
+    )
+
+
+def _hf_class(path: str, base: type, trusted: frozenset[str], source: str, field: str) -> type:
+    """The class ``path`` (``"module:Class"``) among transformers' own classes, subclassing ``base``; a class
+    outside transformers only when its name is in ``trusted``. transformers' ``auto_map`` / remote code is
+    never consulted."""
+    mod, _, name = path.partition(":")
+    if mod.split(".")[0] != "transformers":
+        if path not in trusted:
+            raise _untrusted(path, source, f"class (architecture.{field})")
+        cls = _import(path, "class")
+    else:
+        import transformers
+
+        cls = getattr(transformers, name, None)
+        if cls is None or not getattr(cls, "__module__", "").startswith("transformers."):
+            try:
+                cls = getattr(importlib.import_module(mod), name, None)
+            except ImportError:
+                cls = None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise SerializationError(
+            f"{source}: architecture.{field}: {path!r} is not a transformers {base.__name__} subclass"
+        )
+    return cls
+
+
+def _named_factory(fn: Any, kwargs: dict[str, Any], name: str | None) -> Callable[[], nn.Module]:
+    """A no-argument builder calling ``fn(**kwargs)``; it checks the result is a module and records ``name``
+    (``model.secateur_factory``) so the model can be saved again."""
+
+    def build() -> nn.Module:
+        model = fn(**copy.deepcopy(kwargs))
+        if not isinstance(model, nn.Module):
+            raise SerializationError(
+                f"factory {name or fn!r} returned {type(model).__name__}, not an nn.Module"
+            )
+        if name is not None:
+            model.secateur_factory = {"factory": name, "kwargs": dict(kwargs)}
+        return model
+
+    return build
+
+
+def architecture_builder(
+    arch: dict[str, Any],
+    source: str = "architecture",
+    *,
+    factory: str | Callable[..., nn.Module] | None = None,
+    trust_factory: str | Iterable[str] | None = (),
+) -> tuple[Callable[[], nn.Module], bool]:
+    """A no-argument function building the unpruned model an :func:`architecture_of` record describes, and
+    whether that build is known to work on the meta device (zoo and Hugging Face: yes; a user factory: maybe).
+
+    Code runs only where the caller says so: a zoo record builds a registered zoo model; a Hugging Face record
+    builds a class among transformers' own (``auto_map`` ignored, no remote code); a ``factory`` record is
+    built only when ``factory`` is given (a callable or a ``"package.module:function"`` the caller names; it
+    overrides any recorded architecture and gets the recorded ``kwargs``) or when the recorded name is
+    in ``trust_factory``. Nothing is imported or called by this function except a trusted factory's module.
+
+    Raises:
+        UntrustedCodeError: a factory (or a Hugging Face class outside transformers) the caller did not trust;
+            the message says how to pass or allow it.
+        SerializationError: an unknown kind or a class that is not a transformers model/config class.
+    """
+    validate_architecture(arch, source)
+    trusted = trusted_names(trust_factory)
+    kind = arch["kind"]
+    kwargs = dict(arch.get("kwargs", {})) if kind == "factory" else {}
+    if factory is not None:
+        if isinstance(factory, str):
+            if not is_factory_name(factory):
+                raise ConfigError(f"factory must look like 'package.module:function', got {factory!r}")
+            return _named_factory(_import(factory, "factory"), kwargs, factory), False
+        if not callable(factory):
+            raise ConfigError(
+                f"factory must be a callable or a 'package.module:function' name, got {factory!r}"
+            )
+        qual = f"{getattr(factory, '__module__', '')}:{getattr(factory, '__qualname__', '')}"
+        return _named_factory(factory, kwargs, qual if is_factory_name(qual) else None), False
     if kind == "factory":
-        return _import(arch["factory"], "factory")(**arch.get("kwargs", {}))
-    if kind == "huggingface":
-        config_cls = _import(arch["config_class"], "config class")
-        model_cls = _import(arch["class"], "model class")
-        config = config_cls.from_dict(copy.deepcopy(arch["config"]))
-        return model_cls(config)
-    raise SerializationError(f"unknown architecture kind {kind!r} (expected zoo, factory or huggingface)")
+        name = arch["factory"]
+        if name not in trusted:
+            raise _untrusted(name, source)
+        return _named_factory(_import(name, "factory"), kwargs, name), False
+    if kind == "zoo":
+        record = dict(arch["record"])
+
+        def build_zoo() -> nn.Module:
+            from secateur.zoo import rebuild_model
+
+            try:
+                return rebuild_model(record)
+            except ConfigError as e:
+                raise SerializationError(f"{source}: architecture.record: {e}") from e
+
+        return build_zoo, True
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    config_cls = _hf_class(arch["config_class"], PretrainedConfig, trusted, source, "config_class")
+    model_cls = _hf_class(arch["class"], PreTrainedModel, trusted, source, "class")
+    config = clean_hf_config(arch["config"], source)
+
+    def build_hf() -> nn.Module:
+        try:
+            cfg = config_cls.from_dict(copy.deepcopy(config))
+        except Exception as e:  # transformers validates configs with its own exception types
+            raise SerializationError(f"{source}: architecture.config: {type(e).__name__}: {e}") from e
+        return model_cls(cfg)
+
+    return build_hf, True
+
+
+def build_architecture(arch: dict[str, Any], *, trust_factory: str | Iterable[str] | None = ()) -> nn.Module:
+    """Build the unpruned model described by an :func:`architecture_of` record (see
+    :func:`architecture_builder` for what code may run: a factory only when its name is in ``trust_factory``).
+
+    Raises:
+        UntrustedCodeError: a factory not in ``trust_factory``.
+        SerializationError: an unknown kind, a bad record, or a factory/class that cannot be imported.
+    """
+    return architecture_builder(arch, trust_factory=trust_factory)[0]()
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -178,10 +331,19 @@ def save(
             Hugging Face model.
         metadata: extra JSON-able data stored in plan.json (e.g. accuracy, recipe).
 
-    Returns the folder path. Raises SerializationError when the architecture cannot be recorded or
-    metadata is not JSON-serialisable.
+    Returns the folder path.
+
+    Raises:
+        InvalidModelError: ``model`` is not an ``nn.Module`` or has tensors on the meta device.
+        SerializationError: the architecture cannot be recorded, ``plan`` is malformed (as
+            :func:`secateur.io.validate.validate_plan` says) or metadata is not JSON-serialisable.
+
+    Loading a model built by a user factory needs the caller to trust that factory: see :func:`load`.
     """
+    check_model(model)
     directory = Path(directory)
+    if plan is not None:
+        validate_plan(plan, "plan")  # a plan load() would refuse is refused now, before anything is written
     arch = architecture_of(model, plan, factory, factory_kwargs)
     tensors, masks = _weights_and_masks(model)
     doc = {
@@ -204,7 +366,7 @@ def save(
 
 # ------------------------------------------------------------------------------------------------- load
 def _refuse_pickle(path: Path) -> None:
-    """Raise if ``path`` is a pickle or a torch.save archive (which holds a pickle)."""
+    """Raise if ``path`` (a regular file the caller has confined) is a pickle or a torch.save archive."""
     try:
         with path.open("rb") as f:
             head = f.read(4)
@@ -224,45 +386,54 @@ def _refuse_pickle(path: Path) -> None:
             pass
 
 
+def _refuse_pickles_in(directory: Path, suffixes: tuple[str, ...]) -> None:
+    """Name a pickle among the folder's regular files with these suffixes (files leaving the folder or not
+    regular are skipped, never opened)."""
+    for p in sorted(directory.glob("*")):
+        if p.suffix not in suffixes:
+            continue
+        try:
+            folder_file(directory, p.name, "the folder")
+        except UnsafePathError:
+            continue
+        if regular_file(p):
+            _refuse_pickle(p)
+
+
 def _read_plan(directory: Path) -> dict[str, Any]:
-    path = directory / PLAN_FILE
+    """The validated plan.json document of ``directory`` (see :func:`secateur.io.validate.read_plan_file`)."""
+    path = folder_file(directory, PLAN_FILE, "the folder")
     if not path.exists():
-        suffixes = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
-        others = sorted(p.name for p in directory.glob("*") if p.suffix in suffixes)
-        for o in others:
-            _refuse_pickle(directory / o)
+        _refuse_pickles_in(directory, (".pt", ".pth", ".bin", ".pkl", ".ckpt"))
         raise SerializationError(f"{path}: missing (not a folder written by secateur.save)")
     _refuse_pickle(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SerializationError(f"{path}: not valid JSON ({e}); the file may be truncated") from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise SerializationError(f"{path}: not a secateur plan (format field is {doc.get('format')!r})")
-    if doc.get("version") != VERSION:
-        raise SerializationError(
-            f"{path}: plan version {doc.get('version')!r}, this secateur reads {VERSION}"
-        )
-    return doc
+    return read_plan_file(directory, PLAN_FILE, fmt=FORMAT, version=VERSION)
 
 
 def _open_folder(directory: str | os.PathLike[str], writer: str) -> tuple[Path, dict[str, Any]]:
-    """The folder as a Path and its plan.json; a path that is no folder raises (naming ``writer``, the
+    """The folder as a Path and its validated plan.json; a path that is no folder raises (naming ``writer``,
     function that writes such folders), after refusing it if it is a pickle file."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ConfigError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
     directory = Path(directory)
     if not directory.is_dir():
-        if directory.exists():
+        if regular_file(directory):
             _refuse_pickle(directory)
         raise SerializationError(f"{directory}: not a folder written by {writer}")
     return directory, _read_plan(directory)
 
 
-def _read_safetensors(path: Path, missing: str = "missing") -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file; a missing, pickle or unreadable file raises (``missing``: what
-    the message says when the file is absent)."""
+def _weights_path(directory: Path, name: str, what: str, missing: str = "missing") -> Path:
+    """``directory/name`` confined to the folder, a regular file, present and not a pickle."""
+    path = folder_file(directory, name, what)
     if not path.exists():
         raise SerializationError(f"{path}: {missing}")
     _refuse_pickle(path)
+    return path
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file (already confined by :func:`_weights_path`)."""
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -282,42 +453,118 @@ def _apply_plan(model: nn.Module, plan: dict | None, misfit: str) -> None:
         raise SerializationError(f"{misfit}: {e}") from e
 
 
-def load(directory: str | os.PathLike[str], *, factory: str | None = None) -> nn.Module:
+def check_before_build(
+    build: Callable[[], nn.Module],
+    meta_ok: bool,
+    arch: dict[str, Any],
+    plan: dict | None,
+    shapes: dict[str, tuple[int, ...]],
+    source: str,
+    weights: str,
+    *,
+    allow_missing: bool = False,
+) -> None:
+    """The size checks made before the real model is built (see :mod:`secateur.io.validate`).
+
+    Architecture integers are bounded by the weights present (``shapes``, from the safetensors headers); the
+    architecture is built on the meta device (no memory), the plan's indices are checked in range of it, the
+    plan is applied to it, and the result must hold exactly the tensors ``shapes`` lists (``allow_missing``:
+    tied aliases may be absent). A user factory that cannot build on the meta device skips the meta part.
+
+    Raises:
+        SerializationError: naming ``source`` (plan.json) or ``weights`` and the field or tensor at fault.
+    """
+    check_architecture_sizes(arch, shapes, source)
+    try:
+        with torch.device("meta"):
+            meta = build()
+    except SecateurError:
+        raise
+    except Exception as e:
+        if not meta_ok:
+            return  # a trusted user factory that does not run on the meta device: checked by the real load
+        raise SerializationError(f"{source}: cannot build the architecture: {type(e).__name__}: {e}") from e
+    check_plan_fits(meta, plan, source)
+    _apply_plan(meta, plan, f"{source}: the plan does not fit the model")
+    compare_shapes(meta, shapes, weights, allow_missing=allow_missing)
+
+
+def load(
+    directory: str | os.PathLike[str],
+    *,
+    factory: str | Callable[..., nn.Module] | None = None,
+    trust_factory: str | Iterable[str] | None = (),
+) -> nn.Module:
     """Rebuild a model saved by :func:`save`: architecture, then the plan, then weights and masks.
+
+    A saved folder is data: it never makes secateur run code it names. Zoo and Hugging Face architectures are
+    rebuilt from secateur's zoo and transformers' own classes (a config's ``auto_map`` is ignored, no remote
+    code). A model built by a user factory (``save(..., factory="mypkg.models:build")``) is rebuilt only when
+    the caller vouches for the code, in one of two ways:
+
+    - ``load(path, factory=build)`` (the function) or ``load(path, factory="mypkg.models:build")`` (a name the
+      caller gives): the caller's factory builds the architecture, called with the recorded keyword arguments
+      (it also overrides a zoo or Hugging Face record);
+    - ``load(path, trust_factory=["mypkg.models:build"])``: the recorded factory is imported and called only
+      if its name is in the list (one string counts as a one-name list).
+
+    Before anything is built, the folder is validated (:mod:`secateur.io.validate`): files confined to the
+    folder and regular, plan.json depth-limited and well-formed (kept indices unique, sorted, in range),
+    architecture sizes bounded by the weights present, the architecture with its plan built on the meta
+    device and compared with the safetensors header shapes.
 
     Args:
         directory: the folder holding plan.json and model.safetensors.
-        factory: overrides the recorded factory ("package.module:function").
+        factory: a callable or ``"package.module:function"`` building the unpruned architecture.
+        trust_factory: factory names (``"package.module:function"``) the recorded factory may be.
+
+    Returns the model with the plan applied, weights and element masks loaded.
 
     Raises:
-        SerializationError: a missing, truncated or pickle file, or a plan or weights that do not fit
-            the rebuilt model; the message names the file and the fault.
+        UntrustedCodeError: the folder's architecture is a factory the caller did not pass nor trust (nothing
+            was imported or called); the message names both options.
+        UnsafePathError: a file that resolves outside the folder or is not a regular file (FIFO, device).
+        SerializationError: a missing, truncated or pickle file, a malformed or too deep plan, indices
+            duplicated / unsorted / out of range, sizes the weights do not back, or weights that do not fit
+            the rebuilt model; the message names the file and the field.
+        ConfigError: ``factory`` or ``trust_factory`` of the wrong form.
     """
     directory, doc = _open_folder(directory, "secateur.save")
     if doc.get("layout") == "huggingface":  # written by secateur.save_pretrained
         from secateur.io.pretrained import from_pretrained
 
-        return from_pretrained(directory)
-    wpath = directory / WEIGHTS_FILE
+        return from_pretrained(directory, factory=factory, trust_factory=trust_factory)
+    source = str(directory / PLAN_FILE)
+    wpath = _weights_path(directory, WEIGHTS_FILE, "the folder")
+    shapes = safetensors_shapes(wpath)
+    arch, plan = doc["architecture"], doc.get("plan")
+    build, meta_ok = architecture_builder(arch, source, factory=factory, trust_factory=trust_factory)
+    plain = {k: v for k, v in shapes.items() if not k.startswith(MASK_PREFIX)}
+    masks = {k[len(MASK_PREFIX) :]: v for k, v in shapes.items() if k.startswith(MASK_PREFIX)}
+    if set(masks) != set(doc.get("masks", [])):
+        raise SerializationError(f"{wpath}: masks {sorted(masks)} differ from those listed in plan.json")
+    for full, shape in masks.items():
+        if plain.get(full) != shape:
+            raise SerializationError(
+                f"{wpath}: mask for {full!r} has shape {shape}, its weight {plain.get(full, 'is absent')}"
+            )
+    check_before_build(build, meta_ok, arch, plan, plain, source, str(wpath))
     tensors = _read_safetensors(wpath)
-    arch = dict(doc["architecture"])
-    if factory is not None:
-        arch = {"kind": "factory", "factory": factory, "kwargs": arch.get("kwargs", {})}
-    model = build_architecture(arch)
-    _apply_plan(model, doc.get("plan"), f"{directory / PLAN_FILE}: the plan does not fit the model")
-    masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    model = build()
+    _apply_plan(model, plan, f"{source}: the plan does not fit the model")
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise SerializationError(f"{wpath}: weights do not fit the rebuilt model: {e}") from e
-    for full, mask in masks.items():
+    for full in masks:
         path, _, pname = full.rpartition(".")
         try:
             module = model.get_submodule(path)
         except AttributeError as e:
             raise SerializationError(f"{wpath}: mask for {full!r} names no module") from e
-        set_mask(module, mask, pname)
-    if set(masks) != set(doc.get("masks", [])):
-        raise SerializationError(f"{wpath}: masks {sorted(masks)} differ from those listed in plan.json")
+        try:
+            set_mask(module, tensors[MASK_PREFIX + full], pname)
+        except ConfigError as e:
+            raise SerializationError(f"{wpath}: mask for {full!r}: {e}") from e
     return model

@@ -42,8 +42,15 @@ def _check_nm(n: int, m: int, layer: str) -> None:
     for v, what in ((n, "N"), (m, "M")):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"{layer or 'layer'}: {what} of N:M must be an int, got {v!r}")
-    if m < 1 or n < 0 or n > m:
-        raise ConfigError(f"{layer or 'layer'}: invalid N:M = {n}:{m}; need 0 <= N <= M and M >= 1")
+    if not 0 < n < m:
+        why = (
+            "N=0 would remove every weight"
+            if n == 0 and m > 0
+            else "N=M keeps every weight (no pruning)"
+            if n == m
+            else "N must be a positive int below M"
+        )
+        raise ConfigError(f"{layer or 'layer'}: invalid N:M = {n}:{m}: {why}; need 0 < N < M (e.g. 2:4)")
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int, layer: str = "") -> torch.Tensor:
@@ -59,8 +66,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, layer: str = "") -> torch.Tens
         bool keep-mask of ``scores.shape``; every group of ``m`` has exactly ``n`` True.
 
     Raises:
-        ConfigError: ``n > m``, ``m < 1``, ``n < 0``, or the row length not divisible by ``m``
-            (the message names ``layer`` and the sizes).
+        ConfigError: unless ``0 < n < m`` (``n = 0`` would zero every weight, ``n = m`` prunes nothing),
+            or the row length not divisible by ``m`` (the message names ``layer`` and the sizes).
     """
     _check_nm(n, m, layer)
     rows = _as_rows(scores, layer)
@@ -71,10 +78,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, layer: str = "") -> torch.Tens
         )
     groups = rows.reshape(out_f, in_f // m, m)
     keep = torch.zeros_like(groups, dtype=torch.bool)
-    if n > 0:
-        # Stable descending sort: among equal scores the earlier position wins, so counts are exact.
-        idx = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
-        keep.scatter_(-1, idx, True)
+    # Stable descending sort: among equal scores the earlier position wins, so counts are exact.
+    idx = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    keep.scatter_(-1, idx, True)
     return keep.reshape(scores.shape)
 
 
@@ -183,21 +189,22 @@ _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _BLOCK_RE = re.compile(r"^\s*block\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
-def parse_pattern(spec: str | tuple[int, int] | Pattern) -> Pattern:
+def parse_pattern(spec: str | tuple[int, int] | Pattern, what: str = "pattern") -> Pattern:
     """Parse ``"layer"``, ``"row"`` (alias ``"unstructured"``), ``"N:M"``/``(N, M)`` or ``"blockKxL"``.
 
     Raises:
-        ConfigError: an unrecognised spec or an invalid N:M / block size.
+        ConfigError: an unrecognised spec, an N:M without ``0 < N < M`` (``"0:4"`` would zero every weight,
+            ``"4:4"`` prunes nothing), or a block size < 1. Messages start with ``what`` (e.g. a layer name).
     """
     if isinstance(spec, Pattern):
         return spec
     if isinstance(spec, tuple):
         if len(spec) != 2:
-            raise ConfigError(f"N:M pattern tuple must be (N, M), got {spec!r}")
-        _check_nm(spec[0], spec[1], "pattern")
+            raise ConfigError(f"{what}: N:M pattern tuple must be (N, M), got {spec!r}")
+        _check_nm(spec[0], spec[1], what)
         return Pattern("nm", nm=(spec[0], spec[1]))
     if not isinstance(spec, str):
-        raise ConfigError(f"unknown pattern {spec!r}")
+        raise ConfigError(f"{what}: unknown pattern {spec!r}")
     s = spec.strip().lower()
     if s in ("layer", "row"):
         return Pattern(s)
@@ -205,14 +212,14 @@ def parse_pattern(spec: str | tuple[int, int] | Pattern) -> Pattern:
         return Pattern("row")
     if mt := _NM_RE.match(s):
         n, m = int(mt.group(1)), int(mt.group(2))
-        _check_nm(n, m, "pattern")
+        _check_nm(n, m, what)
         return Pattern("nm", nm=(n, m))
     if mt := _BLOCK_RE.match(s):
         k, l = int(mt.group(1)), int(mt.group(2))
         if k < 1 or l < 1:
-            raise ConfigError(f"block sizes must be positive, got {spec!r}")
+            raise ConfigError(f"{what}: block sizes must be positive, got {spec!r}")
         return Pattern("block", block=(k, l))
-    raise ConfigError(f"unknown pattern {spec!r}; use 'layer', 'row', 'N:M' (e.g. '2:4') or 'blockKxL'")
+    raise ConfigError(f"{what}: unknown pattern {spec!r}; use 'layer', 'row', 'N:M' (e.g. '2:4'), 'blockKxL'")
 
 
 def pattern_mask(
@@ -229,7 +236,7 @@ def pattern_mask(
     Raises:
         ConfigError: as the chosen builder, or a missing sparsity.
     """
-    p = parse_pattern(pattern)
+    p = parse_pattern(pattern, layer or "pattern")
     if p.kind == "nm":
         return nm_mask(scores, p.nm[0], p.nm[1], layer)
     if sparsity is None:
