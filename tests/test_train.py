@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from secateur.errors import ConfigError, SerializationError
 from secateur.train import Trainer, lr_at_step, read_state, seed_everything
+from secateur.train.checkpoint import latest_checkpoint, list_checkpoints
 from secateur.zoo import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,16 +242,28 @@ def test_resume_is_bitwise_identical(tmp_path: Path, loader_kind: str, optimizer
 
 def test_checkpoint_has_no_pickle(tmp_path: Path) -> None:
     trainer = _run(tmp_path, "tiny", epochs=1)
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["extra.safetensors", "model.safetensors", "optimizer.safetensors", "state.json"]
-    state = json.loads((tmp_path / "state.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000001-step-5"]
+    ck = latest_checkpoint(tmp_path)
+    assert ck == tmp_path / "ckpt-000001-step-5"
+    names = sorted(p.name for p in ck.iterdir())
+    assert names == [
+        "complete.json",
+        "extra.safetensors",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
+    state = json.loads((ck / "state.json").read_text())
     assert state["trainer"]["global_step"] == 5 and state["model_zoo"]["name"] == "resnet8"
-    assert read_state(tmp_path)["checkpoint_id"] == state["checkpoint_id"]
-    model = load_file(str(tmp_path / "model.safetensors"))
+    assert read_state(tmp_path)["checkpoint_id"] == state["checkpoint_id"] == read_state(ck)["checkpoint_id"]
+    marker = json.loads((ck / "complete.json").read_text())
+    assert marker["checkpoint_id"] == state["checkpoint_id"] and marker["global_step"] == 5
+    assert set(marker["files"]) == set(names) - {"complete.json"}
+    model = load_file(str(ck / "model.safetensors"))
     assert model.keys() == trainer.model.state_dict().keys()
-    assert load_file(str(tmp_path / "optimizer.safetensors"))
-    assert load_file(str(tmp_path / "extra.safetensors"))
-    for f in tmp_path.iterdir():
+    assert load_file(str(ck / "optimizer.safetensors"))
+    assert load_file(str(ck / "extra.safetensors"))
+    for f in ck.iterdir():
         data = f.read_bytes()
         assert not data.startswith(b"\x80") and b"PK\x03\x04" not in data[:4]  # pickle / torch.save zip
 
@@ -257,9 +271,23 @@ def test_checkpoint_has_no_pickle(tmp_path: Path) -> None:
 def test_mixed_or_mid_epoch_checkpoints_are_refused(tmp_path: Path) -> None:
     _run(tmp_path / "a", "tiny", epochs=1)
     _run(tmp_path / "b", "tiny", epochs=1)
-    (tmp_path / "b" / "model.safetensors").replace(tmp_path / "a" / "model.safetensors")
-    with pytest.raises(SerializationError, match="checkpoint_id"):
+    a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    flat = tmp_path / "flat"  # the first layout: files directly in the folder, no marker
+    shutil.copytree(b, flat)
+    (flat / "complete.json").unlink()
+    # A file copied in from another save (same size): the marker's SHA-256 no longer matches.
+    shutil.copy(b / "model.safetensors", a / "model.safetensors")
+    with pytest.raises(SerializationError, match="SHA-256"):
+        _run(None, "tiny", resume=a, epochs=1)
+    with pytest.warns(UserWarning, match="skipping checkpoint"), pytest.raises(
+        SerializationError, match="no complete checkpoint"
+    ):
         _run(None, "tiny", resume=tmp_path / "a", epochs=1)
+    # Without a marker the checkpoint_id catches it.
+    _run(None, "tiny", resume=flat, epochs=1)  # a consistent flat folder still loads
+    shutil.copy(a / "optimizer.safetensors", flat / "optimizer.safetensors")
+    with pytest.raises(SerializationError, match="checkpoint_id"):
+        _run(None, "tiny", resume=flat, epochs=1)
 
     class SaveMidEpoch:
         def on_step_end(self, trainer: Trainer) -> None:
@@ -319,7 +347,8 @@ def test_parametrized_pruner_callback(tmp_path: Path) -> None:
     trainer.fit()
     assert model.conv1.parametrizations.weight.original is original  # the optimizer's Parameter is kept
     assert (model.conv1.weight.view(-1)[:6] == 0).all()
-    keys = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000001-step-3", "ckpt-000002-step-6"]
+    keys = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors")).keys()
     assert "conv1.parametrizations.weight.original" in keys and "conv1.parametrizations.weight.0.mask" in keys
 
 

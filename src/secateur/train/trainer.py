@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from secateur.errors import ConfigError, SerializationError
 from secateur.train import checkpoint as _ckpt
+from secateur.train.ddp import is_main_process
 from secateur.train.seed import get_rng_state, set_rng_state
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "Trainer", "lr_at_step"]
@@ -109,7 +110,11 @@ class Trainer:
             ``trainer.should_stop = True`` to end training after the current epoch.
         progress: show a tqdm bar with loss, accuracy and LR.
         log_every: add a ``"kind": "step"`` entry to ``history`` every this many steps (0: never).
-        checkpoint_dir: if given, :meth:`save_checkpoint` is called there after every epoch.
+        checkpoint_dir: if given, :meth:`save_checkpoint` is called there after every epoch: each
+            save is a new complete ``ckpt-*`` folder published atomically (crash-safe; see
+            :mod:`secateur.train.checkpoint`). In a distributed run only rank 0 writes.
+        checkpoint_keep_last: complete checkpoints kept in ``checkpoint_dir`` (older ones are
+            deleted after each new one is complete); ``None`` keeps all.
 
     Attributes:
         global_step: optimizer steps done. epoch: epochs completed. history: list of dicts with
@@ -143,6 +148,7 @@ class Trainer:
         device: str | torch.device = "cpu",
         log_every: int = 50,
         checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_keep_last: int | None = _ckpt.DEFAULT_KEEP_LAST,
     ) -> None:
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ConfigError(f"Trainer: epochs must be an int >= 1, got {epochs!r}")
@@ -164,6 +170,10 @@ class Trainer:
             raise ConfigError(f"Trainer: step_size (epochs) must be >= 1, got {step_size!r}")
         if log_every < 0:
             raise ConfigError(f"Trainer: log_every must be >= 0, got {log_every!r}")
+        try:
+            _ckpt._check_keep_last(checkpoint_keep_last)
+        except ConfigError as exc:
+            raise ConfigError(f"Trainer: checkpoint_{exc}") from None
         try:
             steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
         except TypeError as exc:
@@ -193,6 +203,7 @@ class Trainer:
         self.progress = progress
         self.log_every = int(log_every)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_keep_last = checkpoint_keep_last
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = epochs * steps_per_epoch
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -245,8 +256,8 @@ class Trainer:
     def fit(self, resume_from: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
         """Train from ``self.epoch`` up to ``epochs`` (or until a callback sets ``should_stop``).
 
-        With ``resume_from``, first restore a checkpoint written by :meth:`save_checkpoint`.
-        Returns ``history``.
+        With ``resume_from``, first restore a checkpoint written by :meth:`save_checkpoint` (a
+        checkpoint root: its newest complete checkpoint). Returns ``history``.
 
         Raises:
             SerializationError: ``resume_from`` is unreadable or does not fit this trainer.
@@ -344,7 +355,7 @@ class Trainer:
                 f"train_acc {metrics['train_accuracy']:.4f}{ev} ({train_time:.1f}s)"
             )
         self._call("on_epoch_end", metrics)
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and is_main_process():
             self.save_checkpoint(self.checkpoint_dir)
 
     @torch.no_grad()
@@ -424,17 +435,22 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save_checkpoint(self, directory: str | os.PathLike[str]) -> Path:
-        """Save model, optimizer, schedule position, history, callbacks and RNG to ``directory``.
+        """Save model, optimizer, schedule position, history, callbacks and RNG as a new checkpoint.
 
-        See :mod:`secateur.train.checkpoint` for the (pickle-free) layout.
+        ``directory`` is a checkpoint root; the new complete folder ``ckpt-<n>-step-<s>`` inside
+        it is returned, and complete checkpoints beyond ``checkpoint_keep_last`` are deleted.
+        Crash-safe and pickle-free: see :mod:`secateur.train.checkpoint`.
 
         Raises:
             SerializationError: a callback or loader state cannot be stored without pickle.
         """
-        return _ckpt.save_checkpoint(self, directory)
+        return _ckpt.save_checkpoint(self, directory, keep_last=self.checkpoint_keep_last)
 
     def resume(self, directory: str | os.PathLike[str]) -> None:
         """Restore a checkpoint saved at an epoch end; the next :meth:`fit` continues from there.
+
+        ``directory``: a checkpoint root (its newest complete checkpoint is used; unfinished saves
+        are ignored) or one checkpoint folder.
 
         With the same seed, model construction and loaders, the final weights equal those of an
         uninterrupted run bit for bit (on CPU).
