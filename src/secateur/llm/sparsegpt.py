@@ -50,14 +50,9 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float, layer: str) -> torch.T
 
 
 @contextlib.contextmanager
-def _cpu_threads_for_small_ops(device: torch.device, work: int) -> Iterator[None]:
-    """Run the column loop single-threaded on CPU when each step is small.
-
-    The loop issues thousands of tiny ops; with several intra-op threads their synchronisation
-    dominates (measured on a 2-core machine: a 384 x 384 layer took 0.1 s on 1 thread and 0.3-6 s
-    on 2 busy threads). Large steps (``work`` = rows * block_size above 2**21) keep all threads.
-    """
-    if device.type != "cpu" or work > 2**21 or torch.get_num_threads() == 1:
+def _one_cpu_thread(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Run the enclosed ops on one intra-op thread if ``enabled`` and ``device`` is the CPU."""
+    if not enabled or device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
     before = torch.get_num_threads()
@@ -77,6 +72,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     damp: float = 0.01,
     layer: str = "",
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` and reconstruct the survivors (SparseGPT, Algorithm 1).
 
@@ -91,6 +87,22 @@ def sparsegpt_prune(
             rows may differ), or ``"N:M"``/``(N, M)`` (exactly N kept of every M per row).
         block_size: columns per lazy-update block and per mask-selection block (paper: 128).
         damp: dampening as a fraction of the mean diagonal of ``H`` (paper: 0.01).
+        deterministic: on CPU, run all of the linear algebra on one thread (the default), so the
+            result does not depend on ``torch.get_num_threads()``; ``False`` lets the inverse
+            Cholesky factorisation and large lazy updates use every thread (faster on many cores).
+
+    Determinism: on CPU with ``deterministic=True`` the output is a function of the bits of
+    ``weight`` and ``hessian`` only, for a given torch/MKL build and CPU instruction set: it is
+    the same at any thread count (tested at 1 and 2 threads). This costs little here: on the
+    2-core CPU machine the 4096 x 4096 inverse Cholesky factor took 2.0-2.4 s on one thread and
+    4.6-8.9 s on two busy ones. With ``deterministic=False``, 1 and 2 threads gave factors that
+    differ in the last bits, and reconstructed weights that differ by up to ~3e-6 of the largest
+    weight (384 x 1536 and 1536 x 384 layers), which can flip near-tie mask choices. The Hessian
+    is a float32 sum (:class:`~secateur.llm.calibration.InputStats`): another batching or order
+    of the same calibration tokens changes its last bits, and with them a few near-tie decisions
+    (12 of the 2:4 choices of two MiniLM layers, on another CPU); compare results of two
+    summation orders by their properties, not bit for bit. On GPU nothing is forced: cuSOLVER
+    and cuBLAS decide.
 
     Returns:
         ``(new_weight, keep)``: updated weights (``weight.dtype``, exact zeros where pruned) and
@@ -137,10 +149,14 @@ def sparsegpt_prune(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u = _inverse_cholesky_upper(h, damp, layer)
-
+    # One thread makes MKL's factorisation independent of the thread count (``deterministic``).
+    with _one_cpu_thread(w.device, deterministic):
+        u = _inverse_cholesky_upper(h, damp, layer)
     prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-    with _cpu_threads_for_small_ops(w.device, rows * block_size):
+    # The column loop issues thousands of tiny ops: with several threads their synchronisation
+    # dominates (measured on a 2-core machine: a 384 x 384 layer took 0.1 s on 1 thread and 0.3-6 s
+    # on 2 busy threads), so only large steps (rows * block_size above 2**21) may use every thread.
+    with _one_cpu_thread(w.device, deterministic or rows * block_size <= 2**21):
         _sparsegpt_columns(w, u, prune, sp, p, n, m, block_size)
     keep = ~prune
     w[prune] = 0.0
