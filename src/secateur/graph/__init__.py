@@ -1,11 +1,12 @@
 """Dependency graph: which channels of which tensors must be pruned together.
 
 Public API: :class:`DependencyGraph` (``DependencyGraph.build(model, example_inputs)``), :class:`Group`,
-:class:`Member`, :func:`register_rule`, :func:`register_module_rule`, :func:`register_norm`,
-:class:`OpContext`.
+:class:`Member`, :class:`ExampleInputs` (several example inputs whose traces merge), :func:`register_rule`,
+:func:`register_module_rule`, :func:`register_norm`, :class:`OpContext`.
 """
 
 from secateur.graph.groups import DependencyGraph, Group, Member
+from secateur.graph.inputs import ExampleInputs
 from secateur.graph.norms import probe_norm, register_norm
 from secateur.graph.rules import (
     broadcast_couple,
@@ -19,6 +20,7 @@ from secateur.graph.tracer import OpContext, SplitEvent
 
 __all__ = [
     "DependencyGraph",
+    "ExampleInputs",
     "Group",
     "Member",
     "OpContext",

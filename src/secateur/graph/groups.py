@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import gc
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,8 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur.errors import ConfigError, UntracedModuleError, UntracedModuleWarning
 from secateur.graph.atoms import connected_labels
+from secateur.graph.inputs import ExampleInputs
 from secateur.graph.tracer import ParamDim, SplitEvent, iter_tensors, run_trace
+from secateur.graph.untraced import MODES, freeze_around, holders, untraced_message, untraced_modules
 
 
 @dataclasses.dataclass
@@ -92,7 +96,8 @@ class Group:
 
 
 class DependencyGraph:
-    """Channel groups of a model, traced from one forward pass on ``example_inputs``.
+    """Channel groups of a model, traced from one forward pass on ``example_inputs`` (one per input of an
+    :class:`~secateur.graph.ExampleInputs`).
 
     Build with :meth:`build`. ``groups`` lists every group (prunable or not); ``prunable_groups()`` those
     with at least one prunable unit.
@@ -121,8 +126,12 @@ class DependencyGraph:
         prune_outputs: bool = False,
         device: str = "auto",
         prune_normalized: bool = False,
+        untraced: str = "error",
     ) -> DependencyGraph:
         """Trace ``model`` on ``example_inputs`` (tensor, tuple of args or dict of kwargs) and group channels.
+
+        ``example_inputs`` may be a :class:`~secateur.graph.ExampleInputs` of several such inputs: each is
+        traced and the couplings of all traces are merged (cover every branch of a data-dependent ``if``).
 
         Args:
             protect: module name patterns (fnmatch, or regex if prefixed ``re:``) whose parameters are never
@@ -136,9 +145,18 @@ class DependencyGraph:
                 :class:`secateur.ChannelPruner` then compute those norms' statistics over the kept channels
                 only (:mod:`secateur.compact.norms`), so the masked model still equals the compacted one.
                 Default False: such dims stay frozen (``'layer_norm' normalises over a channel dim``).
+            untraced: what to do with modules that have parameters but that no trace reached (a branch not
+                taken, a training-only head; see :mod:`secateur.graph.untraced`): ``"error"`` (default)
+                raises UntracedModuleError naming them; ``"freeze"`` keeps them whole, freezes every channel
+                their nearest traced ancestor reads or makes (one more trace) and warns
+                (UntracedModuleWarning).
 
         Raises:
+            InvalidModelError: ``model`` is not an ``nn.Module`` or has tensors on the meta device.
+            ConfigError: an example input holds an id outside an embedding's table (names the input and
+                the layer), or ``untraced`` is not ``"error"``/``"freeze"``.
             UnsupportedOpError: an op without a rule ran on a tensor carrying channels (names op and module).
+            UntracedModuleError: ``untraced="error"`` and some parameterised modules were never reached.
             GraphError: the forward pass failed.
         """
         from secateur.graph.rules import MODULE_RULES, RULES
@@ -148,10 +166,24 @@ class DependencyGraph:
             from secateur.graph.norms import norm_module_rules
 
             module_rules = {**norm_module_rules(model), **MODULE_RULES}  # rules users registered win
+        if untraced not in MODES:
+            raise ConfigError(f"untraced must be one of {MODES}, got {untraced!r}")
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a trace allocates many small objects and frees them by refcount: no cycles to collect
         try:
             tracer, out = run_trace(model, example_inputs, RULES, module_rules, device)
+            missing = untraced_modules(tracer)
+            if missing:
+                if untraced == "error":
+                    raise UntracedModuleError(untraced_message(tracer, missing))
+                by_holder = holders(tracer, missing)
+                tracer, out = run_trace(model, example_inputs, RULES, module_rules, device, list(by_holder))
+                lines = freeze_around(tracer, by_holder)
+                warnings.warn(
+                    "untraced='freeze': " + "; ".join(lines) + ". The oracle checks the traced inputs only.",
+                    UntracedModuleWarning,
+                    stacklevel=2,
+                )
             atoms = tracer.atoms
             if not prune_outputs:
                 for t in iter_tensors(out):
@@ -161,6 +193,8 @@ class DependencyGraph:
             labels = atoms.solve()
             for ev in tracer.splits:
                 ev.classes = labels[ev.atoms]
+            if isinstance(example_inputs, ExampleInputs) and len(example_inputs) > 1:
+                tracer.splits = _distinct_splits(tracer.splits)
             groups = _make_groups(tracer.param_dims, labels, atoms.frozen, protect)
         finally:
             if gc_was_enabled:
@@ -180,6 +214,20 @@ class DependencyGraph:
 
     def __repr__(self) -> str:
         return f"DependencyGraph({len(self.groups)} groups, {len(self.prunable_groups())} prunable)"
+
+
+def _distinct_splits(splits: list[SplitEvent]) -> list[SplitEvent]:
+    """One event per (modules, shape, op, kind, unit classes): each trace of several inputs records the
+    same reshape again."""
+    seen: set[tuple] = set()
+    out = []
+    for ev in splits:
+        cls = ev.classes.tobytes() if ev.classes is not None else None
+        key = (ev.module_paths, ev.n_outer, ev.inner, ev.op, ev.kind, cls)
+        if key not in seen:
+            seen.add(key)
+            out.append(ev)
+    return out
 
 
 def _match(name: str, patterns: Sequence[str]) -> bool:

@@ -19,8 +19,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from secateur.errors import GraphError, UnsupportedOpError
+from secateur._validate import check_model
+from secateur.errors import GraphError, SecateurError, UnsupportedOpError
 from secateur.graph.atoms import Atoms, AtomStore
+from secateur.graph.inputs import ExampleInputs, as_examples
+from secateur.graph.validate import check_embedding_indices, integer_inputs
 
 Dims = list  # list[Atoms | None], one entry per tensor dimension
 
@@ -445,6 +448,15 @@ _METADATA = frozenset(
 )
 
 
+# Ops that turn a tensor's values into a Python value: where a data-dependent branch may be decided.
+_VALUE_READS = frozenset("bool item tolist int float index is_nonzero equal".split())
+# Ops whose single output holds exactly the values of their first input (the out-of-vocabulary check follows
+# integer inputs through them during a meta trace).
+_SAME_VALUES = frozenset(
+    "view reshape flatten contiguous unsqueeze squeeze clone long int to permute transpose t".split()
+)
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
@@ -463,6 +475,8 @@ class _Mode(TorchFunctionMode):
                 return out
             tr.on_op(func, args, kwargs, out, name)
             return out
+        if name == "embedding":
+            tr.check_embedding(args, kwargs)
         out = None
         if tr.meta:
             fast = _META_SHAPES.get(name)
@@ -504,6 +518,17 @@ class Tracer:
         self.meta = False
         self.n_ops = 0
         self.modules: dict[str, nn.Module] = {}
+        self.named: dict[str, torch.Tensor] = {}  # qualname -> the tensor the forward sees (meta stand-in)
+        self.called: set[int] = set()  # ids of the modules whose forward ran
+        self.value_reads: list[str] = []  # where the forward read tensor values (first few, distinct)
+        # integer example inputs behind their meta stand-ins: id(meta) -> (meta, real, label)
+        self.real_ints: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
+        # untraced="freeze" (second trace): the dims of every tensor alive at the entry of, or made during,
+        # a call of a watched module, per module path
+        self.watch: frozenset[str] = frozenset()
+        self.watched: dict[str, list[Dims]] = {}
+        self._watch_log: list[Dims] = []
+        self._watch_open: list[tuple[str, int]] = []
 
     # --- identities ---------------------------------------------------------------------------------
     def register_tensors(self, named: dict[str, torch.Tensor], buffers: set[str]) -> None:
@@ -557,6 +582,55 @@ class Tracer:
 
     def set_dims(self, t: torch.Tensor, dims: Dims) -> None:
         self._info[id(t)] = (weakref.ref(t), dims)
+        if self._watch_open:
+            self._watch_log.append(dims)
+
+    def is_param(self, t: torch.Tensor) -> bool:
+        rec = self._params.get(id(t))
+        return rec is not None and rec[0] is t
+
+    def param_seen(self, name: str) -> bool:
+        """True if an op of the trace read parameter/buffer ``name`` (any of its qualnames)."""
+        t = self.named.get(name)
+        if t is None:
+            return False
+        rec = self._info.get(id(t))
+        return rec is not None and rec[0]() is t
+
+    def live_dims(self) -> list[Dims]:
+        """Dims of every tensor alive now that carries atoms, parameters and buffers excluded."""
+        out = []
+        for ref, dims in list(self._info.values()):
+            t = ref()
+            if t is not None and not self.is_param(t) and any(d is not None for d in dims):
+                out.append(dims)
+        return out
+
+    # --- checks on values ------------------------------------------------------------------------------
+    def check_embedding(self, args: tuple, kwargs: dict) -> None:
+        """Refuse (ConfigError) out-of-range ids for an ``embedding`` op: on real ids, or during a meta trace
+        on the example input (or a view of it) behind the ids' stand-in."""
+        ids = args[0] if args else kwargs.get("input")
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        if not isinstance(ids, torch.Tensor) or not isinstance(w, torch.Tensor) or ids.is_floating_point():
+            return
+        label = "the ids"
+        if ids.is_meta:
+            rec = self.real_ints.get(id(ids))
+            if rec is None or rec[0] is not ids:
+                return
+            _, ids, label = rec
+        else:
+            rec = self.real_ints.get(id(ids))
+            if rec is not None and rec[0] is ids:
+                label = rec[2]
+        check_embedding_indices(ids, int(w.shape[0]), label, self.where("embedding"))
+
+    def _follow_ints(self, name: str, ins: list, outs: list) -> None:
+        if name in _SAME_VALUES and len(outs) == 1 and ins:
+            rec = self.real_ints.get(id(ins[0]))
+            if rec is not None and rec[0] is ins[0]:
+                self.real_ints[id(outs[0])] = (outs[0], rec[1], rec[2])
 
     def dims_binding(self, t: Any, bind: dict[int, Atoms | None]) -> tuple[Dims, set[int]]:
         """``dims(t)``, except that a parameter seen for the first time takes, for each dim ``d`` in
@@ -608,10 +682,16 @@ class Tracer:
             name = op_name(func)
         outs = list_tensors(out)
         if not outs and name != "setitem":
+            if name in _VALUE_READS and len(self.value_reads) < 4:
+                w = self.where(name)
+                if w not in self.value_reads:
+                    self.value_reads.append(w)
             return
         ins = list_tensors(args)
         if kwargs:
             ins += list_tensors(kwargs)
+        if self.real_ints:
+            self._follow_ints(name, ins, outs)
         if ins and all(self.is_param_derived(t) for t in ins):
             for t in outs:
                 self._pderived[id(t)] = weakref.ref(t)
@@ -632,8 +712,13 @@ class Tracer:
     # --- module hooks -------------------------------------------------------------------------------
     def pre_hook(self, path: str) -> Callable:
         def hook(mod: nn.Module, args: tuple, kwargs: dict, p: str | None = None) -> None:
-            self.stack.append(path if p is None else p)
+            where = path if p is None else p
+            self.stack.append(where)
             self.module_stack.append(mod)
+            self.called.add(id(mod))
+            if self.watch and where in self.watch:
+                self.watched.setdefault(where, []).extend(self.live_dims())
+                self._watch_open.append((where, len(self._watch_log)))
             if self.opaque == 0 and type(mod) in self.module_rules:
                 self._opaque_args = (args, kwargs)
                 self._opaque_mod = mod
@@ -651,6 +736,11 @@ class Tracer:
                     ctx = OpContext(self, mod, type(mod).__name__, args, kwargs, out)
                     rule(ctx, mod, args, kwargs, out)
                     self._opaque_mod = None
+            if self._watch_open and self._watch_open[-1][0] == self.stack[-1]:
+                where, start = self._watch_open.pop()
+                self.watched[where].extend(self._watch_log[start:])
+                if not self._watch_open:
+                    self._watch_log.clear()
             self.stack.pop()
             self.module_stack.pop()
 
@@ -667,15 +757,19 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("meta")
 
 
-def _to_meta(obj: Any) -> Any:
+def _to_meta(obj: Any, real: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+    """Meta stand-ins for the tensors in ``obj``; ``real`` (if given) collects ``(stand-in, tensor)``."""
     if isinstance(obj, torch.Tensor):
-        return obj.to("meta")
+        m = obj.to("meta")
+        if real is not None:
+            real.append((m, obj))
+        return m
     if isinstance(obj, tuple):
-        return tuple(_to_meta(o) for o in obj)
+        return tuple(_to_meta(o, real) for o in obj)
     if isinstance(obj, list):
-        return [_to_meta(o) for o in obj]
+        return [_to_meta(o, real) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to_meta(v) for k, v in obj.items()}
+        return {k: _to_meta(v, real) for k, v in obj.items()}
     return obj
 
 
@@ -700,7 +794,10 @@ def _walk(model: nn.Module) -> tuple[dict, dict, list[tuple[str, nn.Module]]]:
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs; on an
+    :class:`~secateur.graph.ExampleInputs`, once per input, returning the tuple of outputs."""
+    if isinstance(example_inputs, ExampleInputs):
+        return tuple(call_model(model, x) for x in example_inputs)
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
     if isinstance(example_inputs, (tuple, list)):
@@ -714,22 +811,44 @@ def run_trace(
     rules: dict[str, Rule],
     module_rules: dict[type, ModuleRule],
     device: str = "auto",
+    watch: Sequence[str] = (),
 ) -> tuple[Tracer, Any]:
-    """Trace ``model`` once; returns the tracer (atoms, param dims, splits) and the (meta or real) output.
+    """Trace ``model``; returns the tracer (atoms, param dims, splits) and the (meta or real) output.
 
+    ``example_inputs``: one input (a tensor, a tuple of positional inputs or a dict of keyword inputs), or an
+    :class:`~secateur.graph.ExampleInputs` of several: each is traced in turn into one atom store (so the
+    couplings of all the traces merge) and the output is the tuple of their outputs.
     ``device``: ``"meta"`` runs on shape-only meta tensors (fast, computes nothing), ``"real"`` on the
     model's own tensors, ``"auto"`` tries meta and falls back to real if the model reads tensor values.
-    Raises UnsupportedOpError for an op without a rule, GraphError when the forward itself fails.
+    ``watch``: module paths whose calls are recorded in ``tracer.watched`` (the dims of every tensor alive at
+    their entry or made during them; used by ``untraced="freeze"``).
+
+    Raises:
+        InvalidModelError: ``model`` is not an ``nn.Module`` or has tensors on the meta device
+            (:func:`secateur._validate.check_model`).
+        ConfigError: an example input feeds an embedding an id outside its table (names input and layer).
+        UnsupportedOpError: an op without a rule ran on a tensor carrying channels.
+        GraphError: the forward itself fails.
     """
+    if not isinstance(model, nn.Module):
+        check_model(model)  # raises InvalidModelError naming the argument
     if device == "auto":
         try:
-            return run_trace(model, example_inputs, rules, module_rules, "meta")
-        except UnsupportedOpError:
+            return run_trace(model, example_inputs, rules, module_rules, "meta", watch)
+        except SecateurError:
             raise
         except Exception:  # data-dependent Python code (item(), bool()) cannot run on meta tensors
-            return run_trace(model, example_inputs, rules, module_rules, "real")
+            return run_trace(model, example_inputs, rules, module_rules, "real", watch)
     tracer = Tracer(model, rules, module_rules)
+    tracer.watch = frozenset(watch)
     named, buffers, unique_modules = _walk(model)
+    if any(t.is_meta for t in named.values()) or any(t.is_meta for t in buffers.values()):
+        check_model(model)  # a model on the meta device: InvalidModelError naming the first such tensor
+    examples = as_examples(example_inputs)
+    labels = [f"example_inputs[{i}]" for i in range(len(examples))]
+    if len(examples) == 1:
+        labels = ["example_inputs"]
+    ints = {id(t): (t, label) for x, lab in zip(examples, labels) for t, label in integer_inputs(x, lab)}
     if device == "meta":
         cache: dict[int, torch.Tensor] = {}
         sub: dict[str, torch.Tensor] = {}
@@ -739,11 +858,17 @@ def run_trace(
             sub[n] = cache[id(t)]
         tracer.register_tensors(sub, set(buffers))
         tracer.meta = True
-        inputs = _to_meta(example_inputs)
+        real: list[tuple[torch.Tensor, torch.Tensor]] = []
+        inputs = [_to_meta(x, real) for x in examples]
+        for m, t in real:  # integer inputs: their values stay reachable from their meta stand-ins
+            if id(t) in ints:
+                tracer.real_ints[id(m)] = (m, t, ints[id(t)][1])
     else:
         sub = {**named, **buffers}
         tracer.register_tensors(sub, set(buffers))
-        inputs = example_inputs
+        inputs = list(examples)
+        tracer.real_ints = {k: (t, t, label) for k, (t, label) in ints.items()}
+    tracer.named = sub
     handles = []
     was_training = {m: m.training for _, m in unique_modules}
     try:
@@ -786,13 +911,13 @@ def run_trace(
                 try:
                     for store, attr, t in swaps:
                         store[attr] = cache[id(t)]
-                    out = call_model(model, inputs)
+                    outs = [call_model(model, x) for x in inputs]
                 finally:
                     for store, attr, t in reversed(swaps):
                         store[attr] = t
             else:
-                out = call_model(model, inputs)
-    except (UnsupportedOpError, GraphError):
+                outs = [call_model(model, x) for x in inputs]
+    except SecateurError:
         raise
     except Exception as e:
         if device == "meta":
@@ -804,4 +929,4 @@ def run_trace(
         for m, tr in was_training.items():
             if m.training is not tr:
                 m.training = tr
-    return tracer, out
+    return tracer, outs[0] if len(outs) == 1 else tuple(outs)
