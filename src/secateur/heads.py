@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur.compact import require_finite_inputs, restoring
 from secateur.criteria.group import GroupCriterion, head_group_ids
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.structured_pruner import ChannelPruner
+from secateur.structured_pruner import ChannelPruner, MaskRestorePoint
 
 __all__ = ["prune_heads"]
 
@@ -65,13 +66,20 @@ def prune_heads(
 
     Returns ``(model, plan)``; pass ``plan`` to :func:`secateur.save_pretrained` / :func:`secateur.save`.
 
+    Transactional under any ``BaseException``: the head groups' weights are copied before they are masked
+    (:class:`~secateur.structured_pruner.MaskRestorePoint`), and a failure or a ``KeyboardInterrupt`` while
+    scoring, masking or compacting puts the model back bit-identical (no masks left) before re-raising.
+
     Raises:
-        ConfigError: bad ratio / criterion / allocation, no attention heads found, or a data-dependent
-            criterion without ``data``. The model is untouched then.
+        ConfigError: bad ratio / criterion / allocation, no attention heads found, a data-dependent
+            criterion without ``data``, or ``verify`` with NaN/Inf in ``example_inputs``. The model is
+            untouched then.
         CompactionError: compaction or verification failed (rolled back).
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ConfigError(f"prune_heads: ratio must be in [0, 1), got {ratio!r}")
+    if verify:
+        require_finite_inputs(example_inputs)
     graph = DependencyGraph.build(model, example_inputs, protect=protect)
     heads = set(head_group_ids(graph))
     if not any(graph.groups[gi].n_prunable for gi in heads):
@@ -95,9 +103,11 @@ def prune_heads(
         criterion_kwargs=criterion_kwargs,
         graph=graph,
     )
+    point = MaskRestorePoint(model, [m.name for gi in heads for m in graph.groups[gi].members])
     try:
-        pruner.step(0)
-        model = pruner.compact(verify=verify)
+        with restoring(point.restore):
+            pruner.step(0)
+            model = pruner.compact(verify=verify)
     finally:
         pruner.criterion.detach()
     assert pruner.plan is not None

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.compact import compact, make_plan
+from secateur.compact import NonFiniteOutputError, compact, make_plan, require_finite_inputs
 from secateur.compact.verify import incompatible_groups, verified_compact
 from secateur.errors import CompactionError, ConfigError, GraphError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
@@ -117,9 +117,11 @@ def prune_channels(
             low = removed first).
         protect: module name patterns never pruned (fnmatch; ``"re:..."`` for a regex).
         round_to: kept unit counts are multiples of this.
-        verify: run the oracle (masked copy vs compacted model, float64, atol 1e-6) and roll back on failure
+        verify: run the oracle (masked copy vs compacted model, float64, every output finite and within
+            ``1e-6 ×`` its magnitude: :func:`secateur.compact.check_equivalence`) and roll back on failure
             (default: a wrong model is never returned; costs a deep copy and two float64 forwards, so
-            pass ``verify=False`` for timing or for models too large to copy).
+            pass ``verify=False`` for timing or for models too large to copy). Needs finite
+            ``example_inputs``.
         prune_normalized: also prune dims that normalisation modules (LayerNorm, RMSNorm, ...) normalise,
             e.g. a transformer's hidden size (:meth:`DependencyGraph.build`; exact: the masks compute the
             norm's statistics over kept channels).
@@ -128,14 +130,20 @@ def prune_channels(
 
     Returns ``(model, plan)``; ``plan`` is plain JSON-serialisable data (:func:`secateur.compact.make_plan`).
 
+    Transactional: on any exception, ``KeyboardInterrupt`` included, the model is left as it was (the
+    interrupt is re-raised after the rollback).
+
     Raises:
-        ConfigError: bad ratio or criterion.
+        ConfigError: bad ratio or criterion; ``verify`` with NaN/Inf in ``example_inputs`` (before anything
+            is traced or changed).
         UnsupportedOpError / GraphError: from tracing.
         IncompatibleGroupError: removing some groups breaks the model (named with the op and module).
         CompactionError: compaction (or verification) failed; the model is unchanged.
     """
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio must be in [0, 1), got {ratio}")
+    if verify:
+        require_finite_inputs(example_inputs)
     if graph is not None and (protect or prune_outputs or prune_normalized):
         raise ConfigError(
             "protect/prune_outputs/prune_normalized shape the graph when it is built: pass them to "
@@ -206,18 +214,25 @@ def remove_units(
 ) -> tuple[nn.Module, dict]:
     """Plan the removal of ``{group index: unit indices}`` and compact ``model`` in place.
 
-    With ``verify`` the compacted model must run and equal the masked one (float64, atol 1e-6) inside the
-    transaction (:func:`secateur.compact.verify.verified_compact`). When it does not, each group is tried
-    alone to find the ones at fault (a model that derives a width from another dimension, such as
-    torchvision's Swin v1 attention): with ``skip_incompatible`` those groups are left whole (listed in
-    ``plan["skipped"]`` with the reason, and a warning) and the rest is removed; otherwise
+    With ``verify`` the compacted model must run and equal the masked one (float64, relative tolerance 1e-6:
+    :func:`secateur.compact.check_equivalence`) inside the transaction
+    (:func:`secateur.compact.verify.verified_compact`); ``example_inputs`` must then be finite. When it does
+    not, each group is tried alone to find the ones at fault (a model that derives a width from another
+    dimension, such as torchvision's Swin v1 attention): with ``skip_incompatible`` those groups are left
+    whole (listed in ``plan["skipped"]`` with the reason, and a warning) and the rest is removed; otherwise
     IncompatibleGroupError names them. Returns ``(model, plan)``.
 
+    Every compaction here is a transaction (:func:`secateur.compact.compact`): on any exception or
+    interrupt the model is as it was before the call (each probe and attempt rolls back before the next).
+
     Raises:
+        ConfigError: ``verify`` with NaN/Inf in ``example_inputs`` (the model is not touched).
         IncompatibleGroupError: ``verify`` found groups whose removal breaks the model (names each group,
             the op and the module); the model is unchanged.
         CompactionError: planning, slicing or verification failed; the model is unchanged.
     """
+    if verify:
+        require_finite_inputs(example_inputs)
     plan = make_plan(graph, removed)
     if not verify:
         compact(model, plan)
@@ -226,6 +241,8 @@ def remove_units(
         verified_compact(model, plan, example_inputs)
         return model, plan
     except CompactionError as e:
+        if isinstance(e, NonFiniteOutputError) and e.in_reference:
+            raise  # the masked model itself outputs NaN/Inf on these inputs: no group is at fault
         bad = incompatible_groups(model, graph, removed, example_inputs)
         if not bad:
             raise

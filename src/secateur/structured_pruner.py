@@ -36,7 +36,15 @@ from torch.nn.utils import parametrize
 
 from secateur.allocation import check_sparsity
 from secateur.analysis.counting import count_params, layer_table
-from secateur.compact import compact, make_plan
+from secateur.compact import (
+    ATOL,
+    RTOL,
+    compact,
+    interrupts_deferred,
+    make_plan,
+    require_finite_inputs,
+    restoring,
+)
 from secateur.compact.norms import norm_plan, set_norm_masks
 from secateur.compact.verify import verified_compact
 from secateur.criteria.group import (
@@ -49,10 +57,11 @@ from secateur.criteria.group import (
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.masks import get_mask, has_mask, set_mask
+from secateur.masks.element import _element_mask
 from secateur.schedules import OneShot, Schedule
 from secateur.structured import _ensure_member_nonempty, choose_units
 
-__all__ = ["ChannelPruner", "TARGETS"]
+__all__ = ["ChannelPruner", "MaskRestorePoint", "TARGETS"]
 
 TARGETS = ("channels", "params", "macs", "latency")
 ALLOCATIONS = ("global", "uniform")
@@ -579,7 +588,8 @@ class ChannelPruner:
             path, _, attr = name.rpartition(".")
             mod = model.get_submodule(path) if path else model
             if parametrize.is_parametrized(mod, attr):
-                parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
+                with interrupts_deferred():  # a module is either masked or baked, never half-way
+                    parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
 
     def removed_units(self) -> dict[str, list[int]]:
         """``{group name: removed unit indices}`` for groups with removals."""
@@ -648,33 +658,39 @@ class ChannelPruner:
             self._apply_masks()
 
     # ------------------------------------------------------------------------------------ compaction
-    def compact(self, verify: bool = True, atol: float = 1e-6) -> nn.Module:
+    def compact(self, verify: bool = True, atol: float = ATOL, rtol: float = RTOL) -> nn.Module:
         """Physically remove the masked units (:func:`secateur.compact.compact`, transactional).
 
         Bakes this pruner's masks into plain weights, builds the plan (kept in ``self.plan``), and slices
-        every member. With ``verify`` the oracle (:func:`~secateur.compact.verify.verified_compact`, float64,
-        ``atol``) compares the compacted model with the masked one inside the transaction. Returns the
-        model (changed in place); afterwards the pruner is finished (its hooks are removed).
+        every member. With ``verify`` the oracle (:func:`~secateur.compact.verify.verified_compact`: float64,
+        per output ``max|a - b| <= atol + rtol * magnitude``, NaN/Inf never equal) compares the compacted
+        model with the masked one inside the transaction. Returns the model (changed in place); afterwards
+        the pruner is finished (its hooks are removed).
+
+        Transactional under any ``BaseException``: the stored weights, masks and buffers of the pruned
+        groups are copied first (:class:`MaskRestorePoint`; memory: one copy of those tensors) and put back
+        bit-identical when anything fails or is interrupted; a ``KeyboardInterrupt`` is re-raised after.
 
         Raises:
+            ConfigError: ``verify`` with NaN/Inf in the example inputs (nothing is changed).
             CompactionError: compaction or verification failed; the model is left masked as before.
         """
         self._check_live()
+        if verify:
+            require_finite_inputs(self.example_inputs)
         plan = make_plan(self.graph, {gi: rm for gi, rm in self.removed.items() if rm.size})
-        with torch.no_grad():
-            self._apply_masks()  # buffers exactly zero again (training cannot move them, but be sure)
-        # bake first: deep copies of a parametrized module share its generated class, so removing a
-        # parametrization from a copy would break the original (torch.nn.utils.parametrize)
-        self._detach_masks(self.model)
-        try:
+        names = [m.name for gi, rm in self.removed.items() if rm.size for m in self.graph.groups[gi].members]
+        point = MaskRestorePoint(self.model, names)
+        with restoring(point.restore):
+            with torch.no_grad():
+                self._apply_masks()  # buffers exactly zero again (training cannot move them, but be sure)
+            # bake first: deep copies of a parametrized module share its generated class, so removing a
+            # parametrization from a copy would break the original (torch.nn.utils.parametrize)
+            self._detach_masks(self.model)
             if verify:
-                verified_compact(self.model, plan, self.example_inputs, atol=atol)
+                verified_compact(self.model, plan, self.example_inputs, atol=atol, rtol=rtol)
             else:
                 compact(self.model, plan)
-        except Exception:
-            with torch.no_grad():
-                self._apply_masks()
-            raise
         self.criterion.detach()
         self.plan = plan
         self.compacted = True
@@ -684,6 +700,78 @@ class ChannelPruner:
     def _check_live(self) -> None:
         if self.compacted:
             raise ConfigError("this ChannelPruner already compacted its model; build a new one to prune more")
+
+
+class MaskRestorePoint:
+    """An exact restore point for some parameters and buffers of a model and their element masks.
+
+    Taken before masking or compaction; :meth:`restore` puts back each listed tensor's stored values
+    (bit-identical), and for a parameter its element mask as it was: the same mask values if it had one
+    (re-attached if it was baked meanwhile), no mask if it had none (a mask added since is removed without
+    baking). The Parameter objects stay the same (optimizers keep pointing at them).
+
+    Args:
+        model: the model.
+        names: qualified names of parameters and buffers (``"layer1.0.conv1.weight"``); duplicates and
+            names the model lacks are ignored.
+
+    Memory: one copy of the listed tensors (and masks). Storage too is restored: each tensor gets back the
+    very storage it had (a view a caller holds still sees the model's values).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        # (module, attribute, is buffer, the tensor's data (same storage), a copy of its values, the element
+        # mask module and a copy of its mask, or None)
+        self.entries: list[tuple[nn.Module, str, bool, torch.Tensor, torch.Tensor, Any]] = []
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                continue
+            seen.add(name)
+            path, _, attr = name.rpartition(".")
+            try:
+                mod = model.get_submodule(path) if path else model
+            except AttributeError:
+                continue
+            is_buffer = attr in mod._buffers and mod._buffers[attr] is not None
+            masked = not is_buffer and has_mask(mod, attr)
+            stored = _stored(mod, attr, is_buffer, masked)
+            if not isinstance(stored, torch.Tensor):
+                continue
+            mask = (_element_mask(mod, attr), get_mask(mod, attr).detach().clone()) if masked else None
+            self.entries.append((mod, attr, is_buffer, stored.data, stored.detach().clone(), mask))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every listed tensor and mask back as it was when the point was taken.
+
+        If a listed tensor has another shape now, a compaction completed (committed) since, and an
+        interrupt landed between its end and the end of the caller's guard: the model is then consistent,
+        compacted, and is left so (restoring weights alone would not undo the compaction).
+        """
+        for mod, attr, is_buffer, data, _, _ in self.entries:
+            if _stored(mod, attr, is_buffer, not is_buffer and has_mask(mod, attr)).shape != data.shape:
+                return
+        for mod, attr, is_buffer, data, value, mask in self.entries:
+            if not is_buffer:
+                if mask is None and has_mask(mod, attr):
+                    parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+                elif mask is not None:
+                    if not has_mask(mod, attr):  # baked meanwhile: the same mask module goes back
+                        parametrize.register_parametrization(mod, attr, mask[0])
+                    get_mask(mod, attr).copy_(mask[1])
+            stored = _stored(mod, attr, is_buffer, mask is not None)
+            if stored.data_ptr() != data.data_ptr() or stored.shape != data.shape:
+                stored.set_(data)  # its own storage back (baking or slicing gave it another)
+            stored.copy_(value)
+
+
+def _stored(mod: nn.Module, attr: str, is_buffer: bool, masked: bool) -> Any:
+    """The tensor holding ``mod.<attr>``'s values: the buffer, the masked parameter's ``original``, or the
+    parameter."""
+    if is_buffer:
+        return mod._buffers[attr]
+    return mod.parametrizations[attr].original if masked else getattr(mod, attr, None)
 
 
 def _measure_layers(model: nn.Module, example_inputs: Any) -> list:

@@ -8,9 +8,10 @@ import numpy as np
 
 
 def prune_and_check(
-    model, x, ratio=0.3, criterion="random", seed=0, atol=1e-6, skip_incompatible=False, **kw
+    model, x, ratio=0.3, criterion="random", seed=0, atol=0.0, rtol=1e-6, skip_incompatible=False, **kw
 ):
-    """Prune ``ratio`` of every group with the oracle; returns (pruned model, plan, graph, max diff)."""
+    """Prune ``ratio`` of every group with the oracle (per output, float64: finite and ``max|a - b| <= atol
+    + rtol * magnitude``); returns (pruned model, plan, graph, max abs diff)."""
     from secateur.compact import check_equivalence, mask_model
     from secateur.graph import DependencyGraph
     from secateur.structured import choose_units, remove_units
@@ -30,5 +31,5 @@ def prune_and_check(
         copy.deepcopy(model), graph, removed, x, verify=True, skip_incompatible=skip_incompatible
     )
     masked = mask_model(copy.deepcopy(model), plan)
-    diff = check_equivalence(masked, pruned, x, atol=atol)
+    diff = check_equivalence(masked, pruned, x, atol=atol, rtol=rtol)
     return pruned, plan, graph, diff

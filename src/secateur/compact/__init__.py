@@ -3,21 +3,35 @@
 Flow: choose units per group -> :func:`make_plan` (plain JSON data: kept indices per tensor and dim, module
 attribute and config changes) -> :func:`mask_model` (zeroes what will go: the masked model computes what the
 compacted one will) or :func:`compact` (slices every tensor, updates module attributes and the Hugging Face
-config; transactional). :func:`check_equivalence` is the oracle used in the tests.
+config). :func:`check_equivalence` is the oracle, used inside compaction and in the tests.
+
+Transactions: every change :func:`compact` makes is first written to a :class:`Journal`, so any exception
+*or* ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``) restores the model
+bit-identical; :func:`restoring` is the same guard for other code (run a restore function on any
+``BaseException``, with Ctrl-C held meanwhile by :func:`interrupts_deferred`, then re-raise unchanged).
+
+The oracle's rule, per floating output tensor pair ``(a, b)`` in float64: both finite (a NaN or Inf is never
+equal) and ``max|a - b| <= atol + rtol * max(max|a|, max|b|)``, defaults :data:`ATOL` 0 and :data:`RTOL`
+1e-6; inputs must be finite (:func:`require_finite_inputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import re
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from secateur.errors import CompactionError, IncompatibleGroupError
+from secateur.errors import CompactionError, ConfigError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.graph.tracer import call_model, iter_tensors
 
@@ -480,43 +494,109 @@ def _slicing_key(dims: Mapping) -> tuple:
     return tuple(sorted((int(d), tuple(k)) for d, k in dims.items()))
 
 
-class _Undo:
+class Journal:
+    """The undo log of one transaction: every change is recorded *before* it is made, so that
+    :meth:`rollback` restores the state exactly whichever instruction an exception (or a
+    ``KeyboardInterrupt``) interrupts. Restoring a change that had not happened yet is harmless: each
+    entry puts back the value read before the change.
+
+    Entries: a tensor's ``.data`` (:meth:`set_data`; the old tensor itself is kept, so the restore is
+    bit-identical and costs no copy), an attribute (:meth:`set_attr`; module sizes, config keys) or any
+    change with its own undo function (:meth:`record`).
+    """
+
     def __init__(self) -> None:
         self.steps: list = []
         self.old_shape: dict[int, tuple[int, ...]] = {}
 
     def set_data(self, t: torch.Tensor, new: torch.Tensor) -> None:
-        self.steps.append(("data", t, t.data))
+        """``t.data = new``, journaled."""
         self.old_shape.setdefault(id(t), tuple(t.shape))
+        self.steps.append(("data", t, t.data))
         t.data = new
 
-    def record(self, restore: Any) -> None:
-        """Journal an arbitrary change: ``restore()`` undoes it."""
+    def record(self, restore: Callable[[], None]) -> None:
+        """Journal an arbitrary change: ``restore()`` undoes it (and must be harmless if it did not
+        happen)."""
         self.steps.append(("call", restore))
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
-        had = name in getattr(obj, "__dict__", {})
+        """``setattr(obj, name, value)``, journaled (the instance attribute, or its absence, is restored)."""
+        d = getattr(obj, "__dict__", None)
+        had = d is not None and name in d
         self.steps.append(("attr", obj, name, getattr(obj, name, None), had))
         setattr(obj, name, value)
 
     def rollback(self) -> None:
-        for step in reversed(self.steps):
-            if step[0] == "data":
-                step[1].data = step[2]
-            elif step[0] == "call":
-                step[1]()
-            else:
-                _, obj, name, old, had = step
-                if had or not hasattr(obj, name):
-                    setattr(obj, name, old)
+        """Undo every journaled change, newest first; a SIGINT arriving meanwhile is held until the end
+        (:func:`interrupts_deferred`). The journal is empty afterwards."""
+        with interrupts_deferred():
+            for step in reversed(self.steps):
+                if step[0] == "data":
+                    step[1].data = step[2]
+                elif step[0] == "call":
+                    step[1]()
                 else:
-                    try:
-                        delattr(obj, name)
-                    except AttributeError:
-                        setattr(obj, name, old)
+                    _restore_attr(*step[1:])
+            self.steps.clear()
 
 
-def _update_module(mod: nn.Module, undo: _Undo) -> None:
+def _restore_attr(obj: Any, name: str, old: Any, had: bool) -> None:
+    d = getattr(obj, "__dict__", None)
+    if had:
+        setattr(obj, name, old)
+    elif d is not None and name in d:  # an instance attribute the transaction added: remove it
+        try:
+            delattr(obj, name)
+        except AttributeError:
+            setattr(obj, name, old)
+    elif getattr(obj, name, None) is not old:  # a property or slot: set the old value back through it
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) for the duration of the block, then deliver it: a restore that must run to
+    completion is not cut in half by a second Ctrl-C. After the block the previous handler is put back
+    and, if a SIGINT arrived meanwhile, called (by default it raises ``KeyboardInterrupt``). Outside the
+    main thread, or when the handler was not installed from Python, signals cannot be held and the block
+    simply runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[Any] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:
+        yield
+        return
+    try:
+        signal.signal(signal.SIGINT, lambda _sig, frame: pending.append(frame))
+    except (ValueError, OSError):  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(signal.SIGINT, pending[0])
+
+
+@contextlib.contextmanager
+def restoring(restore: Callable[[], None]) -> Iterator[None]:
+    """Run the block as a transaction: on *any* ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``,
+    ``GeneratorExit`` included) call ``restore()`` with SIGINT held (:func:`interrupts_deferred`), then
+    re-raise the exception unchanged. ``restore`` must bring the state back to what it was before the
+    block, whichever instruction was interrupted."""
+    try:
+        yield
+    except BaseException:
+        with interrupts_deferred():
+            restore()
+        raise
+
+
+def _update_module(mod: nn.Module, undo: Journal) -> None:
     """Refresh the size attributes of standard layers from their (new) parameter shapes."""
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.modules.conv._ConvNd):
@@ -557,7 +637,7 @@ def _update_module(mod: nn.Module, undo: _Undo) -> None:
             undo.set_attr(mod, "nx", w.shape[0])
 
 
-def _update_norm_width(mod: nn.Module, k: int, undo: _Undo) -> None:
+def _update_norm_width(mod: nn.Module, k: int, undo: Journal) -> None:
     """The width attribute of a norm module whose normalised dim now has ``k`` channels."""
     if isinstance(mod, nn.GroupNorm):
         undo.set_attr(mod, "num_channels", k)
@@ -573,63 +653,76 @@ def compact(model: nn.Module, plan: Mapping, check: Any = None) -> nn.Module:
     num_heads and the like) and the Hugging Face config. Returns ``model`` (changed in place). Mask-aware
     norm hooks (:func:`mask_model`, :class:`secateur.ChannelPruner`) are removed.
 
-    Transactional: on any exception the model's tensors, attributes and config are restored bit-identical
-    and CompactionError is raised (chained to the cause). ``check(model)``, if given, runs inside the
-    transaction after the changes (e.g. the equivalence oracle); if it raises, the changes are undone.
+    Transactional (a :class:`Journal`): on *any* exception the model's tensors, attributes, hooks and
+    config are restored bit-identical first. An ordinary ``Exception`` is then raised as CompactionError
+    (chained to the cause; a CompactionError as it is); a ``KeyboardInterrupt``, ``SystemExit`` or
+    ``GeneratorExit`` is re-raised unchanged. ``check(model)``, if given, runs inside the transaction after
+    the changes (e.g. the equivalence oracle); if it raises, the changes are undone.
+
+    Raises:
+        CompactionError: a malformed plan (not a mapping of tensors, a tensor the model lacks, a tied
+            tensor sliced two ways, an index out of range), a failed slice or a failed ``check``.
     """
-    undo = _Undo()
+    journal = Journal()
     try:
-        remove_norm_masks(model, journal=undo.record)  # mask-aware norm hooks from mask_model / ChannelPruner
-        named = _named_tensors(model)
-        paths_of: dict[int, list[str]] = {}  # every name of a tensor (tied weights have several)
-        for n, u in named.items():
-            paths_of.setdefault(id(u), []).append(n)
-        modules = _ModuleLookup(model)
-        done: dict[int, Mapping] = {}
-        touched_modules: dict[str, nn.Module] = {}
-        for name, dims in plan["tensors"].items():
-            if name not in named:
-                raise CompactionError(f"plan names tensor {name!r}, which the model does not have")
-            t = named[name]
-            if id(t) in done:
-                if _slicing_key(done[id(t)]) != _slicing_key(dims):
-                    raise CompactionError(f"tied tensor {name} is sliced two different ways")
-                continue
-            done[id(t)] = dims
-            undo.set_data(t, _sliced(t.data, dims))
-            for other in paths_of[id(t)]:  # every module holding the tensor (a tied LM head too)
-                path = other.rpartition(".")[0]
-                touched_modules[path] = modules[path]
-        for mod in touched_modules.values():
-            _update_module(mod, undo)
-        for path, spec in (plan.get("norms") or {}).items():  # norms without weights have no sliced tensor
-            mod = modules[path]
-            _update_norm_width(mod, len(spec["kept"]), undo)
-        for path, d in plan.get("attributes", {}).items():
-            mod = modules[path]
-            for a, (_old, new) in d.items():
-                undo.set_attr(mod, a, new)
-            if any(a in HEAD_ATTRS for a in d) and hasattr(mod, "num_key_value_groups"):
-                h = next(d[a][1] for a in d if a in HEAD_ATTRS)
-                kv = next((d[a][1] for a in d if a in KV_HEAD_ATTRS), None)
-                if kv:
-                    undo.set_attr(mod, "num_key_value_groups", h // kv)
-        cfgs = _configs(model)
-        for ck, d in plan.get("config", {}).items():
-            cfg = cfgs.get(ck)
-            if cfg is None:
-                continue
-            for k, (_old, new) in d.items():
-                if not k.startswith("_inconsistent_"):
-                    undo.set_attr(cfg, k, new)
-        if check is not None:
-            check(model)
+        with restoring(journal.rollback):
+            _apply_plan(model, plan, journal)
+            if check is not None:
+                check(model)
     except Exception as e:
-        undo.rollback()
         if isinstance(e, CompactionError):
             raise
         raise CompactionError(f"compaction failed and was rolled back: {e!r}") from e
     return model
+
+
+def _apply_plan(model: nn.Module, plan: Mapping, journal: Journal) -> None:
+    """The changes of :func:`compact`, each journaled before it is made."""
+    if not isinstance(plan, Mapping) or not isinstance(plan.get("tensors"), Mapping):
+        raise CompactionError(f"a plan is a mapping with a 'tensors' mapping, got {type(plan).__name__}")
+    remove_norm_masks(model, journal=journal.record)  # mask-aware norm hooks from mask_model / ChannelPruner
+    named = _named_tensors(model)
+    paths_of: dict[int, list[str]] = {}  # every name of a tensor (tied weights have several)
+    for n, u in named.items():
+        paths_of.setdefault(id(u), []).append(n)
+    modules = _ModuleLookup(model)
+    done: dict[int, Mapping] = {}
+    touched_modules: dict[str, nn.Module] = {}
+    for name, dims in plan["tensors"].items():
+        if name not in named:
+            raise CompactionError(f"plan names tensor {name!r}, which the model does not have")
+        t = named[name]
+        if id(t) in done:
+            if _slicing_key(done[id(t)]) != _slicing_key(dims):
+                raise CompactionError(f"tied tensor {name} is sliced two different ways")
+            continue
+        done[id(t)] = dims
+        journal.set_data(t, _sliced(t.data, dims))
+        for other in paths_of[id(t)]:  # every module holding the tensor (a tied LM head too)
+            path = other.rpartition(".")[0]
+            touched_modules[path] = modules[path]
+    for mod in touched_modules.values():
+        _update_module(mod, journal)
+    for path, spec in (plan.get("norms") or {}).items():  # norms without weights have no sliced tensor
+        mod = modules[path]
+        _update_norm_width(mod, len(spec["kept"]), journal)
+    for path, d in plan.get("attributes", {}).items():
+        mod = modules[path]
+        for a, (_old, new) in d.items():
+            journal.set_attr(mod, a, new)
+        if any(a in HEAD_ATTRS for a in d) and hasattr(mod, "num_key_value_groups"):
+            h = next(d[a][1] for a in d if a in HEAD_ATTRS)
+            kv = next((d[a][1] for a in d if a in KV_HEAD_ATTRS), None)
+            if kv:
+                journal.set_attr(mod, "num_key_value_groups", h // kv)
+    cfgs = _configs(model)
+    for ck, d in plan.get("config", {}).items():
+        cfg = cfgs.get(ck)
+        if cfg is None:
+            continue
+        for k, (_old, new) in d.items():
+            if not k.startswith("_inconsistent_"):
+                journal.set_attr(cfg, k, new)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -647,42 +740,188 @@ def _to_double(obj: Any) -> Any:
     return obj
 
 
+#: Default tolerances of the oracle (:func:`check_equivalence`): per output tensor, in float64,
+#: ``max|a - b| <= ATOL + RTOL * max(max|a|, max|b|)``.
+RTOL = 1e-6
+ATOL = 0.0
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """How one floating output tensor of two models differs (float64 values).
+
+    Attributes:
+        index: position of the tensor among the floating outputs (:func:`iter_tensors` order).
+        shape: its shape.
+        max_abs: ``max |a - b|`` (0.0 for an empty tensor; NaN when either holds a non-finite value).
+        scale: ``max(max |a|, max |b|)`` over the finite values (the magnitude the tolerance is relative to).
+        nonfinite: ``(in a, in b)``: ``"NaN"``, ``"Inf"`` or ``None`` for each model's tensor.
+    """
+
+    index: int
+    shape: tuple[int, ...]
+    max_abs: float
+    scale: float
+    nonfinite: tuple[str | None, str | None] = (None, None)
+
+    @property
+    def finite(self) -> bool:
+        """Both tensors hold finite values only."""
+        return self.nonfinite == (None, None)
+
+    def within(self, rtol: float = RTOL, atol: float = ATOL) -> bool:
+        """The oracle's rule: finite on both sides and ``max_abs <= atol + rtol * scale``."""
+        return self.finite and self.max_abs <= atol + rtol * self.scale
+
+
+def _nonfinite(t: torch.Tensor) -> str | None:
+    if t.numel() == 0 or bool(torch.isfinite(t).all()):
+        return None
+    return "NaN" if bool(torch.isnan(t).any()) else "Inf"
+
+
+def _float_outputs(model: nn.Module, x: Any) -> list[torch.Tensor]:
+    return [t for t in iter_tensors(call_model(model, x)) if t.is_floating_point()]
+
+
 @torch.no_grad()
+def output_diffs(
+    a: nn.Module, b: nn.Module, example_inputs: Any, dtype: torch.dtype = torch.float64
+) -> list[OutputDiff] | str:
+    """Compare the floating output tensors of ``a`` and ``b`` on ``example_inputs``, both run in ``dtype``
+    (deep copies: the models are not touched; floating inputs are cast to float64 when ``dtype`` is).
+
+    Returns one :class:`OutputDiff` per output tensor, or a string saying why the outputs cannot be
+    compared (a different number of floating outputs, or output ``i`` of another shape).
+    """
+    ca, cb = copy.deepcopy(a).to(dtype), copy.deepcopy(b).to(dtype)
+    x = _to_double(example_inputs) if dtype == torch.float64 else example_inputs
+    oa, ob = _float_outputs(ca, x), _float_outputs(cb, x)
+    if len(oa) != len(ob):
+        return f"the models return {len(oa)} and {len(ob)} floating output tensors"
+    out = []
+    for i, (u, v) in enumerate(zip(oa, ob)):
+        if u.shape != v.shape:
+            return f"output {i} has shape {tuple(u.shape)} in the first model, {tuple(v.shape)} in the other"
+        u, v = u.double(), v.double()
+        if not u.numel():
+            out.append(OutputDiff(i, tuple(u.shape), 0.0, 0.0))
+            continue
+        bad = (_nonfinite(u), _nonfinite(v))
+        if bad != (None, None):
+            finite = [t[torch.isfinite(t)] for t in (u, v)]
+            scale = max([float(t.abs().max()) for t in finite if t.numel()], default=0.0)
+            out.append(OutputDiff(i, tuple(u.shape), math.nan, scale, bad))
+            continue
+        scale = max(float(u.abs().max()), float(v.abs().max()))
+        out.append(OutputDiff(i, tuple(u.shape), float((u - v).abs().max()), scale))
+    return out
+
+
 def max_abs_diff(
     a: nn.Module, b: nn.Module, example_inputs: Any, dtype: torch.dtype = torch.float64
 ) -> float:
-    """Largest |a(x) - b(x)| over all output tensors, both run in ``dtype`` (copies; originals untouched)."""
-    ca, cb = copy.deepcopy(a).to(dtype), copy.deepcopy(b).to(dtype)
-    x = _to_double(example_inputs) if dtype == torch.float64 else example_inputs
-    oa = [t for t in iter_tensors(call_model(ca, x)) if t.is_floating_point()]
-    ob = [t for t in iter_tensors(call_model(cb, x)) if t.is_floating_point()]
-    if len(oa) != len(ob):
-        return float("inf")
-    diff = 0.0
-    for u, v in zip(oa, ob):
-        if u.shape != v.shape:
-            return float("inf")
-        if u.numel():
-            diff = max(diff, float((u - v).abs().max()))
-    return diff
+    """Largest ``|a(x) - b(x)|`` over all floating output tensors, both run in ``dtype`` (copies; the
+    originals are untouched). ``inf`` when the outputs differ in number or shape; NaN when either model
+    outputs a NaN or an Inf (non-finite outputs are never equal, so ``max_abs_diff(...) <= tol`` is False
+    then; Python's ``max`` would have dropped the NaN)."""
+    diffs = output_diffs(a, b, example_inputs, dtype)
+    if isinstance(diffs, str):
+        return math.inf
+    if not all(d.finite for d in diffs):
+        return math.nan
+    return max((d.max_abs for d in diffs), default=0.0)
+
+
+def require_finite_inputs(example_inputs: Any, name: str = "example_inputs") -> None:
+    """Refuse non-finite example inputs for the oracle.
+
+    Raises:
+        ConfigError: a floating tensor inside ``example_inputs`` (nested tuples, lists, dicts) holds NaN
+            or Inf; the message names the argument (``name``), the tensor's position and shape. Outputs
+            computed from such inputs are not finite, and non-finite outputs are never equal, so nothing
+            could be verified.
+    """
+    for i, t in enumerate(iter_tensors(example_inputs)):
+        if t.is_floating_point() or t.is_complex():
+            kind = _nonfinite(t.detach())
+            if kind is not None:
+                raise ConfigError(
+                    f"{name}: input tensor {i} (shape {tuple(t.shape)}) holds {kind}; the equivalence "
+                    "check cannot verify on non-finite inputs. Pass finite example inputs (or verify=False)"
+                )
+
+
+_SIDES = ("masked", "compacted")
+
+
+class NonFiniteOutputError(CompactionError):
+    """The oracle met a NaN or Inf output. ``in_reference``: the masked (reference) model's own output is
+    not finite, so no compaction could ever be verified on these inputs (no group is at fault)."""
+
+    def __init__(self, message: str, in_reference: bool) -> None:
+        super().__init__(message)
+        self.in_reference = in_reference
 
 
 def check_equivalence(
-    masked: nn.Module, compacted: nn.Module, example_inputs: Any, atol: float = 1e-6
+    masked: nn.Module,
+    compacted: nn.Module,
+    example_inputs: Any,
+    atol: float = ATOL,
+    rtol: float = RTOL,
 ) -> float:
     """The oracle: the compacted model computes what the masked one does, in float64.
 
-    Returns the max abs difference; raises CompactionError if it exceeds ``atol`` or outputs differ in
-    structure or shape.
+    Rule, for every floating output tensor pair ``(a, b)`` (float64): both finite, and
+    ``max|a - b| <= atol + rtol * max(max|a|, max|b|)`` (defaults ``atol`` 0, ``rtol`` 1e-6: a difference
+    is judged against the output's own magnitude, so outputs of size 1e-10 that differ by 1% fail and
+    outputs of size 1e12 that differ by float64 rounding pass). A NaN or an Inf in either output is
+    never equal (even NaN against NaN at the same place).
+
+    Returns the max abs difference over all outputs.
+
+    Raises:
+        ConfigError: ``example_inputs`` holds NaN or Inf (named; nothing is run).
+        CompactionError: the outputs differ in number or shape, or break the rule (naming the output, its
+            difference, magnitude and the bound); :class:`NonFiniteOutputError` when one holds NaN/Inf.
     """
-    diff = max_abs_diff(masked, compacted, example_inputs)
-    if not diff <= atol:
-        raise CompactionError(
-            f"compacted output differs from masked output: max abs diff {diff:.3g} > {atol}"
-        )
-    return diff
+    require_finite_inputs(example_inputs)
+    diffs = output_diffs(masked, compacted, example_inputs)
+    if isinstance(diffs, str):
+        raise CompactionError(f"compacted output differs from masked output: {diffs}")
+    for d in diffs:
+        if not d.finite:
+            where = ", ".join(f"{k} in the {side} model" for side, k in zip(_SIDES, d.nonfinite) if k)
+            raise NonFiniteOutputError(
+                f"output {d.index} (shape {d.shape}) is not finite ({where}); non-finite outputs are never "
+                "equal, so the compacted model cannot be verified",
+                in_reference=d.nonfinite[0] is not None,
+            )
+        if not d.within(rtol, atol):
+            raise CompactionError(
+                f"compacted output differs from masked output: output {d.index} (shape {d.shape}), max abs "
+                f"diff {d.max_abs:.3g} > {atol:.3g} + {rtol:.3g} * {d.scale:.3g} (atol + rtol * magnitude)"
+            )
+    return max((d.max_abs for d in diffs), default=0.0)
 
 
-__all__ = ["PLAN_VERSION", "check_equivalence", "compact", "make_plan", "mask_model", "max_abs_diff"]
+__all__ = [
+    "ATOL",
+    "PLAN_VERSION",
+    "RTOL",
+    "Journal",
+    "NonFiniteOutputError",
+    "OutputDiff",
+    "check_equivalence",
+    "compact",
+    "interrupts_deferred",
+    "make_plan",
+    "mask_model",
+    "max_abs_diff",
+    "output_diffs",
+    "require_finite_inputs",
+    "restoring",
+]
 
 _ = Group

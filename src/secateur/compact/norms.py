@@ -141,11 +141,9 @@ def remove_norm_masks(model: nn.Module, journal: Callable[[Callable[[], None]], 
     for mod in model.modules():
         ids = [k for k, h in mod._forward_hooks.items() if isinstance(h, KeptChannelsNorm)]
         for hid in ids:
-            saved = []
-            for d in _hook_dicts(mod):
-                if hid in d:
-                    saved.append((d, list(d.keys()), d.pop(hid)))
-            n += 1
+            # what each hook dict holds, saved (and journaled) before anything is removed, so an undo run
+            # after an interruption at any point puts back exactly what was there
+            saved = [(d, list(d.keys()), d[hid]) for d in _hook_dicts(mod) if hid in d]
             if journal is not None:
 
                 def undo(saved: list = saved, hid: int = hid) -> None:
@@ -156,6 +154,9 @@ def remove_norm_masks(model: nn.Module, journal: Callable[[Callable[[], None]], 
                                 d.move_to_end(k)
 
                 journal(undo)
+            for d, _, _ in saved:
+                d.pop(hid, None)
+            n += 1
     return n
 
 
@@ -181,8 +182,11 @@ def set_norm_masks(model: nn.Module, norms: Mapping[str, Mapping[str, Any]]) -> 
             )
         todo.append((path, mod, spec))
     for path, mod, spec in todo:
-        for hid in [k for k, h in mod._forward_hooks.items() if isinstance(h, KeptChannelsNorm)]:
-            for d in _hook_dicts(mod):
-                d.pop(hid, None)
+        old = [k for k, h in mod._forward_hooks.items() if isinstance(h, KeptChannelsNorm)]
+        # the new hook first, then the old ones out: an interruption in between leaves two hooks, which
+        # compute the same output (each recomputes the norm from the module's input), never none
         hook = KeptChannelsNorm(path, spec["kept"], spec["dim"], spec["size"])
         mod.register_forward_hook(hook, with_kwargs=True, prepend=True)
+        for hid in old:
+            for d in _hook_dicts(mod):
+                d.pop(hid, None)

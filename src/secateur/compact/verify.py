@@ -21,7 +21,15 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from secateur.compact import check_equivalence, compact, make_plan, mask_model
+from secateur.compact import (
+    ATOL,
+    RTOL,
+    check_equivalence,
+    compact,
+    make_plan,
+    mask_model,
+    require_finite_inputs,
+)
 from secateur.errors import CompactionError
 from secateur.graph.groups import DependencyGraph
 from secateur.graph.tracer import call_model, op_name
@@ -84,20 +92,29 @@ def forward_failure(model: nn.Module, example_inputs: Any) -> str | None:
     return None
 
 
-def verified_compact(model: nn.Module, plan: Mapping, example_inputs: Any, atol: float = 1e-6) -> None:
+def verified_compact(
+    model: nn.Module, plan: Mapping, example_inputs: Any, atol: float = ATOL, rtol: float = RTOL
+) -> None:
     """:func:`~secateur.compact.compact` with the oracle inside the transaction: the compacted model must
-    run and equal the masked one (float64, max abs diff <= ``atol``) on ``example_inputs``.
+    run and equal the masked one on ``example_inputs`` (:func:`~secateur.compact.check_equivalence`: per
+    output tensor, float64, finite and ``max|a - b| <= atol + rtol * magnitude``).
 
-    Raises CompactionError (the model unchanged) naming the failing op and module when the compacted
-    forward raises, or the difference when it runs but differs.
+    Like :func:`~secateur.compact.compact`, BaseException-safe: a ``KeyboardInterrupt`` anywhere (the
+    oracle's forwards included) restores the model bit-identical and is re-raised.
+
+    Raises:
+        ConfigError: ``example_inputs`` holds NaN or Inf (checked first: the model is not touched).
+        CompactionError: (the model unchanged) naming the failing op and module when the compacted forward
+            raises, or the difference when it runs but differs.
     """
+    require_finite_inputs(example_inputs)
     masked = mask_model(copy.deepcopy(model), plan)
 
     def check(m: nn.Module) -> None:
         broke = forward_failure(m, example_inputs)
         if broke is not None:
             raise CompactionError(f"the compacted model's forward fails at {broke}")
-        check_equivalence(masked, m, example_inputs, atol=atol)
+        check_equivalence(masked, m, example_inputs, atol=atol, rtol=rtol)
 
     compact(model, plan, check=check)
 
@@ -111,7 +128,8 @@ def incompatible_groups(
     graph: DependencyGraph,
     removed: Mapping[int, Any],
     example_inputs: Any,
-    atol: float = 1e-6,
+    atol: float = ATOL,
+    rtol: float = RTOL,
 ) -> dict[int, str]:
     """Groups whose removal alone breaks the model: ``{group index: why}`` (op, module and error).
 
@@ -128,24 +146,25 @@ def incompatible_groups(
         if why is not None:
             bad[gi] = why
     if not bad:
-        bad = _bisect(model, graph, groups, example_inputs, atol)
+        bad = _bisect(model, graph, groups, example_inputs, (atol, rtol))
     return bad
 
 
 def _bisect(
-    model: nn.Module, graph: DependencyGraph, groups: list, example_inputs: Any, atol: float
+    model: nn.Module, graph: DependencyGraph, groups: list, example_inputs: Any, tol: tuple[float, float]
 ) -> dict[int, str]:
     """Groups whose compacted outputs differ from their masked model, found by halving: a set that passes
-    the oracle is cleared at once, so k culprits among n cost about 2k·log2(n) oracle runs, not n."""
-    why = _probe(model, graph, dict(groups), example_inputs, atol)
+    the oracle is cleared at once, so k culprits among n cost about 2k·log2(n) oracle runs, not n.
+    ``tol``: the oracle's ``(atol, rtol)``."""
+    why = _probe(model, graph, dict(groups), example_inputs, tol)
     if why is None:
         return {}
     if len(groups) == 1:
         return {groups[0][0]: why}
     half = len(groups) // 2
     return {
-        **_bisect(model, graph, groups[:half], example_inputs, atol),
-        **_bisect(model, graph, groups[half:], example_inputs, atol),
+        **_bisect(model, graph, groups[:half], example_inputs, tol),
+        **_bisect(model, graph, groups[half:], example_inputs, tol),
     }
 
 
@@ -154,12 +173,12 @@ def _probe(
     graph: DependencyGraph,
     removed: Mapping[int, Any],
     example_inputs: Any,
-    atol: float | None,
+    tol: tuple[float, float] | None,
 ) -> str | None:
     """Compact ``removed`` inside a transaction that always rolls back; ``None`` if the compacted model runs
-    (``atol`` None) or also equals its masked model (float64, ``atol``), else why not."""
+    (``tol`` None) or also equals its masked model (float64, ``tol = (atol, rtol)``), else why not."""
     plan = make_plan(graph, removed)
-    ref = mask_model(copy.deepcopy(model), plan) if atol is not None else None
+    ref = mask_model(copy.deepcopy(model), plan) if tol is not None else None
 
     def probe(m: nn.Module) -> None:
         if ref is None:
@@ -167,7 +186,7 @@ def _probe(
             if broke is not None:
                 raise CompactionError(f"the compacted forward fails at {broke}")
         else:
-            check_equivalence(ref, m, example_inputs, atol=atol)
+            check_equivalence(ref, m, example_inputs, atol=tol[0], rtol=tol[1])
         raise _Probed()
 
     try:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from secateur.compact import PLAN_VERSION, _configs, check_equivalence, compact
+from secateur.compact import PLAN_VERSION, _configs, check_equivalence, compact, require_finite_inputs
 from secateur.errors import ConfigError
 from secateur.llm.oneshot import find_blocks
 from secateur.llm.structural import Batch, calibration_batches
@@ -429,13 +429,15 @@ def remove_experts(
         scores: precomputed ``{block path: (E,) scores}`` (higher = keep) instead of the saliency.
         removed: explicit ``{block path: expert indices}`` (then ``ratio`` and scores are not used).
         verify: check, inside the transaction, that the compacted model equals the model whose removed
-            experts have router logits -inf (:func:`mask_experts`), in float64, max abs diff <= 1e-6.
+            experts have router logits -inf (:func:`mask_experts`), in float64, with the oracle's rule
+            (:func:`secateur.compact.check_equivalence`: finite, within 1e-6 × each output's magnitude).
         example_inputs: inputs of that check (default: the first two calibration sequences).
 
     Raises:
-        ConfigError: bad ratio/reduction/layers/paths, fewer than ``top_k`` experts left, or no inputs for
-            the check (nothing is changed).
-        CompactionError: compaction or the check failed; the model is restored bit-identical.
+        ConfigError: bad ratio/reduction/layers/paths, fewer than ``top_k`` experts left, no inputs for
+            the check, or NaN/Inf in ``example_inputs`` (nothing is changed).
+        CompactionError: compaction or the check failed; the model is restored bit-identical (also on a
+            ``KeyboardInterrupt``, which is then re-raised).
     """
     batches = calibration_batches(calibration) if calibration is not None else None
     if removed is None:
@@ -472,6 +474,7 @@ def remove_experts(
             if batches is None:
                 raise ConfigError("verify=True needs calibration or example_inputs for the oracle")
             example_inputs = _example_inputs(batches)
+        require_finite_inputs(example_inputs)
         reference = mask_experts(copy.deepcopy(model), removed)
 
         def check(m: nn.Module) -> None:

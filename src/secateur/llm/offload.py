@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from secateur.compact import interrupts_deferred
 from secateur.errors import ConfigError
 from secateur.llm.oneshot import (
     OneShotReport,
@@ -447,6 +448,29 @@ def _copy_files(src: Path, dst: Path, weight_files: list[str], index_file: str |
     return copied, skipped
 
 
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's entries to disk (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every regular file directly inside ``root``, then ``root`` itself, to disk."""
+    for f in root.iterdir():
+        if f.is_file() and not f.is_symlink():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
 @torch.no_grad()
 def prune_checkpoint(
     checkpoint_dir: str | os.PathLike,
@@ -485,7 +509,8 @@ def prune_checkpoint(
         device: run each block there (e.g. ``"cuda"``); tensors are read on the CPU.
         model_class: the ``nn.Module`` class to build from the config (default: the first
             ``transformers`` class named in ``config.json``'s ``architectures``).
-        fsync: flush the output files to disk before the final rename.
+        fsync: flush every output file and the folder to disk before the final rename, and the parent
+            folder after it (so a crash or power loss never leaves ``out_dir`` half-written).
 
     Returns:
         :class:`CheckpointReport`: per-layer sparsity, calibration memory, and the streaming
@@ -498,6 +523,10 @@ def prune_checkpoint(
             (method, sparsity, pattern, N:M divisibility naming the layer, empty batches). These
             checks run before anything is written. Any failure later (e.g. a Hessian that stays
             indefinite) removes the partial output: ``out_dir`` is created only on success.
+
+    Interrupts: a ``KeyboardInterrupt`` or ``SystemExit`` at any point also removes the partial output
+    (a hidden sibling ``.<out_dir name>.partial-*``) and is re-raised; only a hard kill can leave that
+    hidden folder behind, never a folder named ``out_dir``. The input is opened for reading only.
     """
     import transformers
 
@@ -543,9 +572,11 @@ def prune_checkpoint(
 
     if sys.byteorder != "little":
         raise ConfigError("safetensors data is little-endian; big-endian machines are not supported")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    writer = _Writer(tmp, ckpt)
+    tmp: Path | None = None
+    writer: _Writer | None = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        writer = _Writer(tmp, ckpt)
         report.copied_files, report.skipped_files = _copy_files(src, tmp, ckpt.files, ckpt.index_file)
 
         # The layers before the first block (embeddings) need their weights for the calibration pass.
@@ -586,13 +617,20 @@ def prune_checkpoint(
             block.to("meta")
             _release_free_memory()
         writer.close(sync=fsync)
+        if fsync:  # every file durable before the rename makes the folder visible under its name
+            _fsync_tree(tmp)
         if out.exists():
             raise ConfigError(f"{out} was created while pruning; the result is not moved there")
         os.rename(tmp, out)
-    except BaseException:
-        writer.close(sync=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:  # an error or an interrupt: no output folder, the partial one removed
+        with interrupts_deferred():
+            if writer is not None:
+                writer.close(sync=False)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if fsync:
+        _fsync_dir(out.parent)  # the rename itself durable
     report.seconds = time.perf_counter() - t0
     return report
 

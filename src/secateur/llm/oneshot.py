@@ -21,10 +21,11 @@ element they are).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from secateur.allocation import check_sparsity
+from secateur.compact import interrupts_deferred
 from secateur.errors import ConfigError
 from secateur.llm.calibration import InputStats
 from secateur.llm.sparsegpt import sparsegpt_prune
@@ -393,6 +395,10 @@ def prune_oneshot(
         ConfigError: unknown method, bad sparsity or pattern, in_features not divisible by M (naming
             the layer), no blocks or no Linear selected, empty batches. All checks run before any
             weight changes, so on error the model is untouched.
+
+    Transactional: any failure later, or a ``KeyboardInterrupt`` / ``SystemExit`` at any point, restores
+    every selected Linear's stored weight and mask (or its absence) bit-identical from a CPU snapshot
+    (one copy of the selected weights), moves the block being pruned back to its device, and re-raises.
     """
     t0 = time.perf_counter()
     p = parse_pattern(pattern)
@@ -435,8 +441,9 @@ def prune_oneshot(
                 as_masks=as_masks,
                 feed_next=bi < last,
             )
-    except BaseException:
-        _restore_linears(all_linears, snapshot)
+    except BaseException:  # an error or an interrupt (Ctrl-C): the weights and masks as they were
+        with interrupts_deferred():
+            _restore_linears(all_linears, snapshot)
         raise
     finally:
         model.train(was_training)
@@ -477,6 +484,20 @@ def calibration_inputs(
     return inputs, masks, n_tokens
 
 
+@contextlib.contextmanager
+def _on_device(block: nn.Module, device: torch.device | None) -> Iterator[None]:
+    """Run the body with ``block`` on ``device`` (None: where it is), moving it back on any exit."""
+    if device is None:
+        yield
+        return
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield
+    finally:
+        block.to(home)
+
+
 @torch.no_grad()
 def prune_block(
     block: nn.Module,
@@ -512,59 +533,57 @@ def prune_block(
     """
     need_stats = method != "magnitude" or track_error
     need_h = method == "sparsegpt" or track_error
-    home = next(block.parameters()).device
-    if device is not None:
-        block.to(device)
-    held = _nbytes(inputs)
-    stats: dict[str, InputStats] = {}
-    if linears and need_stats:
-        current: dict[str, torch.Tensor | None] = {"mask": None}
-        handles = []
+    with _on_device(block, device):  # moved back on any exit, an interrupt included
+        held = _nbytes(inputs)
+        stats: dict[str, InputStats] = {}
+        if linears and need_stats:
+            current: dict[str, torch.Tensor | None] = {"mask": None}
+            handles = []
+            for name, mod in linears:
+                stats[name] = InputStats(_out_in(mod)[1], hessian=need_h, device=mod.weight.device)
+
+                def hook(
+                    _m: nn.Module, inp: tuple, _out: Any, _s: InputStats = stats[name], _c: dict = current
+                ) -> None:
+                    x, tm = inp[0], _c["mask"]
+                    real = x.numel() // x.shape[-1]
+                    if tm is not None and tuple(tm.shape) == tuple(x.shape[:-1]):
+                        real = int(tm.sum())
+                    report.full_capture_bytes += real * x.shape[-1] * x.element_size()
+                    _s.add(x, tm)
+
+                handles.append(mod.register_forward_hook(hook))
+            try:
+                for (h, rest, kw), m in zip(inputs, masks):
+                    current["mask"] = m
+                    block(h, *rest, **kw)
+            finally:
+                for hd in handles:
+                    hd.remove()
+            held += sum(s.nbytes for s in stats.values())
+        report.peak_held_bytes = max(report.peak_held_bytes, held)
+
         for name, mod in linears:
-            stats[name] = InputStats(_out_in(mod)[1], hessian=need_h, device=mod.weight.device)
+            t1 = time.perf_counter()
+            w_old = _weight_out_in(mod).detach().clone() if track_error else None
+            # Looked up in the module at call time so that tests can inject a failure.
+            keep = prune_linear(
+                mod, method, stats.get(name), sparsity, pattern, name, block_size, damp, as_masks
+            )
+            res = LayerResult(
+                name=name,
+                shape=_out_in(mod),
+                sparsity=1.0 - keep.float().mean().item(),
+                seconds=time.perf_counter() - t1,
+            )
+            if track_error:
+                res.rel_error = _rel_error(w_old, _weight_out_in(mod).detach(), stats[name].xtx)
+            report.layers.append(res)
+        stats.clear()
 
-            def hook(
-                _m: nn.Module, inp: tuple, _out: Any, _s: InputStats = stats[name], _c: dict = current
-            ) -> None:
-                x, tm = inp[0], _c["mask"]
-                real = x.numel() // x.shape[-1]
-                if tm is not None and tuple(tm.shape) == tuple(x.shape[:-1]):
-                    real = int(tm.sum())
-                report.full_capture_bytes += real * x.shape[-1] * x.element_size()
-                _s.add(x, tm)
-
-            handles.append(mod.register_forward_hook(hook))
-        try:
-            for (h, rest, kw), m in zip(inputs, masks):
-                current["mask"] = m
-                block(h, *rest, **kw)
-        finally:
-            for hd in handles:
-                hd.remove()
-        held += sum(s.nbytes for s in stats.values())
-    report.peak_held_bytes = max(report.peak_held_bytes, held)
-
-    for name, mod in linears:
-        t1 = time.perf_counter()
-        w_old = _weight_out_in(mod).detach().clone() if track_error else None
-        # Looked up in the module at call time so that tests can inject a failure.
-        keep = prune_linear(mod, method, stats.get(name), sparsity, pattern, name, block_size, damp, as_masks)
-        res = LayerResult(
-            name=name,
-            shape=_out_in(mod),
-            sparsity=1.0 - keep.float().mean().item(),
-            seconds=time.perf_counter() - t1,
-        )
-        if track_error:
-            res.rel_error = _rel_error(w_old, _weight_out_in(mod).detach(), stats[name].xtx)
-        report.layers.append(res)
-    stats.clear()
-
-    if feed_next:
-        inputs = [(_block_output(block(h, *rest, **kw)).detach(), rest, kw) for h, rest, kw in inputs]
-    if device is not None:
-        block.to(home)
-    return inputs
+        if feed_next:
+            inputs = [(_block_output(block(h, *rest, **kw)).detach(), rest, kw) for h, rest, kw in inputs]
+        return inputs
 
 
 def _snapshot_linears(linears: list[tuple[str, nn.Module]]) -> dict[str, tuple[torch.Tensor, Any]]:

@@ -551,7 +551,8 @@ def prune_decoder(
         taylor: ``"element1"`` (default, the paper's best on LLaMA-7B), ``"vector"`` or ``"element2"``.
         round_to: kept MLP channel counts are multiples of this (heads are never rounded).
         verify: run the float64 oracle (masked copy vs compacted model on the first calibration
-            sequences, atol 1e-6) inside the compaction transaction.
+            sequences, :func:`secateur.compact.check_equivalence`: finite, within 1e-6 × each output's
+            magnitude) inside the compaction transaction.
         loss_fn: loss for the Taylor criterion (default :func:`causal_lm_loss`).
 
     Returns:
@@ -564,6 +565,10 @@ def prune_decoder(
     Raises:
         ConfigError: bad ratio, criterion, variant, layers or kinds (the model is untouched).
         CompactionError: compaction or the oracle failed; the model is restored as it was.
+
+    Transactional: scoring leaves weights, ``.grad`` fields, ``requires_grad`` and mode as they were (in
+    ``finally``), and the compaction (:func:`secateur.structured.remove_units`) restores the model
+    bit-identical on any exception or ``KeyboardInterrupt``, which is then re-raised.
     """
     _check_what(what)
     ratios = _ratios(ratio, what)

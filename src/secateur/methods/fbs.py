@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from secateur.compact import restoring
 from secateur.errors import ConfigError
 from secateur.graph.tracer import call_model, iter_tensors
 from secateur.scope import Scope
@@ -285,7 +286,9 @@ class FBS:
     the gate then sits after ``bn2`` and before the residual sum, downsample shortcuts, stems); without
     it only a ``Conv2d`` directly followed by a ``BatchNorm2d`` in an ``nn.Sequential`` is found. After
     the swap the network with every gate open (mode ``"dense"``) is checked against the original on
-    ``example_inputs``; :meth:`remove` puts the original modules back.
+    ``example_inputs``; :meth:`remove` puts the original modules back. The swap and its check are one
+    transaction: a failed check, an error or a ``KeyboardInterrupt`` puts the original modules back before
+    the exception propagates.
 
     Own loop::
 
@@ -363,21 +366,24 @@ class FBS:
         for name in selected:
             conv, bn = model.get_submodule(name), model.get_submodule(pairs[name])
             self.layers[name] = FBSConv(conv, bn, density, name).to(conv.weight.device)
-        self._swap(install=True)
-        if reference is not None:
-            self.set_mode("dense")
-            try:
-                after = self._outputs(example_inputs)
-            finally:
-                self.set_mode("masked")
-            same = after is not None and len(after) == len(reference)
-            same = same and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(after, reference))
-            if not same:
-                self._swap(install=False)
-                raise ConfigError(
-                    f"FBS: fusing {sorted(self.bn_of.items())} changed {type(model).__name__}'s output; "
-                    "nothing was changed (report this model: a conv output is read somewhere untraced)"
+        # a transaction: on a failed check or any interrupt the original modules go back
+        with restoring(lambda: self._swap(install=False)):
+            self._swap(install=True)
+            if reference is not None:
+                self.set_mode("dense")
+                try:
+                    after = self._outputs(example_inputs)
+                finally:
+                    self.set_mode("masked")
+                same = after is not None and len(after) == len(reference)
+                same = same and all(
+                    torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(after, reference)
                 )
+                if not same:
+                    raise ConfigError(
+                        f"FBS: fusing {sorted(self.bn_of.items())} changed {type(model).__name__}'s output; "
+                        "nothing was changed (report this model: a conv output is read somewhere untraced)"
+                    )
 
     def _outputs(self, example_inputs: Any) -> list[torch.Tensor] | None:
         if example_inputs is None:

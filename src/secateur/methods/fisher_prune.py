@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.compact import make_plan
+from secateur.compact import make_plan, restoring
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph
 from secateur.train.rebind import compact_in_training
@@ -107,6 +107,10 @@ class FisherPruner:
         self.fisher: dict[str, torch.Tensor] = {}
         self._pending: dict[int, torch.Tensor] = {}
         self._batches = 0
+        self._attach()
+
+    def _attach(self) -> None:
+        """Put the forward hooks on the gate points (statistics are kept)."""
         for gi, path, unit_of in self.points:
             mod = self.model.get_submodule(path)
             self._handles.append(mod.register_forward_hook(self._hook(gi, unit_of)))
@@ -162,6 +166,10 @@ class FisherPruner:
         become new ``nn.Parameter`` objects, and ``optimizer`` (if given) holds them afterwards, with its
         state (momentum, Adam moments) sliced at the kept indices.
 
+        Transactional: if compaction fails or is interrupted (any ``BaseException``), the model is left as
+        it was (:func:`secateur.compact.compact`), the hooks are put back with the statistics gathered so
+        far, and the exception is re-raised.
+
         Returns the removal record. Raises ConfigError if no score was accumulated or no channel can go.
         """
         scores = self.scores()
@@ -182,16 +190,31 @@ class FisherPruner:
             raise ConfigError("FisherPruner.prune_one: every group is down to its last channel")
         value, gi, u = best
         g = self.graph.groups[gi]
+        plan = make_plan(self.graph, {gi: [u]})
+        shapes = {n: tuple(t.shape) for n, t in self._named().items() if n in plan["tensors"]}
         self.detach()
-        try:
-            compact_in_training(self.model, make_plan(self.graph, {gi: [u]}), optimizer)
-        except Exception:
-            self._build()  # the model is unchanged: put the hooks back
-            raise
+        with restoring(lambda: self._resume(shapes)):
+            compact_in_training(self.model, plan, optimizer)
         rec = {"group": g.name, "unit": u, "fisher": value, "step": step}
         self.removed.append(rec)
         self._build()
         return rec
+
+    def _named(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        named.update(self.model.named_buffers(remove_duplicate=False))
+        return named
+
+    def _resume(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """After a failed :meth:`prune_one`: the hooks go back (statistics kept) when the model is unchanged
+        (``shapes``: the planned tensors' shapes before), as compaction guarantees; if it was interrupted
+        after the compaction itself had completed (while the optimizer was being rebound), the model is
+        compacted and the graph is traced again."""
+        named = self._named()
+        if all(n in named and tuple(named[n].shape) == s for n, s in shapes.items()):
+            self._attach()
+        else:
+            self._build()
 
     # -- Trainer integration ----------------------------------------------------------------------
     def on_step_end(self, trainer: Any) -> None:
