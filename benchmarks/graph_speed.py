@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from secateur.graph import DependencyGraph  # noqa: E402
-from secateur.structured import prune_channels  # noqa: E402
+from secateur.pruners.oneshot import prune_channels  # noqa: E402
 
 
 def build_models() -> dict:

@@ -42,7 +42,7 @@ def build(name: str):
 def run(name: str, ratio: float, normalized: bool) -> dict:
     from secateur.compact import check_equivalence, mask_model
     from secateur.graph import DependencyGraph
-    from secateur.structured import prune_channels
+    from secateur.pruners.oneshot import prune_channels
 
     torch.manual_seed(0)
     model, x = build(name)

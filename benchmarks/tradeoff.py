@@ -28,8 +28,8 @@ every method at a given seed) and evaluated on the test set.
   without a BN scale, e.g. VGG's hidden linear layer, stay unpruned),
   taylor (Molchanov et al. 2019), fisher (Theis et al. 2018), plus Torch-Pruning's MagnitudePruner
   (L1 filter norm, one per-layer ratio chosen on a grid to come closest to the same MAC target) when
-  ``torch_pruning`` is importable. Without :mod:`secateur.structured_pruner`, l1/l2/random fall back to
-  :func:`secateur.structured.prune_channels` with the same grid search on the channel ratio.
+  ``torch_pruning`` is importable. Without :mod:`secateur.pruners.channel`, l1/l2/random fall back to
+  :func:`secateur.pruners.oneshot.prune_channels` with the same grid search on the channel ratio.
 
 Every point is written to the JSON (``--out``) as soon as it is measured, so an interrupted run resumes
 with ``--resume``. MACs are multiply-accumulates of one 28x28 image (``sparse_macs`` skip zero weights).
@@ -61,12 +61,12 @@ from secateur.analysis.counting import count_macs, count_params  # noqa: E402
 from secateur.data.fashion_mnist import load_fashion_mnist, normalize_fashion_mnist  # noqa: E402
 from secateur.data.loader import StepLoader, TensorLoader  # noqa: E402
 from secateur.methods.at_init import prune_at_init  # noqa: E402
-from secateur.pruner import Pruner  # noqa: E402
+from secateur.pruners.element import Pruner  # noqa: E402
 from secateur.train import Trainer  # noqa: E402
 from secateur.zoo import create_model  # noqa: E402
 
 try:  # the schedule-driven structured pruner (optional: older checkouts only have prune_channels)
-    from secateur.structured_pruner import ChannelPruner
+    from secateur.pruners.channel import ChannelPruner
 except ImportError:  # pragma: no cover - depends on the checkout
     ChannelPruner = None
 
@@ -370,7 +370,7 @@ class _ConvWeightNormSparsifier:
 
     @staticmethod
     def build(sparsity: float) -> Any:
-        from secateur.compare import conv_row_weight_norm_sparsifier
+        from secateur.app.compare import conv_row_weight_norm_sparsifier
 
         return conv_row_weight_norm_sparsifier(sparsity)
 
@@ -425,10 +425,10 @@ def tp_prune(model: nn.Module, example: torch.Tensor, reduction: float) -> nn.Mo
 def fallback_channels(
     model: nn.Module, example: torch.Tensor, method: str, reduction: float, seed: int
 ) -> nn.Module:  # pragma: no cover - only without structured_pruner
-    from secateur.structured import prune_channels
+    from secateur.pruners.oneshot import prune_channels
 
     if method not in ("l1", "l2", "random"):
-        raise RuntimeError(f"{method} needs secateur.structured_pruner")
+        raise RuntimeError(f"{method} needs secateur.pruners.channel")
     goal = count_macs(model, example)["macs"] / reduction
     torch.manual_seed(seed)
 

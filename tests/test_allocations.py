@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from secateur.allocation import ALLOCATIONS, global_
-from secateur.allocation_extra import (
+from secateur.allocation.element import ALLOCATIONS, global_
+from secateur.allocation.targets import (
     ResourceTarget,
     Sensitivity,
     erk,
@@ -21,7 +21,7 @@ from secateur.allocation_extra import (
 from secateur.analysis import count_macs, count_params
 from secateur.errors import ConfigError
 from secateur.masks import masked_parameters
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.scope import Scope
 
 
@@ -204,8 +204,8 @@ def conv_widths(model: nn.Module) -> list[int]:
 
 
 def test_latency_target_uniform_finds_the_smallest_removal_meeting_a_stepwise_latency():
-    from secateur.allocation_extra import LatencyTarget
-    from secateur.structured_pruner import ChannelPruner
+    from secateur.allocation.targets import LatencyTarget
+    from secateur.pruners.channel import ChannelPruner
 
     torch.manual_seed(0)
     model, x = chain(), torch.randn(2, 3, 8, 8)
@@ -233,8 +233,8 @@ def test_latency_target_uniform_finds_the_smallest_removal_meeting_a_stepwise_la
 
 
 def test_latency_target_global_with_affine_latency_equals_the_mac_target():
-    from secateur.allocation_extra import LatencyTarget
-    from secateur.structured_pruner import ChannelPruner
+    from secateur.allocation.targets import LatencyTarget
+    from secateur.pruners.channel import ChannelPruner
 
     torch.manual_seed(1)
     base, x = chain((8, 12, 6)), torch.randn(1, 3, 8, 8)
@@ -268,8 +268,8 @@ def test_latency_target_global_with_affine_latency_equals_the_mac_target():
 
 
 def test_unreachable_latency_target_says_why_and_leaves_the_model_untouched():
-    from secateur.allocation_extra import LatencyTarget
-    from secateur.structured_pruner import ChannelPruner
+    from secateur.allocation.targets import LatencyTarget
+    from secateur.pruners.channel import ChannelPruner
 
     model, x = chain(), torch.randn(1, 3, 8, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -296,8 +296,8 @@ def test_unreachable_latency_target_says_why_and_leaves_the_model_untouched():
 
 
 def test_latency_settings_are_validated():
-    from secateur.allocation_extra import LatencyTarget
-    from secateur.structured_pruner import ChannelPruner
+    from secateur.allocation.targets import LatencyTarget
+    from secateur.pruners.channel import ChannelPruner
 
     with pytest.raises(ConfigError, match="tolerance"):
         LatencyTarget(tolerance=1.5)

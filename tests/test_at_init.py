@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateur.allocation import global_
+from secateur.allocation.element import global_
 from secateur.criteria.at_init import GraSP
 from secateur.errors import ConfigError
 from secateur.masks import masked_parameters

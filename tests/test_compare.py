@@ -9,8 +9,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from secateur.cli import main
-from secateur.compare import compare
+from secateur.app.cli import main
+from secateur.app.compare import compare
 
 MODEL = "zoo:lenet5"
 KWARGS: dict = {}

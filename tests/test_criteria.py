@@ -23,7 +23,7 @@ from secateur.criteria.structured import (
 )
 from secateur.errors import ConfigError
 from secateur.masks import masked_parameters
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.scope import Scope
 
 

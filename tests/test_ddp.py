@@ -20,7 +20,7 @@ from torch import nn
 
 from secateur.data import TensorLoader
 from secateur.errors import ConfigError
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.schedules import Iterative
 from secateur.train import Trainer
 from secateur.train.ddp import (

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 from secateur.analysis import count_macs, count_params, layer_table
 from secateur.analysis.report import layer_comparison
-from secateur.cli import main
+from secateur.app.cli import main
 from secateur.data import fashion_mnist_root
-from secateur.demo import DemoConfig, write_outputs
+from secateur.app.demo import DemoConfig, write_outputs
 from secateur.errors import ConfigError
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.zoo import create_model
 
 
@@ -101,7 +101,7 @@ def test_demo_outputs_reject_incomplete_metrics(tmp_path):
 
 
 def test_demo_cli_prints_the_html_path(tmp_path, monkeypatch):
-    import secateur.demo
+    import secateur.app.demo
 
     fake = _fake_metrics(tmp_path)
 
@@ -110,7 +110,7 @@ def test_demo_cli_prints_the_html_path(tmp_path, monkeypatch):
         m["outputs"] = {k: str(v) for k, v in write_outputs(m, cfg.out_dir).items()}
         return m
 
-    monkeypatch.setattr(secateur.demo, "run_demo", run_demo)
+    monkeypatch.setattr(secateur.app.demo, "run_demo", run_demo)
     out = tmp_path / "cli"
     res = CliRunner().invoke(main, ["demo", "--quiet", "--out", str(out)])
     assert res.exit_code == 0, res.output

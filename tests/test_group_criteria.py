@@ -16,7 +16,7 @@ from secateur.criteria.group import (
 from secateur.criteria.structured import fisher_channel_scores
 from secateur.errors import ConfigError
 from secateur.graph import DependencyGraph
-from secateur.structured_pruner import ChannelPruner
+from secateur.pruners.channel import ChannelPruner
 
 
 def tiny_net(c: int = 4) -> nn.Module:

@@ -484,7 +484,7 @@ def test_channel_pruner_train_then_compact_exact(name):
 def test_config_hidden_size_only_when_every_residual_stream_agrees():
     """Whisper's encoder width reaches an output (frozen) and its decoder's is pruned: d_model keeps its
     value and the plan marks it inconsistent; the oracle still holds."""
-    from secateur.structured import remove_units
+    from secateur.pruners.oneshot import remove_units
 
     model, x = HF_MODELS["whisper"]()
     model.eval()
@@ -504,7 +504,7 @@ def test_save_pretrained_turns_transformers_config_refusal_into_a_named_error(tm
 
     import secateur as sc
     from secateur.errors import SerializationError
-    from secateur.structured import prune_channels
+    from secateur.pruners.oneshot import prune_channels
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.schedules import Iterative
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

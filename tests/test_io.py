@@ -9,7 +9,7 @@ import secateur as sc
 from secateur.errors import SerializationError
 from secateur.io import load, save
 from secateur.masks import get_mask, masked_parameters
-from secateur.structured import prune_channels
+from secateur.pruners.oneshot import prune_channels
 from secateur.zoo import create_model
 
 

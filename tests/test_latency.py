@@ -12,7 +12,7 @@ from torch import nn
 from secateur.analysis.counting import count_macs, count_params
 from secateur.analysis.latency import compare_latency, measure, measure_latency, peak_memory, time_callable
 from secateur.errors import ConfigError
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.zoo import create_model
 
 FAST = {"repeats": 3, "warmup": 1, "block_ms": 0.5}

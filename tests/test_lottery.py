@@ -136,7 +136,7 @@ def test_scratch_budgets_follow_the_paper():
 
 def test_reinitialize_keeps_masks_and_parameter_objects():
     from secateur.methods import reinitialize
-    from secateur.pruner import Pruner
+    from secateur.pruners.element import Pruner
 
     model = net()
     pruner = Pruner(model, 0.5)

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from secateur.allocation import global_, global_threshold, layerwise
+from secateur.allocation.element import global_, global_threshold, layerwise
 from secateur.analysis import count_macs, count_params
 from secateur.errors import ConfigError, ScopeError
 from secateur.masks import detach_masks, get_mask, masked_parameters
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.schedules import Cubic, Iterative
 from secateur.scope import Scope
 
@@ -215,7 +215,7 @@ def test_remove_does_not_warn_when_the_final_sparsity_was_reached_by_hand():
     target; that is not an unfinished schedule."""
     import warnings
 
-    from secateur.pruner import Pruner
+    from secateur.pruners.element import Pruner
     from secateur.schedules import Cubic
 
     torch.manual_seed(0)

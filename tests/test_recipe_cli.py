@@ -5,9 +5,9 @@ import shlex
 import pytest
 from click.testing import CliRunner
 
-from secateur.cli import main
+from secateur.app.cli import main
 from secateur.errors import ConfigError
-from secateur.recipe import Recipe, did_you_mean, dump_recipe, load_recipe, recipe_from_dict, shipped_recipes
+from secateur.app.recipe import Recipe, did_you_mean, dump_recipe, load_recipe, recipe_from_dict, shipped_recipes
 from secateur.schedules import Cubic, Iterative, OneShot
 
 
@@ -80,7 +80,7 @@ def test_misspelt_keys_get_did_you_mean_at_every_level(tmp_path):
 
 
 def test_bad_choice_values_suggest_the_closest_registered_name():
-    from secateur.allocation import ALLOCATIONS
+    from secateur.allocation.element import ALLOCATIONS
     from secateur.criteria import available_criteria
 
     for typo in ("magnitud", "fgpm", "tayler"):
@@ -261,11 +261,11 @@ def test_cli_finetune_prune_report_chain(tmp_path):
 
 def test_python_api_names_get_did_you_mean_too():
     """The same suggestions outside recipes: criteria, group criteria, allocations, zoo names, model specs."""
-    from secateur.allocation import get_allocation
+    from secateur.allocation.element import get_allocation
     from secateur.criteria.base import get_criterion
     from secateur.criteria.group import get_group_criterion
     from secateur.errors import ConfigError
-    from secateur.models import build_model
+    from secateur.app.models import build_model
     from secateur.zoo import create_model
 
     cases = [
@@ -287,7 +287,7 @@ def test_recipe_runner_recalibrates_batchnorm_after_pruning():
     from torch import nn
 
     from secateur.data.loader import TensorLoader
-    from secateur.run import prune_with_recipe
+    from secateur.app.run import prune_with_recipe
 
     def net():
         torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 
 from secateur.analysis.report import build_report, collect_results, layer_comparison
 from secateur.errors import ConfigError
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.zoo import create_model
 
 ROOT = Path(__file__).resolve().parents[1]

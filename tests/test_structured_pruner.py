@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from secateur.analysis.counting import count_macs, count_params
 from secateur.errors import ConfigError
 from secateur.schedules import Iterative
-from secateur.structured_pruner import ChannelPruner
+from secateur.pruners.channel import ChannelPruner
 from secateur.zoo import create_model
 
 X = torch.randn(2, 1, 28, 28)
@@ -201,7 +201,7 @@ def test_trainer_callback_accumulates_taylor_and_follows_the_schedule():
 
 
 def test_element_masks_already_attached_are_kept():
-    from secateur.pruner import Pruner
+    from secateur.pruners.element import Pruner
 
     model = create_model("vgg_small")
     # traced before the element masks exist (the graph does not trace through ElementMask yet)

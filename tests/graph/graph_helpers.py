@@ -14,7 +14,7 @@ def prune_and_check(
     + rtol * magnitude``); returns (pruned model, plan, graph, max abs diff)."""
     from secateur.compact import check_equivalence, mask_model
     from secateur.graph import DependencyGraph
-    from secateur.structured import choose_units, remove_units
+    from secateur.pruners.oneshot import choose_units, remove_units
 
     graph = DependencyGraph.build(model, x, **kw)
     rng = np.random.default_rng(seed)

@@ -18,7 +18,7 @@ from secateur.compact import check_equivalence, compact, make_plan, mask_model
 from secateur.errors import CompactionError, UnsupportedOpError
 from secateur.graph import DependencyGraph, register_rule
 from secateur.graph.rules import RULES
-from secateur.structured import prune_channels
+from secateur.pruners.oneshot import prune_channels
 
 
 class Net(nn.Module):

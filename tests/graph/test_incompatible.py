@@ -15,7 +15,7 @@ from torch import nn
 
 from secateur.compact import check_equivalence, mask_model
 from secateur.errors import CompactionError, GraphError, IncompatibleGroupError
-from secateur.structured import prune_channels
+from secateur.pruners.oneshot import prune_channels
 
 
 class DerivedHeadWidth(nn.Module):

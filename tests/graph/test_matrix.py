@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from secateur.analysis.counting import frozen_parameters
 from secateur.graph.tracer import call_model
-from secateur.structured import require_prunable
+from secateur.pruners.oneshot import require_prunable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -43,7 +43,7 @@ from secateur.graph.groups import Group, Member, _match
 from secateur.graph.norms import norm_dim
 from secateur.graph.rules import MODULE_RULES, RULES
 from secateur.graph.tracer import ParamDim, iter_tensors, run_trace
-from secateur.structured import _ensure_member_nonempty, choose_units, lp_scores
+from secateur.pruners.oneshot import _ensure_member_nonempty, choose_units, lp_scores
 from secateur.zoo import create_model
 
 

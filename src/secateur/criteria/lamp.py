@@ -7,7 +7,7 @@ Within one layer, index the weights so that ``|W[u]|`` is ascending. The LAMP sc
 the squared magnitude of a weight relative to all weights at least as large in the same layer. The
 largest weight of every layer scores exactly 1, so every layer keeps at least one weight, and
 the scores are comparable across layers: LAMP then prunes globally by these scores (the "lamp"
-allocation in :mod:`secateur.allocation_extra`). Ties are ordered by position (stable sort).
+allocation in :mod:`secateur.allocation.targets`). Ties are ordered by position (stable sort).
 """
 
 from __future__ import annotations

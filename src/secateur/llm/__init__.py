@@ -37,7 +37,7 @@ from secateur.llm.structural import (
     prune_decoder,
     structural_scores,
 )
-from secateur.llm.text import (
+from secateur.data.text import (
     FortuneSplit,
     load_fortunes,
     mean_cosine,

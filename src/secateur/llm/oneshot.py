@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.allocation import check_sparsity
+from secateur._validate import check_sparsity
 from secateur.compact import interrupts_deferred
 from secateur.errors import ConfigError
 from secateur.llm.calibration import InputStats

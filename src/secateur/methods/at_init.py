@@ -6,7 +6,7 @@
   exponential schedule: after round ``r`` the density is ``(1 - s)^(r/n)``; scores are recomputed
   on the masked network every round. Iterating is what avoids layer collapse (sec. 5-6).
 
-The result is a :class:`~secateur.pruner.Pruner` whose masks hold the pruned-at-init network, to
+The result is a :class:`~secateur.pruners.element.Pruner` whose masks hold the pruned-at-init network, to
 be trained as usual (the pruner's own schedule is a one-shot at step 0 that has already happened).
 """
 
@@ -16,12 +16,12 @@ from typing import Any
 
 from torch import nn
 
-from secateur.allocation import check_sparsity
+from secateur.allocation.element import check_sparsity
 from secateur.criteria import Criterion, get_criterion
 from secateur.criteria.at_init import SynFlow
 from secateur.criteria.saliency import DataCriterion, LossFn, is_single_batch
 from secateur.errors import ConfigError
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.scope import Scope
 
 DATA_CRITERIA = ("snip", "grasp", "taylor")

@@ -26,7 +26,7 @@ from torch import nn
 
 from secateur.errors import ConfigError
 from secateur.masks.element import ElementMask, set_mask
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.scope import Scope
 
 

@@ -30,8 +30,8 @@ from torch import nn
 from secateur.criteria.structured import redundant_features
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.structured import ensure_member_nonempty as _ensure_member_nonempty
-from secateur.structured import remove_units
+from secateur.pruners.oneshot import ensure_member_nonempty as _ensure_member_nonempty
+from secateur.pruners.oneshot import remove_units
 
 __all__ = ["filter_clusters", "group_filters", "prune_redundant"]
 

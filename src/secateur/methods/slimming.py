@@ -23,8 +23,8 @@ from torch import nn
 
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.structured import choose_units, remove_units
-from secateur.structured import ensure_member_nonempty as _ensure_member_nonempty
+from secateur.pruners.oneshot import choose_units, remove_units
+from secateur.pruners.oneshot import ensure_member_nonempty as _ensure_member_nonempty
 
 __all__ = ["SlimmingPenalty", "bn_group_scores", "prune_groups", "slim"]
 
@@ -140,7 +140,7 @@ def prune_groups(
             member keeps at least one unit, so the realised fraction may be a little lower.
         protect: module name patterns never pruned. verify: run the masked-vs-compacted oracle.
 
-    Returns ``(model, plan)`` as :func:`secateur.structured.prune_channels`.
+    Returns ``(model, plan)`` as :func:`secateur.pruners.oneshot.prune_channels`.
 
     Raises:
         ConfigError: ratio outside [0, 1), unknown ranking, a score of the wrong shape (names the group).

@@ -7,7 +7,7 @@ step counts once the number of steps is known. Unknown keys and bad values raise
 :class:`~secateur.errors.ConfigError` naming the field and the allowed values, with a
 did-you-mean suggestion (:func:`did_you_mean`) for a misspelt key or choice at any nesting level.
 
-Example (``secateur/recipes/gmp90.yaml``)::
+Example (``secateur/app/recipes/gmp90.yaml``)::
 
     granularity: element
     criterion: magnitude
@@ -249,7 +249,7 @@ class Recipe(_Strict):
     @field_validator("allocation")
     @classmethod
     def _known_allocation(cls, v: str) -> str:
-        from secateur.allocation import ALLOCATIONS, get_allocation
+        from secateur.allocation.element import ALLOCATIONS, get_allocation
 
         get_allocation("global")  # registers the extra allocations
         allowed = sorted(set(ALLOCATIONS) | {"uniform"})
@@ -381,7 +381,7 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
                 f"recipe {str(path_or_name)!r} is neither a file nor a shipped recipe; "
                 f"shipped: {shipped_recipes()}"
             )
-        text = resources.files("secateur.recipes").joinpath(f"{name}.yaml").read_text()
+        text = resources.files("secateur.app.recipes").joinpath(f"{name}.yaml").read_text()
         source = f"{name} (shipped)"
     return recipe_from_dict(_parse_yaml(text, source), source)
 
@@ -423,7 +423,7 @@ def _parse_yaml(text: str, source: str) -> Any:
 def shipped_recipes() -> list[str]:
     """Names of the recipes that ship with the package."""
     return sorted(
-        Path(f.name).stem for f in resources.files("secateur.recipes").iterdir() if f.name.endswith(".yaml")
+        Path(f.name).stem for f in resources.files("secateur.app.recipes").iterdir() if f.name.endswith(".yaml")
     )
 
 

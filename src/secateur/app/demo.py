@@ -22,7 +22,7 @@ from secateur.analysis.plots import plot_layer_sparsity, plot_training_curves
 from secateur.analysis.report import build_report, environment, layer_comparison
 from secateur.data import fashion_mnist_loaders
 from secateur.errors import ConfigError
-from secateur.pruner import Pruner
+from secateur.pruners.element import Pruner
 from secateur.schedules import Cubic
 from secateur.train import Trainer, recalibrate_bn, seed_everything
 from secateur.zoo import create_model

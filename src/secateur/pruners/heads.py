@@ -6,7 +6,7 @@
 
 A composition of existing pieces: the graph is traced (:class:`~secateur.graph.DependencyGraph`), every
 group that is not attention heads (:func:`~secateur.criteria.group.head_group_ids`) is frozen, and a one-shot
-:class:`~secateur.structured_pruner.ChannelPruner` scores, allocates, masks and compacts (with the oracle).
+:class:`~secateur.pruners.channel.ChannelPruner` scores, allocates, masks and compacts (with the oracle).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from secateur.compact import require_finite_inputs, restoring
 from secateur.criteria.group import GroupCriterion, head_group_ids
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.structured_pruner import ChannelPruner, MaskRestorePoint
+from secateur.pruners.channel import ChannelPruner, MaskRestorePoint
 
 __all__ = ["prune_heads"]
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from secateur.analysis import count_macs, count_params
 from secateur.errors import ConfigError
-from secateur.recipe import Recipe, steps_for
+from secateur.app.recipe import Recipe, steps_for
 from secateur.scope import Scope
 
 _TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
@@ -95,7 +95,7 @@ def prune_with_recipe(
     schedule = recipe.schedule.build(steps)
     data_batch = next(iter(train_loader)) if train_loader is not None else None
     if recipe.granularity == "element":
-        from secateur.pruner import Pruner
+        from secateur.pruners.element import Pruner
 
         pruner = Pruner(
             model,
@@ -128,7 +128,7 @@ def prune_with_recipe(
     else:
         if example_inputs is None:
             raise ConfigError("granularity 'channel' needs example inputs to trace the dependency graph")
-        from secateur.structured_pruner import ChannelPruner
+        from secateur.pruners.channel import ChannelPruner
 
         if recipe.allocation not in ("global", "uniform"):
             raise ConfigError(
@@ -188,7 +188,7 @@ def run(
     Writes ``out_dir/model/`` (plan.json + model.safetensors) and ``out_dir/metrics.json``.
     """
     from secateur.io import save
-    from secateur.models import build_model
+    from secateur.app.models import build_model
     from secateur.train import seed_everything
 
     t0 = time.perf_counter()

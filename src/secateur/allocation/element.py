@@ -124,14 +124,14 @@ ALLOCATIONS = {"layerwise": layerwise, "global": global_}
 def get_allocation(spec):
     """The allocation registered under ``spec`` (a name), or ``spec`` itself if it is callable.
 
-    Names: "global", "layerwise", and those of :mod:`secateur.allocation_extra` ("uniform",
+    Names: "global", "layerwise", and those of :mod:`secateur.allocation.targets` ("uniform",
     "global_capped", "erk", "lamp"). A callable must have the signature
     ``allocate(scores, sparsity, previous=None) -> {name: bool keep-mask}``.
 
     Raises:
         ConfigError: an unknown name, listing the allowed ones.
     """
-    import secateur.allocation_extra  # noqa: F401  (registers the extra allocations)
+    import secateur.allocation.targets  # noqa: F401  (registers the extra allocations)
 
     if callable(spec):
         return spec

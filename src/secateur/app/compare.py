@@ -5,9 +5,9 @@ For each tool a fresh copy of the same starting weights is pruned, fine-tuned wi
 test images; then parameters, non-zero parameters, MACs, latency (all models timed interleaved in one run,
 median and IQR) and the wall time of the pruning step are measured. The tools:
 
-* ``secateur``: channel mode uses :class:`~secateur.structured_pruner.ChannelPruner` with the L1 filter
+* ``secateur``: channel mode uses :class:`~secateur.pruners.channel.ChannelPruner` with the L1 filter
   norm (channels physically removed through the dependency graph); element mode uses the global magnitude
-  :class:`~secateur.pruner.Pruner` over every conv and linear weight.
+  :class:`~secateur.pruners.element.Pruner` over every conv and linear weight.
 * ``torch_pruning`` (Torch-Pruning, the optional ``peers`` extra): ``MagnitudePruner`` with L1 importance,
   the classifier in ``ignored_layers`` (secateur never prunes the model's outputs either). For a channel
   target its per-layer ratio is the same fraction; for a params/MACs target the ratio is scanned on a grid
@@ -107,7 +107,7 @@ def _accuracy(model: nn.Module, loader: Any) -> float:
 
 # ------------------------------------------------------------------------------------------ pruning
 def _secateur_channel(model: nn.Module, example: torch.Tensor, sparsity: float, target: str) -> nn.Module:
-    from secateur.structured_pruner import ChannelPruner
+    from secateur.pruners.channel import ChannelPruner
 
     model.eval()
     cp = ChannelPruner(model, example, schedule=sparsity, criterion="l1", allocation="uniform", target=target)
@@ -199,7 +199,7 @@ def _torch_ao_element(ao: Any, model: nn.Module, sparsity: float) -> Callable[[]
 
 
 def _secateur_element(model: nn.Module, sparsity: float) -> Callable[[], Any]:
-    from secateur.pruner import Pruner
+    from secateur.pruners.element import Pruner
 
     pruner = Pruner(model, sparsity, criterion="magnitude", allocation="global")
     pruner.prune_to(sparsity)
@@ -230,7 +230,7 @@ def compare(
 
     Args:
         model_spec: ``zoo:NAME``, ``saved:PATH`` (e.g. a trained model from ``secateur finetune``), ...
-            (see :func:`secateur.models.build_model`); it must take ``(N, 1, 28, 28)`` Fashion-MNIST input.
+            (see :func:`secateur.app.models.build_model`); it must take ``(N, 1, 28, 28)`` Fashion-MNIST input.
         mode: ``"channel"`` (structures physically removed) or ``"element"`` (individual weights zeroed).
         sparsity: the fraction (0-1) to remove. Channel mode: a fraction of ``target``; element mode: of all
             conv and linear weights.
@@ -260,7 +260,7 @@ def compare(
     """
     from secateur.data import fashion_mnist_loaders
     from secateur.masks import copy_model
-    from secateur.models import build_model
+    from secateur.app.models import build_model
     from secateur.train import Trainer, seed_everything
 
     if mode not in MODES:

@@ -1,10 +1,10 @@
 """More allocations: uniform, capped global, ERK, LAMP, sensitivity-derived, and resource targets.
 
-Every allocation has the signature of :mod:`secateur.allocation`'s:
+Every allocation has the signature of :mod:`secateur.allocation.element`'s:
 ``allocate(scores: {name: Tensor}, sparsity: float, previous: {name: bool Tensor} | None) ->
 {name: bool keep-mask}``, where ``sparsity`` is the fraction (in [0, 1), not a percent) of the
 *scoped* weights to prune and previously pruned entries stay pruned. Importing this module
-registers the named ones into ``secateur.allocation.ALLOCATIONS``:
+registers the named ones into ``secateur.allocation.element.ALLOCATIONS``:
 
 - ``"uniform"``: the same fraction in every layer (= ``layerwise``).
 - ``"global_capped"``: global ranking, but no layer pruned beyond ``max_sparsity``; what a capped
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur import allocation as _allocation
-from secateur.allocation import check_sparsity, global_, layerwise
+from secateur.allocation import element as _allocation
+from secateur.allocation.element import check_sparsity, global_, layerwise
 from secateur.criteria.lamp import lamp_scores
 from secateur.errors import ConfigError
 from secateur.masks.element import original
@@ -59,7 +59,7 @@ __all__ = [
 
 
 def register_allocation(name: str) -> Callable[[Allocation], Allocation]:
-    """Decorator registering an allocation under ``name`` in ``secateur.allocation.ALLOCATIONS``
+    """Decorator registering an allocation under ``name`` in ``secateur.allocation.element.ALLOCATIONS``
     (so ``Pruner(..., allocation=name)`` and recipes find it)."""
 
     def deco(fn: Allocation) -> Allocation:
@@ -433,7 +433,7 @@ LatencyFn = Callable[[nn.Module, Any], float]
 class LatencyTarget:
     """A target expressed as a fraction of the dense model's *measured* forward latency.
 
-    Used by :class:`secateur.structured_pruner.ChannelPruner` with ``target="latency"``: a scheduled
+    Used by :class:`secateur.pruners.channel.ChannelPruner` with ``target="latency"``: a scheduled
     sparsity ``s`` means "remove ``s`` of the dense latency", i.e. the compacted model must run in at
     most ``(1 - s + tolerance) · L_dense`` milliseconds. Latency is not a sum of per-layer costs (kernel
     tiling, memory traffic and fixed per-call overhead do not scale with channel counts), so it is

@@ -26,7 +26,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
 def demo(out_dir, dense_epochs, prune_epochs, sparsity, subset, seed, quiet, as_json) -> None:
     """Train a ResNet on Fashion-MNIST, prune it to 90% with the cubic schedule, report."""
-    from secateur.demo import DemoConfig, run_demo, summary_rows
+    from secateur.app.demo import DemoConfig, run_demo, summary_rows
 
     cfg = DemoConfig(
         out_dir=out_dir,
@@ -100,8 +100,8 @@ def _fail(e: Exception) -> None:
 def prune(model_spec, model_kwargs, recipe_path, data, subset, out_dir, quiet, as_json) -> None:
     """Prune a model with a recipe, fine-tune, measure, and save it (pickle-free) to OUT/model."""
     from secateur.errors import SecateurError
-    from secateur.recipe import load_recipe
-    from secateur.run import run
+    from secateur.app.recipe import load_recipe
+    from secateur.app.run import run
 
     try:
         recipe = load_recipe(recipe_path)
@@ -146,7 +146,7 @@ def measure(model_spec, model_kwargs, input_shape, latency) -> None:
 
     from secateur.analysis import count_macs, count_params
     from secateur.errors import SecateurError
-    from secateur.models import build_model
+    from secateur.app.models import build_model
 
     try:
         model = build_model(model_spec, **_parse_kwargs(model_kwargs)).eval()
@@ -169,8 +169,8 @@ def evaluate(model_spec, subset) -> None:
     """Top-1 accuracy on the Fashion-MNIST test set (JSON on stdout)."""
     from secateur.data import fashion_mnist_loaders
     from secateur.errors import SecateurError
-    from secateur.models import build_model
-    from secateur.run import _evaluate
+    from secateur.app.models import build_model
+    from secateur.app.run import _evaluate
 
     try:
         model = build_model(model_spec)
@@ -184,7 +184,7 @@ def evaluate(model_spec, subset) -> None:
 @click.argument("name", required=False)
 def recipes(name) -> None:
     """List the shipped recipes, or print one as YAML."""
-    from secateur.recipe import dump_recipe, load_recipe, shipped_recipes
+    from secateur.app.recipe import dump_recipe, load_recipe, shipped_recipes
 
     if name:
         click.echo(dump_recipe(load_recipe(name)), nl=False)
@@ -211,7 +211,7 @@ def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
 
     from secateur.analysis.report import build_report, collect_results
     from secateur.errors import SecateurError
-    from secateur.models import build_model
+    from secateur.app.models import build_model
 
     try:
         dense, pruned = build_model(dense_spec).eval(), build_model(pruned_spec).eval()
@@ -219,7 +219,7 @@ def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
         description = "No accuracy measured (--data none)."
         if data == "fashion-mnist":
             from secateur.data import fashion_mnist_loaders
-            from secateur.run import _evaluate
+            from secateur.app.run import _evaluate
 
             _, test = fashion_mnist_loaders(subset=subset)
             acc = {"dense_accuracy": _evaluate(dense, test), "pruned_accuracy": _evaluate(pruned, test)}
@@ -259,7 +259,7 @@ def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, 
     from secateur.data import fashion_mnist_loaders
     from secateur.errors import SecateurError
     from secateur.io import load, save
-    from secateur.models import build_model
+    from secateur.app.models import build_model
     from secateur.train import Trainer
 
     try:
@@ -337,8 +337,8 @@ def compare(
 ) -> None:
     """Prune one model at one budget with secateur, Torch-Pruning and torch.ao.pruning; fine-tune alike;
     write compare.md, compare.json and compare.png to OUT."""
-    from secateur.compare import compare as run_compare
-    from secateur.compare import markdown
+    from secateur.app.compare import compare as run_compare
+    from secateur.app.compare import markdown
     from secateur.errors import SecateurError
 
     try:

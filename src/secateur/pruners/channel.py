@@ -1,6 +1,6 @@
 """ChannelPruner: structured (channel / head / FFN-neuron) pruning driven by a schedule, then compaction.
 
-The structured counterpart of :class:`secateur.pruner.Pruner`, with torch.ao.pruning's split of *what*
+The structured counterpart of :class:`secateur.pruners.element.Pruner`, with torch.ao.pruning's split of *what*
 (criterion over graph groups, allocation, target) from *when* (a :mod:`secateur.schedules` schedule)::
 
     pruner = ChannelPruner(model, x, schedule=Iterative(0.5, steps=5, every=100), criterion="taylor",
@@ -16,7 +16,7 @@ masked: every parameter slice of a removed unit gets an element mask (:func:`sec
 parametrization, so it stays exactly zero through training whatever the optimizer does) and buffers
 such as BatchNorm running statistics are zeroed, exactly what :func:`secateur.compact.mask_model` zeroes,
 so the masked model computes what the compacted one will. Removed units stay removed. An element mask
-already on a parameter (an element-wise :class:`~secateur.pruner.Pruner`) is kept and ANDed with ours.
+already on a parameter (an element-wise :class:`~secateur.pruners.element.Pruner`) is kept and ANDed with ours.
 Tied parameters (one tensor under two module names) are masked on their canonical owner and the stored
 tensor is re-zeroed at every :meth:`ChannelPruner.step`, since the other owner reads it unmasked.
 """
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateur.allocation import check_sparsity
+from secateur.allocation.element import check_sparsity
 from secateur.analysis.counting import count_params, layer_table
 from secateur.compact import (
     ATOL,
@@ -59,7 +59,7 @@ from secateur.graph.groups import DependencyGraph, Group
 from secateur.masks import get_mask, has_mask, set_mask
 from secateur.masks.element import _element_mask
 from secateur.schedules import OneShot, Schedule
-from secateur.structured import _ensure_member_nonempty, choose_units
+from secateur.pruners.oneshot import _ensure_member_nonempty, choose_units
 
 __all__ = ["ChannelPruner", "MaskRestorePoint", "TARGETS"]
 
@@ -175,7 +175,7 @@ class ChannelPruner:
             statistics over the kept channels (:mod:`secateur.compact.norms`).
         criterion_kwargs: extra arguments for the criterion (e.g. ``{"method": "sum"}`` for fpgm).
         graph: a graph already traced from ``model`` (skips the trace).
-        latency: for ``target="latency"``, a :class:`secateur.allocation_extra.LatencyTarget` (timing
+        latency: for ``target="latency"``, a :class:`secateur.allocation.targets.LatencyTarget` (timing
             function, inputs, threads, tolerance); default ``LatencyTarget()``. The dense latency and the
             largest removable fraction are measured at construction, on a mask-free copy of the model.
 
@@ -308,7 +308,7 @@ class ChannelPruner:
 
     # -------------------------------------------------------------------------------- latency target
     def _init_latency(self, latency: Any) -> None:
-        from secateur.allocation_extra import LatencyTarget
+        from secateur.allocation.targets import LatencyTarget
         from secateur.masks import detach_masks
 
         self.latency = LatencyTarget() if latency is None else latency

@@ -1,0 +1,1 @@
+"""Allocation: how much to remove where (element masks, structured units, resource targets)."""

@@ -1,0 +1,1 @@
+"""The application layer: command line, recipe runner, demo, comparisons. Nothing imports it."""

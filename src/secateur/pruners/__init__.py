@@ -1,0 +1,1 @@
+"""Pruners: the element driver (Pruner), the structured driver (ChannelPruner) and thin one-shot calls."""
