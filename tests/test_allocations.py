@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from secateur.allocation.element import ALLOCATIONS, global_
-from secateur.allocation.targets import (
+from secateur.allocation import (
+    ALLOCATIONS,
     ResourceTarget,
     Sensitivity,
     erk,
     erk_densities,
+    global_,
     global_capped,
     lamp,
     sensitivity_sparsities,
