@@ -68,8 +68,8 @@ from secateur.methods.movement import Movement  # noqa: E402
 from secateur.methods.redundant import prune_redundant  # noqa: E402
 from secateur.methods.scop import SCOP, train_knockoff_vae  # noqa: E402
 from secateur.methods.slimming import SlimmingPenalty, slim  # noqa: E402
-from secateur.scope import Scope  # noqa: E402
 from secateur.pruners.oneshot import prune_channels  # noqa: E402
+from secateur.scope import Scope  # noqa: E402
 from secateur.train import Trainer  # noqa: E402
 from secateur.zoo import create_model  # noqa: E402
 

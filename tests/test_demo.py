@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from secateur.analysis import count_macs, count_params, layer_table
 from secateur.analysis.report import layer_comparison
 from secateur.app.cli import main
-from secateur.data import fashion_mnist_root
 from secateur.app.demo import DemoConfig, write_outputs
+from secateur.data import fashion_mnist_root
 from secateur.errors import ConfigError
 from secateur.pruners.element import Pruner
 from secateur.zoo import create_model

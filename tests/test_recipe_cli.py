@@ -6,8 +6,15 @@ import pytest
 from click.testing import CliRunner
 
 from secateur.app.cli import main
+from secateur.app.recipe import (
+    Recipe,
+    did_you_mean,
+    dump_recipe,
+    load_recipe,
+    recipe_from_dict,
+    shipped_recipes,
+)
 from secateur.errors import ConfigError
-from secateur.app.recipe import Recipe, did_you_mean, dump_recipe, load_recipe, recipe_from_dict, shipped_recipes
 from secateur.schedules import Cubic, Iterative, OneShot
 
 
@@ -262,10 +269,10 @@ def test_cli_finetune_prune_report_chain(tmp_path):
 def test_python_api_names_get_did_you_mean_too():
     """The same suggestions outside recipes: criteria, group criteria, allocations, zoo names, model specs."""
     from secateur.allocation.element import get_allocation
+    from secateur.app.models import build_model
     from secateur.criteria.base import get_criterion
     from secateur.criteria.group import get_group_criterion
     from secateur.errors import ConfigError
-    from secateur.app.models import build_model
     from secateur.zoo import create_model
 
     cases = [
@@ -286,8 +293,8 @@ def test_recipe_runner_recalibrates_batchnorm_after_pruning():
     import torch
     from torch import nn
 
-    from secateur.data.loader import TensorLoader
     from secateur.app.run import prune_with_recipe
+    from secateur.data.loader import TensorLoader
 
     def net():
         torch.manual_seed(0)

@@ -12,8 +12,8 @@ from torch.nn.utils import parametrize
 
 from secateur.analysis.counting import count_macs, count_params
 from secateur.errors import ConfigError
-from secateur.schedules import Iterative
 from secateur.pruners.channel import ChannelPruner
+from secateur.schedules import Iterative
 from secateur.zoo import create_model
 
 X = torch.randn(2, 1, 28, 28)

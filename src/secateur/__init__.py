@@ -20,13 +20,13 @@ from secateur.errors import (
     UnsupportedOpError,
 )
 from secateur.graph import DependencyGraph
-from secateur.pruners.heads import prune_heads
 from secateur.io import from_pretrained, load, save, save_pretrained
+from secateur.pruners.channel import ChannelPruner
 from secateur.pruners.element import Pruner
+from secateur.pruners.heads import prune_heads
+from secateur.pruners.oneshot import prune_channels
 from secateur.schedules import Cubic, Iterative, OneShot
 from secateur.scope import Scope
-from secateur.pruners.oneshot import prune_channels
-from secateur.pruners.channel import ChannelPruner
 
 __version__ = "0.1.0"
 

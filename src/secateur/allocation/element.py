@@ -29,7 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from secateur.criteria.lamp import lamp_scores
-from secateur.errors import ConfigError, did_you_mean
+from secateur.errors import ConfigError
+from secateur.registry import Registry
 
 Masks = dict[str, torch.Tensor]
 Allocation = Callable[..., Masks]
@@ -133,18 +134,17 @@ def global_(
     return out
 
 
-ALLOCATIONS = {"layerwise": layerwise, "global": global_}
+#: Element allocations by name (recipes, the CLI and :class:`secateur.Pruner` resolve names here).
+ALLOCATIONS: Registry[Allocation] = Registry("allocation")
+ALLOCATIONS.register("layerwise", layerwise)
+ALLOCATIONS.register("global", global_)
 
 
 def register_allocation(name: str) -> Callable[[Allocation], Allocation]:
     """Decorator registering an allocation under ``name`` in ``ALLOCATIONS``
     (so ``Pruner(..., allocation=name)`` and recipes find it)."""
 
-    def deco(fn: Allocation) -> Allocation:
-        ALLOCATIONS[name] = fn
-        return fn
-
-    return deco
+    return ALLOCATIONS.register(name)
 
 
 def _flat(scores: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -310,8 +310,4 @@ def get_allocation(spec):
     """
     if callable(spec):
         return spec
-    if spec not in ALLOCATIONS:
-        raise ConfigError(
-            f"unknown allocation {spec!r}{did_you_mean(spec, ALLOCATIONS)}; available: {sorted(ALLOCATIONS)}"
-        )
-    return ALLOCATIONS[spec]
+    return ALLOCATIONS.get(spec)

@@ -99,9 +99,9 @@ def _fail(e: Exception) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def prune(model_spec, model_kwargs, recipe_path, data, subset, out_dir, quiet, as_json) -> None:
     """Prune a model with a recipe, fine-tune, measure, and save it (pickle-free) to OUT/model."""
-    from secateur.errors import SecateurError
     from secateur.app.recipe import load_recipe
     from secateur.app.run import run
+    from secateur.errors import SecateurError
 
     try:
         recipe = load_recipe(recipe_path)
@@ -145,8 +145,8 @@ def measure(model_spec, model_kwargs, input_shape, latency) -> None:
     import torch
 
     from secateur.analysis import count_macs, count_params
-    from secateur.errors import SecateurError
     from secateur.app.models import build_model
+    from secateur.errors import SecateurError
 
     try:
         model = build_model(model_spec, **_parse_kwargs(model_kwargs)).eval()
@@ -167,10 +167,10 @@ def measure(model_spec, model_kwargs, input_shape, latency) -> None:
 @click.option("--subset", type=int, default=None, help="Use only the first N test images.")
 def evaluate(model_spec, subset) -> None:
     """Top-1 accuracy on the Fashion-MNIST test set (JSON on stdout)."""
-    from secateur.data import fashion_mnist_loaders
-    from secateur.errors import SecateurError
     from secateur.app.models import build_model
     from secateur.app.run import _evaluate
+    from secateur.data import fashion_mnist_loaders
+    from secateur.errors import SecateurError
 
     try:
         model = build_model(model_spec)
@@ -210,16 +210,16 @@ def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
     import torch
 
     from secateur.analysis.report import build_report, collect_results
-    from secateur.errors import SecateurError
     from secateur.app.models import build_model
+    from secateur.errors import SecateurError
 
     try:
         dense, pruned = build_model(dense_spec).eval(), build_model(pruned_spec).eval()
         acc = {}
         description = "No accuracy measured (--data none)."
         if data == "fashion-mnist":
-            from secateur.data import fashion_mnist_loaders
             from secateur.app.run import _evaluate
+            from secateur.data import fashion_mnist_loaders
 
             _, test = fashion_mnist_loaders(subset=subset)
             acc = {"dense_accuracy": _evaluate(dense, test), "pruned_accuracy": _evaluate(pruned, test)}
@@ -256,10 +256,10 @@ def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, quiet) -> None:
     """Train a model (dense or pruned; masks are kept) on Fashion-MNIST and save it to OUT/model."""
+    from secateur.app.models import build_model
     from secateur.data import fashion_mnist_loaders
     from secateur.errors import SecateurError
     from secateur.io import load, save
-    from secateur.app.models import build_model
     from secateur.train import Trainer
 
     try:

@@ -230,7 +230,8 @@ def compare(
 
     Args:
         model_spec: ``zoo:NAME``, ``saved:PATH`` (e.g. a trained model from ``secateur finetune``), ...
-            (see :func:`secateur.app.models.build_model`); it must take ``(N, 1, 28, 28)`` Fashion-MNIST input.
+            (see :func:`secateur.app.models.build_model`); it must take ``(N, 1, 28, 28)`` Fashion-MNIST
+            input.
         mode: ``"channel"`` (structures physically removed) or ``"element"`` (individual weights zeroed).
         sparsity: the fraction (0-1) to remove. Channel mode: a fraction of ``target``; element mode: of all
             conv and linear weights.
@@ -258,9 +259,9 @@ def compare(
         ConfigError: bad mode / target / sparsity / budget / tool, or an unknown model spec.
         DataError: Fashion-MNIST cannot be found.
     """
+    from secateur.app.models import build_model
     from secateur.data import fashion_mnist_loaders
     from secateur.masks import copy_model
-    from secateur.app.models import build_model
     from secateur.train import Trainer, seed_everything
 
     if mode not in MODES:

@@ -422,9 +422,8 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 def shipped_recipes() -> list[str]:
     """Names of the recipes that ship with the package."""
-    return sorted(
-        Path(f.name).stem for f in resources.files("secateur.app.recipes").iterdir() if f.name.endswith(".yaml")
-    )
+    folder = resources.files("secateur.app.recipes")
+    return sorted(Path(f.name).stem for f in folder.iterdir() if f.name.endswith(".yaml"))
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from secateur.analysis import count_macs, count_params
-from secateur.errors import ConfigError
 from secateur.app.recipe import Recipe, steps_for
+from secateur.errors import ConfigError
 from secateur.scope import Scope
 
 _TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
@@ -187,8 +187,8 @@ def run(
 
     Writes ``out_dir/model/`` (plan.json + model.safetensors) and ``out_dir/metrics.json``.
     """
-    from secateur.io import save
     from secateur.app.models import build_model
+    from secateur.io import save
     from secateur.train import seed_everything
 
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from secateur.errors import ConfigError, did_you_mean
+from secateur.registry import Registry
 from secateur.scope import Target
 
 
@@ -24,22 +24,18 @@ class Criterion(Protocol):
     def scores(self, targets: Sequence[Target]) -> dict[str, torch.Tensor]: ...
 
 
-_REGISTRY: dict[str, Callable[..., Criterion]] = {}
+#: Element criteria by name (recipes, the CLI and :class:`secateur.Pruner` resolve names here).
+CRITERIA: Registry[Callable[..., Criterion]] = Registry("criterion")
 
 
 def register_criterion(name: str) -> Callable[[Callable[..., Criterion]], Callable[..., Criterion]]:
     """Decorator registering a criterion factory under ``name`` (used by recipes and the CLI)."""
-
-    def deco(factory: Callable[..., Criterion]) -> Callable[..., Criterion]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+    return CRITERIA.register(name)
 
 
 def available_criteria() -> list[str]:
     """Names of the registered criteria."""
-    return sorted(_REGISTRY)
+    return CRITERIA.list()
 
 
 def get_criterion(
@@ -57,11 +53,7 @@ def get_criterion(
     """
     if not isinstance(spec, str):
         return spec
-    if spec not in _REGISTRY:
-        raise ConfigError(
-            f"unknown criterion {spec!r}{did_you_mean(spec, _REGISTRY)}; available: {sorted(_REGISTRY)}"
-        )
-    factory = _REGISTRY[spec]
+    factory = CRITERIA.get(spec)
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):

@@ -45,8 +45,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from secateur.criteria.structured import TaylorAccumulator, fpgm_scores, norm_scores
-from secateur.errors import ConfigError, did_you_mean
+from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group, Member
+from secateur.registry import Registry
 
 __all__ = [
     "BNScaleCriterion",
@@ -211,25 +212,20 @@ class GroupCriterion:
         )
 
 
-_REGISTRY: dict[str, Callable[..., GroupCriterion]] = {}
-
-
 Factory = Callable[..., GroupCriterion]
+
+#: Group (structured) criteria by name: every structured entry point resolves names here.
+GROUP_CRITERIA: Registry[Factory] = Registry("group criterion")
 
 
 def register_group_criterion(name: str) -> Callable[[Factory], Factory]:
     """Decorator registering a :class:`GroupCriterion` factory under ``name``."""
-
-    def deco(factory: Factory) -> Factory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+    return GROUP_CRITERIA.register(name)
 
 
 def available_group_criteria() -> list[str]:
     """Registered group criterion names."""
-    return sorted(_REGISTRY)
+    return GROUP_CRITERIA.list()
 
 
 def get_group_criterion(
@@ -244,13 +240,9 @@ def get_group_criterion(
     if isinstance(spec, GroupCriterion):
         return spec
     if isinstance(spec, str):
-        if spec not in _REGISTRY:
-            raise ConfigError(
-                f"unknown group criterion {spec!r}{did_you_mean(spec, available_group_criteria())}; "
-                f"available: {available_group_criteria()}"
-            )
+        factory = GROUP_CRITERIA.get(spec)
         try:
-            return _REGISTRY[spec](**kwargs)
+            return factory(**kwargs)
         except TypeError as e:
             raise ConfigError(f"group criterion {spec!r}: bad arguments {sorted(kwargs)}: {e}") from e
     if callable(spec):
@@ -298,8 +290,8 @@ class LpCriterion(GroupCriterion):
     Args:
         p: the norm order (> 0).
         producers_only: read only the members along dim 0 (filters, biases, norm scales: the side that
-            produces the channels, Li et al.'s filter norm), as :func:`secateur.pruners.oneshot.lp_scores` does
-            by default; False adds the consumer side (the next layer's input slices).
+            produces the channels, Li et al.'s filter norm), as :func:`secateur.pruners.oneshot.lp_scores`
+            does by default; False adds the consumer side (the next layer's input slices).
     """
 
     def __init__(self, p: float = 1.0, producers_only: bool = True) -> None:

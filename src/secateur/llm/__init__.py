@@ -8,6 +8,13 @@
 ``moe``: expert removal in mixture-of-experts models (router-weighted activation saliency).
 """
 
+from secateur.data.text import (
+    FortuneSplit,
+    load_fortunes,
+    mean_cosine,
+    retrieval_agreement,
+    sentence_embeddings,
+)
 from secateur.llm.calibration import InputStats, tokenized_batches
 from secateur.llm.moe import (
     MoEBlock,
@@ -36,13 +43,6 @@ from secateur.llm.structural import (
     decoder_groups,
     prune_decoder,
     structural_scores,
-)
-from secateur.data.text import (
-    FortuneSplit,
-    load_fortunes,
-    mean_cosine,
-    retrieval_agreement,
-    sentence_embeddings,
 )
 from secateur.llm.wanda import wanda_mask, wanda_scores
 

@@ -1,7 +1,8 @@
 """ChannelPruner: structured (channel / head / FFN-neuron) pruning driven by a schedule, then compaction.
 
-The structured counterpart of :class:`secateur.pruners.element.Pruner`, with torch.ao.pruning's split of *what*
-(criterion over graph groups, allocation, target) from *when* (a :mod:`secateur.schedules` schedule)::
+The structured counterpart of :class:`secateur.pruners.element.Pruner`, with torch.ao.pruning's split of
+*what* (criterion over graph groups, allocation, target) from *when* (a :mod:`secateur.schedules`
+schedule)::
 
     pruner = ChannelPruner(model, x, schedule=Iterative(0.5, steps=5, every=100), criterion="taylor",
                            allocation="global", target="macs")
@@ -16,7 +17,8 @@ masked: every parameter slice of a removed unit gets an element mask (:func:`sec
 parametrization, so it stays exactly zero through training whatever the optimizer does) and buffers
 such as BatchNorm running statistics are zeroed, exactly what :func:`secateur.compact.mask_model` zeroes,
 so the masked model computes what the compacted one will. Removed units stay removed. An element mask
-already on a parameter (an element-wise :class:`~secateur.pruners.element.Pruner`) is kept and ANDed with ours.
+already on a parameter (an element-wise :class:`~secateur.pruners.element.Pruner`) is kept and ANDed with
+ours.
 Tied parameters (one tensor under two module names) are masked on their canonical owner and the stored
 tensor is re-zeroed at every :meth:`ChannelPruner.step`, since the other owner reads it unmasked.
 """
@@ -58,8 +60,8 @@ from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.masks import get_mask, has_mask, set_mask
 from secateur.masks.element import _element_mask
-from secateur.schedules import OneShot, Schedule
 from secateur.pruners.oneshot import _ensure_member_nonempty, choose_units
+from secateur.schedules import OneShot, Schedule
 
 __all__ = ["ChannelPruner", "MaskRestorePoint", "TARGETS"]
 

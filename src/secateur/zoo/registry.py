@@ -12,13 +12,15 @@ from typing import Any
 
 from torch import nn
 
-from secateur.errors import ConfigError, did_you_mean
+from secateur.errors import ConfigError
+from secateur.registry import Registry
 
 __all__ = ["create_model", "list_models", "rebuild_model", "register_model"]
 
 ModelFactory = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, ModelFactory] = {}
+#: Zoo model factories by name.
+MODELS: Registry[ModelFactory] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -29,19 +31,12 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """
     if not name or not isinstance(name, str):
         raise ConfigError(f"register_model: name must be a non-empty string, got {name!r}")
-
-    def decorator(factory: ModelFactory) -> ModelFactory:
-        if name in _REGISTRY:
-            raise ConfigError(f"register_model: model name {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
+    return MODELS.register(name)
 
 
 def list_models() -> list[str]:
     """Sorted names of all registered models."""
-    return sorted(_REGISTRY)
+    return MODELS.list()
 
 
 def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **kwargs: Any) -> nn.Module:
@@ -54,17 +49,13 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **kwargs: 
         ConfigError: unknown ``name`` (the message lists the available ones), ``num_classes`` or
             ``in_chans`` < 1, or a family-specific bad keyword argument.
     """
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown model {name!r}{did_you_mean(name, list_models())}; "
-            f"available models: {', '.join(list_models())}"
-        )
+    factory = MODELS.get(name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"create_model({name!r}): num_classes must be an int >= 1, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ConfigError(f"create_model({name!r}): in_chans must be an int >= 1, got {in_chans!r}")
     try:
-        model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+        model = factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as exc:  # an unexpected keyword argument: report it as a config problem
         raise ConfigError(f"create_model({name!r}): bad arguments {sorted(kwargs)}: {exc}") from exc
     model.secateur_zoo = {"name": name, "num_classes": num_classes, "in_chans": in_chans, **kwargs}
