@@ -473,7 +473,7 @@ def grasp_check(cfg: dict[str, Any], out: Path, sparsities: tuple[float, ...] = 
     (remove the lowest S), GraSP with the released code's temperature 200, and |θ⊙Hg|; for each, test
     accuracy, loss and gradient norm ||∇L||² on the scoring batches after pruning (eval-mode BN), and the
     share of the pruned weights that lie in the upper half by |w|. No fine-tuning."""
-    from secateur.criteria.at_init import GraSP
+    from secateur.criteria.element.at_init import GraSP
 
     torch.set_num_threads(cfg["threads"])
     bench = Bench(cfg)

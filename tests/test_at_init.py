@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateur.allocation.element import global_
-from secateur.criteria.at_init import GraSP
+from secateur.criteria.element.at_init import GraSP
 from secateur.errors import ConfigError
 from secateur.masks import masked_parameters
 from secateur.methods import prune_at_init

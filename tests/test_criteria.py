@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateur.criteria import get_criterion
-from secateur.criteria.at_init import SNIP, GraSP, SynFlow
-from secateur.criteria.lamp import LAMP, lamp_scores
-from secateur.criteria.saliency import TaylorFO
-from secateur.criteria.structured import (
+from secateur.criteria.element.at_init import SNIP, GraSP, SynFlow
+from secateur.criteria.element.lamp import LAMP, lamp_scores
+from secateur.criteria.element.saliency import TaylorFO
+from secateur.criteria.group.functional import (
     TaylorAccumulator,
     bn_scale_scores,
     fisher_channel_scores,

@@ -13,7 +13,7 @@ from secateur.criteria.group import (
     available_group_criteria,
     get_group_criterion,
 )
-from secateur.criteria.structured import fisher_channel_scores
+from secateur.criteria.group.functional import fisher_channel_scores
 from secateur.errors import ConfigError
 from secateur.graph import DependencyGraph
 from secateur.pruners.channel import ChannelPruner

@@ -270,7 +270,7 @@ def test_python_api_names_get_did_you_mean_too():
     """The same suggestions outside recipes: criteria, group criteria, allocations, zoo names, model specs."""
     from secateur.allocation.element import get_allocation
     from secateur.app.models import build_model
-    from secateur.criteria.base import get_criterion
+    from secateur.criteria.element.base import get_criterion
     from secateur.criteria.group import get_group_criterion
     from secateur.errors import ConfigError
     from secateur.zoo import create_model

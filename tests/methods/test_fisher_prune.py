@@ -7,7 +7,7 @@ from tiny_nets import conv_bn_net
 from torch import nn
 from trainer_grads import assert_no_hooks
 
-from secateur.criteria.structured import fisher_channel_scores
+from secateur.criteria.group.functional import fisher_channel_scores
 from secateur.data import TensorLoader
 from secateur.errors import ConfigError
 from secateur.methods.fisher_prune import FisherPruner

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from secateur.criteria.lamp import lamp_scores
+from secateur.criteria.element.lamp import lamp_scores
 from secateur.errors import ConfigError
 from secateur.registry import Registry
 

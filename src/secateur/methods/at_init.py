@@ -18,8 +18,8 @@ from torch import nn
 
 from secateur.allocation.element import check_sparsity
 from secateur.criteria import Criterion, get_criterion
-from secateur.criteria.at_init import SynFlow
-from secateur.criteria.saliency import DataCriterion, LossFn, is_single_batch
+from secateur.criteria.element.at_init import SynFlow
+from secateur.criteria.element.saliency import DataCriterion, LossFn, is_single_batch
 from secateur.errors import ConfigError
 from secateur.pruners.element import Pruner
 from secateur.scope import Scope

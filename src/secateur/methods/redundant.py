@@ -3,7 +3,7 @@ Redundant Feature Pruning", sec. 3).
 
 Filters of a layer that point the same way are redundant: they are clustered by the cosine
 similarity of their weights (agglomerative, threshold ``τ``;
-:func:`secateur.criteria.structured.redundant_features`), one filter per cluster is kept, the others
+:func:`secateur.criteria.group.functional.redundant_features`), one filter per cluster is kept, the others
 are removed physically through the dependency graph, and the network is retrained.
 
 Units of a channel group are described by the filters of every conv/linear layer that *produces*
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.criteria.structured import redundant_features
+from secateur.criteria.group.functional import redundant_features
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.pruners.oneshot import ensure_member_nonempty as _ensure_member_nonempty

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from secateur.criteria.base import register_criterion
+from secateur.criteria.element.base import register_criterion
 from secateur.scope import Target
 
 

@@ -13,7 +13,7 @@ as it computes.
 
 The element-wise first-order Taylor score is Molchanov et al. 2019, "Importance Estimation for
 Neural Network Pruning", eq. 3 for a single parameter: ``I_m = (g_m w_m)^2``, averaged over
-mini-batches (section 3.1). The group version lives in :mod:`secateur.criteria.structured`.
+mini-batches (section 3.1). The group version lives in :mod:`secateur.criteria.group.functional`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateur.criteria.base import register_criterion
+from secateur.criteria.element.base import register_criterion
 from secateur.errors import ConfigError
 from secateur.masks.element import original
 from secateur.scope import Target

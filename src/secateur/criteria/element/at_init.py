@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.criteria.base import register_criterion
-from secateur.criteria.saliency import DataCriterion, LossFn, grads, mean_gradients, session
+from secateur.criteria.element.base import register_criterion
+from secateur.criteria.element.saliency import DataCriterion, LossFn, grads, mean_gradients, session
 from secateur.errors import ConfigError
 from secateur.scope import Target
 
@@ -46,7 +46,7 @@ class SNIP(DataCriterion):
     normalisation), with ``g`` the gradient of the mean loss over the batches used.
 
     Output: ``{target.name: tensor of the weight's shape}``, higher = more important.
-    Constructor, data handling and errors: see :class:`secateur.criteria.saliency.DataCriterion`
+    Constructor, data handling and errors: see :class:`secateur.criteria.element.saliency.DataCriterion`
     (missing data raises ConfigError saying SNIP needs data).
     """
 
@@ -71,7 +71,7 @@ class GraSP(DataCriterion):
         temperature: the logits are divided by it in the default cross-entropy loss (the authors'
             released code uses 200 to soften the softmax; the paper's equations use 1, the
             default). Ignored when a ``loss_fn`` is given.
-        others: see :class:`secateur.criteria.saliency.DataCriterion`.
+        others: see :class:`secateur.criteria.element.saliency.DataCriterion`.
 
     Raises:
         ConfigError: missing data or model; a non-positive temperature.

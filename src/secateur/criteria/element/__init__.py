@@ -1,0 +1,1 @@
+"""Element criteria: one score per weight (magnitude, random, LAMP, Taylor, SNIP, GraSP, SynFlow)."""
