@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.allocation import element as _allocation
-from secateur.allocation.element import Allocation, Masks, check_sparsity
+from secateur.allocation.element import Allocation, Masks, check_sparsity, get_allocation
 from secateur.errors import ConfigError
 
 __all__ = ["LatencyTarget", "ResourceTarget"]
@@ -70,7 +69,7 @@ class ResourceTarget:
         if kind not in ("params", "macs"):
             raise ConfigError(f"resource target kind must be 'params' or 'macs', got {kind!r}")
         self.kind = kind
-        self.base: Allocation = _allocation.get_allocation(base) if isinstance(base, str) else base
+        self.base: Allocation = get_allocation(base) if isinstance(base, str) else base
         if kind == "params":
             self.total = count_params(model)["params"]
             self.layer_cost: dict[str, int] | None = None

@@ -58,7 +58,7 @@ from secateur.io.validate import (
     validate_plan,
 )
 from secateur.masks import set_mask
-from secateur.masks.element import _element_mask
+from secateur.masks.element import element_mask
 
 FORMAT = "secateur"
 VERSION = 1
@@ -296,7 +296,7 @@ def _weights_and_masks(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[
         for pname in module.parametrizations.keys():
             full = f"{path}.{pname}" if path else pname
             out[full] = getattr(module, pname).detach()
-            m = _element_mask(module, pname)
+            m = element_mask(module, pname)
             if m is not None:
                 out[MASK_PREFIX + full] = m.mask
                 masks.append(full)

@@ -588,11 +588,11 @@ def prune_block(
 
 def _snapshot_linears(linears: list[tuple[str, nn.Module]]) -> dict[str, tuple[torch.Tensor, Any]]:
     """CPU copies of each Linear's stored weight and of its element mask (None if unmasked)."""
-    from secateur.masks.element import _element_mask, original
+    from secateur.masks.element import element_mask, original
 
     snap = {}
     for name, mod in linears:
-        m = _element_mask(mod, "weight")
+        m = element_mask(mod, "weight")
         snap[name] = (
             original(mod, "weight").detach().to("cpu", copy=True),
             None if m is None else m.mask.detach().to("cpu", copy=True),
@@ -605,11 +605,11 @@ def _restore_linears(linears: list[tuple[str, nn.Module]], snap: dict[str, tuple
     """Undo :func:`prune_oneshot`'s changes: masks it attached are removed, weights and masks restored."""
     from torch.nn.utils import parametrize
 
-    from secateur.masks.element import _element_mask, original
+    from secateur.masks.element import element_mask, original
 
     for name, mod in linears:
         weight, mask = snap[name]
-        m = _element_mask(mod, "weight")
+        m = element_mask(mod, "weight")
         if mask is None and m is not None:
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
         elif mask is not None and m is not None:

@@ -37,7 +37,8 @@ class ElementMask(nn.Module):
         return f"shape={tuple(self.mask.shape)}, density={density:.4f}"
 
 
-def _element_mask(module: nn.Module, name: str) -> ElementMask | None:
+def element_mask(module: nn.Module, name: str) -> ElementMask | None:
+    """The :class:`ElementMask` parametrization on ``module.<name>``, or None if it has none."""
     if not parametrize.is_parametrized(module, name):
         return None
     for p in module.parametrizations[name]:
@@ -48,7 +49,7 @@ def _element_mask(module: nn.Module, name: str) -> ElementMask | None:
 
 def has_mask(module: nn.Module, name: str = "weight") -> bool:
     """True when ``module.<name>`` carries an :class:`ElementMask`."""
-    return _element_mask(module, name) is not None
+    return element_mask(module, name) is not None
 
 
 def attach_mask(module: nn.Module, name: str = "weight") -> ElementMask:
@@ -57,7 +58,7 @@ def attach_mask(module: nn.Module, name: str = "weight") -> ElementMask:
     Raises:
         ConfigError: if the module has no floating-point parameter called ``name``.
     """
-    existing = _element_mask(module, name)
+    existing = element_mask(module, name)
     if existing is not None:
         return existing
     param = getattr(module, name, None)
@@ -78,7 +79,7 @@ def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor:
     Raises:
         ConfigError: if the parameter is not masked.
     """
-    m = _element_mask(module, name)
+    m = element_mask(module, name)
     if m is None:
         raise ConfigError(f"{type(module).__name__}.{name} has no mask attached")
     return m.mask
@@ -106,7 +107,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> Non
     Raises:
         ConfigError: if the shape does not match or the parameter is not masked.
     """
-    m = _element_mask(module, name)
+    m = element_mask(module, name)
     if m is None:
         m = attach_mask(module, name)
     if tuple(mask.shape) != tuple(m.mask.shape):
@@ -125,7 +126,7 @@ def masked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
         if not parametrize.is_parametrized(module):
             continue
         for pname in list(module.parametrizations.keys()):
-            if _element_mask(module, pname) is not None:
+            if element_mask(module, pname) is not None:
                 yield path, module, pname
 
 

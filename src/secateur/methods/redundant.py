@@ -30,8 +30,7 @@ from torch import nn
 from secateur.criteria.group.functional import redundant_features
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.pruners.oneshot import ensure_member_nonempty as _ensure_member_nonempty
-from secateur.pruners.oneshot import remove_units
+from secateur.pruners.oneshot import ensure_member_nonempty, remove_units
 
 __all__ = ["filter_clusters", "group_filters", "prune_redundant"]
 
@@ -165,7 +164,7 @@ def prune_redundant(
         rm = rm[g.prunable[rm]]
         if rm.size >= g.n_units:
             rm = rm[rm != int(np.argmax(s))]
-        rm = _ensure_member_nonempty(g, rm, np.where(np.isfinite(s), s, 1e9))
+        rm = ensure_member_nonempty(g, rm, np.where(np.isfinite(s), s, 1e9))
         if rm.size:
             removed[gi] = rm
     return remove_units(model, graph, removed, example_inputs, verify=verify)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from secateur.errors import ConfigError
-from secateur.masks.element import _element_mask, attach_mask, set_mask
+from secateur.masks.element import attach_mask, element_mask, set_mask
 
 
 @dataclass(frozen=True)
@@ -89,14 +89,14 @@ def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:
         torch.manual_seed(seed)
     for module in model.modules():
         reset = getattr(module, "reset_parameters", None)
-        names = [n for n in getattr(module, "parametrizations", {}) if _element_mask(module, n) is not None]
+        names = [n for n in getattr(module, "parametrizations", {}) if element_mask(module, n) is not None]
         if not callable(reset):
             if names:
                 raise ConfigError(
                     f"{type(module).__name__} is masked but has no reset_parameters to re-initialise"
                 )
             continue
-        masks = {n: _element_mask(module, n).mask.clone() for n in names}  # type: ignore[union-attr]
+        masks = {n: element_mask(module, n).mask.clone() for n in names}  # type: ignore[union-attr]
         for n in names:
             parametrize.remove_parametrizations(module, n, leave_parametrized=False)
         reset()

@@ -23,8 +23,7 @@ from torch import nn
 
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.pruners.oneshot import choose_units, remove_units
-from secateur.pruners.oneshot import ensure_member_nonempty as _ensure_member_nonempty
+from secateur.pruners.oneshot import choose_units, ensure_member_nonempty, remove_units
 
 __all__ = ["SlimmingPenalty", "bn_group_scores", "prune_groups", "slim"]
 
@@ -184,7 +183,7 @@ def prune_groups(
                 units = [u for u in units if u != int(np.argmax(scored[gi]))]
             removed[gi] = np.array(sorted(units), dtype=np.int64)
     removed = {
-        gi: _ensure_member_nonempty(graph.groups[gi], rm, scored[gi]) for gi, rm in removed.items() if rm.size
+        gi: ensure_member_nonempty(graph.groups[gi], rm, scored[gi]) for gi, rm in removed.items() if rm.size
     }
     removed = {gi: rm for gi, rm in removed.items() if rm.size}
     return remove_units(model, graph, removed, example_inputs, verify=verify)

@@ -21,7 +21,7 @@ from secateur.allocation.element import check_sparsity, get_allocation
 from secateur.criteria import Criterion, get_criterion
 from secateur.errors import ConfigError
 from secateur.masks import attach_mask, detach_masks, get_mask, set_mask
-from secateur.masks.element import _element_mask
+from secateur.masks.element import element_mask
 from secateur.schedules import OneShot, Schedule
 from secateur.scope import Scope, Target
 
@@ -95,7 +95,7 @@ class Pruner:
         attached = []
         try:
             for t in self.targets:
-                fresh = _element_mask(t.module, t.param_name) is None
+                fresh = element_mask(t.module, t.param_name) is None
                 attach_mask(t.module, t.param_name)
                 if fresh:
                     attached.append(t)
