@@ -53,8 +53,10 @@ demo: setup
 test: setup browser
 	$(PY) -m pytest -q
 
+# ruff, and the import-linter contracts of pyproject.toml (layers, no cycles, private modules)
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs
