@@ -20,6 +20,7 @@ from torch import nn
 
 import secateur as sc
 import secateur.io.serialization as ser
+from secateur.app.recipe import dump_recipe, load_recipe
 from secateur.errors import (
     ConfigError,
     SecateurError,
@@ -28,7 +29,6 @@ from secateur.errors import (
     UntrustedCodeError,
 )
 from secateur.io import from_pretrained, load, save, save_pretrained
-from secateur.recipe import dump_recipe, load_recipe
 from secateur.zoo import create_model
 
 transformers = pytest.importorskip("transformers")

@@ -13,8 +13,8 @@ from torch.nn.utils import parametrize
 
 import secateur as sc
 from secateur._validate import check_model, check_name_patterns, check_ratio, check_round_to
+from secateur.app.recipe import load_recipe
 from secateur.errors import ConfigError, InvalidModelError, SerializationError
-from secateur.recipe import load_recipe
 from secateur.scope import Scope
 from secateur.zoo import create_model
 

@@ -49,8 +49,8 @@ def check_model(model: object, argname: str = "model") -> nn.Module:
         hint = ""
         if isinstance(model, str):
             hint = (
-                ": build the model first, e.g. secateur.zoo.create_model('resnet8'), "
-                "secateur.models.build_model('zoo:resnet8') or secateur.load(folder)"
+                ": build the model first, e.g. secateur.zoo.create_model('resnet8') or "
+                "secateur.load(folder)"
             )
         raise InvalidModelError(f"{argname} must be an nn.Module, got {_describe(model)}{hint}")
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):

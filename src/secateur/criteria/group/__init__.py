@@ -1,6 +1,6 @@
 """Criteria over dependency-graph groups: one score per unit (channel, head, FFN neuron) of a group.
 
-Where :mod:`secateur.criteria.structured` holds pure functions over unit matrices, this module reads
+Where :mod:`secateur.criteria.group.functional` holds pure functions over unit matrices, this package reads
 a group's members out of a live model (masked weights included) and, for the data-dependent criteria,
 collects statistics during the user's training loop. Scores have shape ``(group.n_units,)``, float64,
 higher = more important (the lowest go first). Registered names (:func:`available_group_criteria`):

@@ -31,7 +31,7 @@ from secateur.graph.groups import DependencyGraph, Group, Member
 @register_group_criterion("taylor")
 class TaylorCriterion(GroupCriterion):
     """First-order Taylor group importance (Molchanov et al. 2019, eq. 4), averaged over mini-batches and
-    smoothed by :class:`~secateur.criteria.structured.TaylorAccumulator` (EMA momentum 0.9).
+    smoothed by :class:`~secateur.criteria.group.functional.TaylorAccumulator` (EMA momentum 0.9).
 
     :meth:`accumulate` (after each backward) adds, per group, ``(Σ_{members} Σ_{s∈u} w_s g_s)^2`` with
     ``w`` the effective (masked) weights and ``g`` the stored parameter's ``.grad``; buffers and members

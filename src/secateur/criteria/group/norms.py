@@ -90,7 +90,7 @@ class FPGMCriterion(GroupCriterion):
 
     For each producing member (conv / linear output dim, :func:`producer_members`), the unit matrix is
     the unit's filters (a head's rows concatenated) and scores come from
-    :func:`~secateur.criteria.structured.fpgm_scores`; each producer's scores are divided by their mean
+    :func:`~secateur.criteria.group.functional.fpgm_scores`; each producer's scores are divided by their mean
     and summed. Units already masked sit at the origin and are excluded from the median.
 
     Args:
