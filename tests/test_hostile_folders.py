@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import secateur as sc
-import secateur.io.serialization as ser
+import secateur.io.folder as ser
 from secateur.app.recipe import dump_recipe, load_recipe
 from secateur.errors import (
     ConfigError,

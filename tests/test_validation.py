@@ -65,7 +65,7 @@ def test_a_sparsity_given_as_a_string_is_named_and_the_model_untouched():
     model = create_model("lenet5")
     before = _state(model)
     with pytest.raises(
-        ConfigError, match=r"schedule \(a one-shot sparsity\) must be a number.*the string '0\.5'"
+        ConfigError, match=r"schedule \(a one-shot sparsity\) must be a fraction.*the string '0\.5'"
     ):
         sc.Pruner(model, "0.5")
     with pytest.raises(ConfigError, match=r"schedule \(a one-shot sparsity\) must be a fraction in \[0, 1\)"):
@@ -79,7 +79,7 @@ def test_a_sparsity_given_as_a_string_is_named_and_the_model_untouched():
 
 @pytest.mark.parametrize("value", ["0.5", True, math.nan, -0.1, 1.0, None, [0.5]])
 def test_check_ratio_refuses_and_names_the_argument(value):
-    with pytest.raises(ConfigError, match=r"^ratio must be a number in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"^ratio must be a fraction in \[0, 1\)"):
         check_ratio(value, "ratio")
 
 

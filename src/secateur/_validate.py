@@ -18,7 +18,14 @@ from torch import nn
 
 from secateur.errors import ConfigError, InvalidModelError
 
-__all__ = ["check_model", "check_name_patterns", "check_ratio", "check_round_to", "compile_name_pattern"]
+__all__ = [
+    "check_model",
+    "check_name_patterns",
+    "check_ratio",
+    "check_round_to",
+    "check_sparsity",
+    "compile_name_pattern",
+]
 
 
 def _describe(value: object) -> str:
@@ -78,11 +85,20 @@ def check_ratio(value: object, argname: str = "ratio", *, allow_one: bool = Fals
             if isinstance(value, str) and _is_float(value)
             else ""
         )
-        raise ConfigError(f"{argname} must be a number in [0, {upper}, got {_describe(value)}{hint}")
+        raise ConfigError(f"{argname} must be a fraction in [0, {upper}, got {_describe(value)}{hint}")
     v = float(value)
     if math.isnan(v) or v < 0.0 or v > 1.0 or (v == 1.0 and not allow_one):
-        raise ConfigError(f"{argname} must be a number in [0, {upper}, got {value!r}")
+        raise ConfigError(f"{argname} must be a fraction in [0, {upper}, got {value!r}")
     return v
+
+
+def check_sparsity(sparsity: object, what: str = "sparsity") -> float:
+    """Return ``sparsity`` (the fraction of weights or units to remove) as a float in [0, 1).
+
+    1.0 would remove every weight, so it is refused. Raises:
+        ConfigError: as :func:`check_ratio`, naming ``what``.
+    """
+    return check_ratio(sparsity, what)
 
 
 def _is_float(text: str) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from secateur.allocation.element import check_sparsity
+from secateur._validate import check_sparsity
 from secateur.errors import ConfigError
 
 

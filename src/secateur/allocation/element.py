@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from secateur._validate import check_sparsity
 from secateur.criteria.element.lamp import lamp_scores
 from secateur.errors import ConfigError
 from secateur.registry import Registry
@@ -35,18 +36,6 @@ from secateur.registry import Registry
 Masks = dict[str, torch.Tensor]
 Allocation = Callable[..., Masks]
 
-
-def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
-    """Validate a sparsity as a fraction in [0, 1).
-
-    Raises:
-        ConfigError: if it is not a number in [0, 1) (1.0 would remove every weight).
-    """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or math.isnan(sparsity):
-        raise ConfigError(f"{what} must be a fraction in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ConfigError(f"{what} must be a fraction in [0, 1), got {sparsity!r}")
-    return float(sparsity)
 
 
 def _with_previous(scores: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:

@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from secateur.allocation.element import Masks, check_sparsity, layerwise
+from secateur._validate import check_sparsity
+from secateur.allocation.element import Masks, layerwise
 from secateur.errors import ConfigError
 from secateur.masks.element import original
 from secateur.scope import Target

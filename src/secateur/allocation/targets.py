@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.allocation.element import Allocation, Masks, check_sparsity, get_allocation
+from secateur._validate import check_sparsity
+from secateur.allocation.element import Allocation, Masks, get_allocation
 from secateur.errors import ConfigError
 
 __all__ = ["LatencyTarget", "ResourceTarget"]

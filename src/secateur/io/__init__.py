@@ -10,7 +10,8 @@ A saved folder is data: loading runs no code it names (a user factory only when 
 lists it in ``trust_factory``), and :mod:`secateur.io.validate` checks the folder before anything is built.
 """
 
-from secateur.io.pretrained import from_pretrained, save_pretrained, transformers_loadable
-from secateur.io.serialization import load, save
+from secateur.io.loading import from_pretrained, load
+from secateur.io.pretrained import save_pretrained, transformers_loadable
+from secateur.io.serialization import save
 
 __all__ = ["from_pretrained", "load", "save", "save_pretrained", "transformers_loadable"]

@@ -41,27 +41,28 @@ from torch.nn.utils import parametrize
 
 from secateur._validate import check_model
 from secateur.errors import SerializationError
-from secateur.io.serialization import (
-    FORMAT,
-    PLAN_FILE,
-    VERSION,
-    _apply_plan,
-    _open_folder,
-    _plan_text,
-    _read_safetensors,
-    _refuse_pickles_in,
-    _weights_path,
+from secateur.io.architecture import (
     architecture_builder,
     architecture_of,
     check_before_build,
 )
+from secateur.io.folder import (
+    FORMAT,
+    PLAN_FILE,
+    VERSION,
+    WEIGHTS_FILE,
+    apply_plan,
+    plan_text,
+    read_safetensors,
+    refuse_pickles_in,
+    weights_path,
+)
 from secateur.io.validate import folder_file, read_json, safetensors_shapes, validate_plan
 
 LAYOUT = "huggingface"
-WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-__all__ = ["from_pretrained", "save_pretrained", "transformers_loadable"]
+__all__ = ["read_pretrained", "save_pretrained", "transformers_loadable"]
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -167,7 +168,7 @@ def save_pretrained(
         validate_plan(plan, "plan")  # a plan from_pretrained would refuse is refused before writing
     arch = architecture_of(model, plan)
     ref = _meta_build(model, arch["config"])
-    _apply_plan(ref, plan, f"the plan does not fit {type(model).__name__}'s original config")
+    apply_plan(ref, plan, f"the plan does not fit {type(model).__name__}'s original config")
     diff = _shape_diff(_shapes(ref), _shapes(model))
     if diff is not None:
         hint = " (a compacted model needs its plan: pass plan=...)" if not plan else ""
@@ -186,7 +187,7 @@ def save_pretrained(
         "transformers_loadable": loadable,
         "metadata": metadata or {},
     }
-    text = _plan_text(doc)
+    text = plan_text(doc)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
@@ -213,10 +214,10 @@ def _weight_files(directory: Path) -> list[Path]:
     each confined to the folder, regular, present and not a pickle."""
     single = folder_file(directory, WEIGHTS_FILE, "the folder")
     if single.exists():
-        return [_weights_path(directory, WEIGHTS_FILE, "the folder")]
+        return [weights_path(directory, WEIGHTS_FILE, "the folder")]
     index = folder_file(directory, INDEX_FILE, "the folder")
     if not index.exists():
-        _refuse_pickles_in(directory, (".bin", ".pt"))
+        refuse_pickles_in(directory, (".bin", ".pt"))
         raise SerializationError(f"{directory}: no {WEIGHTS_FILE} nor {INDEX_FILE}")
     doc = read_json(index, "safetensors index", max_bytes=1 << 28)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
@@ -228,7 +229,7 @@ def _weight_files(directory: Path) -> list[Path]:
             raise SerializationError(f"{index}: weight_map[{tensor!r}] is not a file name: {shard!r}")
         names.add(shard)
     missing = f"missing (listed in {INDEX_FILE})"
-    return [_weights_path(directory, n, f"{INDEX_FILE} (weight_map)", missing) for n in sorted(names)]
+    return [weights_path(directory, n, f"{INDEX_FILE} (weight_map)", missing) for n in sorted(names)]
 
 
 def _header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
@@ -265,41 +266,16 @@ def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Pat
         raise SerializationError(f"{where}: tensors missing for {missing[:5]}")
 
 
-def from_pretrained(
-    directory: str | os.PathLike[str],
+def read_pretrained(
+    directory: Path,
+    doc: dict[str, Any],
     *,
     factory: str | Callable[..., nn.Module] | None = None,
     trust_factory: str | Iterable[str] | None = (),
 ) -> nn.Module:
-    """Rebuild a model written by :func:`save_pretrained` (a folder of :func:`secateur.save` works too, via
-    :func:`secateur.load`, which receives ``factory`` and ``trust_factory``).
-
-    Steps: read and validate ``plan.json`` (:mod:`secateur.io.validate`); read the safetensors headers (the
-    single file, or the shards ``model.safetensors.index.json`` lists, each confined to the folder, a regular
-    file); build the original class among transformers' own classes from the original config (``auto_map``
-    ignored, no remote code; a class outside transformers only with ``trust_factory`` naming it) on the meta
-    device, check the plan against it and compare shapes with the headers; then build it for real, apply the
-    plan (:func:`secateur.compact.compact`), cast to the checkpoint's dtype and load the weights (tied aliases
-    may be absent, nothing else). Returns the model in eval mode, as transformers' ``from_pretrained`` does.
-
-    Args:
-        directory: the folder.
-        factory, trust_factory: as in :func:`secateur.load` (a factory the caller passes overrides the
-            recorded class; it is called with no arguments here).
-
-    Raises:
-        UntrustedCodeError: a recorded factory or class outside transformers the caller did not trust.
-        UnsafePathError: a weight file (e.g. a ``weight_map`` entry ``../x.safetensors`` or an absolute path)
-            outside the folder, a symlink leaving it, or a file that is not regular (FIFO).
-        SerializationError: missing/truncated/pickle files, a malformed plan, sizes the weights do not back, a
-            plan that does not fit the rebuilt model, or weights whose names or shapes do not fit; the message
-            names the file at fault.
-    """
-    directory, doc = _open_folder(directory, "secateur.save_pretrained")
-    if doc.get("layout") != LAYOUT:
-        from secateur.io.serialization import load
-
-        return load(directory, factory=factory, trust_factory=trust_factory).eval()
+    """Rebuild the model of a folder in the Hugging Face layout (``doc``: its validated plan.json) whose
+    files :func:`~secateur.io.folder.open_folder` checked; in eval mode. See :func:`secateur.from_pretrained`
+    for the steps, the trust options and the errors."""
     source = str(directory / PLAN_FILE)
     arch, plan = doc["architecture"], doc.get("plan")
     if arch.get("kind") != "huggingface":
@@ -310,8 +286,8 @@ def from_pretrained(
     check_before_build(build, meta_ok, arch, plan, shapes, source, str(directory), allow_missing=True)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors.update(_read_safetensors(f))
+        tensors.update(read_safetensors(f))
     model = build()
-    _apply_plan(model, plan, f"{source}: the plan does not fit the model")
+    apply_plan(model, plan, f"{source}: the plan does not fit the model")
     _load_weights(model, tensors, directory)
     return model.eval()

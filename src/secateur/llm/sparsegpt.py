@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from secateur.allocation.element import check_sparsity
+from secateur._validate import check_sparsity
 from secateur.errors import ConfigError, SecateurError
 from secateur.masks.patterns import Pattern, parse_pattern
 

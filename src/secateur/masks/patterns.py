@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from secateur.allocation.element import check_sparsity
+from secateur._validate import check_sparsity
 from secateur.errors import ConfigError
 
 

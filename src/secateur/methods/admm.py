@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.allocation.element import check_sparsity
+from secateur._validate import check_sparsity
 from secateur.errors import ConfigError
 from secateur.masks.element import set_mask
 from secateur.masks.patterns import layer_mask, nm_mask, parse_pattern

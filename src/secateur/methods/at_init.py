@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from secateur.allocation.element import check_sparsity
+from secateur._validate import check_sparsity
 from secateur.criteria import Criterion, get_criterion
 from secateur.criteria.element.at_init import SynFlow
 from secateur.criteria.element.saliency import DataCriterion, LossFn, is_single_batch

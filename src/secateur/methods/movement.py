@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateur.allocation.element import check_sparsity
+from secateur._validate import check_sparsity
 from secateur.errors import ConfigError
 from secateur.masks.element import set_mask
 from secateur.schedules import Cubic

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateur.allocation.element import check_sparsity
+from secateur._validate import check_sparsity
 from secateur.analysis.counting import count_params, layer_table
 from secateur.compact import (
     ATOL,

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur._validate import check_model, check_ratio
-from secateur.allocation.element import check_sparsity, get_allocation
+from secateur._validate import check_model, check_ratio, check_sparsity
+from secateur.allocation.element import get_allocation
 from secateur.criteria import Criterion, get_criterion
 from secateur.errors import ConfigError
 from secateur.masks import attach_mask, detach_masks, get_mask, set_mask
