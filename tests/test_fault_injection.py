@@ -34,7 +34,7 @@ import secateur.compact as compact_mod
 from secateur.compact import Journal, check_equivalence, compact, make_plan, mask_model, restoring
 from secateur.errors import CompactionError
 from secateur.graph import DependencyGraph
-from secateur.structured import choose_units
+from secateur.pruners.oneshot import choose_units
 
 sys.path.insert(0, str(Path(__file__).parent / "graph"))
 import hf_models  # noqa: E402
@@ -330,7 +330,7 @@ def _target(dotted: str) -> tuple[Any, str]:
     import secateur.llm.oneshot as oneshot
     import secateur.llm.structural as structural
     import secateur.methods.fbs as fbs
-    import secateur.structured_pruner as structured_pruner
+    import secateur.pruners.channel as structured_pruner
 
     owners = {
         "verify": verify,
@@ -388,7 +388,7 @@ def test_channel_pruner_compact_interrupted_keeps_masks_and_drifted_weights(wher
 def test_channel_pruner_interrupt_right_after_the_commit_leaves_a_consistent_compacted_model(monkeypatch):
     """An interrupt landing after compaction completed but before ChannelPruner.compact returns: the
     model stays compacted (weights, attributes, config agree) rather than half-restored."""
-    import secateur.structured_pruner as sp
+    import secateur.pruners.channel as sp
     from secateur import ChannelPruner
     from secateur.masks.element import copy_model
     from secateur.zoo import create_model

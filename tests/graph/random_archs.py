@@ -229,7 +229,7 @@ def check_spec(
     """
     from secateur.compact import mask_model
     from secateur.errors import CompactionError, GraphError
-    from secateur.structured import prune_channels
+    from secateur.pruners.oneshot import prune_channels
 
     model, x = build(spec, seed)
     original = copy.deepcopy(model)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from random_archs import build, check_spec, draw_spec, float64_close
 
-import secateur.structured as structured
+import secateur.pruners.oneshot as structured
 
 
 @st.composite

@@ -9,7 +9,7 @@ from torch import nn
 
 from secateur.errors import ConfigError, InvalidModelError
 from secateur.graph import DependencyGraph, ExampleInputs
-from secateur.structured import prune_channels
+from secateur.pruners.oneshot import prune_channels
 
 
 class TinyLM(nn.Module):

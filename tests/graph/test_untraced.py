@@ -15,7 +15,7 @@ from secateur.compact import mask_model
 from secateur.errors import ConfigError, GraphError, UntracedModuleError, UntracedModuleWarning
 from secateur.graph import DependencyGraph, ExampleInputs
 from secateur.graph.tracer import call_model
-from secateur.structured import prune_channels
+from secateur.pruners.oneshot import prune_channels
 
 
 class Gate(nn.Module):

@@ -567,7 +567,7 @@ def prune_decoder(
         CompactionError: compaction or the oracle failed; the model is restored as it was.
 
     Transactional: scoring leaves weights, ``.grad`` fields, ``requires_grad`` and mode as they were (in
-    ``finally``), and the compaction (:func:`secateur.structured.remove_units`) restores the model
+    ``finally``), and the compaction (:func:`secateur.pruners.oneshot.remove_units`) restores the model
     bit-identical on any exception or ``KeyboardInterrupt``, which is then re-raised.
     """
     _check_what(what)

@@ -59,7 +59,7 @@ from secateur.criteria.group import (
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.masks import get_mask, has_mask, set_mask
-from secateur.masks.element import _element_mask
+from secateur.masks.element import element_mask
 from secateur.pruners.oneshot import _ensure_member_nonempty, choose_units
 from secateur.schedules import OneShot, Schedule
 
@@ -740,7 +740,7 @@ class MaskRestorePoint:
             stored = _stored(mod, attr, is_buffer, masked)
             if not isinstance(stored, torch.Tensor):
                 continue
-            mask = (_element_mask(mod, attr), get_mask(mod, attr).detach().clone()) if masked else None
+            mask = (element_mask(mod, attr), get_mask(mod, attr).detach().clone()) if masked else None
             self.entries.append((mod, attr, is_buffer, stored.data, stored.detach().clone(), mask))
 
     @torch.no_grad()

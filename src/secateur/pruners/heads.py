@@ -67,7 +67,7 @@ def prune_heads(
     Returns ``(model, plan)``; pass ``plan`` to :func:`secateur.save_pretrained` / :func:`secateur.save`.
 
     Transactional under any ``BaseException``: the head groups' weights are copied before they are masked
-    (:class:`~secateur.structured_pruner.MaskRestorePoint`), and a failure or a ``KeyboardInterrupt`` while
+    (:class:`~secateur.pruners.channel.MaskRestorePoint`), and a failure or a ``KeyboardInterrupt`` while
     scoring, masking or compacting puts the model back bit-identical (no masks left) before re-raising.
 
     Raises:

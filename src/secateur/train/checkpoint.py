@@ -49,7 +49,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -59,8 +59,23 @@ from torch import nn
 
 from secateur.errors import ConfigError, SerializationError
 
-if TYPE_CHECKING:
-    from secateur.train.trainer import Trainer
+
+class Trainer(Protocol):
+    """What a checkpoint saves and restores (:class:`secateur.train.Trainer` is one): the model, the
+    optimizer, stateful callbacks and loader, counters, and the trainer's own JSON state."""
+
+    model: nn.Module
+    optimizer: Any
+    callbacks: list[Any]
+    train_loader: Any
+    global_step: int
+    epoch: int
+
+    def json_state(self) -> dict[str, Any]: ...
+
+    def check_json_state(self, state: dict[str, Any]) -> None: ...
+
+    def load_json_state(self, state: dict[str, Any]) -> None: ...
 
 __all__ = [
     "DEFAULT_KEEP_LAST",
@@ -223,7 +238,8 @@ def _make_root(root: Path) -> None:
         _fsync_dir(root.parent)
 
 
-def _check_keep_last(keep_last: int | None) -> None:
+def check_keep_last(keep_last: int | None) -> None:
+    """Raise ConfigError unless ``keep_last`` (complete checkpoints kept) is an int >= 1 or None (all)."""
     bad = isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
     if keep_last is not None and bad:
         raise ConfigError(f"keep_last must be an int >= 1 or None (keep all), got {keep_last!r}")
@@ -262,7 +278,7 @@ def _encode(trainer: Trainer, checkpoint_id: str) -> dict[str, bytes]:
         "format": FORMAT,
         "version": VERSION,
         "checkpoint_id": checkpoint_id,
-        "trainer": trainer._json_state(),
+        "trainer": trainer.json_state(),
         "optimizer": optimizer_tree,
         "callbacks": callbacks,
         "loader": None if loader_sd is None else encode_tree(loader_sd, "loader", extra),
@@ -300,7 +316,7 @@ def save_checkpoint(
             process published the same checkpoint name first.
         OSError: the disk refused a write; the unfinished folder is removed, older checkpoints stay.
     """
-    _check_keep_last(keep_last)
+    check_keep_last(keep_last)
     checkpoint_id = uuid.uuid4().hex
     files = _encode(trainer, checkpoint_id)
     root = Path(directory)
@@ -545,7 +561,7 @@ def load_checkpoint(trainer: Trainer, directory: str | os.PathLike[str]) -> dict
     path = _resolve(directory)
     state = _read_state_file(path)
     cid = state["checkpoint_id"]
-    trainer._check_json_state(state["trainer"])  # before anything is changed
+    trainer.check_json_state(state["trainer"])  # before anything is changed
     extra = _load_tensors(path / EXTRA_FILE, cid) if EXTRA_FILE in state.get("files", []) else {}
     saved_cbs = state.get("callbacks", [])
     live = _stateful(trainer.callbacks)
@@ -570,5 +586,5 @@ def load_checkpoint(trainer: Trainer, directory: str | os.PathLike[str]) -> dict
         raise SerializationError(f"{path / OPTIMIZER_FILE}: optimizer state does not fit: {exc}") from exc
     if state.get("loader") is not None and callable(getattr(trainer.train_loader, "load_state_dict", None)):
         trainer.train_loader.load_state_dict(decode_tree(state["loader"], extra))
-    trainer._load_json_state(state["trainer"])
+    trainer.load_json_state(state["trainer"])
     return state

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from secateur.errors import ConfigError, SerializationError
-from secateur.train import checkpoint as _ckpt
+from secateur.train import checkpoint
 from secateur.train.ddp import is_main_process
 from secateur.train.seed import get_rng_state, set_rng_state
 
@@ -148,7 +148,7 @@ class Trainer:
         device: str | torch.device = "cpu",
         log_every: int = 50,
         checkpoint_dir: str | os.PathLike[str] | None = None,
-        checkpoint_keep_last: int | None = _ckpt.DEFAULT_KEEP_LAST,
+        checkpoint_keep_last: int | None = checkpoint.DEFAULT_KEEP_LAST,
     ) -> None:
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ConfigError(f"Trainer: epochs must be an int >= 1, got {epochs!r}")
@@ -171,7 +171,7 @@ class Trainer:
         if log_every < 0:
             raise ConfigError(f"Trainer: log_every must be >= 0, got {log_every!r}")
         try:
-            _ckpt._check_keep_last(checkpoint_keep_last)
+            checkpoint.check_keep_last(checkpoint_keep_last)
         except ConfigError as exc:
             raise ConfigError(f"Trainer: checkpoint_{exc}") from None
         try:
@@ -384,7 +384,8 @@ class Trainer:
         return {"accuracy": correct / seen, "loss": loss_sum / seen}
 
     # ----------------------------------------------------------------- checkpoints
-    def _json_state(self) -> dict[str, Any]:
+    def json_state(self) -> dict[str, Any]:
+        """Counters, history and settings a checkpoint stores as JSON (:mod:`secateur.train.checkpoint`)."""
         return {
             "epoch": self.epoch,
             "global_step": self.global_step,
@@ -406,7 +407,12 @@ class Trainer:
             "config": {"optimizer": self.optimizer_name, "label_smoothing": self.label_smoothing},
         }
 
-    def _check_json_state(self, state: dict[str, Any]) -> None:
+    def check_json_state(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint's JSON state that does not fit this trainer, before anything is changed.
+
+        Raises:
+            SerializationError: a missing field, or a state saved mid-epoch or with other settings.
+        """
         try:
             epoch, step, epochs, spe = (
                 state["epoch"],
@@ -428,7 +434,8 @@ class Trainer:
                 stacklevel=4,
             )
 
-    def _load_json_state(self, state: dict[str, Any]) -> None:
+    def load_json_state(self, state: dict[str, Any]) -> None:
+        """Restore counters and history from :meth:`json_state` (checked first by :meth:`check_json_state`)."""
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
@@ -444,7 +451,7 @@ class Trainer:
         Raises:
             SerializationError: a callback or loader state cannot be stored without pickle.
         """
-        return _ckpt.save_checkpoint(self, directory, keep_last=self.checkpoint_keep_last)
+        return checkpoint.save_checkpoint(self, directory, keep_last=self.checkpoint_keep_last)
 
     def resume(self, directory: str | os.PathLike[str]) -> None:
         """Restore a checkpoint saved at an epoch end; the next :meth:`fit` continues from there.
@@ -459,4 +466,4 @@ class Trainer:
             SerializationError: unreadable, inconsistent or mid-epoch checkpoint, or one that does
                 not fit this model, optimizer or callback list.
         """
-        _ckpt.load_checkpoint(self, directory)
+        checkpoint.load_checkpoint(self, directory)
