@@ -435,7 +435,7 @@ class Trainer:
             )
 
     def load_json_state(self, state: dict[str, Any]) -> None:
-        """Restore counters and history from :meth:`json_state` (checked first by :meth:`check_json_state`)."""
+        """Restore counters and history from :meth:`json_state` (checked by :meth:`check_json_state`)."""
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
