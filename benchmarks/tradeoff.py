@@ -273,7 +273,7 @@ class Bench:
         if method == "synflow":
             rounds = self.cfg["synflow_rounds"]
             pruner = prune_at_init(model, "synflow", sparsity, example_inputs=self.example, rounds=rounds)
-            return pruner.remove
+            return pruner.finalize
         crit, alloc, kw = method, "global", {}
         if method == "magnitude_layerwise":
             crit, alloc = "magnitude", "layerwise"
@@ -283,7 +283,7 @@ class Bench:
             kw = {"seed": seed}
         pruner = Pruner(model, sparsity, criterion=crit, allocation=alloc, data=data, criterion_kwargs=kw)
         pruner.prune_to(sparsity)
-        return pruner.remove
+        return pruner.finalize
 
     # -- structured ---------------------------------------------------------------------------------
     def prune_structured(self, model: nn.Module, method: str, reduction: float, seed: int) -> nn.Module:
@@ -306,7 +306,7 @@ class Bench:
             criterion_kwargs=kw,
         )
         cp.prune_to(target)
-        return cp.compact()
+        return cp.finalize()
 
     # -- one point ------------------------------------------------------------------------------------
     def point(self, dense: nn.Module, dinfo: dict, kind: str, method: str, level: float, seed: int) -> dict:

@@ -226,7 +226,7 @@ def test_latency_target_uniform_finds_the_smallest_removal_meeting_a_stepwise_la
     dense = tiled_latency(chain(), None)
     k_star = min(k for k in range(8) if tiled_latency(chain((8 - k,) * 3), None) <= (0.52) * dense)
     assert k_star == 4  # widths 5..7 still use two tiles: a MAC-proportional guess (k=3) would miss
-    compacted = pruner.compact()
+    compacted = pruner.finalize()
     assert conv_widths(compacted) == [8 - k_star] * 3
     assert pruner.history == [] and pruner.dense_ms == dense
     assert tiled_latency(compacted, None) <= 0.52 * dense
@@ -264,7 +264,7 @@ def test_latency_target_global_with_affine_latency_equals_the_mac_target():
     mp = ChannelPruner(mac_model, x, schedule=f_star, criterion="l1", target="macs")
     mp.prune_to(f_star)
     assert lp.removed_units() == mp.removed_units() and lp.removed_units()
-    assert lp.removed_fraction() == pytest.approx(1 - affine(lp.compact(), x) / l0)
+    assert lp.sparsity() == pytest.approx(1 - affine(lp.finalize(), x) / l0)
     assert affine(lat_model, x) <= (1 - s + tol) * l0
 
 

@@ -37,7 +37,7 @@ def _fake_metrics(tmp_path) -> dict:
     pruner = Pruner(pruned, 0.8)
     pruner.step(0)
     sparsity = pruner.sparsity()
-    pruner.remove()
+    pruner.finalize()
     x = torch.zeros(1, 1, 28, 28)
     d = {**count_params(dense), **count_macs(dense, x), "accuracy": 0.9, "seconds": 1.0}
     p = {**count_params(pruned), **count_macs(pruned, x), "accuracy": 0.875, "seconds": 2.0}

@@ -10,7 +10,7 @@ the forward hooks and the config must be identical to before, the ordinary excep
 CompactionError chained to it, and the interrupt as itself. After all the injections the model still
 compacts, and equals its masked reference.
 
-Then one interrupt test each for the transactions built on compaction or beside it: ChannelPruner.compact,
+Then one interrupt test each for the transactions built on compaction or beside it: ChannelPruner.finalize,
 prune_heads, llm.prune_decoder, llm.remove_experts, prune_oneshot, prune_checkpoint, FBS and FisherPruner.
 """
 
@@ -377,16 +377,16 @@ def test_channel_pruner_compact_interrupted_keeps_masks_and_drifted_weights(wher
     owner, attr, n = (Journal, "set_data", 7) if where == "compaction" else (verify, "check_equivalence", 1)
     calls = _raise_on_call(monkeypatch, owner, attr, n, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        pruner.compact()
+        pruner.finalize()
     assert calls["n"] >= 1
     assert_same(model, before)  # masks attached again, drifted values and storages back
     monkeypatch.undo()
-    pruner.compact()  # and it compacts afterwards
+    pruner.finalize()  # and it compacts afterwards
     assert _no_masks(model)
 
 
 def test_channel_pruner_interrupt_right_after_the_commit_leaves_a_consistent_compacted_model(monkeypatch):
-    """An interrupt landing after compaction completed but before ChannelPruner.compact returns: the
+    """An interrupt landing after compaction completed but before ChannelPruner.finalize returns: the
     model stays compacted (weights, attributes, config agree) rather than half-restored."""
     import secateur.pruners.channel as sp
     from secateur import ChannelPruner
@@ -408,7 +408,7 @@ def test_channel_pruner_interrupt_right_after_the_commit_leaves_a_consistent_com
 
     monkeypatch.setattr(sp, "verified_compact", then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        pruner.compact()
+        pruner.finalize()
     assert _no_masks(model) and sum(p.numel() for p in model.parameters()) < n_params / 2
     check_equivalence(reference, model, x)  # consistent: runs, and computes what the masked model does
 

@@ -363,7 +363,7 @@ def test_channel_pruner_with_michel_removes_lowest_heads_and_round_trips(tmp_pat
     got = {(gi, int(u)) for gi, rm in pruner.removed.items() for u in rm}
     assert got == want
     p0 = n_params(model)
-    model = pruner.compact()  # the oracle runs inside
+    model = pruner.finalize()  # the oracle runs inside
     assert n_params(model) < p0
     sc.save_pretrained(model, tmp_path, pruner.plan)
     again = sc.from_pretrained(tmp_path)

@@ -475,7 +475,7 @@ def test_channel_pruner_train_then_compact_exact(name):
             gone = np.setdiff1d(np.arange(h), hooks[path].kept.numpy())
             assert seen and not seen[0][..., torch.from_numpy(gone)].any()
     model.eval()
-    pruned = pruner.compact(verify=True)  # oracle (float64, 1e-6) inside the transaction
+    pruned = pruner.finalize(verify=True)  # oracle (float64, 1e-6) inside the transaction
     assert pruned.config.hidden_size == h - math.floor(RATIO * h)
     assert norm_masks(pruned) == {}
     assert all(not m._forward_hooks for m in pruned.modules())

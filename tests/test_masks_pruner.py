@@ -190,7 +190,7 @@ def test_remove_warns_when_schedule_unfinished():
     pruner.step(0)
     pruner.step(100)
     with pytest.warns(UserWarning, match="schedule ends at step 2000"):
-        pruner.remove()
+        pruner.finalize()
     model = small_net()
     pruner = Pruner(model, 0.5)
     pruner.step(0)
@@ -198,7 +198,7 @@ def test_remove_warns_when_schedule_unfinished():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pruner.remove()
+        pruner.finalize()
 
 
 def test_counting_macs_leaves_batchnorm_statistics_untouched():
@@ -225,4 +225,4 @@ def test_remove_does_not_warn_when_the_final_sparsity_was_reached_by_hand():
     assert p.sparsity() < 0.9  # floor counts: just under
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        p.remove()
+        p.finalize()

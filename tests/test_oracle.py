@@ -194,7 +194,7 @@ def test_prune_channels_refuses_nan_example_inputs_before_changing_anything():
     masked = _state(model)
     pruner.example_inputs = x
     with pytest.raises(ConfigError, match="example_inputs"):
-        pruner.compact()
+        pruner.finalize()
     assert _same(model, masked)
     model2, _ = prune_channels(_net(), x, ratio=0.5, verify=False)  # without the oracle: allowed
     assert model2[0].out_channels == 4

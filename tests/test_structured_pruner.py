@@ -65,10 +65,10 @@ def test_iterative_schedule_reaches_macs_target_measured_after_compaction():
     assert [h["step"] for h in pruner.history] == [0, 2, 4]
     fractions = [h["removed_fraction"] for h in pruner.history]
     assert fractions == sorted(fractions)
-    est = pruner.removed_fraction()
+    est = pruner.sparsity()
     tol = max_unit_cost(pruner)
     assert tol < 0.05  # one channel of the 16-wide stem group, which spans five convs
-    pruner.compact()
+    pruner.finalize()
     measured = 1.0 - count_macs(model, X)["macs"] / dense
     # the cost model is exact for conv/linear MACs, and the greedy pass stops within one unit's cost
     assert measured == pytest.approx(est, abs=1e-9)
@@ -81,7 +81,7 @@ def test_uniform_params_target_and_global_keeps_a_unit_per_group_with_round_to()
     dense = count_params(model)["params"]
     p = ChannelPruner(model, X, schedule=0.3, criterion="l2", allocation="uniform", target="params")
     p.step(0)
-    p.compact()
+    p.finalize()
     assert 0.3 <= 1.0 - count_params(model)["params"] / dense <= 0.36
 
     model = create_model("resnet8")
@@ -91,7 +91,7 @@ def test_uniform_params_target_and_global_keeps_a_unit_per_group_with_round_to()
         g = p.graph.groups[gi]
         kept = g.n_units - p.removed[gi].size
         assert kept >= 4 and kept % 4 == 0, (g.name, kept)
-    assert p.removed_fraction() >= 0.85
+    assert p.sparsity() >= 0.85
 
 
 def test_masked_model_equals_compacted_model_after_training():
@@ -118,7 +118,7 @@ def test_masked_model_equals_compacted_model_after_training():
     model.eval()
     with torch.no_grad():
         masked_out = model(X)
-    pruner.compact(verify=True)  # the oracle runs inside the transaction, float64
+    pruner.finalize(verify=True)  # the oracle runs inside the transaction, float64
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(X), masked_out, rtol=1e-4, atol=1e-5)
@@ -133,7 +133,7 @@ def test_vit_heads_pruned_under_params_target():
     pruner.step(0)
     heads = [gi for gi in pruner.group_ids if pruner.graph.groups[gi].unit_size > 1]
     assert heads
-    pruner.compact(verify=True)
+    pruner.finalize(verify=True)
     assert 1.0 - count_params(model)["params"] / dense >= 0.2
     assert model(X).shape == (2, 10)
 
@@ -181,7 +181,7 @@ def test_state_dict_round_trip_reapplies_masks():
     q.load_state_dict(state)
     assert q.removed_units() == p.removed_units()
     assert q.last_update == 0
-    q.compact()
+    q.finalize()
 
 
 def test_trainer_callback_accumulates_taylor_and_follows_the_schedule():
@@ -195,8 +195,8 @@ def test_trainer_callback_accumulates_taylor_and_follows_the_schedule():
     )
     Trainer(model, loader, epochs=1, lr=0.01, callbacks=[pruner], progress=False, log_every=0).fit()
     assert [h["step"] for h in pruner.history] == [1, 3]
-    assert pruner.removed_fraction() >= 0.3
-    pruner.compact()
+    assert pruner.sparsity() >= 0.3
+    pruner.finalize()
     assert model(X).shape == (2, 10)
 
 
@@ -213,7 +213,7 @@ def test_element_masks_already_attached_are_kept():
     for n, p in model.named_parameters():
         if n in zeros_before:
             assert bool((p[zeros_before[n]] == 0).all()), n
-    pruner.compact(verify=True)
+    pruner.finalize(verify=True)
 
 
 def test_trainer_accumulates_taylor_after_backward_like_the_own_loop():

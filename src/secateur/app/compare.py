@@ -112,7 +112,7 @@ def _secateur_channel(model: nn.Module, example: torch.Tensor, sparsity: float, 
     model.eval()
     cp = ChannelPruner(model, example, schedule=sparsity, criterion="l1", allocation="uniform", target=target)
     cp.prune_to(sparsity)
-    return cp.compact()
+    return cp.finalize()
 
 
 def _tp_apply(tp: Any, model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
@@ -203,7 +203,7 @@ def _secateur_element(model: nn.Module, sparsity: float) -> Callable[[], Any]:
 
     pruner = Pruner(model, sparsity, criterion="magnitude", allocation="global")
     pruner.prune_to(sparsity)
-    return pruner.remove
+    return pruner.finalize
 
 
 # ------------------------------------------------------------------------------------------ compare

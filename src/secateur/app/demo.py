@@ -120,7 +120,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
         pruned_acc = finetune.evaluate(test_loader)["accuracy"]
     prune_seconds = time.perf_counter() - t1
     sparsity = pruner.sparsity()
-    pruner.remove()  # bake masks: plain weights with exact zeros
+    pruner.finalize()  # bake masks: plain weights with exact zeros
     pruned_counts = {**count_params(model), **count_macs(model, example)}
     layers = [r.as_dict() for r in layer_table(model, example)]
     comparison = layer_comparison(dense_model, model, example)

@@ -154,8 +154,8 @@ def prune_with_recipe(
             _finetune(model, recipe, train_loader, test_loader, [pruner], progress)
         else:
             pruner.step(0)
-        out["sparsity"] = pruner.removed_fraction()
-        model = pruner.compact()
+        out["sparsity"] = pruner.sparsity()
+        model = pruner.finalize()
         out["plan"] = pruner.plan
     out["bn_batches"] = _recalibrate(model, recipe, train_loader)
     out["model"] = model

@@ -14,14 +14,14 @@ class PrunerStepping:
     """Mixin holding a pruner and driving it from a framework's optimizer-step count.
 
     Args:
-        pruner: a :class:`secateur.Pruner` (anything with ``step(int) -> bool``; ``sparsity()``
-            is used when present).
+        pruner: a :class:`secateur.Pruner` or :class:`secateur.ChannelPruner` (anything with the
+            :class:`~secateur.pruners.base.PrunerBase` verbs: ``step(int) -> bool``, ``sparsity()``).
         sync: when a process group with more than one rank is initialised, broadcast the masks
             from rank 0 and check their digest after each update (:func:`secateur.train.ddp.sync_masks`).
 
     Attributes:
-        updates: ``(global_step, sparsity)`` for each step at which the masks changed (sparsity as
-            a fraction of the scoped weights; NaN when the pruner has no ``sparsity()``).
+        updates: ``(global_step, sparsity)`` for each step at which the masks changed (``sparsity()``: the
+            achieved fraction of the pruner's target; NaN for an object without ``sparsity()``).
 
     Raises:
         secateur.train.ddp.MaskMismatchError: ranks disagree after an update (with ``sync``).

@@ -136,10 +136,10 @@ def save_pretrained(
 
     Args:
         model: a ``transformers.PreTrainedModel``, compacted by ``plan`` (or unpruned with ``plan=None``).
-            Element masks must be baked first (``Pruner.remove()``); the model is not changed.
+            Element masks must be baked first (``Pruner.finalize()``); the model is not changed.
         directory: the output folder (created if missing).
         plan: the structural plan applied to the model (``prune_channels`` returns it,
-            ``ChannelPruner.plan`` after ``compact()``).
+            ``ChannelPruner.plan`` after ``finalize()``).
         metadata: extra JSON-able data stored in plan.json.
         save_kwargs: passed to ``model.save_pretrained`` (e.g. ``max_shard_size="200MB"``).
 
@@ -161,7 +161,7 @@ def save_pretrained(
             names = list(mod.parametrizations.keys())
             raise SerializationError(
                 f"module {path or '<root>'!r} still has masks on {names}: bake them first "
-                "(Pruner.remove() / ChannelPruner.compact()), or use secateur.save, which keeps masks"
+                "(Pruner.finalize() / ChannelPruner.finalize()), or use secateur.save, which keeps masks"
             )
     check_model(model)
     if plan is not None:

@@ -10,7 +10,7 @@ schedule)::
         loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward()
         pruner.accumulate()                          # data-dependent criteria only (taylor)
         opt.step(); pruner.step(step)                # the schedule decides when masks change
-    model = pruner.compact()                         # physical removal; pruner.plan is the JSON plan
+    model = pruner.finalize()                         # physical removal; pruner.plan is the JSON plan
 
 The graph (:class:`secateur.graph.DependencyGraph`) is traced once at construction. Removed units are
 masked: every parameter slice of a removed unit gets an element mask (:func:`secateur.masks.set_mask`, a
@@ -60,6 +60,7 @@ from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.masks import get_mask, has_mask, set_mask
 from secateur.masks.element import element_mask
+from secateur.pruners.base import PrunerBase
 from secateur.pruners.oneshot import _ensure_member_nonempty, choose_units
 from secateur.schedules import OneShot, Schedule
 
@@ -143,11 +144,11 @@ class _CostState:
             self.item_val[i] = self._item(i)
 
 
-class ChannelPruner:
+class ChannelPruner(PrunerBase):
     """Schedule-driven structured pruning over dependency-graph groups, with masks, then compaction.
 
     Args:
-        model: the network (changed in place: masks during training, physical removal at :meth:`compact`).
+        model: the network (changed in place: masks during training, physical removal at :meth:`finalize`).
         example_inputs: a tensor, tuple of positional inputs or dict of keyword inputs; traced once and used
             to measure MACs.
         schedule: a :mod:`secateur.schedules` object (``OneShot``, ``Iterative``, ``Cubic``) or a float for
@@ -371,7 +372,7 @@ class ChannelPruner:
             )
         )
 
-    def removed_fraction(self) -> float:
+    def sparsity(self) -> float:
         """Fraction of the target (channels / params / MACs) removed by the current masks (cost model);
         for ``"latency"``, ``1 - measured latency of the compacted removal / dense latency``."""
         if self.target == "latency":
@@ -613,14 +614,11 @@ class ChannelPruner:
             {
                 "step": int(step),
                 "target": float(target),
-                "removed_fraction": self.removed_fraction(),
+                "removed_fraction": self.sparsity(),
                 "units_removed": int(sum(rm.size for rm in self.removed.values())),
             }
         )
         return True
-
-    def on_train_begin(self, trainer: Any) -> None:
-        self.step(int(trainer.global_step))
 
     def on_after_backward(self, trainer: Any) -> None:
         """Trainer callback: read this step's gradients into a data-dependent criterion (:meth:`accumulate`),
@@ -628,10 +626,6 @@ class ChannelPruner:
         point, exactly as in the own-loop recipe (``loss.backward(); pruner.accumulate(); opt.step()``)."""
         if self.criterion.needs_data:
             self.accumulate()
-
-    def on_step_end(self, trainer: Any) -> None:
-        """Trainer callback: apply the schedule at ``trainer.global_step`` (:meth:`step`)."""
-        self.step(int(trainer.global_step))
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state: removed units per group, last update step, history."""
@@ -660,7 +654,7 @@ class ChannelPruner:
             self._apply_masks()
 
     # ------------------------------------------------------------------------------------ compaction
-    def compact(self, verify: bool = True, atol: float = ATOL, rtol: float = RTOL) -> nn.Module:
+    def finalize(self, verify: bool = True, atol: float = ATOL, rtol: float = RTOL) -> nn.Module:
         """Physically remove the masked units (:func:`secateur.compact.compact`, transactional).
 
         Bakes this pruner's masks into plain weights, builds the plan (kept in ``self.plan``), and slices

@@ -4,7 +4,7 @@ It follows torch.ao.pruning's split of *what* (scope, criterion, allocation) fro
 (schedule): call :meth:`Pruner.step` after each optimizer step of your own loop (or pass the
 pruner as a callback to :class:`secateur.train.Trainer`) and the schedule decides when masks
 change. Masks are parametrizations (see :mod:`secateur.masks`), so pruned weights stay exactly
-zero through training; :meth:`Pruner.remove` bakes them into plain weights.
+zero through training; :meth:`Pruner.finalize` bakes them into plain weights.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from secateur.criteria import Criterion, get_criterion
 from secateur.errors import ConfigError
 from secateur.masks import attach_mask, detach_masks, get_mask, set_mask
 from secateur.masks.element import element_mask
+from secateur.pruners.base import PrunerBase
 from secateur.schedules import OneShot, Schedule
 from secateur.scope import Scope, Target
 
@@ -40,7 +41,7 @@ def _check_schedule(schedule: object) -> Schedule:
     return OneShot(check_sparsity(float(schedule), "schedule (a one-shot sparsity)"))
 
 
-class Pruner:
+class Pruner(PrunerBase):
     """Element-wise pruning of the parameters selected by ``scope``.
 
     Args:
@@ -149,7 +150,7 @@ class Pruner:
         self.history.append({"step": step, "target": target, "sparsity": self.sparsity()})
         return True
 
-    def remove(self) -> nn.Module:
+    def finalize(self) -> nn.Module:
         """Bake masks into plain weights (exact zeros) and drop the parametrizations.
 
         Warns (``UserWarning``) when the schedule has not finished: a schedule sized for more steps
@@ -163,7 +164,7 @@ class Pruner:
         done = bool(steps) and self.sparsity() >= self.schedule.sparsity_at(max(steps)) - slack
         if steps and not done and (self.last_update is None or self.last_update < max(steps)):
             warnings.warn(
-                f"Pruner.remove(): the schedule has not finished (last mask update at step "
+                f"Pruner.finalize(): the schedule has not finished (last mask update at step "
                 f"{self.last_update}, schedule ends at step {max(steps)}); baking sparsity "
                 f"{self.sparsity():.4f} instead of {self.schedule.sparsity_at(max(steps)):.4f}. "
                 "Size the schedule to your number of optimizer steps.",
@@ -171,17 +172,11 @@ class Pruner:
             )
         return detach_masks(self.model)
 
-    # -- trainer callback protocol -----------------------------------------------------------
-    def on_train_begin(self, trainer: Any) -> None:
-        self.step(int(trainer.global_step))
-
-    def on_step_end(self, trainer: Any) -> None:
-        self.step(int(trainer.global_step))
-
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (the masks themselves live in the model's state_dict as buffers)."""
         return {"last_update": self.last_update, "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (last update step and history)."""
         self.last_update = state.get("last_update")
         self.history = list(state.get("history", []))

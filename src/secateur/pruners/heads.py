@@ -107,7 +107,7 @@ def prune_heads(
     try:
         with restoring(point.restore):
             pruner.step(0)
-            model = pruner.compact(verify=verify)
+            model = pruner.finalize(verify=verify)
     finally:
         pruner.criterion.detach()
     assert pruner.plan is not None
