@@ -56,11 +56,11 @@ from secateur.compact import interrupts_deferred
 from secateur.errors import ConfigError
 from secateur.llm.oneshot import (
     OneShotReport,
-    _select_linears,
-    _validate,
     calibration_inputs,
+    check_oneshot_args,
     find_blocks,
     prune_block,
+    select_linears,
 )
 from secateur.masks.patterns import Pattern, parse_pattern
 
@@ -541,10 +541,10 @@ def prune_checkpoint(
         model = cls(config)
     model.eval()
     block_path, block_list = find_blocks(model, blocks)
-    per_block = [_select_linears(b, f"{block_path}.{i}", include) for i, b in enumerate(block_list)]
+    per_block = [select_linears(b, f"{block_path}.{i}", include) for i, b in enumerate(block_list)]
     if not any(per_block):
         raise ConfigError(f"no Linear selected inside {block_path} (include={include!r})")
-    sp = _validate([x for lin in per_block for x in lin], method, p, sparsity)
+    sp = check_oneshot_args([x for lin in per_block for x in lin], method, p, sparsity)
     batches = list(batches)
     if not batches:
         raise ConfigError("no calibration batches given")

@@ -210,9 +210,11 @@ def _included(name: str, mod: nn.Linear, include: str | Callable[[str, nn.Linear
     return bool(re.search(include, name)) if isinstance(include, str) else bool(include(name, mod))
 
 
-def _select_linears(
+def select_linears(
     block: nn.Module, prefix: str, include: str | Callable[[str, nn.Linear], bool] | None
 ) -> list[tuple[str, nn.Linear]]:
+    """``(qualified name, layer)`` of the linear-like layers of ``block`` that ``include`` selects (a name
+    pattern, a predicate ``f(name, layer)``, or None for all); names are prefixed with ``prefix``."""
     out = []
     for name, mod in block.named_modules():
         if not is_linear_like(mod):
@@ -267,7 +269,15 @@ def _token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     return None if m is None else m.bool()
 
 
-def _validate(linears: list[tuple[str, nn.Linear]], method: str, p: Pattern, sparsity: float | None) -> float:
+def check_oneshot_args(
+    linears: list[tuple[str, nn.Linear]], method: str, p: Pattern, sparsity: float | None
+) -> float:
+    """Validate a one-shot call before anything changes; returns the sparsity (a fraction) to apply.
+
+    Raises:
+        ConfigError: an unknown method, a pattern the method does not support, a sparsity that disagrees
+            with an N:M pattern, or no layer selected.
+    """
     if method not in METHODS:
         raise ConfigError(f"unknown one-shot method {method!r}; available: {list(METHODS)}")
     if p.kind == "block" and method == "sparsegpt":
@@ -403,11 +413,11 @@ def prune_oneshot(
     t0 = time.perf_counter()
     p = parse_pattern(pattern)
     block_path, block_list = find_blocks(model, blocks)
-    per_block = [_select_linears(b, f"{block_path}.{i}", include) for i, b in enumerate(block_list)]
+    per_block = [select_linears(b, f"{block_path}.{i}", include) for i, b in enumerate(block_list)]
     all_linears = [x for lin in per_block for x in lin]
     if not all_linears:
         raise ConfigError(f"no Linear selected inside {block_path} (include={include!r})")
-    sp = _validate(all_linears, method, p, sparsity)
+    sp = check_oneshot_args(all_linears, method, p, sparsity)
     batches = list(batches)
     if not batches:
         raise ConfigError("no calibration batches given")

@@ -34,6 +34,9 @@ they raise :class:`~secateur.errors.ConfigError` saying so. Their scores estimat
 removing a unit, so they are comparable across groups (``comparable = True``).
 """
 
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from secateur.criteria.group import bn, gradient, heads, norms  # noqa: F401  (registration)
 from secateur.criteria.group.base import (
     GROUP_CRITERIA,
@@ -77,3 +80,7 @@ __all__ = [
     "register_group_criterion",
     "stored_parameter",
 ]
+
+# A criterion added as a new module of this package registers itself on import: adding one is one file.
+for _mod in _pkgutil.iter_modules(__path__):
+    _importlib.import_module(f"{__name__}.{_mod.name}")
