@@ -30,8 +30,9 @@ import pytest
 import torch
 from torch import nn
 
-import secateur.compact as compact_mod
-from secateur.compact import Journal, check_equivalence, compact, make_plan, mask_model, restoring
+import secateur.compact.apply as apply_mod
+import secateur.compact.transaction as transaction_mod
+from secateur.compact import Journal, check_equivalence, compact, hf_configs, make_plan, mask_model, restoring
 from secateur.errors import CompactionError
 from secateur.graph import DependencyGraph
 from secateur.pruners.oneshot import choose_units
@@ -61,7 +62,7 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
         for path, m in model.named_modules()
     }
     hooks = {path: [(k, id(h)) for k, h in m._forward_hooks.items()] for path, m in model.named_modules()}
-    configs = {k: (c.to_dict(), sorted(vars(c))) for k, c in compact_mod._configs(model).items()}
+    configs = {k: (c.to_dict(), sorted(vars(c))) for k, c in hf_configs(model).items()}
     return {
         "state": state,
         "meta": meta,
@@ -115,7 +116,7 @@ def faults(monkeypatch) -> Faults:
     journal's writes (``set_data``, ``set_attr``, ``record``)."""
     f = Faults()
     sliced, set_data, set_attr, record = (
-        compact_mod._sliced,
+        apply_mod._sliced,
         Journal.set_data,
         Journal.set_attr,
         Journal.record,
@@ -137,7 +138,7 @@ def faults(monkeypatch) -> Faults:
         record(self, restore)
         f.step("hook")
 
-    monkeypatch.setattr(compact_mod, "_sliced", _sliced)
+    monkeypatch.setattr(apply_mod, "_sliced", _sliced)
     monkeypatch.setattr(Journal, "set_data", _set_data)
     monkeypatch.setattr(Journal, "set_attr", _set_attr)
     monkeypatch.setattr(Journal, "record", _record)
@@ -260,11 +261,18 @@ def test_malformed_plans_are_refused_with_compaction_error_and_nothing_changes()
         {"tensors": {"nope.weight": {"0": [0]}}},
         {"tensors": {**plan["tensors"], first: {"0": [10**6]}}},  # index out of range, after other slices
         {"tensors": {**plan["tensors"], first: 3}},
+        {"tensors": plan["tensors"], "attributes": {"layer1": 3}},  # not {attr: [old, new]}
+        {"tensors": plan["tensors"], "config": {"": {"hidden_size": 8}}},
+        {"tensors": plan["tensors"], "attributes": {"no.such.module": {"num_heads": [2, 1]}}},
     ]
     for bad in bad_plans:
         with pytest.raises(CompactionError):
             compact(model, bad)
         assert_same(model, before, repr(bad)[:60])
+    for bad in bad_plans[:2]:  # the masks refuse a plan of the wrong shape the same way
+        with pytest.raises(CompactionError, match="a plan is a mapping"):
+            mask_model(model, bad)
+    assert_same(model, before)
 
 
 def test_a_second_ctrl_c_during_the_rollback_is_held_until_the_rollback_ends(faults, monkeypatch):
@@ -272,7 +280,7 @@ def test_a_second_ctrl_c_during_the_rollback_is_held_until_the_rollback_ends(fau
     delivered as a KeyboardInterrupt."""
     model, x, plan = _resnet()
     before = snapshot(model)
-    real = compact_mod._restore_attr
+    real = transaction_mod._restore_attr
     calls = {"n": 0}
 
     def restore_attr(*args):
@@ -281,7 +289,7 @@ def test_a_second_ctrl_c_during_the_rollback_is_held_until_the_rollback_ends(fau
             signal.raise_signal(signal.SIGINT)  # Ctrl-C pressed again while restoring
         real(*args)
 
-    monkeypatch.setattr(compact_mod, "_restore_attr", restore_attr)
+    monkeypatch.setattr(transaction_mod, "_restore_attr", restore_attr)
     faults.arm(None)
     compact(copy.deepcopy(model), plan, check=faults.check)
     n = len(faults.kinds)

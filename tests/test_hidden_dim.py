@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import secateur as sc
+from secateur._torch import call_model
 from secateur.compact import check_equivalence, compact, make_plan, mask_model, max_abs_diff
 from secateur.compact.norms import KeptChannelsNorm, norm_masks, remove_norm_masks, set_norm_masks
 from secateur.errors import CompactionError
 from secateur.graph import DependencyGraph
 from secateur.graph.norms import find_norms, norm_kind, probe_norm, register_norm
-from secateur.graph.tracer import call_model
 
 sys.path.insert(0, str(Path(__file__).parent / "graph"))
 from graph_helpers import prune_and_check  # noqa: E402

@@ -311,7 +311,7 @@ def test_failed_compaction_rolls_back(monkeypatch):
     def broken(*_a, **_k):  # fails inside compaction, after tensors were already sliced
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr("secateur.compact._update_module", broken)
+    monkeypatch.setattr("secateur.compact.apply._update_module", broken)
     with pytest.raises(CompactionError, match="injected"):
         prune_decoder(model, _calib(), ratio=0.5, layers=range(3))
     assert _same_state(model, state) and model.config.to_dict() == cfg

@@ -23,13 +23,14 @@ from secateur.compact import (
     OutputDiff,
     check_equivalence,
     make_plan,
+    mask_model,
     max_abs_diff,
     output_diffs,
     require_finite_inputs,
 )
 from secateur.compact.verify import verified_compact
 from secateur.errors import CompactionError, ConfigError
-from secateur.graph import DependencyGraph
+from secateur.graph import DependencyGraph, ExampleInputs
 
 
 class Affine(nn.Module):
@@ -209,3 +210,71 @@ def test_nan_weights_make_verification_fail_and_roll_back():
         prune_channels(model, torch.randn(2, 3, 8, 8), ratio=0.5)
     assert ei.value.in_reference  # refused at once: no group is blamed for the model's own NaN
     assert _same(model, before) and model[0].out_channels == 8
+
+
+# ------------------------------------------------------------------------------------------------------
+# several example inputs (ExampleInputs): the oracle runs and judges every one of them
+# ------------------------------------------------------------------------------------------------------
+class Branchy(nn.Module):
+    """Branch ``a`` for inputs with a positive mean, branch ``b`` (its own two convs) otherwise: a Python
+    ``if`` on the data, so one input reaches one branch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 12, 1), nn.ReLU(), nn.Conv2d(12, 8, 1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = self.a(h) if x.mean() > 0 else self.b(h)
+        return self.head(h.mean((2, 3)))
+
+
+def _branchy() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    xa = torch.randn(2, 3, 8, 8).abs() + 0.1  # mean > 0: branch a
+    return Branchy().eval(), xa, -xa  # mean < 0: branch b
+
+
+def test_prune_channels_verifies_on_every_example_input(monkeypatch):
+    import secateur.compact.verify as verify
+
+    model, xa, xb = _branchy()
+    original = copy.deepcopy(model)
+    judged = []
+    real = verify.check_equivalence
+
+    def spy(masked, compacted, example_inputs, **kw):
+        judged.append(example_inputs)
+        return real(masked, compacted, example_inputs, **kw)
+
+    monkeypatch.setattr(verify, "check_equivalence", spy)
+    pruned, plan = prune_channels(model, ExampleInputs([xa, xb]), 0.5, verify=True)
+    assert pruned.stem.out_channels == 4 and pruned.b[0].out_channels == 6  # both branches pruned
+    assert judged and all(isinstance(x, ExampleInputs) and len(x) == 2 for x in judged)
+    masked = mask_model(copy.deepcopy(original), plan)
+    for x in (xa, xb):  # each branch of the compacted model computes what the masked original does
+        assert check_equivalence(masked, pruned, x) <= RTOL * max_abs_output(masked, x)
+
+
+def max_abs_output(model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(copy.deepcopy(model).double()(x.double()).abs().max())
+
+
+def test_the_oracle_judges_each_example_input_in_float64():
+    model, xa, xb = _branchy()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.b[2].bias[0] += 1e-3  # differs on branch b only
+    assert check_equivalence(model, other, ExampleInputs([xa, xa * 2])) == 0.0  # branch a twice: equal
+    with pytest.raises(CompactionError, match=r"output 1 \(shape \(2, 4\)\)"):  # the second input's output
+        check_equivalence(model, other, ExampleInputs([xa, xb]))
+    diffs = output_diffs(model, other, ExampleInputs([xb, xa]))
+    assert [d.max_abs > 0 for d in diffs] == [True, False]
+    bad = xb.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ConfigError, match=r"input tensor 1 \(shape \(2, 3, 8, 8\)\) holds Inf"):
+        check_equivalence(model, other, ExampleInputs([xa, bad]))

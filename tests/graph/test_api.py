@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from graph_helpers import prune_and_check
 from torch import nn
 
-import secateur.compact as compact_mod
+import secateur.compact.apply as compact_mod
 from secateur.compact import check_equivalence, compact, make_plan, mask_model
 from secateur.errors import CompactionError, UnsupportedOpError
 from secateur.graph import DependencyGraph, register_rule

@@ -15,8 +15,8 @@ from graph_helpers import prune_and_check
 from hf_models import HF_MODELS
 from torch.utils.flop_counter import FlopCounterMode
 
+from secateur._torch import call_model
 from secateur.analysis.counting import frozen_parameters
-from secateur.graph.tracer import call_model
 from secateur.pruners.oneshot import require_prunable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

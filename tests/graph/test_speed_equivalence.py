@@ -22,7 +22,9 @@ import torch
 from hf_models import HF_MODELS
 from torch import nn
 
+import secateur.graph.shapes as shapes_mod
 import secateur.graph.tracer as tracer_mod
+from secateur._torch import iter_tensors, op_name
 from secateur.compact import (
     CONFIG_FF_KEYS,
     CONFIG_HEAD_KEYS,
@@ -32,17 +34,17 @@ from secateur.compact import (
     KV_HEAD_ATTRS,
     PLAN_VERSION,
     WIDTH_ATTRS,
-    _sliced,
     compact,
     make_plan,
 )
+from secateur.compact.apply import _sliced
 from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph import DependencyGraph
 from secateur.graph.atoms import connected_labels
 from secateur.graph.groups import Group, Member, _match
 from secateur.graph.norms import norm_dim
 from secateur.graph.rules import MODULE_RULES, RULES
-from secateur.graph.tracer import ParamDim, iter_tensors, run_trace
+from secateur.graph.tracer import ParamDim, run_trace
 from secateur.pruners.oneshot import _ensure_member_nonempty, choose_units, lp_scores
 from secateur.zoo import create_model
 
@@ -658,24 +660,24 @@ def test_shape_only_meta_results_match_the_kernels(name, monkeypatch):
             return
         ref = func(*args, **kwargs)
         assert (out.shape, out.dtype, out.device) == (ref.shape, ref.dtype, ref.device), func
-        if fast is tracer_mod._like:  # what empty_like gave before (layer_norm's real output may differ)
+        if fast is shapes_mod._like:  # what empty_like gave before (layer_norm's real output may differ)
             x = args[0] if args else kwargs["input"]
             dt = kwargs.get("dtype")
             ref = torch.empty_like(x, dtype=dt) if dt is not None else torch.empty_like(x)
         assert out.stride() == ref.stride(), (func, out.stride(), ref.stride())
         if inplace:
             assert out is args[0]
-        checked.append(tracer_mod.op_name(func))
+        checked.append(op_name(func))
 
     def tf(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = tracer_mod.op_name(func)
+        name = op_name(func)
         if self.tracer.meta:
-            fast = tracer_mod._META_SHAPES.get(name)
+            fast = shapes_mod.META_SHAPES.get(name)
             if fast is not None:
                 compare(fast, func, args, kwargs, False)
-            elif name in tracer_mod._META_MAYBE:
-                compare(tracer_mod._META_MAYBE[name], func, args, kwargs, tracer_mod._is_inplace(func))
+            elif name in shapes_mod.META_MAYBE:
+                compare(shapes_mod.META_MAYBE[name], func, args, kwargs, shapes_mod.is_inplace(func))
         return real_tf(self, func, types, args, kwargs)
 
     monkeypatch.setattr(tracer_mod._Mode, "__torch_function__", tf)

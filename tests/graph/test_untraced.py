@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from secateur._torch import call_model
 from secateur.compact import mask_model
 from secateur.errors import ConfigError, GraphError, UntracedModuleError, UntracedModuleWarning
 from secateur.graph import DependencyGraph, ExampleInputs
-from secateur.graph.tracer import call_model
 from secateur.pruners.oneshot import prune_channels
 
 

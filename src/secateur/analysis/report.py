@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from secateur._torch import eval_mode
 from secateur.errors import ConfigError
 
 __all__ = [
@@ -48,12 +49,8 @@ def _eval_layer_table(model: nn.Module, example_inputs: Any) -> list[Any]:
     """``layer_table`` in eval mode (no batch-norm statistics updated), the mode restored after."""
     from secateur.analysis.counting import layer_table
 
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return layer_table(model, example_inputs)
-    finally:
-        model.train(was)
 
 
 def layer_comparison(dense: nn.Module, pruned: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
@@ -125,12 +122,8 @@ def collect_results(
 
     res: dict[str, Any] = {"title": title}
     for key, model, acc in (("dense", dense, dense_accuracy), ("pruned", pruned, pruned_accuracy)):
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             res[key] = {"accuracy": acc, **count_params(model), **count_macs(model, example_inputs)}
-        finally:
-            model.train(was)
         if memory:
             res[key]["peak_activation_bytes"] = peak_memory(model, example_inputs)["peak_activation_bytes"]
     if latency:

@@ -1,19 +1,26 @@
-"""Compaction checked by the oracle, and the diagnosis of a failure down to the group, op and module.
+"""The equivalence oracle, and the diagnosis of a failed compaction down to the group, op and module.
+
+The oracle's rule, per floating output tensor pair ``(a, b)`` in float64: both finite (a NaN or Inf is never
+equal) and ``max|a - b| <= atol + rtol * max(max|a|, max|b|)``, defaults :data:`ATOL` 0 and :data:`RTOL`
+1e-6 (:func:`check_equivalence`); inputs must be finite (:func:`require_finite_inputs`). Example inputs may
+be a :class:`~secateur.graph.ExampleInputs` of several: every one of them must pass.
 
 Some models compute shapes in Python from a dimension the graph cannot see as coupled: torchvision's Swin
 (v1) reshapes ``qkv`` to ``(B, N, 3, num_heads, C // num_heads)`` with ``C`` the *input* width, so removing
 whole heads (or input channels) makes the reshape invalid. A trace sees only the integers, not where they
 came from, so such a coupling is found by trying: :func:`verified_compact` runs the oracle inside the
 compaction transaction, and when it fails :func:`incompatible_groups` tries each group alone to name the
-groups at fault, with the op and the module where the compacted forward broke. Only on the failure path,
-so a model that compacts cleanly pays nothing extra.
+groups at fault, with the op and the module where the compacted forward broke (:func:`forward_failure`).
+Only on the failure path, so a model that compacts cleanly pays nothing extra.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,18 +28,208 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from secateur.compact import (
-    ATOL,
-    RTOL,
-    check_equivalence,
-    compact,
-    make_plan,
-    mask_model,
-    require_finite_inputs,
-)
-from secateur.errors import CompactionError
+from secateur._torch import ExampleInputs, call_model, iter_tensors, op_name
+from secateur.errors import CompactionError, ConfigError
 from secateur.graph.groups import DependencyGraph
-from secateur.graph.tracer import call_model, op_name
+
+from .apply import compact, mask_model
+from .plan import make_plan
+
+__all__ = [
+    "ATOL",
+    "RTOL",
+    "NonFiniteOutputError",
+    "OutputDiff",
+    "check_equivalence",
+    "forward_failure",
+    "incompatible_groups",
+    "max_abs_diff",
+    "output_diffs",
+    "require_finite_inputs",
+    "verified_compact",
+]
+
+
+def _to_double(obj: Any) -> Any:
+    """``obj`` with every floating tensor in it (nested tuples, lists, dicts, :class:`ExampleInputs`) cast
+    to float64."""
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_to_double(o) for o in obj)
+    if isinstance(obj, list):
+        return [_to_double(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_double(v) for k, v in obj.items()}
+    if isinstance(obj, ExampleInputs):  # several example inputs: each one cast
+        return obj.map(_to_double)
+    return obj
+
+
+#: Default tolerances of the oracle (:func:`check_equivalence`): per output tensor, in float64,
+#: ``max|a - b| <= ATOL + RTOL * max(max|a|, max|b|)``.
+RTOL = 1e-6
+ATOL = 0.0
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """How one floating output tensor of two models differs (float64 values).
+
+    Attributes:
+        index: position of the tensor among the floating outputs (:func:`iter_tensors` order).
+        shape: its shape.
+        max_abs: ``max |a - b|`` (0.0 for an empty tensor; NaN when either holds a non-finite value).
+        scale: ``max(max |a|, max |b|)`` over the finite values (the magnitude the tolerance is relative to).
+        nonfinite: ``(in a, in b)``: ``"NaN"``, ``"Inf"`` or ``None`` for each model's tensor.
+    """
+
+    index: int
+    shape: tuple[int, ...]
+    max_abs: float
+    scale: float
+    nonfinite: tuple[str | None, str | None] = (None, None)
+
+    @property
+    def finite(self) -> bool:
+        """Both tensors hold finite values only."""
+        return self.nonfinite == (None, None)
+
+    def within(self, rtol: float = RTOL, atol: float = ATOL) -> bool:
+        """The oracle's rule: finite on both sides and ``max_abs <= atol + rtol * scale``."""
+        return self.finite and self.max_abs <= atol + rtol * self.scale
+
+
+def _nonfinite(t: torch.Tensor) -> str | None:
+    if t.numel() == 0 or bool(torch.isfinite(t).all()):
+        return None
+    return "NaN" if bool(torch.isnan(t).any()) else "Inf"
+
+
+def _float_outputs(model: nn.Module, x: Any) -> list[torch.Tensor]:
+    return [t for t in iter_tensors(call_model(model, x)) if t.is_floating_point()]
+
+
+@torch.no_grad()
+def output_diffs(
+    a: nn.Module, b: nn.Module, example_inputs: Any, dtype: torch.dtype = torch.float64
+) -> list[OutputDiff] | str:
+    """Compare the floating output tensors of ``a`` and ``b`` on ``example_inputs``, both run in ``dtype``
+    (deep copies: the models are not touched; floating inputs are cast to float64 when ``dtype`` is).
+
+    Returns one :class:`OutputDiff` per output tensor, or a string saying why the outputs cannot be
+    compared (a different number of floating outputs, or output ``i`` of another shape).
+    """
+    ca, cb = copy.deepcopy(a).to(dtype), copy.deepcopy(b).to(dtype)
+    x = _to_double(example_inputs) if dtype == torch.float64 else example_inputs
+    oa, ob = _float_outputs(ca, x), _float_outputs(cb, x)
+    if len(oa) != len(ob):
+        return f"the models return {len(oa)} and {len(ob)} floating output tensors"
+    out = []
+    for i, (u, v) in enumerate(zip(oa, ob)):
+        if u.shape != v.shape:
+            return f"output {i} has shape {tuple(u.shape)} in the first model, {tuple(v.shape)} in the other"
+        u, v = u.double(), v.double()
+        if not u.numel():
+            out.append(OutputDiff(i, tuple(u.shape), 0.0, 0.0))
+            continue
+        bad = (_nonfinite(u), _nonfinite(v))
+        if bad != (None, None):
+            finite = [t[torch.isfinite(t)] for t in (u, v)]
+            scale = max([float(t.abs().max()) for t in finite if t.numel()], default=0.0)
+            out.append(OutputDiff(i, tuple(u.shape), math.nan, scale, bad))
+            continue
+        scale = max(float(u.abs().max()), float(v.abs().max()))
+        out.append(OutputDiff(i, tuple(u.shape), float((u - v).abs().max()), scale))
+    return out
+
+
+def max_abs_diff(
+    a: nn.Module, b: nn.Module, example_inputs: Any, dtype: torch.dtype = torch.float64
+) -> float:
+    """Largest ``|a(x) - b(x)|`` over all floating output tensors, both run in ``dtype`` (copies; the
+    originals are untouched). ``inf`` when the outputs differ in number or shape; NaN when either model
+    outputs a NaN or an Inf (non-finite outputs are never equal, so ``max_abs_diff(...) <= tol`` is False
+    then; Python's ``max`` would have dropped the NaN)."""
+    diffs = output_diffs(a, b, example_inputs, dtype)
+    if isinstance(diffs, str):
+        return math.inf
+    if not all(d.finite for d in diffs):
+        return math.nan
+    return max((d.max_abs for d in diffs), default=0.0)
+
+
+def require_finite_inputs(example_inputs: Any, name: str = "example_inputs") -> None:
+    """Refuse non-finite example inputs for the oracle.
+
+    Raises:
+        ConfigError: a floating tensor inside ``example_inputs`` (nested tuples, lists, dicts) holds NaN
+            or Inf; the message names the argument (``name``), the tensor's position and shape. Outputs
+            computed from such inputs are not finite, and non-finite outputs are never equal, so nothing
+            could be verified.
+    """
+    for i, t in enumerate(iter_tensors(example_inputs)):
+        if t.is_floating_point() or t.is_complex():
+            kind = _nonfinite(t.detach())
+            if kind is not None:
+                raise ConfigError(
+                    f"{name}: input tensor {i} (shape {tuple(t.shape)}) holds {kind}; the equivalence "
+                    "check cannot verify on non-finite inputs. Pass finite example inputs (or verify=False)"
+                )
+
+
+_SIDES = ("masked", "compacted")
+
+
+class NonFiniteOutputError(CompactionError):
+    """The oracle met a NaN or Inf output. ``in_reference``: the masked (reference) model's own output is
+    not finite, so no compaction could ever be verified on these inputs (no group is at fault)."""
+
+    def __init__(self, message: str, in_reference: bool) -> None:
+        super().__init__(message)
+        self.in_reference = in_reference
+
+
+def check_equivalence(
+    masked: nn.Module,
+    compacted: nn.Module,
+    example_inputs: Any,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> float:
+    """The oracle: the compacted model computes what the masked one does, in float64.
+
+    Rule, for every floating output tensor pair ``(a, b)`` (float64): both finite, and
+    ``max|a - b| <= atol + rtol * max(max|a|, max|b|)`` (defaults ``atol`` 0, ``rtol`` 1e-6: a difference
+    is judged against the output's own magnitude, so outputs of size 1e-10 that differ by 1% fail and
+    outputs of size 1e12 that differ by float64 rounding pass). A NaN or an Inf in either output is
+    never equal (even NaN against NaN at the same place).
+
+    Returns the max abs difference over all outputs.
+
+    Raises:
+        ConfigError: ``example_inputs`` holds NaN or Inf (named; nothing is run).
+        CompactionError: the outputs differ in number or shape, or break the rule (naming the output, its
+            difference, magnitude and the bound); :class:`NonFiniteOutputError` when one holds NaN/Inf.
+    """
+    require_finite_inputs(example_inputs)
+    diffs = output_diffs(masked, compacted, example_inputs)
+    if isinstance(diffs, str):
+        raise CompactionError(f"compacted output differs from masked output: {diffs}")
+    for d in diffs:
+        if not d.finite:
+            where = ", ".join(f"{k} in the {side} model" for side, k in zip(_SIDES, d.nonfinite) if k)
+            raise NonFiniteOutputError(
+                f"output {d.index} (shape {d.shape}) is not finite ({where}); non-finite outputs are never "
+                "equal, so the compacted model cannot be verified",
+                in_reference=d.nonfinite[0] is not None,
+            )
+        if not d.within(rtol, atol):
+            raise CompactionError(
+                f"compacted output differs from masked output: output {d.index} (shape {d.shape}), max abs "
+                f"diff {d.max_abs:.3g} > {atol:.3g} + {rtol:.3g} * {d.scale:.3g} (atol + rtol * magnitude)"
+            )
+    return max((d.max_abs for d in diffs), default=0.0)
 
 
 class _Where(TorchFunctionMode):
@@ -195,6 +392,3 @@ def _probe(
         if not isinstance(e.__cause__, _Probed):
             return str(e)
     return None
-
-
-__all__ = ["forward_failure", "incompatible_groups", "verified_compact"]

@@ -5,8 +5,8 @@ Public API: :class:`DependencyGraph` (``DependencyGraph.build(model, example_inp
 :func:`register_module_rule`, :func:`register_norm`, :class:`OpContext`.
 """
 
+from secateur._torch import ExampleInputs
 from secateur.graph.groups import DependencyGraph, Group, Member
-from secateur.graph.inputs import ExampleInputs
 from secateur.graph.norms import probe_norm, register_norm
 from secateur.graph.rules import (
     broadcast_couple,

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur._torch import ExampleInputs, iter_tensors
 from secateur.errors import ConfigError, UntracedModuleError, UntracedModuleWarning
 from secateur.graph.atoms import connected_labels
-from secateur.graph.inputs import ExampleInputs
-from secateur.graph.tracer import ParamDim, SplitEvent, iter_tensors, run_trace
+from secateur.graph.tracer import ParamDim, SplitEvent, run_trace
 from secateur.graph.untraced import MODES, freeze_around, holders, untraced_message, untraced_modules
 
 

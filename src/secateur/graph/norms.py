@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateur.graph.tracer import ModuleRule, OpContext, iter_tensors
+from secateur._torch import iter_tensors
+from secateur.graph.tracer import ModuleRule, OpContext
 
 __all__ = [
     "NORM_NAME_PATTERN",

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.graph.tracer import ModuleRule, OpContext, Rule, iter_tensors, op_name
+from secateur._torch import iter_tensors, op_name
+from secateur.graph.tracer import ModuleRule, OpContext, Rule
 
 RULES: dict[str, Rule] = {}
 MODULE_RULES: dict[type, ModuleRule] = {}

@@ -4,14 +4,18 @@ Why this design: a ``TorchFunctionMode`` sees every torch-level call (functional
 operators) whatever Python control flow ran, needs no ``requires_grad`` and costs about one forward pass;
 by default the pass runs on ``meta`` tensors so it computes nothing (a real pass is the fallback for models
 whose Python code reads tensor values). Module hooks give every op the path of the module where it ran.
+
+Here: the tracer (:func:`run_trace`, :class:`Tracer`, the :class:`OpContext` a coupling rule sees, and the
+records it leaves: :class:`ParamDim`, :class:`SplitEvent`). The shape-only results of ops during a meta trace
+are in :mod:`secateur.graph.shapes`; calling a model on example inputs and finding the tensors in nested
+values are in :mod:`secateur._torch`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,94 +23,14 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from secateur._torch import as_examples, call_model, list_tensors, op_name
 from secateur._validate import check_model
 from secateur.errors import GraphError, SecateurError, UnsupportedOpError
 from secateur.graph.atoms import Atoms, AtomStore
-from secateur.graph.inputs import ExampleInputs, as_examples
+from secateur.graph.shapes import meta_result
 from secateur.graph.validate import check_embedding_indices, integer_inputs
 
 Dims = list  # list[Atoms | None], one entry per tensor dimension
-
-
-_OP_NAMES: dict[Any, str] = {}
-_INPLACE: dict[Any, bool] = {}
-_INPLACE_DUNDERS = {
-    f"__i{op}__"
-    for op in "add sub mul truediv div floordiv mod pow and or xor lshift rshift matmul".split()
-}
-
-
-def _is_inplace(func: Any) -> bool:
-    """``Tensor.add_``, ``Tensor.__iadd__``...: the op writes into its first argument and returns it."""
-    try:
-        return _INPLACE[func]
-    except (KeyError, TypeError):
-        pass
-    raw = getattr(func, "__name__", "") or ""
-    res = (raw.endswith("_") and not raw.endswith("__")) or raw in _INPLACE_DUNDERS
-    if len(_INPLACE) < 4096:
-        try:
-            _INPLACE[func] = res
-        except TypeError:
-            pass
-    return res
-
-
-def op_name(func: Any) -> str:
-    """Registry key of a torch callable: bare name without underscores (``Tensor.__iadd__`` -> ``iadd``)."""
-    try:
-        return _OP_NAMES[func]
-    except (KeyError, TypeError):
-        pass
-    name = getattr(func, "__name__", None) or str(func)
-    if name == "__get__":  # property getters (Tensor.T, Tensor.data) arrive as their __get__
-        name = getattr(getattr(func, "__self__", None), "__name__", name)
-        return name.strip("_")  # a fresh method-wrapper per access: not cached
-    name = name.strip("_")
-    if len(_OP_NAMES) < 4096:
-        try:
-            _OP_NAMES[func] = name
-        except TypeError:
-            pass
-    return name
-
-
-def list_tensors(obj: Any) -> list[torch.Tensor]:
-    """``list(iter_tensors(obj))``, faster for the common flat cases (a tensor, a tuple of tensors and
-    scalars, a dict of those)."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        out = []
-        for o in obj:
-            if isinstance(o, torch.Tensor):
-                out.append(o)
-            elif isinstance(o, (tuple, list, dict)) or dataclasses.is_dataclass(o):
-                out.extend(iter_tensors(o, 1))
-        return out
-    if isinstance(obj, dict):
-        return list_tensors(tuple(obj.values())) if obj else []
-    return list(iter_tensors(obj))
-
-
-def iter_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
-    """Tensors inside nested tuples, lists, dicts and dataclasses (Hugging Face ModelOutput included).
-
-    Cache objects and other classes are not entered: a key/value cache is not a model output to protect.
-    """
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth > 6:
-        return
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from iter_tensors(o, depth + 1)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from iter_tensors(o, depth + 1)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from iter_tensors(getattr(obj, f.name, None), depth + 1)
 
 
 @dataclasses.dataclass
@@ -232,215 +156,6 @@ Rule = Callable[[OpContext], None]
 ModuleRule = Callable[["OpContext", nn.Module, tuple, dict, Any], None]
 
 
-def _like(args: tuple, kwargs: dict) -> torch.Tensor:
-    x = args[0] if args else kwargs["input"]
-    dtype = kwargs.get("dtype")
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        # dense: what empty_like (preserve_format) gives, without its slow Python meta decomposition
-        return torch.empty_strided(x.shape, x.stride(), dtype=dtype or x.dtype, device=x.device)
-    return torch.empty_like(x, dtype=dtype) if dtype is not None else torch.empty_like(x)
-
-
-def _broadcast(a: tuple, b: tuple) -> tuple | None:
-    if a == b:
-        return a
-    n = max(len(a), len(b))
-    a = (1,) * (n - len(a)) + a
-    b = (1,) * (n - len(b)) + b
-    out = []
-    for x, y in zip(a, b):
-        if x == y or y == 1:
-            out.append(x)
-        elif x == 1:
-            out.append(y)
-        else:
-            return None
-    return tuple(out)
-
-
-_SCALARS = (int, float)
-
-
-@functools.lru_cache(maxsize=4096)
-def _row_major(shape: tuple) -> tuple:
-    strides = []
-    acc = 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= n
-    return tuple(reversed(strides))
-
-
-def _standard(t: torch.Tensor) -> bool:
-    """Row-major strides exactly, size-1 dims included: a layout no op reads as channels-last."""
-    return t.stride() == _row_major(tuple(t.shape))
-
-
-def _binary_shape(args: tuple, kwargs: dict, inplace: bool = False) -> torch.Tensor | None:
-    """add/sub/mul/div of two row-major floating tensors of one dtype (or one and a Python number): a
-    row-major tensor of the broadcast shape (in place: the first argument itself, when the result has its
-    shape). ``None`` (run the op) for anything else."""
-    if kwargs or len(args) != 2:
-        return None
-    a, b = args
-    if not isinstance(a, torch.Tensor):
-        if inplace:
-            return None
-        a, b = b, a
-        if not isinstance(a, torch.Tensor):
-            return None
-    if type(a) is not torch.Tensor or not a.is_floating_point() or not _standard(a):
-        return None
-    if isinstance(b, torch.Tensor):
-        if type(b) is not torch.Tensor or b.dtype != a.dtype or b.device != a.device or not _standard(b):
-            return None
-        shape = _broadcast(tuple(a.shape), tuple(b.shape))
-        if shape is None:
-            return None
-    elif isinstance(b, _SCALARS) and not isinstance(b, bool):
-        shape = tuple(a.shape)
-    else:
-        return None
-    if inplace:
-        return a if shape == tuple(a.shape) else None
-    return torch.empty(shape, dtype=a.dtype, device=a.device)
-
-
-def _adaptive_avg_pool2d_shape(args: tuple, kwargs: dict, inplace: bool = False) -> torch.Tensor | None:
-    """F.adaptive_avg_pool2d of a row-major 3-d or 4-d floating tensor: a row-major tensor of the output
-    shape. ``None`` (run the op) for anything else."""
-    if kwargs or len(args) != 2 or inplace:
-        return None
-    x, size = args
-    if type(x) is not torch.Tensor or x.dim() not in (3, 4) or not x.is_floating_point() or not _standard(x):
-        return None
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if not (isinstance(size, (tuple, list)) and len(size) == 2):
-        return None
-    out = []
-    for o, i in zip(size, x.shape[-2:]):
-        if o is None:
-            o = i
-        if not isinstance(o, int) or isinstance(o, bool) or o < 1 or i < 1:
-            return None
-        out.append(o)
-    return torch.empty((*x.shape[:-2], *out), dtype=x.dtype, device=x.device)
-
-
-def _pair(v: Any, n: int) -> tuple | None:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v,) * n
-    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) for i in v):
-        return tuple(v)
-    if isinstance(v, (tuple, list)) and len(v) == 1 and isinstance(v[0], int):
-        return (v[0],) * n
-    return None
-
-
-def _conv_shape(args: tuple, kwargs: dict, inplace: bool = False) -> torch.Tensor | None:
-    """F.conv{1,2,3}d of a batched row-major input and weight (positional arguments, numeric or 'valid'
-    padding): a row-major tensor of the output shape from the usual formula. ``None`` (run the op) for
-    anything else."""
-    if kwargs or len(args) < 2 or inplace:
-        return None
-    x, w = args[0], args[1]
-    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or x.dim() != w.dim() or x.dim() < 3:
-        return None
-    n = x.dim() - 2
-    if type(x) is not torch.Tensor or x.dtype != w.dtype or x.device != w.device:
-        return None
-    if not (_standard(x) and _standard(w)):  # other layouts: let the op pick the output's memory format
-        return None
-    b = args[2] if len(args) > 2 else None
-    if b is not None and not (isinstance(b, torch.Tensor) and b.dtype == x.dtype):
-        return None
-    stride = _pair(args[3] if len(args) > 3 else 1, n)
-    pad_arg = args[4] if len(args) > 4 else 0
-    dilation = _pair(args[5] if len(args) > 5 else 1, n)
-    groups = args[6] if len(args) > 6 else 1
-    if stride is None or dilation is None or not isinstance(groups, int) or groups < 1:
-        return None
-    k = tuple(w.shape[2:])
-    if isinstance(pad_arg, str):
-        if pad_arg == "valid":
-            padding = (0,) * n
-        else:
-            return None
-    else:
-        padding = _pair(pad_arg, n)
-        if padding is None:
-            return None
-    if x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
-        return None
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        return None
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        return None
-    spatial = []
-    for i in range(n):
-        o = (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1
-        if o <= 0:
-            return None
-        spatial.append(o)
-    return torch.empty((x.shape[0], w.shape[0], *spatial), dtype=x.dtype, device=x.device)
-
-
-def _linear_shape(args: tuple, kwargs: dict) -> torch.Tensor:
-    x = args[0] if args else kwargs["input"]
-    w = args[1] if len(args) > 1 else kwargs["weight"]
-    shape = tuple(x.shape[:-1]) + ((w.shape[0],) if w.dim() == 2 else ())
-    return torch.empty(shape, dtype=x.dtype, device=x.device)
-
-
-def _sdpa_shape(args: tuple, kwargs: dict) -> torch.Tensor:
-    q = args[0] if args else kwargs["query"]
-    v = args[2] if len(args) > 2 else kwargs["value"]
-    return torch.empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=q.dtype, device=q.device)
-
-
-# Shape-only results for ops whose meta kernels are slow Python decompositions: on meta tensors a trace
-# needs shapes, not values, so these ops are not executed at all (3-10x faster traces).
-_META_SHAPES: dict[str, Callable] = {
-    **{
-        n: _like
-        for n in (
-            "batch_norm",
-            "instance_norm",
-            "group_norm",
-            "layer_norm",
-            "rms_norm",
-            "relu",
-            "gelu",
-            "silu",
-            "sigmoid",
-            "tanh",
-            "hardswish",
-            "hardsigmoid",
-            "relu6",
-            "mish",
-            "elu",
-            "leaky_relu",
-            "dropout",
-            "dropout1d",
-            "dropout2d",
-            "softmax",
-            "log_softmax",
-        )
-    },
-    "linear": _linear_shape,
-    "scaled_dot_product_attention": _sdpa_shape,
-}
-# Shape-only results that apply only to some calls (they return None otherwise, and the op then runs).
-# Called as ``f(args, kwargs, inplace)``; ``inplace``: the op writes into (and returns) its first argument.
-_META_MAYBE: dict[str, Callable] = {
-    **{n: _binary_shape for n in ("add", "sub", "mul", "div", "true_divide", "radd", "rmul")},
-    **{n: _binary_shape for n in ("iadd", "isub", "imul", "itruediv")},  # in place (see _is_inplace)
-    **{n: _conv_shape for n in ("conv1d", "conv2d", "conv3d")},
-    "adaptive_avg_pool2d": _adaptive_avg_pool2d_shape,
-}
-
-
 # Tensor metadata queries: they return sizes, dtypes or flags, never a tensor carrying channels.
 _METADATA = frozenset(
     "dim size shape dtype device numel stride is_floating_point is_contiguous ndim ndimension layout "
@@ -479,15 +194,9 @@ class _Mode(TorchFunctionMode):
             tr.check_embedding(args, kwargs)
         out = None
         if tr.meta:
-            fast = _META_SHAPES.get(name)
-            if fast is not None:
-                out = fast(args, kwargs)
-            else:
-                maybe = _META_MAYBE.get(name)
-                if maybe is not None:
-                    out = maybe(args, kwargs) if not _is_inplace(func) else maybe(args, kwargs, True)
-                if out is None:
-                    out = func(*args, **kwargs)
+            out = meta_result(name, func, args, kwargs)  # shapes only, for ops with slow meta kernels
+            if out is None:
+                out = func(*args, **kwargs)
         else:
             out = func(*args, **kwargs)
         if tr.opaque:
@@ -791,18 +500,6 @@ def _walk(model: nn.Module) -> tuple[dict, dict, list[tuple[str, nn.Module]]]:
         if id(mod) not in first:
             first[id(mod)] = (path, mod)
     return params, buffers, list(first.values())
-
-
-def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs; on an
-    :class:`~secateur.graph.ExampleInputs`, once per input, returning the tuple of outputs."""
-    if isinstance(example_inputs, ExampleInputs):
-        return tuple(call_model(model, x) for x in example_inputs)
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 def run_trace(

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from secateur.compact import PLAN_VERSION, _configs, check_equivalence, compact, require_finite_inputs
+from secateur.compact import PLAN_VERSION, check_equivalence, compact, hf_configs, require_finite_inputs
 from secateur.errors import ConfigError
 from secateur.llm.oneshot import find_blocks
 from secateur.llm.structural import Batch, calibration_batches
@@ -296,7 +296,7 @@ def expert_plan(model: nn.Module, removed: Mapping[str, Iterable[int]]) -> dict:
     if groups:
         olds = {b.num_experts for b in find_moe_blocks(model)}
         news = sorted(set(new_count.values()))
-        for ck, cfg in _configs(model).items():
+        for ck, cfg in hf_configs(model).items():
             aliases = getattr(type(cfg), "attribute_map", {}) or {}
             for k in CONFIG_EXPERT_KEYS:
                 if k in aliases:  # e.g. Mixtral's num_experts -> num_local_experts: set the real key once

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from secateur._torch import call_model, iter_tensors
 from secateur.compact import restoring
 from secateur.errors import ConfigError
-from secateur.graph.tracer import call_model, iter_tensors
 from secateur.scope import Scope
 
 __all__ = ["FBS", "FBSConv", "find_conv_bn_pairs", "wta_mask"]

@@ -1,0 +1,462 @@
+"""The pruning plan: what compaction removes, as plain JSON data.
+
+:func:`make_plan` turns ``{group index: unit indices to remove}`` of a
+:class:`~secateur.graph.groups.DependencyGraph` into ``{"version", "tensors": {qualname: {dim: kept
+indices}}, "groups", "attributes": {module path: {attr: [old, new]}}, "config": {config key: {key: [old,
+new]}}}`` (plus ``"norms"`` for mask-aware norms): the kept indices of every tensor dim, the module
+attributes that count heads (``num_heads`` and the like, :data:`HEAD_ATTRS`, :data:`KV_HEAD_ATTRS`,
+:data:`WIDTH_ATTRS`) and the Hugging Face config keys (:data:`CONFIG_HEAD_KEYS`, :data:`CONFIG_KV_KEYS`,
+:data:`CONFIG_FF_KEYS`, :data:`CONFIG_HIDDEN_KEYS`) whose values change, a config key only where every
+layer agrees on the new value. :func:`check_plan` is the shape check of an in-memory plan (plans read from
+files are validated by :mod:`secateur.io.validate`). Applying a plan: :mod:`secateur.compact.apply`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from secateur.errors import CompactionError, IncompatibleGroupError
+from secateur.graph.groups import DependencyGraph, Group
+
+from .norms import norm_plan
+
+__all__ = [
+    "CONFIG_FF_KEYS",
+    "CONFIG_HEAD_KEYS",
+    "CONFIG_HIDDEN_KEYS",
+    "CONFIG_KV_KEYS",
+    "HEAD_ATTRS",
+    "KV_HEAD_ATTRS",
+    "PLAN_VERSION",
+    "WIDTH_ATTRS",
+    "ModuleLookup",
+    "check_plan",
+    "hf_configs",
+    "make_plan",
+]
+
+
+#: Version of the plan format (``plan["version"]``).
+PLAN_VERSION = 1
+#: Module attributes holding a head count, updated when heads go (attention modules of torch, HF, timm).
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "attention_heads", "num_attn_heads")
+#: Module attributes holding a key/value head count (grouped-query attention).
+KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_key_value_heads_per_partition")
+#: Module attributes holding ``heads * head size``, updated beside a head count.
+WIDTH_ATTRS = (
+    "all_head_size",
+    "attn_dim",
+    "inner_dim",
+    "split_size",
+    "inner_size",
+    "hidden_size_per_partition",
+    "projection_size",
+    "dim_head_total",
+)
+#: Hugging Face config keys of the attention head count.
+CONFIG_HEAD_KEYS = (
+    "num_attention_heads",
+    "n_head",
+    "n_heads",
+    "num_heads",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+)
+#: Hugging Face config keys of the key/value head count.
+CONFIG_KV_KEYS = ("num_key_value_heads", "n_kv_heads", "multi_query_group_num")
+#: Hugging Face config keys of the feed-forward (MLP) width.
+CONFIG_FF_KEYS = (
+    "intermediate_size",
+    "n_inner",
+    "d_ff",
+    "ffn_dim",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "hidden_dim",
+)
+#: Hugging Face config keys of the residual width of a transformer; aliases a config maps onto another key
+#: (GPT-2's hidden_size -> n_embd) are skipped when written.
+CONFIG_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")
+
+
+def _attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)``, fast when a module lacks the attribute: ``nn.Module.__getattr__``
+    raises (slowly) for every missing name, and most names looked for (num_heads, config...) are missing."""
+    d = getattr(obj, "__dict__", None)
+    if d is not None and name in d:
+        return d[name]
+    cls = type(obj)
+    if (
+        isinstance(obj, nn.Module)
+        and cls.__getattr__ is nn.Module.__getattr__
+        and cls.__getattribute__ is object.__getattribute__
+        and not hasattr(cls, name)
+        and name not in d.get("_parameters", ())
+        and name not in d.get("_buffers", ())
+        and name not in d.get("_modules", ())
+    ):
+        return None
+    return getattr(obj, name, None)
+
+
+def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
+    """The pruning plan: JSON-serialisable dict.
+
+    Args:
+        graph: the traced graph.
+        removed: ``{group index in graph.groups: unit indices to remove}``.
+
+    Returns ``{"version", "tensors": {qualname: {dim(str): kept indices}}, "groups": [...],
+    "attributes": {module path: {attr: [old, new]}}, "config": {config path: {key: [old, new]}}}``, plus
+    ``"norms": {module path: {"dim", "size", "kept"}}`` when norm modules lose channels of the dim they
+    normalise (graphs built with ``prune_normalized=True``; :func:`secateur.compact.norms.norm_plan`).
+    Raises CompactionError if a removal empties a member or touches an unprunable unit.
+    """
+    model = graph.model
+    tensors: dict[str, dict[str, list[int]]] = {}
+    groups_out = []
+    kept_units: dict[int, np.ndarray] = {}
+    gone: dict[int, np.ndarray] = {}
+    for gi, units in removed.items():
+        g = graph.groups[gi]
+        if isinstance(units, np.ndarray):
+            rm = units.astype(np.int64, copy=False).ravel()
+            if rm.size > 1 and not (rm[1:] > rm[:-1]).all():  # already sorted and unique: as np.unique gives
+                rm = np.unique(rm)
+        else:
+            rm = np.unique(np.asarray(list(units), dtype=np.int64))
+        if rm.size == 0:
+            continue
+        if rm[0] < 0 or rm[-1] >= g.n_units:
+            raise CompactionError(f"group {g.name}: unit index out of range 0..{g.n_units - 1}")
+        if not g.prunable[rm].all():
+            raise CompactionError(
+                f"group {g.name}: units {rm[~g.prunable[rm]].tolist()} are not prunable "
+                f"({'; '.join(g.reasons) or 'frozen'})"
+            )
+        keep_mask = np.ones(g.n_units, dtype=bool)
+        keep_mask[rm] = False
+        keep = np.flatnonzero(keep_mask)
+        kept_units[gi] = keep
+        gone[gi] = rm
+        groups_out.append({"group": g.name, "n_units": g.n_units, "removed": rm.tolist()})
+        keep_list = None
+        for m in g.members:
+            if _is_identity(m.unit_of, g.n_units):  # index i is unit i: the kept indices are the kept units
+                if keep_list is None:
+                    keep_list = keep.tolist()
+                kept = keep_list.copy()  # each member its own list (plans are data a caller may edit)
+            else:
+                kept = np.nonzero(keep_mask[m.unit_of])[0].tolist()  # indices of this dim whose unit stays
+            if not kept:
+                raise CompactionError(
+                    f"group {g.name}: removing units {rm.tolist()} empties {m.name} dim {m.dim}"
+                )
+            tensors.setdefault(m.name, {})[str(m.dim)] = kept
+    index = _class_index(graph)
+    attributes, events = _head_attributes(graph, kept_units, index)
+    norms = norm_plan(graph, gone)
+    plan = {
+        "version": PLAN_VERSION,
+        "tensors": tensors,
+        "groups": groups_out,
+        "attributes": attributes,
+        "config": {},
+    }
+    if norms:
+        plan["norms"] = norms
+    plan["config"] = _config_changes(model, graph, kept_units, attributes, events, index)
+    return plan
+
+
+def check_plan(plan: Any) -> None:
+    """Refuse an in-memory plan that is not shaped like one (before anything is changed).
+
+    Checks the structure only: a mapping whose ``"tensors"`` is a mapping of ``{dim: kept indices}``
+    mappings, and, where present, ``"attributes"`` / ``"config"`` mappings of ``{key: [old, new]}`` and a
+    ``"norms"`` mapping. Whether names, dims and indices fit the model is found while applying it
+    (:func:`secateur.compact.apply.compact`, which rolls back).
+
+    Raises:
+        CompactionError: naming the section (and tensor or module) that is malformed.
+    """
+    if not isinstance(plan, Mapping) or not isinstance(plan.get("tensors"), Mapping):
+        raise CompactionError(f"a plan is a mapping with a 'tensors' mapping, got {type(plan).__name__}")
+    for name, dims in plan["tensors"].items():
+        if not isinstance(dims, Mapping):
+            raise CompactionError(
+                f"plan tensor {name!r}: expected a mapping {{dim: kept indices}}, got {type(dims).__name__}"
+            )
+    for section in ("attributes", "config"):
+        entries = plan.get(section)
+        if entries is None:
+            continue
+        if not isinstance(entries, Mapping):
+            raise CompactionError(f"plan {section!r} must be a mapping, got {type(entries).__name__}")
+        for where, changes in entries.items():
+            if not isinstance(changes, Mapping) or not all(
+                isinstance(v, (list, tuple)) and len(v) == 2 for v in changes.values()
+            ):
+                raise CompactionError(f"plan {section!r} entry {where!r}: expected {{key: [old, new]}}")
+    norms = plan.get("norms")
+    if norms is not None and not isinstance(norms, Mapping):
+        raise CompactionError(f"plan 'norms' must be a mapping, got {type(norms).__name__}")
+
+
+def _is_identity(unit_of: np.ndarray, n: int) -> bool:
+    """``unit_of == arange(n)``: one index per unit, in order (most channel members)."""
+    return (
+        unit_of.size == n
+        and (n == 0 or (unit_of[0] == 0 and unit_of[-1] == n - 1))
+        and (n < 3 or bool((unit_of[1:] > unit_of[:-1]).all()))
+    )
+
+
+def _class_index(graph: DependencyGraph) -> tuple[np.ndarray, np.ndarray]:
+    """``(group_of, unit_of)``: for every atom class label, the index of the group holding it and its unit
+    there (``-1`` where no listed group holds it). Every class belongs to one group; if several listed it,
+    the later one would win (as a dict filled in group order would)."""
+    groups = graph.groups
+    if not groups:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    sizes = np.array([g.n_units for g in groups], dtype=np.int64)
+    cls = np.concatenate([np.asarray(g.classes, dtype=np.int64) for g in groups])
+    n = int(cls.max()) + 1 if cls.size else 0
+    group_of = np.full(n, -1, dtype=np.int64)
+    unit_of = np.full(n, -1, dtype=np.int64)
+    group_of[cls] = np.repeat(np.arange(len(groups), dtype=np.int64), sizes)
+    unit_of[cls] = np.arange(cls.size, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return group_of, unit_of
+
+
+def _lookup_classes(
+    index: tuple[np.ndarray, np.ndarray], classes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group and unit of each class in ``classes`` (``-1`` for classes no group holds)."""
+    group_of, unit_of = index
+    c = np.asarray(classes, dtype=np.int64)
+    ok = (c >= 0) & (c < group_of.size)
+    if not ok.any():
+        return np.full(c.shape, -1, dtype=np.int64), np.full(c.shape, -1, dtype=np.int64)
+    cc = np.where(ok, c, 0)
+    return np.where(ok, group_of[cc], -1), np.where(ok, unit_of[cc], -1)
+
+
+def _head_attributes(
+    graph: DependencyGraph, kept_units: dict[int, np.ndarray], index: tuple | None = None
+) -> tuple[dict, list]:
+    """num_heads-like attributes of the modules where a channel dim was split into heads, and the
+    changed head splits as ``(innermost module path, old count, new count)``."""
+    if index is None:
+        index = _class_index(graph)
+    attrs: dict[str, dict[str, list]] = {}
+    events: list[tuple[str, int, int]] = []
+    model = graph.model
+    for ev in graph.splits:
+        if ev.kind != "heads" or ev.classes is None or len(ev.classes) == 0:
+            continue
+        gids, units = _lookup_classes(index, ev.classes)
+        if (gids < 0).any():
+            continue
+        gi = int(gids[0])
+        if gi in kept_units:  # units of this split kept in the group of its first unit
+            keep = np.zeros(graph.groups[gi].n_units, dtype=bool)
+            keep[kept_units[gi]] = True
+            n_new = int(keep[units[units < keep.size]].sum())
+        else:
+            n_new = ev.n_outer
+        if n_new == ev.n_outer:  # unchanged layers vote for the old count (a config holds one value)
+            events.append((ev.module_paths[0], ev.n_outer, n_new))
+            continue
+        events.append((ev.module_paths[0], ev.n_outer, n_new))
+        for path in ev.module_paths[:2]:
+            mod = model.get_submodule(path) if path else model
+            hit = False
+            for names in (HEAD_ATTRS, KV_HEAD_ATTRS):
+                for a in names:
+                    v = _attr(mod, a)
+                    if isinstance(v, int) and not isinstance(v, bool) and v == ev.n_outer:
+                        attrs.setdefault(path, {})[a] = [v, n_new]
+                        hit = True
+            if hit:
+                for a in WIDTH_ATTRS:
+                    v = _attr(mod, a)
+                    if isinstance(v, int) and not isinstance(v, bool) and v == ev.n_outer * ev.inner:
+                        attrs.setdefault(path, {})[a] = [v, n_new * ev.inner]
+                hd = _attr(mod, "head_dim")
+                if isinstance(hd, int) and hd != ev.inner:
+                    raise IncompatibleGroupError(
+                        f"module {path} ({type(mod).__name__}): its head_dim {hd} differs from the head size "
+                        f"{ev.inner} the trace saw, so its heads cannot be removed consistently; protect it"
+                    )
+                break
+    return attrs, events
+
+
+def hf_configs(model: nn.Module) -> dict[str, Any]:
+    """The Hugging Face configs of ``model`` a plan may change, by key: ``""`` for ``model.config`` and
+    ``"text_config"``, ``"vision_config"``, ``"audio_config"``, ``"encoder"``, ``"decoder"`` for its
+    sub-configs (those that exist and have ``to_dict``). ``{}`` for a model without a config. A plan's
+    ``"config"`` section is keyed the same way."""
+    cfg = getattr(model, "config", None)
+    out: dict[str, Any] = {}
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return out
+    out[""] = cfg
+    for k in ("text_config", "vision_config", "audio_config", "encoder", "decoder"):
+        sub = getattr(cfg, k, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            out[k] = sub
+    return out
+
+
+_LAYER_INDEX = re.compile(r"\.\d+\.")
+
+
+def _layer_free_key(g: Group) -> tuple[str, ...]:
+    """A group's members with layer indices blanked: the same group of another layer has the same key."""
+    return tuple(sorted(_LAYER_INDEX.sub(".#.", m.name) + f":{m.dim}" for m in g.members))
+
+
+def _config_changes(
+    model: nn.Module,
+    graph: DependencyGraph,
+    kept_units: dict[int, np.ndarray],
+    attributes: dict,
+    events: list,
+    index: tuple | None = None,
+) -> dict:
+    """Hugging Face config keys to update, only where every layer agrees on the new value."""
+    cfgs = hf_configs(model)
+    if not cfgs:
+        return {}
+    changes: dict[str, dict[str, list]] = {}
+    # which config does a module path use: the closest ancestor with a .config attribute
+    cfg_ids = {id(c): k for k, c in cfgs.items()}
+
+    modules = ModuleLookup(model)
+    memo: dict[str, str] = {}
+
+    def cfg_key_of(path: str) -> str:
+        key = memo.get(path)
+        if key is None:
+            c = _attr(modules[path], "config")
+            if c is not None and id(c) in cfg_ids:
+                key = cfg_ids[id(c)]
+            else:
+                key = cfg_key_of(path.rpartition(".")[0]) if path else ""
+            memo[path] = key
+        return key
+
+    values: dict[tuple[str, str], Any] = {}  # config values read once (HF config getattr is slow)
+
+    def value(ck: str, k: str) -> Any:
+        if (ck, k) not in values:
+            values[(ck, k)] = getattr(cfgs[ck], k, None)
+        return values[(ck, k)]
+
+    layer_free: dict[int, tuple[str, ...]] = {}
+
+    def layer_free_key(gi: int) -> tuple[str, ...]:
+        if gi not in layer_free:
+            layer_free[gi] = _layer_free_key(graph.groups[gi])
+        return layer_free[gi]
+
+    proposals: dict[tuple[str, str], set] = {}
+    norm_groups = _norm_groups(graph, index)
+    for gi, g in enumerate(graph.groups):  # the residual width: a group normalised by norm modules
+        if gi not in norm_groups:  # those left whole (frozen ones too) vote for the old width
+            continue
+        ck = cfg_key_of(g.members[0].module)
+        cfg = cfgs[ck]
+        aliases = getattr(cfg, "attribute_map", {}) or {}
+        for k in CONFIG_HIDDEN_KEYS:
+            if k not in aliases and value(ck, k) == g.n_units:
+                new = int(kept_units[gi].size) if gi in kept_units else g.n_units
+                proposals.setdefault((ck, k), set()).add(new)
+    for path, old, new in events:
+        ck = cfg_key_of(path)
+        for k in CONFIG_HEAD_KEYS + CONFIG_KV_KEYS:
+            if value(ck, k) == old:
+                proposals.setdefault((ck, k), set()).add(new)
+    pruned_kinds = set()
+    for gi, keep in kept_units.items():
+        g = graph.groups[gi]
+        if gi in norm_groups:
+            continue
+        if any(True for p in attributes for m in g.members if m.module.startswith(p) and p):
+            continue
+        pruned_kinds.add(layer_free_key(gi))
+        ck = cfg_key_of(g.members[0].module)
+        for k in CONFIG_FF_KEYS:
+            if value(ck, k) == g.n_units:
+                proposals.setdefault((ck, k), set()).add(int(keep.size))
+    for gi, g in enumerate(graph.groups):  # the same group in layers left alone keeps the old width
+        if gi in kept_units or gi in norm_groups or layer_free_key(gi) not in pruned_kinds:
+            continue
+        ck = cfg_key_of(g.members[0].module)
+        for k in CONFIG_FF_KEYS:
+            if value(ck, k) == g.n_units:
+                proposals.setdefault((ck, k), set()).add(g.n_units)
+    for (ck, k), vals in proposals.items():
+        cfg = cfgs[ck]
+        old = getattr(cfg, k)
+        if len(vals) == 1:
+            changes.setdefault(ck, {})[k] = [old, vals.pop()]
+        else:
+            changes.setdefault(ck, {})["_inconsistent_" + k] = [old, sorted(vals)]
+    for ck, d in changes.items():
+        cfg = cfgs[ck]
+        hd = getattr(cfg, "head_dim", None)
+        hidden = getattr(cfg, "hidden_size", None)
+        if any(k in d for k in CONFIG_HEAD_KEYS):
+            heads_key = next(k for k in CONFIG_HEAD_KEYS if k in d)
+            if hd is None and hidden is not None:
+                d["head_dim"] = [None, hidden // d[heads_key][0]]
+        elif any(k in d for k in CONFIG_HIDDEN_KEYS) and hd is None and isinstance(hidden, int):
+            # the head width is no longer hidden_size // heads: record it (models reading head_dim use it)
+            counts = [getattr(cfg, k, None) for k in CONFIG_HEAD_KEYS]
+            heads = next((h for h in counts if isinstance(h, int) and not isinstance(h, bool)), None)
+            if heads:
+                d["head_dim"] = [None, hidden // heads]
+    return changes
+
+
+def _norm_groups(graph: DependencyGraph, index: tuple | None = None) -> set[int]:
+    """Indices of the groups holding the normalised channels of norm modules (graphs built with
+    ``prune_normalized=True``): residual widths, whose config keys are :data:`CONFIG_HIDDEN_KEYS`."""
+    wanted = [ev.classes for ev in graph.splits if ev.kind == "norm" and ev.classes is not None]
+    if not wanted:
+        return set()
+    gids, _ = _lookup_classes(_class_index(graph) if index is None else index, np.concatenate(wanted))
+    gids = gids[gids >= 0]
+    return set(np.flatnonzero(np.bincount(gids)).tolist()) if gids.size else set()
+
+
+class ModuleLookup:
+    """Submodules by qualified path, cached: ``lookup[path]`` is the submodule at ``path`` (``""``: the
+    model), resolved one name at a time through the parents' ``_modules`` and remembered, instead of a
+    ``get_submodule`` walk per query (paths that are not plain submodule chains fall back to
+    ``get_submodule``, which raises ``AttributeError`` for a path the model lacks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.by_path: dict[str, nn.Module] = {"": model}
+
+    def __getitem__(self, path: str) -> nn.Module:
+        mod = self.by_path.get(path)
+        if mod is None:
+            parent, _, name = path.rpartition(".")
+            try:
+                mod = self[parent]._modules.get(name) if name else None
+            except AttributeError:
+                mod = None
+            if mod is None:  # not a chain of registered submodules: get_submodule resolves it or raises
+                mod = self.model.get_submodule(path)
+            self.by_path[path] = mod
+        return mod
