@@ -1,19 +1,37 @@
-"""Calibration data and the input statistics one-shot pruning needs.
+"""Calibration data of LLM pruning: tokenised batches, their normal form, and the causal-LM loss.
 
-One-shot methods look at the inputs ``X`` that a Linear layer sees on a small calibration set:
-Wanda needs the per-feature norms ``||X_j||_2`` and SparseGPT the Hessian ``H = 2 X X^T`` of the
-layer-wise squared error. :class:`InputStats` accumulates both from batches so that ``X`` itself is
-never stored (memory ``O(in^2)`` per layer, not ``O(tokens * in)``). Padding tokens are excluded:
-they are not text, and counting them would bias the statistics toward the pad embedding.
+* :func:`tokenized_batches`: texts to Hugging Face tokeniser outputs.
+* :func:`calibration_batches`: any accepted form of ``data`` (ids, a tokeniser output, an iterable of
+  either) to ``{"input_ids", "attention_mask"}`` batches.
+* :func:`causal_lm_data` / :func:`causal_lm_loss`: those batches as the ``(x, y)`` pairs and
+  ``loss_fn(output, y)`` of the structured driver's data collection
+  (:func:`secateur.criteria.group.collect`, ``ChannelPruner(data=..., loss_fn=...)``): next-token
+  cross-entropy with padding ignored.
+* :class:`InputStats` (defined in :mod:`secateur.criteria.activations`, below the pruners, so that group
+  criteria share it): running input statistics of a Linear (Wanda's ``||X_j||``, SparseGPT's Hessian).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from secateur.criteria.activations import InputStats
 from secateur.errors import ConfigError
+
+#: One normalised calibration batch: ``input_ids`` (B, S) long and ``attention_mask`` (B, S).
+Batch = dict[str, torch.Tensor]
+
+__all__ = [
+    "Batch",
+    "InputStats",
+    "calibration_batches",
+    "causal_lm_data",
+    "causal_lm_loss",
+    "tokenized_batches",
+]
 
 
 def tokenized_batches(
@@ -54,63 +72,68 @@ def tokenized_batches(
         yield dict(enc)
 
 
-class InputStats:
-    """Running statistics of a Linear layer's inputs ``x`` of shape ``(..., in)``.
+def calibration_batches(data: Any) -> list[Batch]:
+    """Normalise calibration ``data`` to a list of ``{"input_ids": (B, S) long, "attention_mask": (B, S)}``.
 
-    ``sq_sum[j] = sum_t x_tj^2`` (Wanda's ``||X_j||_2^2``) and, when ``hessian=True``,
-    ``xtx = sum_t x_t x_t^T`` (SparseGPT's ``H = 2 X X^T`` up to the factor 2). ``sq_sum`` is kept
-    in float64 (cheap); ``xtx`` in float32 like the paper's reference, since an ``in x in`` float64
-    product costs several times more on CPU. ``n_tokens`` counts the tokens seen.
+    Accepts a token-id tensor ``(B, S)`` or ``(S,)``, one tokeniser output (a mapping with ``input_ids``),
+    or an iterable of either (e.g. :func:`tokenized_batches`). A missing ``attention_mask`` means every
+    token is real.
+
+    Raises:
+        ConfigError: no batch, a batch without ``input_ids``, or ids that are not an integer tensor (names
+            the batch).
     """
+    if isinstance(data, (torch.Tensor, Mapping)):
+        data = [data]
+    out: list[Batch] = []
+    for i, b in enumerate(data):
+        if isinstance(b, torch.Tensor):
+            b = {"input_ids": b}
+        if not isinstance(b, Mapping) or "input_ids" not in b:
+            raise ConfigError(f"data batch {i}: expected a token-id tensor or a mapping with input_ids")
+        ids = b["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() not in (1, 2):
+            raise ConfigError(f"data batch {i}: input_ids must be an integer tensor (B, S) or (S,)")
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        mask = b.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.reshape(ids.shape)
+        out.append({"input_ids": ids, "attention_mask": mask})
+    if not out:
+        raise ConfigError("no calibration batch given in data")
+    return out
 
-    def __init__(self, in_features: int, hessian: bool = False, device: torch.device | None = None) -> None:
-        self.in_features = in_features
-        self.n_tokens = 0
-        self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.xtx = (
-            torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+
+def causal_lm_data(data: Any) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    """Calibration ``data`` (any form :func:`calibration_batches` accepts) as ``(x, labels)`` batches for
+    the structured driver (:func:`secateur.criteria.group.collect`).
+
+    ``x`` holds the keyword inputs ``input_ids``, ``attention_mask``, ``labels`` and ``use_cache=False``;
+    ``labels`` (``(B, S)`` long) are the input ids with padded positions set to -100, so a Hugging Face
+    causal LM computes its next-token loss itself (it shifts the labels) and :func:`causal_lm_loss` reads
+    it. ``labels`` is also ``y``, for a custom ``loss_fn(output, labels)``.
+
+    Raises:
+        ConfigError: as :func:`calibration_batches`.
+    """
+    out = []
+    for b in calibration_batches(data):
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        out.append(({**b, "labels": labels, "use_cache": False}, labels))
+    return out
+
+
+def causal_lm_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The next-token cross-entropy a Hugging Face causal LM computed from ``labels=`` (``output.loss``, a
+    scalar; padding at -100 ignored). ``labels`` is unused: the model already shifted and applied them.
+
+    Raises:
+        ConfigError: the output has no ``loss`` (not a ``*ForCausalLM`` model, or ``x`` lacked ``labels``:
+            use :func:`causal_lm_data`, or pass your own ``loss_fn(output, labels)``).
+    """
+    loss = getattr(output, "loss", None)
+    if loss is None:
+        raise ConfigError(
+            f"the model output ({type(output).__name__}) has no loss for labels=; use a *ForCausalLM model "
+            "with causal_lm_data batches, or pass loss_fn(output, labels)"
         )
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        """Add inputs ``x`` ``(..., in)``; ``token_mask`` (bool, ``x.shape[:-1]``) selects real tokens."""
-        if x.shape[-1] != self.in_features:
-            raise ConfigError(f"input has {x.shape[-1]} features, expected {self.in_features}")
-        if token_mask is not None and tuple(token_mask.shape) == tuple(x.shape[:-1]):
-            x = x[token_mask.to(x.device, torch.bool)]
-        x = x.reshape(-1, self.in_features)
-        self.n_tokens += x.shape[0]
-        x64 = x.to(torch.float64)
-        self.sq_sum = self.sq_sum.to(x.device)
-        self.sq_sum += (x64 * x64).sum(0)
-        if self.xtx is not None:
-            self.xtx = self.xtx.to(x.device)
-            xf = x.float()
-            self.xtx.addmm_(xf.T, xf)
-
-    def column_norms(self) -> torch.Tensor:
-        """``||X_j||_2`` over all tokens seen, shape ``(in,)``, float32 (Wanda, Sun et al. 2023, eq. 1)."""
-        return self.sq_sum.sqrt().float()
-
-    def hessian(self) -> torch.Tensor:
-        """``H = 2 X X^T / n_tokens``, shape ``(in, in)``, float32 (SparseGPT, Frantar & Alistarh 2023, §3).
-
-        The ``1/n`` scale does not change SparseGPT's result (the update and the mask score are
-        invariant to a common scale of ``H``) but keeps the numbers in a sane range.
-
-        Raises:
-            ConfigError: if the Hessian was not requested or no token was seen.
-        """
-        if self.xtx is None:
-            raise ConfigError("InputStats was built without hessian=True")
-        if self.n_tokens == 0:
-            raise ConfigError("no calibration tokens reached this layer")
-        return (2.0 * self.xtx / self.n_tokens).float()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the accumulators."""
-        n = self.sq_sum.numel() * self.sq_sum.element_size()
-        if self.xtx is not None:
-            n += self.xtx.numel() * self.xtx.element_size()
-        return n
+    return loss

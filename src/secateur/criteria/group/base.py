@@ -122,11 +122,18 @@ class GroupCriterion:
         needs_data: True when scores come from gradients/activations (statistics must be collected).
         comparable: True when raw scores are on one scale across groups (estimates of a loss change), so
             a global ranking needs no per-group normalisation.
+        needs_backward: for a data-dependent criterion, whether :func:`collect` runs a loss and a backward
+            pass per batch (gradients: Taylor, Fisher, LLM-Pruner); False: forward passes only, under
+            ``no_grad``, no loss (activation statistics recorded by hooks: Wanda-sp).
+        per_sample: whether :func:`collect` feeds each batch one sample at a time (per-sample gradients:
+            LLM-Pruner's ``element2`` Fisher term), calling :meth:`accumulate` after each.
     """
 
     name = "base"
     needs_data = False
     comparable = False
+    needs_backward = True
+    per_sample = False
 
     def scores(self, model: nn.Module, graph: DependencyGraph, group_ids: Sequence[int]) -> GroupScores:
         """``{group index: (n_units,) float64 scores}`` for ``group_ids`` (indices into ``graph.groups``)."""
@@ -219,6 +226,42 @@ def iter_inputs(args: tuple, kwargs: dict) -> Iterable[Any]:
     yield from kwargs.values()
 
 
+def split_samples(x: Any, y: Any) -> list[tuple[Any, Any]]:
+    """One batch ``(x, y)`` as ``[(x_i, y_i)]``, one pair per sample: every tensor in ``x`` (a tensor, a tuple
+    of positional inputs or a dict of keyword inputs) and ``y`` whose dim 0 has the batch size (that of the
+    first tensor of ``x``) is sliced ``[i : i + 1]``; other values (``use_cache=False``, None) are passed as
+    they are.
+
+    Raises:
+        ConfigError: ``x`` holds no tensor (no batch size to split by).
+    """
+    first = next((t for t in iter_inputs(*_as_call(x)) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    if first is None:
+        raise ConfigError("per-sample collection needs a tensor input with the batch on dim 0")
+    n = first.shape[0]
+
+    def take(v: Any, i: int) -> Any:
+        return v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+
+    out = []
+    for i in range(n):
+        if isinstance(x, dict):
+            xi: Any = {k: take(v, i) for k, v in x.items()}
+        elif isinstance(x, tuple):
+            xi = tuple(take(v, i) for v in x)
+        else:
+            xi = take(x, i)
+        out.append((xi, take(y, i)))
+    return out
+
+
+def _as_call(x: Any) -> tuple[tuple, dict]:
+    """``x`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) as ``(args, kwargs)``."""
+    if isinstance(x, dict):
+        return (), x
+    return (x if isinstance(x, tuple) else (x,)), {}
+
+
 def collect(
     criterion: GroupCriterion,
     model: nn.Module,
@@ -229,30 +272,42 @@ def collect(
 ) -> None:
     """Run forward/backward on ``data`` (a batch ``(x, y)`` or an iterable of batches; ``x`` a tensor, a tuple
     of positional inputs or a dict of keyword inputs, e.g. a Hugging Face batch) and feed the
-    criterion's statistics. The model's ``.grad`` fields and train/eval mode are restored afterwards.
+    criterion's statistics. The model's ``.grad`` fields are restored afterwards; its train/eval mode is
+    used as it is (a caller scoring calibration data puts the model in eval mode).
 
-    ``loss_fn(output, y)`` defaults to cross-entropy (classification logits ``(N, classes)``).
+    ``loss_fn(output, y)`` defaults to cross-entropy (classification logits ``(N, classes)``). For a Hugging
+    Face causal LM, :func:`secateur.llm.calibration.causal_lm_data` gives ``(x, labels)`` batches whose ``x``
+    carries ``labels=`` and :func:`secateur.llm.calibration.causal_lm_loss` reads the model's own loss.
+
+    The criterion says which passes it needs: ``needs_backward = False`` gets forward passes only (under
+    ``no_grad``, no loss computed, :meth:`GroupCriterion.accumulate` not called: its hooks record);
+    ``per_sample = True`` gets each batch one sample at a time (:func:`split_samples`).
     """
-    loss_fn = loss_fn or nn.functional.cross_entropy
     batches: Iterable = (
         [data]
         if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, dict))
         else data
     )
+    backward = criterion.needs_backward
+    loss_fn = loss_fn or nn.functional.cross_entropy
     params = list(model.parameters())
     saved = [p.grad for p in params]
     detach_after = not getattr(criterion, "handles", True)
     if detach_after:
         criterion.attach(model, graph, group_ids)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad() if backward else torch.no_grad():
             for batch in batches:
                 x, y = batch[0], batch[1]
-                for p in params:
-                    p.grad = None
-                out = model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) else model(x)
-                loss_fn(out, y).backward()
-                criterion.accumulate(model, graph, group_ids)
+                for xi, yi in split_samples(x, y) if criterion.per_sample else [(x, y)]:
+                    args, kwargs = _as_call(xi)
+                    if not backward:
+                        model(*args, **kwargs)
+                        continue
+                    for p in params:
+                        p.grad = None
+                    loss_fn(model(*args, **kwargs), yi).backward()
+                    criterion.accumulate(model, graph, group_ids)
     finally:
         for p, g in zip(params, saved):
             p.grad = g
