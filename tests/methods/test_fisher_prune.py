@@ -112,3 +112,30 @@ def test_prune_between_steps_with_live_graph_and_optimizer():
     # the momentum of every parameter, resized ones included, follows it (sliced, not dropped)
     for p in model.parameters():
         assert opt.state[p]["momentum_buffer"].shape == p.shape
+
+
+def test_fisher_criterion_at_the_producers_shares_one_gate_per_residual_channel():
+    """gate="producer": the conv outputs of both branches, summed per sample before squaring."""
+    from secateur.criteria.group import FisherCriterion
+    from secateur.graph import DependencyGraph
+
+    torch.manual_seed(0)
+    model = _Res().eval()
+    graph = DependencyGraph.build(model, torch.randn(1, 1, 5, 5))
+    ids = [gi for gi, g in enumerate(graph.groups) if g.n_prunable]
+    crit = FisherCriterion(gate="producer")
+    crit.attach(model, graph, ids)
+    outs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outs.append(out)
+
+    model.c1.register_forward_hook(keep)
+    model.c2.register_forward_hook(keep)
+    x, y = torch.randn(6, 1, 5, 5), torch.randint(0, 3, (6,))
+    F.cross_entropy(model(x), y).backward()
+    crit.detach()
+    (s,) = crit.scores(model, graph, ids).values()
+    dz = sum((o * o.grad).sum((2, 3)) for o in outs)
+    torch.testing.assert_close(torch.from_numpy(s), dz.double().pow(2).sum(0) / 12)

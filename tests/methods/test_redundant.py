@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from secateur.criteria.group.redundant import RedundantCriterion
 from secateur.errors import ConfigError
+from secateur.graph import DependencyGraph
 from secateur.methods.redundant import filter_clusters, prune_redundant
 from secateur.zoo import create_model
 
@@ -75,3 +77,35 @@ def test_errors_leave_model_untouched():
         with pytest.raises(ConfigError):
             prune_redundant(model, x, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _planted(seed: int, n: int = 12) -> nn.Module:
+    """One conv group of ``n`` filters: three planted directions plus noise, random scales."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 18, generator=g, dtype=torch.float64)
+    f = centres[torch.arange(n) % 3] + 0.3 * torch.randn(n, 18, generator=g, dtype=torch.float64)
+    f = f * torch.rand(n, 1, generator=g, dtype=torch.float64).add(0.2)
+    model = nn.Sequential(nn.Conv2d(2, n, 3, bias=False), nn.ReLU(), nn.Conv2d(n, 3, 1)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(f.view(n, 2, 3, 3))
+    return model
+
+
+@pytest.mark.parametrize("linkage", ["single", "complete", "average"])
+def test_scores_below_minus_tau_are_the_clusters_at_tau_minus_their_strongest_filter(linkage):
+    from secateur.criteria.group.functional import redundant_features
+
+    for seed in range(3):
+        model = _planted(seed)
+        graph = DependencyGraph.build(model, torch.randn(1, 2, 5, 5, dtype=torch.float64))
+        (g,) = graph.prunable_groups()
+        scores = RedundantCriterion(linkage).group_scores(g, model)
+        w = model[0].weight.detach().reshape(12, -1)
+        strength = w.norm(dim=1)
+        for tau in (0.95, 0.7, 0.4, 0.0, -0.5):
+            labels, _ = redundant_features(w, tau, linkage)
+            kept = torch.from_numpy(scores > -tau)
+            for c in labels.unique():
+                members = (labels == c).nonzero().flatten()
+                assert int(kept[members].sum()) == 1, (seed, tau)  # one filter per cluster stays
+                assert int(members[kept[members]]) == int(members[strength[members].argmax()])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "forward_failure",
     "incompatible_groups",
     "max_abs_diff",
+    "oracle_check",
     "output_diffs",
     "require_finite_inputs",
     "verified_compact",
@@ -289,20 +290,19 @@ def forward_failure(model: nn.Module, example_inputs: Any) -> str | None:
     return None
 
 
-def verified_compact(
+def oracle_check(
     model: nn.Module, plan: Mapping, example_inputs: Any, atol: float = ATOL, rtol: float = RTOL
-) -> None:
-    """:func:`~secateur.compact.compact` with the oracle inside the transaction: the compacted model must
-    run and equal the masked one on ``example_inputs`` (:func:`~secateur.compact.check_equivalence`: per
-    output tensor, float64, finite and ``max|a - b| <= atol + rtol * magnitude``).
-
-    Like :func:`~secateur.compact.compact`, BaseException-safe: a ``KeyboardInterrupt`` anywhere (the
-    oracle's forwards included) restores the model bit-identical and is re-raised.
+) -> Callable[[nn.Module], None]:
+    """The oracle as a ``check`` for :func:`~secateur.compact.compact` (or any caller that compacts inside
+    a transaction, e.g. :func:`secateur.train.compact_in_training`): ``check(compacted)`` raises unless the
+    compacted model runs and equals ``model`` masked by ``plan`` on ``example_inputs``
+    (:func:`~secateur.compact.check_equivalence`). Call it *before* compacting: it keeps a masked deep copy
+    of ``model`` (memory: one copy of the model).
 
     Raises:
         ConfigError: ``example_inputs`` holds NaN or Inf (checked first: the model is not touched).
-        CompactionError: (the model unchanged) naming the failing op and module when the compacted forward
-            raises, or the difference when it runs but differs.
+        (from ``check``) CompactionError: naming the failing op and module when the compacted forward raises,
+            or the difference when it runs but differs.
     """
     require_finite_inputs(example_inputs)
     masked = mask_model(copy.deepcopy(model), plan)
@@ -313,7 +313,26 @@ def verified_compact(
             raise CompactionError(f"the compacted model's forward fails at {broke}")
         check_equivalence(masked, m, example_inputs, atol=atol, rtol=rtol)
 
-    compact(model, plan, check=check)
+    return check
+
+
+def verified_compact(
+    model: nn.Module, plan: Mapping, example_inputs: Any, atol: float = ATOL, rtol: float = RTOL
+) -> None:
+    """:func:`~secateur.compact.compact` with the oracle inside the transaction (:func:`oracle_check`): the
+    compacted model must run and equal the masked one on ``example_inputs``
+    (:func:`~secateur.compact.check_equivalence`: per output tensor, float64, finite and
+    ``max|a - b| <= atol + rtol * magnitude``).
+
+    Like :func:`~secateur.compact.compact`, BaseException-safe: a ``KeyboardInterrupt`` anywhere (the
+    oracle's forwards included) restores the model bit-identical and is re-raised.
+
+    Raises:
+        ConfigError: ``example_inputs`` holds NaN or Inf (checked first: the model is not touched).
+        CompactionError: (the model unchanged) naming the failing op and module when the compacted forward
+            raises, or the difference when it runs but differs.
+    """
+    compact(model, plan, check=oracle_check(model, plan, example_inputs, atol, rtol))
 
 
 class _Probed(Exception):

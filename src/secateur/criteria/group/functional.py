@@ -15,7 +15,7 @@ complement or their scores summed, as the group code decides.
   Networks through Network Slimming", sec. 3.1): ``|γ|`` of the BatchNorm after each channel.
 - :func:`redundant_features`: Ayinde & Zurada 2018 ("Building Efficient ConvNets using Redundant
   Feature Pruning"): agglomerative clustering of filters by cosine similarity with a threshold
-  ``τ``; one filter per cluster is kept.
+  ``τ``; one filter per cluster is kept. :func:`merge_tree` gives the whole clustering as its merges.
 - :func:`taylor_group_scores` and :class:`TaylorAccumulator`: first-order Taylor importance of a
   group (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning", eq. 4 with
   eq. 3): ``I_S = (Σ_{s∈S} g_s w_s)^2``, averaged over mini-batches and smoothed across pruning
@@ -41,6 +41,7 @@ __all__ = [
     "fisher_channel_scores",
     "fpgm_scores",
     "geometric_median",
+    "merge_tree",
     "norm_scores",
     "redundant_features",
     "taylor_group_scores",
@@ -115,6 +116,65 @@ def bn_scale_scores(bn: nn.Module | torch.Tensor) -> torch.Tensor:
     return gamma.detach().abs()
 
 
+def merge_tree(
+    units: torch.Tensor, linkage: str = "average", tau: float | None = None
+) -> list[tuple[int, int, float]]:
+    """Agglomerative clustering of filters by cosine similarity, as the list of its merges (Ayinde & Zurada
+    2018 cluster this way).
+
+    Start with singletons and repeatedly merge the two clusters with the highest linkage similarity while it
+    is ``>= tau`` (``tau=None``: until one cluster is left). Linkage similarity of clusters A, B:
+    ``"single"`` max, ``"complete"`` min, ``"average"`` mean of the pairwise cosine similarities (updated by
+    the Lance–Williams formulas; all three are reducible, so the merge similarities do not increase, up to
+    rounding). A zero filter has similarity 0 to every other.
+
+    Args:
+        units: ``(n_units, ...)`` filters.
+        tau: cosine-similarity threshold in [-1, 1], or None (the whole tree: ``n_units - 1`` merges).
+        linkage: ``"single"``, ``"complete"`` or ``"average"``.
+
+    Returns:
+        ``[(i, j, similarity), ...]`` in merge order: the cluster held in slot ``i`` absorbs the one in slot
+        ``j`` (slot ``k`` starts as the singleton ``{k}``).
+
+    Raises:
+        ConfigError: ``tau`` outside [-1, 1], unknown linkage, ``units`` without a unit dimension.
+    """
+    if tau is not None and not -1.0 <= tau <= 1.0:
+        raise ConfigError(f"tau must be a cosine similarity in [-1, 1], got {tau!r}")
+    if linkage not in ("single", "complete", "average"):
+        raise ConfigError(f"linkage must be 'single', 'complete' or 'average', got {linkage!r}")
+    flat = _units(units, "merge_tree")
+    n = flat.shape[0]
+    norms = torch.linalg.vector_norm(flat, dim=1)
+    unit = flat / torch.where(norms > 0, norms, 1.0)[:, None]
+    sim = unit @ unit.T
+    sim.fill_diagonal_(-torch.inf)
+    size = [1] * n
+    alive = torch.ones(n, dtype=torch.bool)
+    merges: list[tuple[int, int, float]] = []
+    while int(alive.sum()) > 1:
+        masked = sim.masked_fill(~(alive[:, None] & alive[None, :]), -torch.inf)
+        best = torch.argmax(masked)
+        i, j = divmod(int(best), n)
+        s = float(masked[i, j])
+        if tau is not None and s < tau:
+            break
+        if linkage == "single":
+            row = torch.maximum(sim[i], sim[j])
+        elif linkage == "complete":
+            row = torch.minimum(sim[i], sim[j])
+        else:
+            row = (size[i] * sim[i] + size[j] * sim[j]) / (size[i] + size[j])
+        sim[i, :] = row
+        sim[:, i] = row
+        sim[i, i] = -torch.inf
+        size[i] += size[j]
+        alive[j] = False
+        merges.append((i, j, s))
+    return merges
+
+
 def redundant_features(
     units: torch.Tensor,
     tau: float,
@@ -123,11 +183,9 @@ def redundant_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster filters by cosine similarity; keep one per cluster (Ayinde & Zurada 2018).
 
-    Agglomerative clustering: start with singletons and repeatedly merge the two clusters with
-    the highest linkage similarity while it is ``>= tau``. Linkage similarity of clusters A, B:
-    ``"single"`` max, ``"complete"`` min, ``"average"`` mean of the pairwise cosine similarities
-    (updated by the Lance–Williams formulas). With single linkage, clusters are exactly the
-    connected components of the graph ``cos(F_i, F_j) >= tau``.
+    The clusters of :func:`merge_tree` at threshold ``tau``: merges of linkage similarity ``>= tau``.
+    With single linkage, clusters are exactly the connected components of the graph
+    ``cos(F_i, F_j) >= tau``.
 
     Args:
         units: ``(n_units, ...)`` filters. A zero filter has similarity 0 to every other.
@@ -143,40 +201,19 @@ def redundant_features(
     Raises:
         ConfigError: ``tau`` outside [-1, 1], unknown linkage or representative.
     """
-    if not -1.0 <= tau <= 1.0:
+    if tau is None or not -1.0 <= tau <= 1.0:
         raise ConfigError(f"tau must be a cosine similarity in [-1, 1], got {tau!r}")
-    if linkage not in ("single", "complete", "average"):
-        raise ConfigError(f"linkage must be 'single', 'complete' or 'average', got {linkage!r}")
     if representative not in ("norm", "first"):
         raise ConfigError(f"representative must be 'norm' or 'first', got {representative!r}")
-    flat = _units(units, "redundant_features")
-    n = flat.shape[0]
-    norms = torch.linalg.vector_norm(flat, dim=1)
-    unit = flat / torch.where(norms > 0, norms, 1.0)[:, None]
-    sim = unit @ unit.T
-    sim.fill_diagonal_(-torch.inf)
+    merges = merge_tree(units, linkage, tau)
+    n = units.shape[0]
+    norms = torch.linalg.vector_norm(_units(units, "redundant_features"), dim=1)
     members: list[list[int] | None] = [[i] for i in range(n)]
-    alive = torch.ones(n, dtype=torch.bool)
-    while int(alive.sum()) > 1:
-        masked = sim.masked_fill(~(alive[:, None] & alive[None, :]), -torch.inf)
-        best = torch.argmax(masked)
-        i, j = divmod(int(best), n)
-        if float(masked[i, j]) < tau:
-            break
+    for i, j, _ in merges:
         a, b = members[i], members[j]
         assert a is not None and b is not None
-        if linkage == "single":
-            row = torch.maximum(sim[i], sim[j])
-        elif linkage == "complete":
-            row = torch.minimum(sim[i], sim[j])
-        else:
-            row = (len(a) * sim[i] + len(b) * sim[j]) / (len(a) + len(b))
-        sim[i, :] = row
-        sim[:, i] = row
-        sim[i, i] = -torch.inf
         members[i] = a + b
         members[j] = None
-        alive[j] = False
     clusters = sorted((sorted(m) for m in members if m is not None), key=lambda m: m[0])
     labels = torch.empty(n, dtype=torch.long)
     keep = torch.zeros(n, dtype=torch.bool)

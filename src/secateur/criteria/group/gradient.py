@@ -87,66 +87,125 @@ class TaylorCriterion(GroupCriterion):
         return out
 
 
+#: Where :class:`FisherCriterion` puts a group's gates.
+FISHER_GATES = ("producer", "norm")
+
+
+def fisher_gate_points(group: Group, model: nn.Module, gate: str = "producer") -> list[tuple[str, Member]]:
+    """``(module path, member)`` of the modules at whose output a group's units are gated.
+
+    ``"producer"``: every conv / linear layer producing the group (the output-channel dim of its weight).
+    ``"norm"``: the group's BatchNorm layers (dim 0 of their scale, or of their running mean when they
+    have no affine scale), where the channels a conv produced leave its BatchNorm; a group without any
+    falls back to its producers. One entry per module.
+    """
+    if gate == "norm":
+        seen: dict[str, Member] = {}
+        for m in group.members:
+            if m.dim != 0 or not m.name.endswith((".weight", ".running_mean")) or m.module in seen:
+                continue
+            mod = model.get_submodule(m.module) if m.module else model
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                seen[m.module] = m
+        if seen:
+            return list(seen.items())
+    return [(m.module, m) for m in producer_members(group, model)]
+
+
 @register_group_criterion("fisher")
 class FisherCriterion(GroupCriterion):
-    """Fisher pruning (Theis et al. 2018, eq. 9; Crowley et al. 2018) at each producing module's output.
+    """Fisher pruning (Theis et al. 2018, eq. 8-9; Crowley et al. 2018): a gate ``z_u = 1`` on each unit,
+    ``Δ_u = 1/(2N) Σ_n (∂L_n/∂z_u)^2`` with ``∂L_n/∂z_u = Σ_{gate points} Σ_{positions, s∈u} a_{ns} g_{ns}``
+    (``g = ∂L/∂a``).
 
-    :meth:`attach` registers a forward hook on every producer (conv / linear whose output dim is a group
-    member); when the output requires grad, a tensor hook on it receives ``g = ∂L/∂a`` and adds
-    ``Σ_n (Σ_{positions, s∈u} a_{ns} g_{ns})^2`` per unit and ``N`` to the group's sums. Scores are
-    ``sum / (2 · N)`` summed over producers, for the batches since the last pruning step.
+    The units of a group share one gate, so the per-sample contributions of every gate point of the group
+    (several in a residual group) are summed *before* squaring. Gate points
+    (:func:`fisher_gate_points`): the producing conv / linear outputs (``gate="producer"``, default) or the
+    group's BatchNorm outputs (``gate="norm"``: removing a channel removes what its BatchNorm outputs, the
+    gate of Crowley et al.'s code, after BN and ReLU, which gives the same derivative).
+
+    :meth:`attach` registers a forward hook on every gate point and a forward pre-hook on the model (which
+    numbers the forward passes); when a gate point's output requires grad, a tensor hook on it receives
+    ``g``. The per-sample sums of a pass are squared and added to the group's statistics when the next
+    pass starts, at :meth:`accumulate`, or when scores are read; scores are ``sum / (2 · N)`` over the
+    samples of the passes since the last pruning step.
+
+    Args:
+        gate: ``"producer"`` or ``"norm"``.
 
     Raises:
-        ConfigError: :meth:`scores` before any backward pass ran through the hooks.
+        ConfigError: an unknown gate; :meth:`scores` before any backward pass ran through the hooks.
     """
 
     name = "fisher"
     needs_data = True
     comparable = True
 
-    def __init__(self) -> None:
-        self.sums: dict[tuple[int, str], np.ndarray] = {}  # (group, producer) -> Σ_n (Σ a·g)^2 per unit
-        self.counts: dict[tuple[int, str], int] = {}  # (group, producer) -> N
-        self.handles: list[Any] = []
+    def __init__(self, gate: str = "producer") -> None:
+        if gate not in FISHER_GATES:
+            raise ConfigError(f"fisher: gate must be one of {FISHER_GATES}, got {gate!r}")
+        self.gate = gate
+        self.sums: dict[int, np.ndarray] = {}  # group -> Σ_n (∂L_n/∂z)^2 per unit
+        self.counts: dict[int, int] = {}  # group -> N
+        self.pending: dict[tuple[int, int], torch.Tensor] = {}  # (group, pass) -> (N, n_units) ∂L_n/∂z
+        self.handles: list[Any] = []  # one forward hook per gate point
+        self.points: list[tuple[int, str]] = []  # (group index, module path) of every hooked gate point
+        self._pass = 0
+        self._pass_hook: Any = None
 
     def attach(self, model: nn.Module, graph: DependencyGraph, group_ids: Sequence[int]) -> None:
         if self.handles:
             return
         for gi in group_ids:
             g = graph.groups[gi]
-            for m in producer_members(g, model):
-                mod = model.get_submodule(m.module) if m.module else model
+            for path, m in fisher_gate_points(g, model, self.gate):
+                mod = model.get_submodule(path) if path else model
                 self.handles.append(mod.register_forward_hook(self._hook(gi, g.n_units, m, mod)))
+                self.points.append((gi, path))
+        self._pass_hook = model.register_forward_pre_hook(self._next_pass)
+
+    def _next_pass(self, module: nn.Module, args: Any) -> None:
+        self.fold()  # the previous passes' backward (if any) is complete
+        self._pass += 1
 
     def _hook(self, gi: int, n_units: int, m: Member, mod: nn.Module) -> Callable:
-        channel_last = not isinstance(mod, nn.modules.conv._ConvNd)
-        onehot = torch.zeros(m.unit_of.size, n_units, dtype=torch.float64)
-        onehot[torch.arange(m.unit_of.size), torch.from_numpy(m.unit_of)] = 1.0
+        channel_first = isinstance(mod, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase))
+        index = torch.from_numpy(m.unit_of)
 
         def forward_hook(module: nn.Module, args: Any, out: Any) -> None:
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 return
-            act = out.detach()
+            act, key = out.detach(), (gi, self._pass)
 
             def grad_hook(grad: torch.Tensor) -> None:
-                a, g = (act.movedim(-1, 1), grad.movedim(-1, 1)) if channel_last else (act, grad)
-                n = a.shape[0]
-                per = (a.double() * g.double()).reshape(n, a.shape[1], -1).sum(2)  # (N, C)
-                unit = (per @ onehot.to(per.device)).pow(2).sum(0).cpu().numpy()  # (n_units,)
-                key = (gi, m.name)
-                self.sums[key] = self.sums.get(key, 0.0) + unit
-                self.counts[key] = self.counts.get(key, 0) + n
+                a, g = (act, grad) if channel_first else (act.movedim(-1, 1), grad.movedim(-1, 1))
+                per = (a.double() * g.double()).reshape(a.shape[0], a.shape[1], -1).sum(2)  # (N, C)
+                unit = per.new_zeros(per.shape[0], n_units).index_add_(1, index.to(per.device), per)
+                self.pending[key] = self.pending[key] + unit if key in self.pending else unit
 
             out.register_hook(grad_hook)
 
         return forward_hook
 
+    def fold(self) -> None:
+        """Square the per-sample gate derivatives of the finished passes and add them to the statistics."""
+        for (gi, _), per in self.pending.items():
+            self.sums[gi] = self.sums.get(gi, 0.0) + per.pow(2).sum(0).cpu().numpy()
+            self.counts[gi] = self.counts.get(gi, 0) + per.shape[0]
+        self.pending = {}
+
+    def accumulate(self, model: nn.Module, graph: DependencyGraph, group_ids: Sequence[int]) -> None:
+        self.fold()
+
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
-        self.handles = []
+        if self._pass_hook is not None:
+            self._pass_hook.remove()
+        self.handles, self.points, self._pass_hook = [], [], None
 
     def has_stats(self) -> bool:
+        self.fold()
         return bool(self.counts)
 
     def missing_stats_message(self) -> str:
@@ -159,10 +218,10 @@ class FisherCriterion(GroupCriterion):
         if not self.has_stats():
             raise ConfigError(self.missing_stats_message())
         out = {gi: np.zeros(graph.groups[gi].n_units) for gi in group_ids}
-        for (gi, _), total in self.sums.items():
+        for gi, total in self.sums.items():
             if gi in out:
-                out[gi] = out[gi] + total / (2.0 * self.counts[(gi, _)])
+                out[gi] = total / (2.0 * self.counts[gi])
         return out
 
     def after_prune(self) -> None:
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts, self.pending = {}, {}, {}
