@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from secateur._torch import eval_mode
 from secateur.errors import ConfigError, SerializationError
 from secateur.train import checkpoint
 from secateur.train.ddp import is_main_process
@@ -362,23 +363,19 @@ class Trainer:
     def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
         """Top-1 accuracy (fraction in [0, 1]) and mean cross-entropy (nats per sample) on ``loader``.
 
-        The model is put in eval mode and its previous mode restored afterwards.
+        The model is put in eval mode and each module's own mode restored afterwards.
 
         Raises:
             ConfigError: ``loader`` yields no samples.
         """
-        was_training = self.model.training
-        self.model.eval()
         loss_sum = correct = seen = 0.0
-        try:
+        with eval_mode(self.model):
             for x, y in loader:
                 x, y = self._to_device(x, y)
                 logits = self.model(x)
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 correct += float((logits.argmax(1) == y).sum())
                 seen += y.shape[0]
-        finally:
-            self.model.train(was_training)
         if seen == 0:
             raise ConfigError("Trainer.evaluate: the loader yielded no samples")
         return {"accuracy": correct / seen, "loss": loss_sum / seen}
