@@ -88,7 +88,7 @@ def ours_once(model: torch.nn.Module, x: torch.Tensor, prune_normalized: bool = 
     c0 = _clocks()
     graph = DependencyGraph.build(m, x, prune_normalized=prune_normalized)
     c1 = _clocks()
-    prune_channels(m, x, ratio=0.5, criterion="l1", graph=graph, verify=False)
+    prune_channels(m, x, sparsity=0.5, criterion="l1", graph=graph, verify=False)
     c2 = _clocks()
     with torch.no_grad():
         m(x)
@@ -232,7 +232,7 @@ def main() -> None:
         print(name, json.dumps(row, indent=1), flush=True)
     if not args.skip_latency:
         dense = build_models()["hf-resnet-50"]
-        pruned, _ = prune_channels(copy.deepcopy(dense), x, ratio=0.5, criterion="l1", verify=False)
+        pruned, _ = prune_channels(copy.deepcopy(dense), x, sparsity=0.5, criterion="l1", verify=False)
         md, mp = macs(dense, x), macs(pruned, x)
         lat: dict = {
             "batch": args.batch,

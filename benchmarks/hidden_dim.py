@@ -52,7 +52,7 @@ def run(name: str, ratio: float, normalized: bool) -> dict:
     # would also freeze its input dim, the hidden size
     graph = DependencyGraph.build(model, x, prune_normalized=normalized)
     reference = __import__("copy").deepcopy(model)
-    pruned, plan = prune_channels(model, x, ratio=ratio, criterion="l1", graph=graph, verify=False)
+    pruned, plan = prune_channels(model, x, sparsity=ratio, criterion="l1", graph=graph, verify=False)
     seconds = time.perf_counter() - t0
     diff = check_equivalence(mask_model(reference, plan), pruned, x)
     hidden = getattr(pruned.config, "hidden_size", None)

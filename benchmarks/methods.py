@@ -205,7 +205,7 @@ def channels(method: str, dense, loaders, args, seed: int, l1_removed: int) -> d
     extra: dict[str, Any] = {}
     if method in ("L1 norm", "random"):
         _, plan = prune_channels(
-            m, X1, ratio=r, criterion="l1" if method == "L1 norm" else "random", seed=seed
+            m, X1, sparsity=r, criterion="l1" if method == "L1 norm" else "random", seed=seed
         )
         extra["channels_removed"] = sum(len(g["removed"]) for g in plan["groups"])
         ms = 0

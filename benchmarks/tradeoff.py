@@ -433,11 +433,11 @@ def fallback_channels(
     torch.manual_seed(seed)
 
     def macs_at(ratio: float) -> float:
-        m, _ = prune_channels(copy.deepcopy(model), example, ratio=ratio, criterion=method)
+        m, _ = prune_channels(copy.deepcopy(model), example, sparsity=ratio, criterion=method)
         return count_macs(m, example)["macs"]
 
     torch.manual_seed(seed)
-    m, _ = prune_channels(model, example, ratio=_ratio_for(macs_at, goal), criterion=method)
+    m, _ = prune_channels(model, example, sparsity=_ratio_for(macs_at, goal), criterion=method)
     return m
 
 

@@ -121,7 +121,7 @@ def test_uniform_heads_in_models_without_head_dim_still_fail_loudly_in_transform
     torch.manual_seed(0)
     model, x = MODELS[name]()
     model, plan = sc.prune_channels(
-        model, x, criterion="l1", ratio=0.5, protect=["*intermediate*", "*mlp*", "*pooler*"]
+        model, x, criterion="l1", sparsity=0.5, protect=["*intermediate*", "*mlp*", "*pooler*"]
     )
     assert len(plan["groups"]) == 2 and all(g["n_units"] - len(g["removed"]) == 2 for g in plan["groups"])
     assert next(iter(plan["config"].values()))["head_dim"] == [None, 8]
@@ -136,7 +136,7 @@ def test_llama_uniform_heads_load_with_plain_transformers_too(tmp_path):
     torch.manual_seed(0)
     model, x = tiny_llama()
     p0 = n_params(model)
-    model, plan = sc.prune_channels(model, x, criterion="l2", ratio=0.5)
+    model, plan = sc.prune_channels(model, x, criterion="l2", sparsity=0.5)
     assert n_params(model) < p0
     assert model.config.num_attention_heads == 4 and model.config.head_dim == 8
     sc.save_pretrained(model, tmp_path, plan)
@@ -432,5 +432,5 @@ def test_prune_heads_uniform_with_a_data_free_criterion_and_bad_input():
         sc.prune_heads(bert, xb, 0.5)  # data-dependent criterion without data
     assert all(not m._forward_pre_hooks for m in bert.modules())  # hooks removed, model untouched
     assert torch.equal(mlp[0].weight, w)
-    with pytest.raises(sc.ConfigError, match="ratio"):
+    with pytest.raises(sc.ConfigError, match="sparsity"):
         sc.prune_heads(bert, xb, 1.0)

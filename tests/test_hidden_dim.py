@@ -512,7 +512,8 @@ def test_save_pretrained_turns_transformers_config_refusal_into_a_named_error(tm
         num_attention_heads=6, num_key_value_heads=3, head_dim=8,
     )
     m = transformers.LlamaForCausalLM(cfg).eval()
-    m, plan = prune_channels(m, {"input_ids": torch.randint(0, 64, (1, 8))}, 0.3, "l1", prune_normalized=True)
+    ids = {"input_ids": torch.randint(0, 64, (1, 8))}
+    m, plan = prune_channels(m, ids, sparsity=0.3, criterion="l1", prune_normalized=True)
     assert m.config.hidden_size % 6 != 0
     with pytest.raises(SerializationError, match="round_to=.*secateur.save"):
         sc.save_pretrained(m, tmp_path / "hf", plan=plan)

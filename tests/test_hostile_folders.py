@@ -152,7 +152,8 @@ def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def pruned_lenet(tmp_path_factory) -> Path:
     """A channel-pruned zoo model saved with its plan (copied per test before being tampered with)."""
     model = create_model("lenet5").eval()
-    model, plan = sc.prune_channels(model, torch.zeros(1, 1, 28, 28), ratio=0.5, criterion="l1", verify=False)
+    x = torch.zeros(1, 1, 28, 28)
+    model, plan = sc.prune_channels(model, x, sparsity=0.5, criterion="l1", verify=False)
     return save(model, tmp_path_factory.mktemp("src") / "lenet", plan=plan)
 
 

@@ -40,7 +40,7 @@ def test_structurally_pruned_model_round_trips(tmp_path):
     model = create_model("vgg_small")
     x = torch.randn(2, 1, 28, 28)
     model.eval()
-    model, plan = prune_channels(model, x, ratio=0.4, criterion="l1")
+    model, plan = prune_channels(model, x, sparsity=0.4, criterion="l1")
     save(model, tmp_path / "p", plan=plan)
     loaded = load(tmp_path / "p")
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
@@ -59,7 +59,7 @@ def test_huggingface_model_round_trips_with_original_config(tmp_path):
     )
     model = transformers.BertModel(cfg).eval()
     ids = {"input_ids": torch.randint(0, 64, (1, 8))}
-    model, plan = prune_channels(model, ids, ratio=0.5, criterion="l1")
+    model, plan = prune_channels(model, ids, sparsity=0.5, criterion="l1")
     save(model, tmp_path / "hf", plan=plan)
     loaded = load(tmp_path / "hf").eval()
     with torch.no_grad():

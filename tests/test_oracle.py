@@ -181,7 +181,7 @@ def test_prune_channels_refuses_nan_example_inputs_before_changing_anything():
     with pytest.raises(
         ConfigError, match=r"example_inputs: input tensor 0 \(shape \(2, 3, 8, 8\)\) holds NaN"
     ):
-        prune_channels(model, x, ratio=0.5)
+        prune_channels(model, x, sparsity=0.5)
     assert _same(model, before) and model[0].out_channels == 8
 
     graph = DependencyGraph.build(model, torch.randn(2, 3, 8, 8))
@@ -197,7 +197,7 @@ def test_prune_channels_refuses_nan_example_inputs_before_changing_anything():
     with pytest.raises(ConfigError, match="example_inputs"):
         pruner.finalize()
     assert _same(model, masked)
-    model2, _ = prune_channels(_net(), x, ratio=0.5, verify=False)  # without the oracle: allowed
+    model2, _ = prune_channels(_net(), x, sparsity=0.5, verify=False)  # without the oracle: allowed
     assert model2[0].out_channels == 4
 
 
@@ -207,7 +207,7 @@ def test_nan_weights_make_verification_fail_and_roll_back():
         model[3].bias[0] = float("nan")  # a layer that is not pruned: the output is NaN in both models
     before = _state(model)
     with pytest.raises(NonFiniteOutputError, match=r"not finite \(NaN in the masked model") as ei:
-        prune_channels(model, torch.randn(2, 3, 8, 8), ratio=0.5)
+        prune_channels(model, torch.randn(2, 3, 8, 8), sparsity=0.5)
     assert ei.value.in_reference  # refused at once: no group is blamed for the model's own NaN
     assert _same(model, before) and model[0].out_channels == 8
 

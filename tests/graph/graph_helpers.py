@@ -12,9 +12,10 @@ def prune_and_check(
 ):
     """Prune ``ratio`` of every group with the oracle (per output, float64: finite and ``max|a - b| <= atol
     + rtol * magnitude``); returns (pruned model, plan, graph, max abs diff)."""
+    from secateur.allocation.structured import choose_units
     from secateur.compact import check_equivalence, mask_model
     from secateur.graph import DependencyGraph
-    from secateur.pruners.oneshot import choose_units, remove_units
+    from secateur.pruners.oneshot import remove_units
 
     graph = DependencyGraph.build(model, x, **kw)
     rng = np.random.default_rng(seed)

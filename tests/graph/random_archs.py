@@ -234,7 +234,7 @@ def check_spec(
     model, x = build(spec, seed)
     original = copy.deepcopy(model)
     try:
-        pruned, plan = prune_channels(model, x, ratio=ratio, criterion=criterion, seed=seed, verify=True)
+        pruned, plan = prune_channels(model, x, sparsity=ratio, criterion=criterion, seed=seed, verify=True)
     except (GraphError, CompactionError) as e:
         return "refused", f"{type(e).__name__}: {e}"[:300]
     except Exception as e:  # a raw exception is what this check looks for

@@ -166,7 +166,7 @@ def test_no_hooks_left_mode_restored_frozen_params():
         for mod in m.modules():
             assert not mod._forward_hooks and not mod._forward_pre_hooks
         assert m.training and not m.conv2.training and m.conv.training
-    pruned, plan = prune_channels(m, x, ratio=0.5, criterion="l1", verify=True)
+    pruned, plan = prune_channels(m, x, sparsity=0.5, criterion="l1", verify=True)
     assert pruned.conv.out_channels == 4 and not pruned.conv.weight.requires_grad
 
 
@@ -244,7 +244,7 @@ def test_round_to_and_plan_is_json():
 
     m = M()
     x = torch.randn(3, 4)
-    pruned, plan = prune_channels(m, x, ratio=0.3, round_to=8, criterion="random", verify=True)
+    pruned, plan = prune_channels(m, x, sparsity=0.3, round_to=8, criterion="random", verify=True)
     assert pruned.a.out_features == 24
     back = json.loads(json.dumps(plan))
     assert back == plan and set(back["tensors"]) == {"a.weight", "a.bias", "b.weight"}
@@ -267,7 +267,7 @@ def test_never_all_units_and_at_least_one_per_member():
 
     m = M()
     x = torch.randn(3, 4)
-    pruned, _ = prune_channels(m, x, ratio=0.95, criterion="random", verify=True)
+    pruned, _ = prune_channels(m, x, sparsity=0.95, criterion="random", verify=True)
     assert pruned.a.out_features >= 1 and pruned.b.out_features >= 1
 
 
@@ -334,9 +334,9 @@ def test_prune_channels_prunes_normalised_dims_on_request():
     m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 2)).eval()
     x = torch.randn(3, 4)
     with pytest.raises(GraphError, match="layer_norm"):
-        prune_channels(m, x, ratio=0.5)
+        prune_channels(m, x, sparsity=0.5)
     ref = copy.deepcopy(m)
-    _, plan = prune_channels(m, x, ratio=0.5, criterion="l1", prune_normalized=True)
+    _, plan = prune_channels(m, x, sparsity=0.5, criterion="l1", prune_normalized=True)
     assert m[1].normalized_shape == (4,) and m[0].out_features == 4 and m[3].in_features == 4
     kept = plan["tensors"]["1.weight"]["0"]
     h = ref[0](x)[:, kept]

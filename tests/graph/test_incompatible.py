@@ -50,7 +50,7 @@ def test_a_head_width_derived_from_the_input_is_a_named_refusal_and_the_model_is
     model, x = _model()
     before = _state(model)
     with pytest.raises(IncompatibleGroupError) as ei:
-        prune_channels(model, x, ratio=0.5, criterion="random")
+        prune_channels(model, x, sparsity=0.5, criterion="random")
     msg = str(ei.value)
     # the op and the module where the compacted forward broke, and the group at fault
     assert "op 'reshape' in module '0' (DerivedHeadWidth)" in msg
@@ -68,7 +68,7 @@ def test_skip_incompatible_leaves_those_groups_whole_and_prunes_the_rest_exactly
     ref = copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        _, plan = prune_channels(model, x, ratio=0.5, criterion="random", skip_incompatible=True)
+        _, plan = prune_channels(model, x, sparsity=0.5, criterion="random", skip_incompatible=True)
     assert any("left 1 group(s) whole" in str(r.message) for r in w)
     assert list(plan["skipped"]) == [g for g in plan["skipped"] if g.startswith("0.qkv")]
     assert "op 'reshape'" in next(iter(plan["skipped"].values()))
@@ -101,7 +101,7 @@ def test_a_wrong_user_rule_is_caught_by_the_oracle_and_named(monkeypatch):
     model, x = Roll().eval(), torch.randn(1, 3, 4, 4)
     before = _state(model)
     with pytest.raises(IncompatibleGroupError, match=r"group a\.weight.*differs from masked output"):
-        prune_channels(model, x, ratio=0.25, criterion="l1")
+        prune_channels(model, x, sparsity=0.25, criterion="l1")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.a.out_channels == 8
 
@@ -122,7 +122,7 @@ def test_a_model_with_nothing_prunable_is_a_named_refusal():
 
     model, x = InlineRms().eval(), torch.randn(1, 3, 4, 4)
     with pytest.raises(GraphError, match=r"nothing to prune in InlineRms: .*reduction over a channel dim"):
-        prune_channels(model, x, ratio=0.3)
+        prune_channels(model, x, sparsity=0.3)
     assert model.a.out_channels == 8
 
 
@@ -134,7 +134,7 @@ def test_protect_with_a_prebuilt_graph_is_refused():
     model, x = _model()
     g = DependencyGraph.build(model, x)
     with pytest.raises(ConfigError, match="pass them to DependencyGraph.build"):
-        prune_channels(model, x, ratio=0.3, graph=g, protect=["0.fc1"])
+        prune_channels(model, x, sparsity=0.3, graph=g, protect=["0.fc1"])
     assert model[0].fc1.out_features == 16
 
 
@@ -165,7 +165,7 @@ def test_numeric_culprits_are_found_by_halving(monkeypatch):
     torch.manual_seed(0)
     model, x = Chain().eval(), torch.randn(2, 3, 4, 4)
     with pytest.raises(IncompatibleGroupError) as ei:
-        prune_channels(model, x, ratio=0.25, criterion="l1")
+        prune_channels(model, x, sparsity=0.25, criterion="l1")
     named = [ln for ln in str(ei.value).splitlines() if ln.strip().startswith("group ")]
     assert len(named) == 1 and "convs.13.weight" in named[0], named
     assert len(calls) <= 1 + 2 * 4 + 1  # the failing full check, then halving over 16 groups

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from secateur._torch import call_model
 from secateur.analysis.counting import frozen_parameters
-from secateur.pruners.oneshot import require_prunable
+from secateur.pruners.channel import require_prunable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

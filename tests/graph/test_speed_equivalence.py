@@ -25,6 +25,7 @@ from torch import nn
 import secateur.graph.shapes as shapes_mod
 import secateur.graph.tracer as tracer_mod
 from secateur._torch import iter_tensors, op_name
+from secateur.allocation.structured import choose_units, ensure_member_nonempty
 from secateur.compact import (
     CONFIG_FF_KEYS,
     CONFIG_HEAD_KEYS,
@@ -38,6 +39,7 @@ from secateur.compact import (
     make_plan,
 )
 from secateur.compact.apply import _sliced
+from secateur.criteria.group.norms import lp_scores
 from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph import DependencyGraph
 from secateur.graph.atoms import connected_labels
@@ -45,7 +47,6 @@ from secateur.graph.groups import Group, Member, _match
 from secateur.graph.norms import norm_dim
 from secateur.graph.rules import MODULE_RULES, RULES
 from secateur.graph.tracer import ParamDim, run_trace
-from secateur.pruners.oneshot import _ensure_member_nonempty, choose_units, lp_scores
 from secateur.zoo import create_model
 
 
@@ -488,7 +489,7 @@ def _removals(graph: DependencyGraph, seed: int = 0) -> dict[int, np.ndarray]:
         if g.n_prunable == 0:
             continue
         scores = rng.random(g.n_units)
-        rm = _ensure_member_nonempty(g, choose_units(g, scores, 0.5), scores)
+        rm = ensure_member_nonempty(g, choose_units(g, scores, 0.5), scores)
         if rm.size:
             removed[gi] = rm
     return removed

@@ -50,7 +50,7 @@ def test_out_of_vocabulary_ids_in_one_of_several_inputs_are_named_by_position():
 def test_in_vocabulary_ids_trace_and_prune():
     model = TinyLM().eval()
     ids = torch.randint(0, 11, (2, 5))
-    pruned, _ = prune_channels(model, ids, ratio=0.5)
+    pruned, _ = prune_channels(model, ids, sparsity=0.5)
     assert pruned.fc.out_features == 6
 
 

@@ -84,7 +84,7 @@ def test_untraced_branch_is_refused_by_name_and_the_model_is_untouched():
     assert "ExampleInputs" in msg and "untraced='freeze'" in msg  # the two remedies
     assert "op 'bool' in module 'gate' (Gate)" in msg  # where the data-dependent branch was decided
     with pytest.raises(UntracedModuleError):  # the same refusal through the one-call entry point
-        prune_channels(model, xb.neg(), ratio=0.5)
+        prune_channels(model, xb.neg(), sparsity=0.5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # the other input reaches b but not a: the refusal names a's modules (b.1 is a ReLU: no parameters)
     with pytest.raises(UntracedModuleError, match=r"'gate\.a\.0' \(Conv2d\), 'gate\.a\.1' \(BatchNorm2d\)"):
@@ -101,7 +101,7 @@ def test_several_example_inputs_merge_both_branches_and_the_pruned_model_is_exac
     assert g is graph.group_of("gate.b.2.weight", 0) and g is graph.group_of("body.0.weight", 1)
     assert graph.group_of("stem.0.weight", 0) is graph.group_of("gate.b.0.weight", 1)
     assert graph.group_of("gate.b.0.weight", 0).n_prunable == 12
-    pruned, plan = prune_channels(model, xa, ratio=0.5, graph=graph, verify=True)
+    pruned, plan = prune_channels(model, xa, sparsity=0.5, graph=graph, verify=True)
     assert pruned.gate.b[0].out_channels == 6 and pruned.gate.b[2].in_channels == 6
     assert pruned.stem[0].out_channels == 4 and pruned.gate.b[0].in_channels == 4
     for x in (xa, xb):  # both branches run and equal the masked original
@@ -119,7 +119,7 @@ def test_freeze_keeps_the_untraced_branch_whole_and_the_pruned_model_runs_it_exa
     assert frozen.n_prunable == 0 and "untraced" in " ".join(frozen.reasons)
     assert graph.group_of("gate.a.0.weight", 0).n_prunable == 0  # made inside gate: frozen too
     assert graph.group_of("body.0.weight", 0).n_prunable == 16  # after gate returned: prunable
-    pruned, plan = prune_channels(model, xa, ratio=0.5, graph=graph, verify=True)
+    pruned, plan = prune_channels(model, xa, sparsity=0.5, graph=graph, verify=True)
     assert pruned.body[0].out_channels == 8
     assert all(torch.equal(v, b_before[k]) for k, v in pruned.gate.b.state_dict().items())
     for x in (xa, xb):  # branch b, never traced, still runs and is exact
@@ -147,7 +147,7 @@ def test_freeze_when_the_root_holds_the_branch_leaves_nothing_prunable_and_says_
         graph = DependencyGraph.build(model, x, untraced="freeze")
     assert not graph.prunable_groups()
     with pytest.raises(GraphError, match="nothing to prune.*untraced modules 'b' \\(Conv2d\\)"):
-        prune_channels(model, x, ratio=0.5, graph=graph)
+        prune_channels(model, x, sparsity=0.5, graph=graph)
     # both inputs: every channel is traced and prunable again
     graph = DependencyGraph.build(model, ExampleInputs([x, -x]))
     assert graph.group_of("a.weight", 0) is graph.group_of("b.weight", 0)

@@ -15,7 +15,7 @@ Here every step is an existing piece of secateur:
 - **criteria**: :class:`LLMPrunerTaylor` (the paper's eq. 3-5) and :class:`WandaStructured` (Wanda's
   ``|W| * ||X||`` summed over a group) are :class:`~secateur.criteria.group.GroupCriterion` pieces;
   ``"random"`` is :class:`~secateur.criteria.group.RandomCriterion`.
-- **allocation**: per layer uniform, :func:`secateur.pruners.oneshot.choose_units` in each group.
+- **allocation**: per layer uniform, :func:`secateur.allocation.structured.choose_units` in each group.
 - **surgery**: :func:`secateur.pruners.oneshot.remove_units` (plan, masks, transactional compaction, float64
   oracle), which also updates the Hugging Face config where every layer agrees on the new size.
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur.allocation.structured import choose_units, ensure_member_nonempty
 from secateur.criteria.group import (
     GroupCriterion,
     GroupScores,
@@ -48,7 +49,7 @@ from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group, Member
 from secateur.llm.calibration import InputStats
 from secateur.llm.oneshot import find_blocks, is_linear_like
-from secateur.pruners.oneshot import choose_units, ensure_member_nonempty, remove_units
+from secateur.pruners.oneshot import remove_units
 
 CRITERIA = ("taylor", "wanda", "random")
 TAYLOR_VARIANTS = ("vector", "element1", "element2")

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur.allocation.structured import ensure_member_nonempty
 from secateur.criteria.group.functional import redundant_features
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.pruners.oneshot import ensure_member_nonempty, remove_units
+from secateur.pruners.oneshot import remove_units
 
 __all__ = ["filter_clusters", "group_filters", "prune_redundant"]
 

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur.allocation.structured import choose_units, ensure_member_nonempty
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.pruners.oneshot import choose_units, ensure_member_nonempty, remove_units
+from secateur.pruners.oneshot import remove_units
 
 __all__ = ["SlimmingPenalty", "bn_group_scores", "prune_groups", "slim"]
 

@@ -1,4 +1,5 @@
-"""ChannelPruner: structured (channel / head / FFN-neuron) pruning driven by a schedule, then compaction.
+"""ChannelPruner: THE structured driver (channels, attention heads, FFN neurons): graph, criterion,
+allocation, then masks (training) or removal (one-shot), then compaction through the oracle.
 
 The structured counterpart of :class:`secateur.pruners.element.Pruner`, with torch.ao.pruning's split of
 *what* (criterion over graph groups, allocation, target) from *when* (a :mod:`secateur.schedules`
@@ -10,7 +11,11 @@ schedule)::
         loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward()
         pruner.accumulate()                          # data-dependent criteria only (taylor)
         opt.step(); pruner.step(step)                # the schedule decides when masks change
-    model = pruner.finalize()                         # physical removal; pruner.plan is the JSON plan
+    model = pruner.finalize()                        # physical removal; pruner.plan is the JSON plan
+
+One-shot entry points (:func:`secateur.pruners.oneshot.prune_channels`,
+:func:`secateur.pruners.heads.prune_heads`) are thin calls: :meth:`ChannelPruner.select` scores and allocates
+without touching the model, and :func:`secateur.pruners.oneshot.remove_units` compacts under the oracle.
 
 The graph (:class:`secateur.graph.DependencyGraph`) is traced once at construction. Removed units are
 masked: every parameter slice of a removed unit gets an element mask (:func:`secateur.masks.set_mask`, a
@@ -25,10 +30,11 @@ tensor is re-zeroed at every :meth:`ChannelPruner.step`, since the other owner r
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import heapq
+import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,8 +42,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateur._validate import check_sparsity
-from secateur.analysis.counting import count_params, layer_table
+from secateur._validate import check_model, check_name_patterns, check_round_to, check_sparsity
+from secateur.allocation.structured import (
+    ALLOCATIONS,
+    NORMALIZERS,
+    TARGETS,
+    build_cost_model,
+    global_removal,
+    normalise_scores,
+    uniform_fraction_for,
+    uniform_removal,
+)
 from secateur.compact import (
     ATOL,
     RTOL,
@@ -50,102 +65,91 @@ from secateur.compact import (
 from secateur.compact.norms import norm_plan, set_norm_masks
 from secateur.compact.verify import verified_compact
 from secateur.criteria.group import (
+    GROUP_CRITERIA,
     GroupCriterion,
     collect,
     effective_tensor,
     get_group_criterion,
+    head_group_ids,
     stored_parameter,
 )
-from secateur.errors import ConfigError
+from secateur.errors import ConfigError, GraphError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.masks import get_mask, has_mask, set_mask
 from secateur.masks.element import element_mask
 from secateur.pruners.base import PrunerBase
-from secateur.pruners.oneshot import _ensure_member_nonempty, choose_units
 from secateur.schedules import OneShot, Schedule
 
-__all__ = ["ChannelPruner", "MaskRestorePoint", "TARGETS"]
+__all__ = [
+    "GRANULARITIES",
+    "TARGETS",
+    "ChannelPruner",
+    "GroupSelection",
+    "MaskRestorePoint",
+    "require_prunable",
+]
 
-TARGETS = ("channels", "params", "macs", "latency")
-ALLOCATIONS = ("global", "uniform")
-NORMALIZERS = ("auto", "mean", "max", "none")
-_EPS = 1e-12
+#: Which groups a structured pruner may prune: every prunable group, or only attention-head groups.
+GRANULARITIES = ("channel", "head")
+
+#: Groups a pruner may prune: indices into ``graph.groups``, or a function of the graph that returns them.
+GroupSelection = Iterable[int] | Callable[[DependencyGraph], Iterable[int]]
 
 
-class _CostModel:
-    """What remains of a resource (parameters, MACs or prunable units) given the removed units.
+def require_prunable(graph: DependencyGraph) -> None:
+    """Raise GraphError if no group of ``graph`` has a prunable unit, with the most common reasons.
 
-    Every cost item (a parameter tensor's size, a layer's measured MACs, a group's prunable unit count)
-    is multilinear in the kept fractions of the channel dims it spans: ``base · Π_d kept_d / size_d``.
-    This is exact for parameters and for conv / linear MACs (a conv costs ``C_out · C_in / groups ·
-    k_h · k_w`` per output position; a depthwise conv's weight spans only its output dim), and
-    conservative for MACs that no layer weight scales (functional ops such as attention's
-    ``softmax(QKᵀ)V``, counted as fixed although removing heads shrinks them).
+    Why: a model whose every channel is frozen (e.g. all widths normalised by an RMSNorm over channels) would
+    otherwise come back unchanged, which reads as success.
     """
-
-    def __init__(self, total: float) -> None:
-        self.total = float(total)
-        self.slot_counts: list[np.ndarray] = []  # per slot: indices of the dim owned by each unit
-        self.slot_size: list[int] = []
-        self.group_slots: dict[int, list[int]] = {}
-        self.item_base: list[float] = []
-        self.item_slots: list[list[int]] = []
-        self.fixed = self.total
-
-    def add_slot(self, gi: int, counts: np.ndarray) -> int:
-        self.slot_counts.append(counts.astype(np.int64))
-        self.slot_size.append(int(counts.sum()))
-        self.group_slots.setdefault(gi, []).append(len(self.slot_counts) - 1)
-        return len(self.slot_counts) - 1
-
-    def add_item(self, base: float, slots: list[int]) -> None:
-        self.item_base.append(float(base))
-        self.item_slots.append(slots)
-        self.fixed -= float(base)
-
-    def state(self, removed: Mapping[int, np.ndarray]) -> _CostState:
-        return _CostState(self, removed)
+    if graph.prunable_groups():
+        return
+    counts: dict[str, int] = {}
+    for g in graph.groups:
+        for r in g.reasons:
+            counts[r] = counts.get(r, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    why = "; ".join(f"{r} (x{n})" for r, n in top) or "no groups"
+    raise GraphError(
+        f"nothing to prune in {type(graph.model).__name__}: all {len(graph.groups)} groups are frozen. "
+        f"Most common reasons: {why}"
+    )
 
 
-class _CostState:
-    """Kept index counts per slot and the remaining cost; updated unit by unit during a greedy pass."""
+def _criterion(
+    spec: str | GroupCriterion | Callable[[Group, nn.Module], Any],
+    kwargs: Mapping[str, Any] | None,
+    seed: int | None,
+) -> GroupCriterion:
+    """The criterion of ``spec``; ``seed`` goes to a registered criterion whose constructor takes one."""
+    kwargs = dict(kwargs or {})
+    if seed is not None and isinstance(spec, str) and "seed" not in kwargs:
+        try:
+            takes_seed = "seed" in inspect.signature(GROUP_CRITERIA.get(spec)).parameters
+        except (TypeError, ValueError):  # no signature to read (a builtin): pass nothing
+            takes_seed = False
+        except ConfigError:  # unknown name: get_group_criterion says so with the registered names
+            takes_seed = False
+        if takes_seed:
+            kwargs["seed"] = int(seed)
+    return get_group_criterion(spec, **kwargs)
 
-    def __init__(self, model: _CostModel, removed: Mapping[int, np.ndarray]) -> None:
-        self.m = model
-        self.kept = np.array(model.slot_size, dtype=np.float64)
-        for gi, rm in removed.items():
-            if len(rm):
-                for s in model.group_slots.get(gi, []):
-                    self.kept[s] -= model.slot_counts[s][np.asarray(rm, dtype=np.int64)].sum()
-        self.item_val = np.array([self._item(i) for i in range(len(model.item_base))], dtype=np.float64)
-        self.slot_items: dict[int, list[int]] = {}
-        for i, slots in enumerate(model.item_slots):
-            for s in slots:
-                self.slot_items.setdefault(s, []).append(i)
 
-    def _item(self, i: int) -> float:
-        v = self.m.item_base[i]
-        for s in self.m.item_slots[i]:
-            v *= self.kept[s] / max(self.m.slot_size[s], 1)
-        return v
-
-    def remaining(self) -> float:
-        return self.m.fixed + float(self.item_val.sum())
-
-    def removed_fraction(self) -> float:
-        return 1.0 - self.remaining() / self.m.total if self.m.total > 0 else 0.0
-
-    def remove(self, gi: int, units: np.ndarray) -> None:
-        touched: set[int] = set()
-        for s in self.m.group_slots.get(gi, []):
-            self.kept[s] -= self.m.slot_counts[s][units].sum()
-            touched.update(self.slot_items.get(s, []))
-        for i in touched:
-            self.item_val[i] = self._item(i)
+@contextlib.contextmanager
+def _buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``model`` back (values, in place) when the block ends, however it ends."""
+    saved = [(b, b.detach().clone()) for _, b in model.named_buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
 
 
 class ChannelPruner(PrunerBase):
-    """Schedule-driven structured pruning over dependency-graph groups, with masks, then compaction.
+    """Structured pruning over dependency-graph groups: score, allocate, then mask (driven by a schedule) or
+    select for one-shot removal; :meth:`finalize` compacts.
 
     Args:
         model: the network (changed in place: masks during training, physical removal at :meth:`finalize`).
@@ -153,16 +157,19 @@ class ChannelPruner(PrunerBase):
             to measure MACs.
         schedule: a :mod:`secateur.schedules` object (``OneShot``, ``Iterative``, ``Cubic``) or a float for
             one-shot pruning at step 0. Its sparsity is a *fraction* in [0, 1) of ``target``.
-        criterion: a :mod:`secateur.criteria.group` name (``"random"``, ``"l1"``, ``"l2"``, ``"bn_scale"``,
-            ``"fpgm"``, ``"taylor"``, ``"fisher"``), a :class:`GroupCriterion`, or ``f(group, model) ->
-            (n_units,) scores`` (higher = keep).
+        criterion: a registered group criterion name (:data:`secateur.criteria.group.GROUP_CRITERIA`:
+            ``"random"``, ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"fpgm"``, ``"taylor"``, ``"fisher"``,
+            ``"michel"``, ...), a :class:`GroupCriterion`, or ``f(group, model) -> (n_units,) scores``
+            (higher = keep). A criterion may score only some groups (its ``scores`` dict omits the others,
+            or maps them to None): those are left whole.
         allocation: ``"uniform"`` (the same fraction of every group's prunable units; for params/MACs
             targets that fraction is found by bisection) or ``"global"`` (one ranking over all groups).
         target: what the sparsity is a fraction of: ``"channels"`` (prunable units: channels, heads,
             neurons), ``"params"`` (all parameters of the model) or ``"macs"`` (multiply-accumulates of one
             forward on ``example_inputs``, not FLOPs) or ``"latency"`` (the dense model's *measured* latency:
             the MAC ranking is walked and compacted copies are timed, see ``latency``). Costs per unit: see
-            :class:`_CostModel`.
+            :class:`secateur.allocation.structured.CostModel`. With ``"uniform"`` and ``"channels"`` the
+            sparsity is each group's own fraction (``floor(sparsity · n_prunable)`` units), never unreachable.
         protect: module name patterns never pruned (fnmatch, ``"re:..."`` for a regex).
         round_to: kept unit counts are multiples of this (a group smaller than it is left alone).
         data: a batch ``(x, y)`` or an iterable of batches for data-dependent criteria when no statistics
@@ -177,21 +184,39 @@ class ChannelPruner(PrunerBase):
             :meth:`secateur.graph.DependencyGraph.build`); the masks then make those norms compute their
             statistics over the kept channels (:mod:`secateur.compact.norms`).
         criterion_kwargs: extra arguments for the criterion (e.g. ``{"method": "sum"}`` for fpgm).
-        graph: a graph already traced from ``model`` (skips the trace).
+        graph: a graph already traced from ``model`` (skips the trace; then ``protect``, ``prune_outputs``,
+            ``prune_normalized`` and ``untraced`` must be left at their defaults: they shape a graph when it
+            is built).
         latency: for ``target="latency"``, a :class:`secateur.allocation.targets.LatencyTarget` (timing
             function, inputs, threads, tolerance); default ``LatencyTarget()``. The dense latency and the
             largest removable fraction are measured at construction, on a mask-free copy of the model.
+        granularity: ``"channel"`` (default: every prunable group: conv channels, FFN neurons, heads, ...)
+            or ``"head"`` (only the groups whose units are attention heads,
+            :func:`secateur.criteria.group.head_group_ids`; FFN neurons and hidden channels keep their size).
+        groups: restricts pruning further to these group indices (into ``graph.groups``), or to those a
+            function ``f(graph) -> indices`` returns (e.g. the layers of a decoder range); frozen ones are
+            ignored. Default: every prunable group of the granularity.
+        untraced: modules with parameters that no trace reached: ``"error"`` (default) raises
+            UntracedModuleError, ``"freeze"`` keeps them whole (:meth:`DependencyGraph.build`).
+        seed: seed of a criterion that draws random numbers (``"random"``); default: the criterion's own.
 
     Global allocation removes units in increasing order of (normalised) score until the removed fraction
     of the target reaches the scheduled sparsity; with ``round_to > 1`` units go in chunks that keep each
     group's count a multiple of ``round_to`` (a chunk's score is its mean). Every group keeps at least one
     unit (``round_to`` units), and every member keeps at least one index (a layer fed by a concat).
 
+    The criterion's hooks (Fisher) are attached at construction and removed by :meth:`finalize` or
+    :meth:`close`; a one-shot caller that only uses :meth:`select` calls :meth:`close` (in ``finally``).
+
     Raises:
-        ConfigError: unknown criterion / allocation / target / normaliser, bad ``round_to`` or sparsity,
-            or a schedule whose final sparsity cannot be reached because of protected or frozen groups.
-            Validation happens before any mask is attached: on error the model is untouched.
-        UnsupportedOpError / GraphError: from tracing.
+        InvalidModelError: ``model`` is not an ``nn.Module`` or has meta tensors.
+        ConfigError: unknown criterion / allocation / target / normaliser / granularity, bad ``round_to``,
+            ``protect`` or sparsity, ``graph`` together with graph-building arguments, no prunable attention
+            heads (``granularity="head"``), or a schedule whose final sparsity cannot be reached because of
+            protected or frozen groups. Validation happens before any mask is attached: on error the model
+            is untouched.
+        GraphError: no prunable group at all (names the most common reasons); from tracing.
+        UnsupportedOpError / UntracedModuleError: from tracing.
     """
 
     def __init__(
@@ -213,9 +238,12 @@ class ChannelPruner(PrunerBase):
         criterion_kwargs: dict[str, Any] | None = None,
         graph: DependencyGraph | None = None,
         latency: Any = None,
+        granularity: str = "channel",
+        groups: GroupSelection | None = None,
+        untraced: str = "error",
+        seed: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_model(model)
         if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
             schedule = OneShot(check_sparsity(schedule))
         if not callable(getattr(schedule, "update_at", None)):
@@ -228,15 +256,24 @@ class ChannelPruner(PrunerBase):
             raise ConfigError(f"latency settings given but target is {target!r}; use target='latency'")
         if normalize not in NORMALIZERS:
             raise ConfigError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.round_to = check_round_to(round_to)
+        protect = check_name_patterns(protect)
+        if graph is not None and (protect or prune_outputs or prune_normalized or untraced != "error"):
+            raise ConfigError(
+                "protect/prune_outputs/prune_normalized/untraced shape the graph when it is built: pass them "
+                "to DependencyGraph.build, not together with graph="
+            )
+        if graph is not None and graph.model is not model:
+            raise ConfigError("graph was traced from another model: pass the graph of this model")
         self.model = model
         self.example_inputs = example_inputs
         self.schedule = schedule
-        self.criterion = get_group_criterion(criterion, **(criterion_kwargs or {}))
+        self.criterion = _criterion(criterion, criterion_kwargs, seed)
         self.allocation = allocation
         self.target = target
-        self.round_to = round_to
+        self.granularity = granularity
         self.data = data
         self.loss_fn = loss_fn
         self.normalize = normalize
@@ -248,13 +285,14 @@ class ChannelPruner(PrunerBase):
             protect=protect,
             prune_outputs=prune_outputs,
             prune_normalized=prune_normalized,
+            untraced=untraced,
         )
-        self.group_ids = [gi for gi, g in enumerate(self.graph.groups) if g.n_prunable > 0]
+        self.group_ids = self._select_groups(granularity, groups)
         self.removed: dict[int, np.ndarray] = {gi: np.zeros(0, dtype=np.int64) for gi in self.group_ids}
-        self.cost = self._build_cost_model()
+        self.cost = build_cost_model(model, self.graph, self.group_ids, target, example_inputs)
         if target == "latency":
             self._init_latency(latency)
-        self.max_fraction = self._max_fraction()
+        self._max_fraction: float | None = None
         final = max([float(schedule.sparsity_at(s)) for s in getattr(schedule, "update_steps", [])] or [0.0])
         self._check_reachable(final)
         self.last_update: int | None = None
@@ -267,47 +305,47 @@ class ChannelPruner(PrunerBase):
         self._tied = {m.name for gi in self.group_ids for m in self.graph.groups[gi].members if m.aliases}
         self.criterion.attach(model, self.graph, self.group_ids)
 
-    # ------------------------------------------------------------------------------------------ costs
-    def _build_cost_model(self) -> _CostModel:
-        groups = self.graph.groups
-        if self.target == "channels":
-            cm = _CostModel(sum(groups[gi].n_prunable for gi in self.group_ids))
-            for gi in self.group_ids:
-                s = cm.add_slot(gi, groups[gi].prunable.astype(np.int64))
-                cm.add_item(groups[gi].n_prunable, [s])
-            return cm
-        slots_of: dict[str, list[int]] = {}
-        if self.target == "params":
-            cm = _CostModel(count_params(self.model)["params"])
-        else:
-            rows = _measure_layers(self.model, self.example_inputs)
-            cm = _CostModel(sum(r.macs for r in rows))
-        for gi in self.group_ids:
-            g = groups[gi]
-            for m in g.members:
-                if m.is_buffer:
-                    continue
-                s = cm.add_slot(gi, np.bincount(m.unit_of, minlength=g.n_units))
-                slots_of.setdefault(m.name, []).append(s)
-        if self.target == "params":
-            for name, slots in slots_of.items():
-                cm.add_item(effective_tensor(self.model, name).numel(), slots)
-        else:
-            for r in rows:
-                wname = f"{r.name}.weight" if r.name else "weight"
-                if r.macs > 0 and wname in slots_of:
-                    cm.add_item(r.macs, slots_of[wname])
-        return cm
+    def _select_groups(self, granularity: str, groups: GroupSelection | None) -> list[int]:
+        """Indices of the groups this pruner may prune: prunable, of the granularity, in ``groups``."""
+        graph = self.graph
+        ids = [gi for gi, g in enumerate(graph.groups) if g.n_prunable > 0]
+        if granularity == "channel" and groups is None:
+            require_prunable(graph)
+        if granularity == "head":
+            heads = head_group_ids(graph)
+            head_set = set(heads)
+            ids = [gi for gi in ids if gi in head_set]
+            if not ids:
+                raise ConfigError(
+                    f"no prunable attention heads found in {type(self.model).__name__} "
+                    f"({len(heads)} head groups, all protected or frozen)"
+                )
+        if groups is not None:
+            chosen = list(groups(graph) if callable(groups) else groups)
+            n = len(graph.groups)
+            bad = [gi for gi in chosen if not isinstance(gi, (int, np.integer)) or not 0 <= gi < n]
+            if bad:
+                raise ConfigError(f"groups: {bad[:5]} are not group indices of this graph (0..{n - 1})")
+            wanted = {int(gi) for gi in chosen}
+            ids = [gi for gi in ids if gi in wanted]
+            if not ids:
+                raise ConfigError(f"groups: none of the {len(wanted)} selected groups has a prunable unit")
+        return ids
 
-    def _max_fraction(self) -> float:
+    @property
+    def max_fraction(self) -> float:
         """The largest fraction of the target removable under the constraints (one unit per group...)."""
-        zeros = {gi: np.zeros(self.graph.groups[gi].n_units) for gi in self.group_ids}
-        if self.allocation == "uniform":
-            rm = self._uniform_removal(zeros, 1.0)
-            frac = self.cost.state(rm).removed_fraction()
-        else:
-            rm, frac = self._global_removal(zeros, math.inf)
-        return self._latency_fraction(rm) if self.target == "latency" else frac
+        if self._max_fraction is None:
+            groups = self.graph.groups
+            zeros = {gi: np.zeros(groups[gi].n_units) for gi in self.group_ids}
+            none = {gi: np.zeros(0, dtype=np.int64) for gi in self.group_ids}
+            if self.allocation == "uniform":
+                rm = uniform_removal(groups, zeros, none, 1.0, self.round_to)
+                frac = self.cost.state(rm).removed_fraction()
+            else:
+                rm, frac = global_removal(groups, zeros, none, self.cost, math.inf, self.round_to)
+            self._max_fraction = self._latency_fraction(rm) if self.target == "latency" else frac
+        return self._max_fraction
 
     # -------------------------------------------------------------------------------- latency target
     def _init_latency(self, latency: Any) -> None:
@@ -336,23 +374,31 @@ class ChannelPruner(PrunerBase):
 
     def _latency_removal(self, scores: dict[int, np.ndarray], sparsity: float) -> dict[int, np.ndarray]:
         """Smallest removal along the MAC target's ranking whose measured latency meets ``sparsity``."""
+        groups = self.graph.groups
         if self.allocation == "uniform":  # knob: the common per-group fraction
 
             def at(x: float) -> dict[int, np.ndarray]:
-                return self._uniform_removal(scores, x)
+                return uniform_removal(groups, scores, self.removed, x, self.round_to)
 
             hi, what = 1.0, "removing the most that uniform allocation allows"
         else:  # knob: the fraction of MACs along the global greedy ranking
-            norm = self._normalised(scores)
+            norm = normalise_scores(groups, scores, self.removed, self.normalize)
 
             def at(x: float) -> dict[int, np.ndarray]:
-                return self._global_removal(norm, x)[0]
+                return global_removal(groups, norm, self.removed, self.cost, x, self.round_to)[0]
 
-            hi, what = self._global_removal(norm, math.inf)[1], "removing every removable unit"
+            hi = global_removal(groups, norm, self.removed, self.cost, math.inf, self.round_to)[1]
+            what = "removing every removable unit"
         x = self.latency.search(sparsity, lambda v: self._latency_ratio(at(v)), hi, what=what)
         return at(x)
 
+    def _per_group_fraction(self) -> bool:
+        """True when the sparsity is each group's own fraction (uniform allocation of channels)."""
+        return self.allocation == "uniform" and self.target == "channels"
+
     def _check_reachable(self, sparsity: float) -> None:
+        if self._per_group_fraction():
+            return
         slack = self.latency.tolerance if self.target == "latency" else 0.0
         if sparsity <= self.max_fraction + slack + 1e-9:
             return
@@ -380,109 +426,18 @@ class ChannelPruner(PrunerBase):
         return self.cost.state(self.removed).removed_fraction()
 
     # ----------------------------------------------------------------------------------- allocation
-    def _normalised(self, scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-        if self.normalize == "none":
-            return scores
-        out = {}
-        for gi, s in scores.items():
-            g = self.graph.groups[gi]
-            alive = g.prunable.copy()
-            alive[self.removed[gi]] = False
-            ref = np.abs(s[alive]) if alive.any() else np.abs(s)
-            d = ref.mean() if self.normalize == "mean" else ref.max()
-            out[gi] = s / d if d > _EPS else s
-        return out
-
-    def _uniform_removal(self, scores: dict[int, np.ndarray], ratio: float) -> dict[int, np.ndarray]:
-        out = {}
-        for gi, s in scores.items():
-            g = self.graph.groups[gi]
-            prev = self.removed[gi]
-            s = s.astype(float).copy()
-            s[prev] = -np.inf  # removed units stay removed: they are chosen first
-            rm = choose_units(g, s, ratio, self.round_to)
-            rm = np.union1d(rm, prev).astype(np.int64)
-            fresh = np.setdiff1d(rm, prev)
-            if fresh.size:
-                rm = np.union1d(prev, _ensure_member_nonempty(g, rm, s)).astype(np.int64)
-            out[gi] = rm
-        return out
-
-    def _global_removal(
-        self, scores: dict[int, np.ndarray], target: float
-    ) -> tuple[dict[int, np.ndarray], float]:
-        """Greedy removal of the lowest-scoring chunks until ``target`` (fraction) is reached."""
-        state = self.cost.state(self.removed)
-        groups = self.graph.groups
-        r = self.round_to
-        removed = {gi: self.removed[gi].copy() for gi in self.group_ids}
-        order: dict[int, np.ndarray] = {}
-        ptr: dict[int, int] = {}
-        alive_n: dict[int, int] = {}
-        member_alive: dict[int, list[np.ndarray]] = {}
-        for gi in scores:
-            g = groups[gi]
-            dead = np.zeros(g.n_units, dtype=bool)
-            dead[removed[gi]] = True
-            cand = np.nonzero(g.prunable & ~dead)[0]
-            order[gi] = cand[np.argsort(scores[gi][cand], kind="stable")]
-            ptr[gi] = 0
-            alive_n[gi] = int((~dead).sum())
-            member_alive[gi] = [np.bincount(m.unit_of, minlength=g.n_units) * ~dead for m in g.members]
-
-        def next_chunk(gi: int) -> tuple[float, np.ndarray] | None:
-            size = (alive_n[gi] % r) or r
-            if alive_n[gi] - size < r or ptr[gi] + size > order[gi].size:
-                return None
-            chunk = order[gi][ptr[gi] : ptr[gi] + size]
-            for cnt in member_alive[gi]:
-                if cnt.sum() - cnt[chunk].sum() <= 0 and cnt.sum() > 0:
-                    return None
-            return float(np.mean(scores[gi][chunk])), chunk
-
-        heap: list[tuple[float, int, int]] = []
-        chunks: dict[int, np.ndarray] = {}
-        for gi in scores:
-            c = next_chunk(gi)
-            if c is not None:
-                chunks[gi] = c[1]
-                heapq.heappush(heap, (c[0], gi, int(c[1][0])))
-        frac = state.removed_fraction()
-        while frac < target - 1e-12 and heap:
-            _, gi, _ = heapq.heappop(heap)
-            chunk = chunks.pop(gi)
-            state.remove(gi, chunk)
-            removed[gi] = np.union1d(removed[gi], chunk).astype(np.int64)
-            ptr[gi] += chunk.size
-            alive_n[gi] -= chunk.size
-            for cnt in member_alive[gi]:
-                cnt[chunk] = 0
-            frac = state.removed_fraction()
-            c = next_chunk(gi)
-            if c is not None:
-                chunks[gi] = c[1]
-                heapq.heappush(heap, (c[0], gi, int(c[1][0])))
-        return removed, frac
-
     def _allocate(self, scores: dict[int, np.ndarray], sparsity: float) -> dict[int, np.ndarray]:
+        groups = self.graph.groups
         if self.target == "latency":
             removed = self._latency_removal(scores, sparsity)
-            return {gi: removed.get(gi, self.removed[gi]) for gi in self.group_ids}
-        if self.allocation == "global":
-            removed, _ = self._global_removal(self._normalised(scores), sparsity)
-            return {gi: removed.get(gi, self.removed[gi]) for gi in self.group_ids}
-        if self.target == "channels":
-            ratio = sparsity
-        else:  # smallest common fraction whose removal reaches the target (monotone: bisection)
-            lo, hi = 0.0, 1.0
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                if self.cost.state(self._uniform_removal(scores, mid)).removed_fraction() >= sparsity - 1e-12:
-                    hi = mid
-                else:
-                    lo = mid
-            ratio = hi
-        removed = self._uniform_removal(scores, ratio)
+        elif self.allocation == "global":
+            norm = normalise_scores(groups, scores, self.removed, self.normalize)
+            removed, _ = global_removal(groups, norm, self.removed, self.cost, sparsity, self.round_to)
+        else:
+            frac = sparsity
+            if self.target != "channels":  # the smallest common fraction whose removal reaches the target
+                frac = uniform_fraction_for(groups, scores, self.removed, self.cost, sparsity, self.round_to)
+            removed = uniform_removal(groups, scores, self.removed, frac, self.round_to)
         return {gi: removed.get(gi, self.removed[gi]) for gi in self.group_ids}
 
     # -------------------------------------------------------------------------------------- scoring
@@ -495,7 +450,12 @@ class ChannelPruner(PrunerBase):
         self.criterion.accumulate(self.model, self.graph, self.group_ids)
 
     def scores(self) -> dict[int, np.ndarray]:
-        """``{group index: (n_units,) float64 scores}`` from the criterion (higher = keep).
+        """``{group index: (n_units,) float64 scores}`` from the criterion (higher = keep), for the groups
+        it scores among :attr:`group_ids` (a group it omits, or maps to None, is left whole).
+
+        A data-dependent criterion without statistics collects them from ``data`` first
+        (:func:`secateur.criteria.group.collect`: forward/backward; ``.grad`` fields are restored, and so
+        are the model's buffers, e.g. BatchNorm running statistics a train-mode forward updates).
 
         Raises:
             ConfigError: a data-dependent criterion without statistics and without ``data``; a score of
@@ -505,10 +465,14 @@ class ChannelPruner(PrunerBase):
         if crit.needs_data and not crit.has_stats():
             if self.data is None:
                 raise ConfigError(crit.missing_stats_message())
-            collect(crit, self.model, self.graph, self.group_ids, self.data, self.loss_fn)
+            with _buffers_restored(self.model):  # a train-mode forward would move BatchNorm statistics
+                collect(crit, self.model, self.graph, self.group_ids, self.data, self.loss_fn)
         raw = crit.scores(self.model, self.graph, self.group_ids)
+        mine = set(self.group_ids)
         out = {}
         for gi, s in raw.items():
+            if s is None or gi not in mine:
+                continue
             g = self.graph.groups[gi]
             s = np.asarray(s.detach().cpu().numpy() if isinstance(s, torch.Tensor) else s, dtype=float)
             if s.shape != (g.n_units,):
@@ -518,15 +482,19 @@ class ChannelPruner(PrunerBase):
             out[gi] = s
         return out
 
-    # ---------------------------------------------------------------------------------------- masks
     @torch.no_grad()
-    def prune_to(self, sparsity: float) -> dict[int, np.ndarray]:
-        """Score, allocate and mask so that ``sparsity`` (a fraction of the target) is removed.
+    def select(self, sparsity: float) -> dict[int, np.ndarray]:
+        """Score and allocate so that ``sparsity`` (a fraction of the target) would be removed, without
+        changing the model: ``{group index: sorted int64 removed unit indices}`` for every group of
+        :attr:`group_ids` (empty arrays for the untouched ones).
 
-        Already-removed units stay removed. Returns ``{group index: removed unit indices}``.
+        Units already removed (by earlier :meth:`prune_to` / :meth:`step`) stay in the selection. A
+        data-dependent criterion may run forward/backward passes on ``data`` (see :meth:`scores`);
+        weights, masks and ``.grad`` fields are as before. :meth:`prune_to` is ``select`` + masks;
+        a one-shot caller passes the selection to :func:`secateur.pruners.oneshot.remove_units`.
 
         Raises:
-            ConfigError: bad or unreachable sparsity, missing statistics; nothing is changed then.
+            ConfigError: bad or unreachable sparsity, missing statistics (nothing is changed).
         """
         self._check_live()
         sparsity = check_sparsity(sparsity)
@@ -534,19 +502,34 @@ class ChannelPruner(PrunerBase):
         with torch.enable_grad():
             scores = self.scores()
         removed = self._allocate(scores, sparsity)  # a latency target raises in its search if unreachable
-        reached = self.cost.state(removed).removed_fraction()
-        if reached < sparsity - 1e-9 and self.target != "latency" and not (
-            self.allocation == "uniform" and self.target == "channels"
-        ):
-            raise ConfigError(
-                f"target {sparsity:.4g} of {self.target} is unreachable: criterion "
-                f"{self.criterion.name!r} scored {len(scores)} of {len(self.group_ids)} prunable groups, and "
-                f"removing what the allocation allows of them reaches {reached:.4g}"
-            )
-        self.removed = removed
+        if self.target != "latency" and not self._per_group_fraction():
+            reached = self.cost.state(removed).removed_fraction()
+            if reached < sparsity - 1e-9:
+                raise ConfigError(
+                    f"target {sparsity:.4g} of {self.target} is unreachable: criterion "
+                    f"{self.criterion.name!r} scored {len(scores)} of {len(self.group_ids)} prunable groups, "
+                    f"and removing what the allocation allows of them reaches {reached:.4g}"
+                )
+        return removed
+
+    # ---------------------------------------------------------------------------------------- masks
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> dict[int, np.ndarray]:
+        """:meth:`select` then mask: ``sparsity`` (a fraction of the target) is removed by masks.
+
+        Already-removed units stay removed. Returns ``{group index: removed unit indices}``.
+
+        Raises:
+            ConfigError: bad or unreachable sparsity, missing statistics; nothing is changed then.
+        """
+        self.removed = self.select(sparsity)
         self._apply_masks()
         self.criterion.after_prune()
         return dict(self.removed)
+
+    def close(self) -> None:
+        """Remove the criterion's hooks (Fisher's); :meth:`finalize` does it too. Idempotent."""
+        self.criterion.detach()
 
     def _apply_masks(self) -> None:
         kills: dict[str, list[tuple[int, np.ndarray, bool]]] = {}
@@ -768,14 +751,3 @@ def _stored(mod: nn.Module, attr: str, is_buffer: bool, masked: bool) -> Any:
     if is_buffer:
         return mod._buffers[attr]
     return mod.parametrizations[attr].original if masked else getattr(mod, attr, None)
-
-
-def _measure_layers(model: nn.Module, example_inputs: Any) -> list:
-    """:func:`layer_table` in eval mode (so BatchNorm running statistics are not updated), modes restored."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        return layer_table(model, example_inputs)
-    finally:
-        for m, t in modes.items():
-            m.training = t

@@ -1,13 +1,14 @@
 """One call that physically removes channels, features and attention heads.
 
-    model, plan = prune_channels(model, example_inputs, ratio=0.3, criterion="l1")
+    model, plan = prune_channels(model, example_inputs, sparsity=0.3, criterion="l1")
 
-trace -> groups -> score units -> choose per group -> plan (JSON data) -> compact (transactional).
+A thin call of the structured driver: :class:`~secateur.pruners.channel.ChannelPruner` traces the graph,
+scores the groups with a registered group criterion and allocates (:meth:`ChannelPruner.select`, the model
+untouched), then :func:`remove_units` plans and compacts in one transaction, under the float64 oracle.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,191 +17,137 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur._validate import check_model, check_name_patterns, check_round_to, check_sparsity
 from secateur.compact import NonFiniteOutputError, compact, make_plan, require_finite_inputs
 from secateur.compact.verify import incompatible_groups, verified_compact
-from secateur.errors import CompactionError, ConfigError, GraphError, IncompatibleGroupError
+from secateur.criteria.group import GroupCriterion
+from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
+from secateur.pruners.channel import ChannelPruner, GroupSelection
+
+__all__ = ["prune_channels", "remove_units"]
 
 Criterion = Callable[[Group, nn.Module], Any]
-
-
-def _named(model: nn.Module) -> dict[str, torch.Tensor]:
-    d = dict(model.named_parameters(remove_duplicate=False))
-    d.update(dict(model.named_buffers(remove_duplicate=False)))
-    return d
-
-
-def lp_scores(
-    group: Group, model: nn.Module, p: float = 1.0, cache: dict | None = None, producers_only: bool = True
-) -> np.ndarray:
-    """Sum over members (parameters only, not buffers) of the mean |w|^p of each unit's slice; shape
-    ``(n_units,)``. Each member is normalised by its mean so one large tensor does not dominate.
-    ``producers_only`` (default, the classic L1 filter norm): only members along dim 0 (the filters, rows
-    and biases that produce the channels) are read; consumer-side slices are skipped (half the reads).
-    ``cache`` is accepted for API stability (unused: one fused norm per member is the fastest path)."""
-    cache = {} if cache is None else cache
-    if "__named__" not in cache:
-        cache["__named__"] = _named(model)
-    named = cache["__named__"]
-    total = np.zeros(group.n_units)
-    members = [m for m in group.members if not m.is_buffer]
-    if producers_only and any(m.dim == 0 for m in members):
-        members = [m for m in members if m.dim == 0]
-    n = group.n_units
-    with torch.no_grad():
-        for m in members:
-            t = named[m.name].detach()
-            a = (t if m.dim == 0 else t.movedim(m.dim, 0)).reshape(t.shape[m.dim], -1)
-            red = a.abs().sum(1) if p == 1.0 else (a * a).sum(1) if p == 2.0 else a.abs().pow(p).sum(1)
-            red = red.double().cpu().numpy() / max(1, a.shape[1])  # abs().sum() beats vector_norm on CPU
-            u = m.unit_of
-            if u.size == n and (n < 2 or (u[0] == 0 and u[-1] == n - 1 and (np.diff(u) == 1).all())):
-                per_unit = red  # one index per unit, in order: the per-unit mean is the value itself
-            else:
-                per_unit = np.bincount(u, weights=red, minlength=n)
-                per_unit = per_unit / np.maximum(np.bincount(u, minlength=n), 1)
-            total += per_unit / max(per_unit.mean(), 1e-12)
-    return total
-
-
-def choose_units(group: Group, scores: np.ndarray, ratio: float, round_to: int = 1) -> np.ndarray:
-    """Indices of the lowest-scoring prunable units to remove from ``group``.
-
-    Removes ``floor(ratio * n_prunable)`` units, fewer if needed so that the kept count is a multiple of
-    ``round_to`` and at least one unit stays.
-    """
-    cand = np.nonzero(group.prunable)[0]
-    k = int(math.floor(ratio * cand.size + 1e-9))
-    if round_to > 1:
-        keep = group.n_units - k
-        keep = int(math.ceil(keep / round_to) * round_to)
-        k = max(0, group.n_units - keep)
-    k = min(k, cand.size, group.n_units - 1)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    order = cand[np.argsort(scores[cand], kind="stable")]
-    return np.sort(order[:k])
-
-
-def _ensure_member_nonempty(group: Group, rm: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Keep at least one unit in every member (a layer fed by a concat keeps a channel of each part)."""
-    gone = np.zeros(group.n_units, dtype=bool)
-    gone[rm] = True
-    for m in group.members:
-        if gone[m.unit_of].all():
-            units = np.unique(m.unit_of)
-            gone[units[np.argmax(scores[units])]] = False
-    return np.nonzero(gone)[0]
 
 
 def prune_channels(
     model: nn.Module,
     example_inputs: Any,
-    ratio: float = 0.3,
-    criterion: str | Criterion = "l1",
+    sparsity: float = 0.3,
+    *,
+    criterion: str | GroupCriterion | Criterion = "l1",
+    allocation: str = "uniform",
+    target: str = "channels",
     protect: Sequence[str] = (),
     round_to: int = 1,
     seed: int = 0,
     prune_outputs: bool = False,
+    prune_normalized: bool = False,
+    untraced: str = "error",
+    data: Any = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    criterion_kwargs: dict[str, Any] | None = None,
     verify: bool = True,
     graph: DependencyGraph | None = None,
     skip_incompatible: bool = False,
-    prune_normalized: bool = False,
+    granularity: str = "channel",
+    groups: GroupSelection | None = None,
+    normalize: str = "auto",
 ) -> tuple[nn.Module, dict]:
-    """Remove ``ratio`` of the prunable units of every group (channels, features, heads) in place.
+    """Remove ``sparsity`` of the prunable units (channels, features, heads) and compact ``model`` in place.
+
+    A thin call of the structured driver: ``ChannelPruner(..., schedule=sparsity).select(sparsity)`` scores
+    and allocates, then :func:`remove_units` compacts under the oracle. With the defaults (``"uniform"``,
+    ``"channels"``) each group loses ``floor(sparsity · n_prunable)`` of its lowest-scoring units (fewer when
+    ``round_to`` or a member would empty; at least one unit stays).
 
     Args:
         model: any ``nn.Module``; changed in place and returned.
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
-        ratio: fraction of each group's prunable units to remove, in [0, 1).
-        criterion: ``"random"``, ``"l1"``, ``"l2"`` or ``f(group, model) -> scores`` (shape ``(n_units,)``,
-            low = removed first).
+        sparsity: fraction to remove, in [0, 1): of each group's prunable units (uniform, channels), or of
+            the ``target`` resource.
+        criterion: a registered group criterion name (:data:`secateur.criteria.group.GROUP_CRITERIA`:
+            ``"l1"``, ``"l2"``, ``"random"``, ``"fpgm"``, ``"bn_scale"``, ``"taylor"``, ``"fisher"``,
+            ``"michel"``, ...), a :class:`~secateur.criteria.group.GroupCriterion`, or
+            ``f(group, model) -> (n_units,) scores`` (higher = keep).
+        allocation: ``"uniform"`` (the same fraction of every group) or ``"global"`` (one ranking over all
+            groups, scores normalised as :class:`~secateur.pruners.channel.ChannelPruner` says).
+        target: ``"channels"``, ``"params"``, ``"macs"`` or ``"latency"``: what ``sparsity`` is a fraction of.
         protect: module name patterns never pruned (fnmatch; ``"re:..."`` for a regex).
         round_to: kept unit counts are multiples of this.
+        seed: seed of the ``"random"`` criterion.
+        prune_outputs: allow pruning dims that reach the model's outputs.
+        prune_normalized: also prune dims that normalisation modules (LayerNorm, RMSNorm, ...) normalise,
+            e.g. a transformer's hidden size (:meth:`DependencyGraph.build`; exact: the masks compute the
+            norm's statistics over kept channels).
+        untraced: ``"error"`` or ``"freeze"``: what to do with parameterised modules no trace reached
+            (:meth:`DependencyGraph.build`).
+        data, loss_fn: calibration batches ``(x, y)`` and ``loss_fn(output, y)`` for data-dependent
+            criteria (taylor, fisher, michel).
+        criterion_kwargs: passed to the criterion's constructor.
         verify: run the oracle (masked copy vs compacted model, float64, every output finite and within
             ``1e-6 ×`` its magnitude: :func:`secateur.compact.check_equivalence`) and roll back on failure
             (default: a wrong model is never returned; costs a deep copy and two float64 forwards, so
             pass ``verify=False`` for timing or for models too large to copy). Needs finite
             ``example_inputs``.
-        prune_normalized: also prune dims that normalisation modules (LayerNorm, RMSNorm, ...) normalise,
-            e.g. a transformer's hidden size (:meth:`DependencyGraph.build`; exact: the masks compute the
-            norm's statistics over kept channels).
+        graph: a graph already traced from ``model`` (then leave protect/prune_outputs/prune_normalized/
+            untraced at their defaults).
         skip_incompatible: with ``verify``, leave whole the groups whose removal breaks the model (see
             :func:`remove_units`) instead of raising IncompatibleGroupError.
+        granularity: ``"channel"`` (every group) or ``"head"`` (attention heads only; :func:`prune_heads`).
+        groups: only these group indices (or ``f(graph) -> indices``) may be pruned; default all.
+        normalize: how ``"global"`` allocation rescales each group's scores (``"auto"``, ``"mean"``,
+            ``"max"``, ``"none"``; see :class:`~secateur.pruners.channel.ChannelPruner`).
 
     Returns ``(model, plan)``; ``plan`` is plain JSON-serialisable data (:func:`secateur.compact.make_plan`).
 
     Transactional: on any exception, ``KeyboardInterrupt`` included, the model is left as it was (the
-    interrupt is re-raised after the rollback).
+    interrupt is re-raised after the rollback). The criterion's hooks are removed before returning.
 
     Raises:
-        ConfigError: bad ratio or criterion; ``verify`` with NaN/Inf in ``example_inputs`` (before anything
-            is traced or changed).
-        UnsupportedOpError / GraphError: from tracing.
+        InvalidModelError: ``model`` is not an ``nn.Module`` or has meta tensors.
+        ConfigError: bad sparsity (a string such as ``"0.5"`` included), ``round_to``, ``protect``,
+            criterion, allocation or target; a data-dependent criterion without ``data``; ``verify`` with
+            NaN/Inf in ``example_inputs`` (all before anything is traced or changed).
+        GraphError: every group is frozen (names the most common reasons); from tracing.
+        UnsupportedOpError / UntracedModuleError: from tracing.
         IncompatibleGroupError: removing some groups breaks the model (named with the op and module).
         CompactionError: compaction (or verification) failed; the model is unchanged.
     """
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"ratio must be in [0, 1), got {ratio}")
+    check_model(model)
+    sparsity = check_sparsity(sparsity)
+    round_to = check_round_to(round_to)
+    protect = check_name_patterns(protect)
     if verify:
         require_finite_inputs(example_inputs)
-    if graph is not None and (protect or prune_outputs or prune_normalized):
-        raise ConfigError(
-            "protect/prune_outputs/prune_normalized shape the graph when it is built: pass them to "
-            "DependencyGraph.build, not together with graph="
-        )
-    if graph is None:
-        graph = DependencyGraph.build(
-            model,
-            example_inputs,
-            protect=protect,
-            prune_outputs=prune_outputs,
-            prune_normalized=prune_normalized,
-        )
-    require_prunable(graph)
-    rng = np.random.default_rng(seed)
-    removed = {}
-    cache: dict = {}
-    for gi, g in enumerate(graph.groups):
-        if g.n_prunable == 0:
-            continue
-        if callable(criterion):
-            scores = np.asarray(torch.as_tensor(criterion(g, model)).detach().cpu().numpy(), dtype=float)
-        elif criterion == "random":
-            scores = rng.random(g.n_units)
-        elif criterion in ("l1", "l2"):
-            scores = lp_scores(g, model, 1.0 if criterion == "l1" else 2.0, cache)
-        else:
-            raise ConfigError(f"unknown criterion {criterion!r}: use 'random', 'l1', 'l2' or a callable")
-        if scores.shape != (g.n_units,):
-            raise ConfigError(
-                f"criterion returned shape {scores.shape} for group {g.name} of {g.n_units} units"
-            )
-        rm = _ensure_member_nonempty(g, choose_units(g, scores, ratio, round_to), scores)
-        if rm.size:
-            removed[gi] = rm
-    return remove_units(
-        model, graph, removed, example_inputs, verify=verify, skip_incompatible=skip_incompatible
+    pruner = ChannelPruner(
+        model,
+        example_inputs,
+        schedule=sparsity,
+        criterion=criterion,
+        allocation=allocation,
+        target=target,
+        protect=protect,
+        round_to=round_to,
+        data=data,
+        loss_fn=loss_fn,
+        prune_outputs=prune_outputs,
+        prune_normalized=prune_normalized,
+        criterion_kwargs=criterion_kwargs,
+        graph=graph,
+        granularity=granularity,
+        groups=groups,
+        normalize=normalize,
+        untraced=untraced,
+        seed=seed,
     )
-
-
-def require_prunable(graph: DependencyGraph) -> None:
-    """Raise GraphError if no group of ``graph`` has a prunable unit, with the most common reasons.
-
-    Why: a model whose every channel is frozen (e.g. all widths normalised by an RMSNorm over channels) would
-    otherwise come back unchanged, which reads as success.
-    """
-    if graph.prunable_groups():
-        return
-    counts: dict[str, int] = {}
-    for g in graph.groups:
-        for r in g.reasons:
-            counts[r] = counts.get(r, 0) + 1
-    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
-    why = "; ".join(f"{r} (x{n})" for r, n in top) or "no groups"
-    raise GraphError(
-        f"nothing to prune in {type(graph.model).__name__}: all {len(graph.groups)} groups are frozen. "
-        f"Most common reasons: {why}"
+    try:
+        removed = pruner.select(sparsity)
+    finally:
+        pruner.close()
+    removed = {gi: rm for gi, rm in removed.items() if rm.size}
+    return remove_units(
+        model, pruner.graph, removed, example_inputs, verify=verify, skip_incompatible=skip_incompatible
     )
 
 
@@ -273,16 +220,3 @@ def remove_units(
     )
     plan["skipped"] = why
     return model, plan
-
-
-#: Public name (used by the structured pruner and methods): keep one unit of every member.
-ensure_member_nonempty = _ensure_member_nonempty
-
-__all__ = [
-    "choose_units",
-    "ensure_member_nonempty",
-    "lp_scores",
-    "prune_channels",
-    "remove_units",
-    "require_prunable",
-]

@@ -9,7 +9,7 @@ higher = more important (the lowest go first). Registered names (:func:`availabl
 - ``"l1"`` / ``"l2"``: Li et al. 2017 ("Pruning Filters for Efficient ConvNets", sec. 3.1): per unit the
   mean ``|w|^p`` of its slice in each producing parameter member (dim 0: filters, biases, norm scales),
   each member divided by its mean over units so that no single large tensor dominates, summed over
-  members (:func:`secateur.pruners.oneshot.lp_scores`'s definition, read through masks).
+  members (:func:`secateur.criteria.group.norms.lp_scores`, read through masks).
 - ``"bn_scale"``: network slimming (Liu et al. 2017, sec. 3.1): ``|γ|`` of the group's BatchNorm /
   LayerNorm / GroupNorm members (mean over them when a residual group couples several).
 - ``"fpgm"``: He et al. 2019 ("Filter Pruning via Geometric Median", sec. 3.3-3.4): the distance of each
