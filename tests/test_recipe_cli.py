@@ -6,51 +6,41 @@ import pytest
 from click.testing import CliRunner
 
 from secateur.app.cli import main
-from secateur.app.recipe import (
-    Recipe,
-    did_you_mean,
-    dump_recipe,
-    load_recipe,
-    recipe_from_dict,
-    shipped_recipes,
-)
-from secateur.errors import ConfigError
+from secateur.app.recipe import load_recipe
+from secateur.errors import ConfigError, did_you_mean
+from secateur.pruners.recipe import Recipe
 from secateur.schedules import Cubic, Iterative, OneShot
 
-
-def test_shipped_recipes_load_and_round_trip(tmp_path):
-    names = shipped_recipes()
-    assert {"gmp90", "taylor_channels_2x", "l1_filters_30", "wanda_2_4"} <= set(names)
-    for n in names:
-        r = load_recipe(n)
-        p = tmp_path / f"{n}.yaml"
-        p.write_text(dump_recipe(r))
-        assert load_recipe(p) == r
+recipe_from_dict = Recipe.from_dict
 
 
 def test_schedule_fractions_become_steps():
     r = load_recipe("gmp90")
-    s = r.schedule.build(1000)
+    s = r.schedule.build(1000, r.sparsity)
     assert isinstance(s, Cubic) and s.start == 0 and s.end <= 600 and s.final_sparsity == 0.9
     assert s.sparsity_at(s.end) == pytest.approx(0.9)
-    it = load_recipe("taylor_channels_2x").schedule.build(1000)
+    r = load_recipe("taylor_channels_2x")
+    it = r.schedule.build(1000, r.sparsity)
     assert isinstance(it, Iterative) and it.update_steps == [0, 125, 250, 375, 500]
-    assert isinstance(load_recipe("l1_filters_30").schedule.build(10), OneShot)
+    r = load_recipe("l1_filters_30")
+    assert isinstance(r.schedule.build(10, r.sparsity), OneShot)
 
 
 def test_unknown_key_and_bad_values_are_named():
-    with pytest.raises(ConfigError, match=r"schedule\.sparsity: Input should be less than 1"):
-        recipe_from_dict({"schedule": {"sparsity": 1.5}})
+    with pytest.raises(ConfigError, match=r"sparsity: Input should be less than 1"):
+        recipe_from_dict({"sparsity": 1.5})
     with pytest.raises(ConfigError, match=r"shedule: unknown key"):
-        recipe_from_dict({"schedule": {"sparsity": 0.5}, "shedule": {}})
-    with pytest.raises(ConfigError, match=r"granularity: .*'element', 'channel' or 'n:m', got 'filter'"):
-        recipe_from_dict({"schedule": {"sparsity": 0.5}, "granularity": "filter"})
+        recipe_from_dict({"sparsity": 0.5, "shedule": {}})
+    with pytest.raises(
+        ConfigError, match=r"granularity: expected 'element', 'channel' or an N:M pattern .*, got 'filter'"
+    ):
+        recipe_from_dict({"sparsity": 0.5, "granularity": "filter"})
     with pytest.raises(
         ConfigError, match=r"criterion: .*unknown criterion 'magnitud'.*; allowed: \[.*'magnitude'"
     ):
-        recipe_from_dict({"schedule": {"sparsity": 0.5}, "criterion": "magnitud"})
+        recipe_from_dict({"sparsity": 0.5, "criterion": "magnitud"})
     with pytest.raises(ConfigError, match=r"target 'macs' needs granularity 'channel'"):
-        recipe_from_dict({"schedule": {"sparsity": 0.5}, "target": "macs"})
+        recipe_from_dict({"sparsity": 0.5, "target": "macs"})
     with pytest.raises(ConfigError, match="neither a file nor a shipped recipe"):
         load_recipe("no_such_recipe")
 
@@ -64,7 +54,8 @@ def test_misspelt_keys_get_did_you_mean_at_every_level(tmp_path):
     p = tmp_path / "typo.yaml"
     p.write_text(
         "critrion: magnitude\n"
-        "schedule: {kidn: cubic, sparsity: 0.5}\n"
+        "sparsity: 0.5\n"
+        "schedule: {kidn: cubic}\n"
         "scope: {exclud: [fc]}\n"
         "finetune: {optimiser: sgd}\n"
     )
@@ -79,8 +70,11 @@ def test_misspelt_keys_get_did_you_mean_at_every_level(tmp_path):
     # The allowed keys of the level at fault are listed, and a key placed at the wrong level
     # is pointed to the section that has it.
     assert str(list(Recipe.model_fields["schedule"].annotation.model_fields)) in msg
-    with pytest.raises(ConfigError, match=r"sparsity: unknown key \('sparsity' is a key of 'schedule'\)"):
-        recipe_from_dict({"sparsity": 0.5, "schedule": {"sparsity": 0.5}})
+    with pytest.raises(ConfigError, match=r"updates: unknown key \('updates' is a key of 'schedule'\)"):
+        recipe_from_dict({"sparsity": 0.5, "updates": 5})
+    top = r"schedule\.sparsity: unknown key \('sparsity' is a key of '\(top level\)'\)"
+    with pytest.raises(ConfigError, match=top):
+        recipe_from_dict({"schedule": {"kind": "cubic", "sparsity": 0.5}})
     # Through the CLI the same message reaches the user.
     res = CliRunner().invoke(main, ["prune", "--model", "zoo:lenet5", "--recipe", str(p), "--data", "none"])
     assert res.exit_code != 0 and "did you mean 'criterion'" in res.output
@@ -89,30 +83,31 @@ def test_misspelt_keys_get_did_you_mean_at_every_level(tmp_path):
 def test_bad_choice_values_suggest_the_closest_registered_name():
     from secateur.allocation.element import ALLOCATIONS
     from secateur.criteria import available_criteria
+    from secateur.criteria.group import available_group_criteria
 
-    for typo in ("magnitud", "fgpm", "tayler"):
+    for typo in ("magnitud", "fgpm", "tayler", "wandda"):
         with pytest.raises(ConfigError) as info:
-            recipe_from_dict({"schedule": {"sparsity": 0.5}, "criterion": typo})
-        channel = {"l1", "l2", "random", "bn_scale", "fpgm", "taylor", "fisher", "wanda", "sparsegpt"}
-        allowed = set(available_criteria()) | channel
+            recipe_from_dict({"sparsity": 0.5, "criterion": typo})
+        allowed = set(available_criteria()) | set(available_group_criteria()) | {"wanda", "sparsegpt"}
         assert f"did you mean {_closest(typo, allowed)!r}" in str(info.value)
     with pytest.raises(ConfigError) as info:
-        recipe_from_dict({"schedule": {"sparsity": 0.5}, "allocation": "globl"})
-    assert f"did you mean {_closest('globl', set(ALLOCATIONS) | {'uniform'})!r}" in str(info.value)
+        recipe_from_dict({"sparsity": 0.5, "allocation": "globl"})
+    assert f"did you mean {_closest('globl', set(ALLOCATIONS.list()) | {'uniform'})!r}" in str(info.value)
     # Literal choices at nested levels (schedule kind, scope types inside a list, optimizer).
     cases = [
         ({"granularity": "chanel"}, "granularity", "channel"),
-        ({"schedule": {"sparsity": 0.5, "kind": "iterativ"}}, "schedule.kind", "iterative"),
+        ({"schedule": {"kind": "iterativ"}}, "schedule.kind", "iterative"),
+        ({"schedule": "cubc"}, "schedule.kind", "cubic"),
         ({"scope": {"types": ["Linear", "conv2d"]}}, "scope.types.1", "Conv2d"),
         ({"finetune": {"lr_schedule": "cosin"}}, "finetune.lr_schedule", "cosine"),
     ]
     for extra, field, want in cases:
-        data = {"schedule": {"sparsity": 0.5}, **extra}
+        data = {"sparsity": 0.5, **extra}
         with pytest.raises(ConfigError, match=rf"{field}: .*\(did you mean '{want}'\?\)"):
             recipe_from_dict(data)
     # Nothing close: no suggestion, just the allowed values.
     with pytest.raises(ConfigError) as info:
-        recipe_from_dict({"schedule": {"sparsity": 0.5}, "criterion": "zzzzzz"})
+        recipe_from_dict({"sparsity": 0.5, "criterion": "zzzzzz"})
     assert "did you mean" not in str(info.value) and "allowed" in str(info.value)
 
 
@@ -125,7 +120,7 @@ def test_did_you_mean_helper():
 
 def test_bad_yaml_names_the_file(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("schedule: {sparsity: 0.5\n")
+    p.write_text("schedule: {kind: cubic\n")
     with pytest.raises(ConfigError, match=r"r\.yaml: not valid YAML"):
         load_recipe(p)
 
@@ -133,8 +128,8 @@ def test_bad_yaml_names_the_file(tmp_path):
 def test_cli_prune_element_then_eval_saved_model(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "criterion: magnitude\nallocation: global\n"
-        "schedule: {kind: cubic, sparsity: 0.8, start: 0.0, end: 0.5, updates: 4}\n"
+        "criterion: magnitude\nallocation: global\nsparsity: 0.8\n"
+        "schedule: {kind: cubic, start: 0.0, end: 0.5, updates: 4}\n"
         "finetune: {epochs: 1, lr: 0.05, batch_size: 64}\n"
     )
     runner = CliRunner()
@@ -163,29 +158,6 @@ def test_cli_prune_element_then_eval_saved_model(tmp_path):
     res = runner.invoke(main, ["eval", "--model", f"saved:{out / 'model'}", "--subset", "200"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["accuracy"] == pytest.approx(m["pruned"]["accuracy"], abs=0.2)
-
-
-def test_cli_prune_channels_shrinks_macs(tmp_path):
-    res = CliRunner().invoke(
-        main,
-        [
-            "prune",
-            "--model",
-            "zoo:resnet8",
-            "--recipe",
-            "l1_filters_30",
-            "--subset",
-            "128",
-            "--quiet",
-            "--json",
-            "--out",
-            str(tmp_path / "c"),
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    m = json.loads(res.output)
-    assert m["pruned"]["params"] < 0.75 * m["dense"]["params"]
-    assert m["macs_ratio"] > 1.3
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -304,7 +276,7 @@ def test_recipe_runner_recalibrates_batchnorm_after_pruning():
         )
 
     x, y = torch.randn(24, 1, 6, 6), torch.randint(0, 3, (24,))
-    spec = {"criterion": "magnitude", "schedule": {"kind": "one_shot", "sparsity": 0.5}}
+    spec = {"criterion": "magnitude", "sparsity": 0.5, "schedule": "one_shot"}
     for k in (2, 0):
         model = net()
         before = model[1].running_mean.clone()
@@ -321,9 +293,8 @@ def test_recipe_runner_recalibrates_batchnorm_after_pruning():
 
 
 def test_latency_is_a_recipe_target_for_channel_pruning_only():
-    sched = {"kind": "one_shot", "sparsity": 0.5}
-    spec = {"granularity": "channel", "criterion": "l1", "target": "latency", "schedule": sched}
+    spec = {"granularity": "channel", "criterion": "l1", "target": "latency", "sparsity": 0.5}
     r = recipe_from_dict(spec)
     assert r.target == "latency"
     with pytest.raises(ConfigError, match="target 'latency' needs granularity 'channel'"):
-        recipe_from_dict({"criterion": "magnitude", "target": "latency", "schedule": sched})
+        recipe_from_dict({"criterion": "magnitude", "target": "latency", "sparsity": 0.5})

@@ -125,17 +125,15 @@ def test_scope_takes_regex_patterns_like_protect():
 
 def test_recipe_values_are_strict_and_patterns_compiled(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text('schedule: {sparsity: "0.5"}\n')
-    with pytest.raises(
-        ConfigError, match=r"bad\.yaml: schedule\.sparsity: Input should be a valid number, got str"
-    ):
+    bad.write_text('sparsity: "0.5"\n')
+    with pytest.raises(ConfigError, match=r"bad\.yaml: sparsity: Input should be a valid number, got str"):
         load_recipe(bad)
-    bad.write_text("schedule: {sparsity: 0.5}\nprotect: ['re:(conv']\n")
+    bad.write_text("sparsity: 0.5\nprotect: ['re:(conv']\n")
     with pytest.raises(
         ConfigError, match=r"bad\.yaml: protect: .*'re:\(conv' is not a valid regular expression"
     ):
         load_recipe(bad)
-    bad.write_text("schedule: {sparsity: 0.5}\nround_to: 0\n")
+    bad.write_text("sparsity: 0.5\nround_to: 0\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: round_to: Input should be greater than or equal to 1"):
         load_recipe(bad)
 

@@ -25,6 +25,7 @@ from secateur.pruners.channel import ChannelPruner
 from secateur.pruners.element import Pruner
 from secateur.pruners.heads import prune_heads
 from secateur.pruners.oneshot import prune_channels
+from secateur.pruners.recipe import Recipe
 from secateur.schedules import Cubic, Iterative, OneShot
 from secateur.scope import Scope
 
@@ -39,6 +40,7 @@ __all__ = [
     "Iterative",
     "OneShot",
     "Pruner",
+    "Recipe",
     "Scope",
     "count_macs",
     "count_params",

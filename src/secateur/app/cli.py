@@ -80,6 +80,18 @@ def _fail(e: Exception) -> None:
     raise click.ClickException(str(e))
 
 
+def _trust_option(f):
+    """``--trust-factory NAME`` (repeatable): user factories a ``saved:`` folder may run (secateur.load)."""
+    return click.option(
+        "--trust-factory",
+        "trust_factory",
+        multiple=True,
+        metavar="NAME",
+        help="For --model saved:PATH built by a user factory: trust this factory name "
+        "(package.module:function; repeatable). Nothing a folder names runs otherwise.",
+    )(f)
+
+
 @main.command()
 @click.option(
     "--model", "model_spec", required=True, help="zoo:NAME, hf:PATH, saved:PATH or package.module:function."
@@ -97,7 +109,10 @@ def _fail(e: Exception) -> None:
 @click.option("--out", "out_dir", default="runs/prune", show_default=True, help="Output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def prune(model_spec, model_kwargs, recipe_path, data, subset, out_dir, quiet, as_json) -> None:
+@_trust_option
+def prune(
+    model_spec, model_kwargs, recipe_path, data, subset, out_dir, quiet, as_json, trust_factory
+) -> None:
     """Prune a model with a recipe, fine-tune, measure, and save it (pickle-free) to OUT/model."""
     from secateur.app.recipe import load_recipe
     from secateur.app.run import run
@@ -113,6 +128,7 @@ def prune(model_spec, model_kwargs, recipe_path, data, subset, out_dir, quiet, a
             subset=subset,
             progress=not quiet,
             model_kwargs=_parse_kwargs(model_kwargs),
+            trust_factory=trust_factory,
         )
     except SecateurError as e:
         _fail(e)
@@ -140,7 +156,8 @@ def prune(model_spec, model_kwargs, recipe_path, data, subset, out_dir, quiet, a
 @click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the model factory.")
 @click.option("--input-shape", default="1,1,28,28", show_default=True, help="Example input shape (N,C,H,W).")
 @click.option("--latency/--no-latency", default=False, show_default=True, help="Also measure CPU latency.")
-def measure(model_spec, model_kwargs, input_shape, latency) -> None:
+@_trust_option
+def measure(model_spec, model_kwargs, input_shape, latency, trust_factory) -> None:
     """Count parameters, non-zero parameters, MACs and sparse MACs (JSON on stdout)."""
     import torch
 
@@ -149,7 +166,7 @@ def measure(model_spec, model_kwargs, input_shape, latency) -> None:
     from secateur.errors import SecateurError
 
     try:
-        model = build_model(model_spec, **_parse_kwargs(model_kwargs)).eval()
+        model = build_model(model_spec, trust_factory=trust_factory, **_parse_kwargs(model_kwargs)).eval()
         shape = tuple(int(s) for s in input_shape.split(","))
         x = torch.zeros(shape)
         out = {**count_params(model), **count_macs(model, x), "input_shape": list(shape)}
@@ -165,7 +182,8 @@ def measure(model_spec, model_kwargs, input_shape, latency) -> None:
 @main.command(name="eval")
 @click.option("--model", "model_spec", required=True, help="zoo:NAME, saved:PATH, ... (see prune --help).")
 @click.option("--subset", type=int, default=None, help="Use only the first N test images.")
-def evaluate(model_spec, subset) -> None:
+@_trust_option
+def evaluate(model_spec, subset, trust_factory) -> None:
     """Top-1 accuracy on the Fashion-MNIST test set (JSON on stdout)."""
     from secateur.app.models import build_model
     from secateur.app.run import _evaluate
@@ -173,7 +191,7 @@ def evaluate(model_spec, subset) -> None:
     from secateur.errors import SecateurError
 
     try:
-        model = build_model(model_spec)
+        model = build_model(model_spec, trust_factory=trust_factory)
         _, test = fashion_mnist_loaders(subset=subset)
         click.echo(json.dumps({"model": model_spec, "accuracy": _evaluate(model, test)}))
     except SecateurError as e:
@@ -183,14 +201,24 @@ def evaluate(model_spec, subset) -> None:
 @main.command()
 @click.argument("name", required=False)
 def recipes(name) -> None:
-    """List the shipped recipes, or print one as YAML."""
-    from secateur.app.recipe import dump_recipe, load_recipe, shipped_recipes
+    """List the shipped recipes (what each does, which models it suits), or print one as YAML.
+
+    The YAML is the whole recipe with every default written out: edit a copy and pass it to
+    `secateur prune --recipe FILE`, or read it in Python with secateur.Recipe.from_yaml(FILE).
+    """
+    from secateur.app.recipe import load_recipe, shipped_recipes
+    from secateur.errors import SecateurError
 
     if name:
-        click.echo(dump_recipe(load_recipe(name)), nl=False)
+        try:
+            click.echo(load_recipe(name).to_yaml(), nl=False)
+        except SecateurError as e:
+            _fail(e)
         return
     for n in shipped_recipes():
-        click.echo(f"{n}: {load_recipe(n).description}")
+        r = load_recipe(n)
+        click.echo(f"{n}: {r.description}")
+        click.echo(f"    suits: {r.suits or 'not stated'}")
 
 
 @main.command()
@@ -205,7 +233,8 @@ def recipes(name) -> None:
     "--onnx/--no-onnx", default=False, show_default=True, help="Also time both models in ONNX Runtime."
 )
 @click.option("--out", "out_dir", default="runs/report", show_default=True, help="Output folder.")
-def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
+@_trust_option
+def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir, trust_factory) -> None:
     """Measure a dense and a pruned model side by side; write report.html and report.md."""
     import torch
 
@@ -214,7 +243,10 @@ def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
     from secateur.errors import SecateurError
 
     try:
-        dense, pruned = build_model(dense_spec).eval(), build_model(pruned_spec).eval()
+        dense, pruned = (
+            build_model(spec, trust_factory=trust_factory if spec.startswith("saved:") else ()).eval()
+            for spec in (dense_spec, pruned_spec)
+        )
         acc = {}
         description = "No accuracy measured (--data none)."
         if data == "fashion-mnist":
@@ -225,9 +257,22 @@ def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
             acc = {"dense_accuracy": _evaluate(dense, test), "pruned_accuracy": _evaluate(pruned, test)}
             which = "the full 10,000-image" if subset is None else f"the first {min(subset, 10_000):,}"
             description = f"Accuracy on {which} Fashion-MNIST test images."
-        argv = ["secateur", "report", "--dense", dense_spec, "--pruned", pruned_spec, "--data", data,
-                "--batch", str(batch), "--out", out_dir]
+        argv = [
+            "secateur",
+            "report",
+            "--dense",
+            dense_spec,
+            "--pruned",
+            pruned_spec,
+            "--data",
+            data,
+            "--batch",
+            str(batch),
+            "--out",
+            out_dir,
+        ]
         argv += (["--subset", str(subset)] if subset is not None else []) + (["--onnx"] if onnx else [])
+        argv += [a for name in trust_factory for a in ("--trust-factory", name)]
         results = collect_results(
             dense,
             pruned,
@@ -254,7 +299,8 @@ def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir) -> None:
 @click.option("--subset", type=int, default=None, help="Use only the first N images of each split.")
 @click.option("--out", "out_dir", default="runs/finetune", show_default=True, help="Output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, quiet) -> None:
+@_trust_option
+def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, quiet, trust_factory) -> None:
     """Train a model (dense or pruned; masks are kept) on Fashion-MNIST and save it to OUT/model."""
     from secateur.app.models import build_model
     from secateur.data import fashion_mnist_loaders
@@ -263,7 +309,7 @@ def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, 
     from secateur.train import Trainer
 
     try:
-        model = build_model(model_spec, **_parse_kwargs(model_kwargs))
+        model = build_model(model_spec, trust_factory=trust_factory, **_parse_kwargs(model_kwargs))
         plan = None
         if model_spec.startswith("saved:"):  # build_model loaded it; its plan is re-saved with it
             from secateur.io.validate import read_plan_file
@@ -275,7 +321,7 @@ def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, 
         acc = trainer.evaluate(test)["accuracy"]
         save(model, Path(out_dir) / "model", plan=plan, metadata={"accuracy": acc, "epochs": epochs})
         # fail now, not later, if it does not reload (a factory named on this command line is trusted)
-        load(Path(out_dir) / "model", trust_factory=_user_factory(model_spec))
+        load(Path(out_dir) / "model", trust_factory=_user_factory(model_spec) + list(trust_factory))
     except SecateurError as e:
         _fail(e)
     click.echo(json.dumps({"accuracy": acc, "saved": f"{out_dir}/model"}))
@@ -316,6 +362,7 @@ def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, 
 @click.option("--out", "out_dir", default="runs/compare", show_default=True, help="Output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@_trust_option
 def compare(
     model_spec,
     model_kwargs,
@@ -334,6 +381,7 @@ def compare(
     out_dir,
     quiet,
     as_json,
+    trust_factory,
 ) -> None:
     """Prune one model at one budget with secateur, Torch-Pruning and torch.ao.pruning; fine-tune alike;
     write compare.md, compare.json and compare.png to OUT."""
@@ -359,6 +407,7 @@ def compare(
             model_kwargs=_parse_kwargs(model_kwargs),
             tools=tuple(t.strip() for t in tools.split(",") if t.strip()),
             progress=not quiet,
+            trust_factory=tuple(trust_factory),
         )
     except SecateurError as e:
         _fail(e)

@@ -225,6 +225,7 @@ def compare(
     model_kwargs: dict[str, Any] | None = None,
     tools: tuple[str, ...] = TOOLS,
     progress: bool = False,
+    trust_factory: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Prune ``model_spec`` with every tool at one budget, fine-tune alike, measure; write table, JSON, plot.
 
@@ -246,6 +247,7 @@ def compare(
         out_dir: writes ``compare.md``, ``compare.json`` and ``compare.png`` there.
         model_kwargs: keyword arguments for the model factory. tools: which tools to run (subset of TOOLS).
         progress: show fine-tuning progress bars.
+        trust_factory: user factory names a ``saved:`` folder may run (see :func:`secateur.load`).
 
     Returns:
         ``{"config", "dense", "rows", "files"}``: ``dense`` and each of ``rows`` (one per tool) hold
@@ -286,7 +288,7 @@ def compare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
-    dense = build_model(model_spec, **(model_kwargs or {}))
+    dense = build_model(model_spec, trust_factory=trust_factory, **(model_kwargs or {}))
     train, test = fashion_mnist_loaders(batch_size=batch_size, subset=subset, seed=seed)
     example = torch.zeros(EXAMPLE_SHAPE)
     n_steps = steps if steps is not None else epochs * len(train)

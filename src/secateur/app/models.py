@@ -8,6 +8,7 @@ offline), ``saved:PATH`` (a folder written by :func:`secateur.save`), or ``packa
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,17 @@ from torch import nn
 from secateur.errors import ConfigError, did_you_mean
 
 
-def build_model(spec: str, **kwargs: Any) -> nn.Module:
+def build_model(spec: str, *, trust_factory: Sequence[str] = (), **kwargs: Any) -> nn.Module:
     """Build the model named by ``spec`` (see the module docstring).
 
+    ``trust_factory``: for ``saved:PATH``, the user factory names (``package.module:function``) the folder's
+    recorded architecture may be; passed to :func:`secateur.load`, which runs no other code a folder names.
+    ``kwargs`` go to a zoo, Hugging Face or user factory.
+
     Raises:
-        ConfigError: an unknown scheme, a missing folder, or a factory that cannot be imported.
+        ConfigError: an unknown scheme, a missing folder, a factory that cannot be imported, or
+            ``trust_factory`` given for a spec that is not ``saved:``.
+        UntrustedCodeError: a ``saved:`` folder built by a user factory that ``trust_factory`` does not name.
     """
     scheme, sep, rest = spec.partition(":")
     if not sep:
@@ -31,6 +38,11 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(
             f"model spec {spec!r}{hint}: use zoo:NAME, hf:PATH, saved:PATH or package.module:function"
         )
+    if trust_factory and scheme != "saved":
+        raise ConfigError(
+            f"model spec {spec!r}: trust_factory applies to saved:PATH folders only (a factory given as "
+            "package.module:function is trusted already)"
+        )
     if scheme == "zoo":
         from secateur.zoo import create_model
 
@@ -38,7 +50,7 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
     if scheme == "saved":
         from secateur.io import load
 
-        return load(rest)
+        return load(rest, trust_factory=list(trust_factory))
     if scheme == "hf":
         path = Path(rest)
         if not path.is_dir():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +16,8 @@ import torch
 from torch import nn
 
 from secateur.analysis import count_macs, count_params
-from secateur.app.recipe import Recipe, steps_for
 from secateur.errors import ConfigError
-from secateur.scope import Scope
-
-_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
-
-
-def scope_of(recipe: Recipe) -> Scope:
-    """The :class:`Scope` a recipe describes."""
-    s = recipe.scope
-    return Scope(
-        types=tuple(_TYPES[t] for t in s.types),
-        include=s.include,
-        exclude=tuple(s.exclude) + tuple(recipe.protect),
-        exclude_first=s.exclude_first,
-        exclude_last=s.exclude_last,
-    )
+from secateur.pruners.recipe import Recipe
 
 
 def _evaluate(model: nn.Module, loader: Any) -> float:
@@ -60,15 +46,31 @@ def _finetune(model: nn.Module, recipe: Recipe, train: Any, test: Any, callbacks
     return trainer
 
 
-def _nm_prune(model: nn.Module, recipe: Recipe) -> None:
-    """Magnitude N:M masks on every scoped weight (flattened to (out, in·k·k) rows)."""
-    from secateur.masks import set_mask
-    from secateur.masks.patterns import nm_mask
+def _prune_oneshot_linears(model: nn.Module, recipe: Recipe, data: Any) -> float:
+    """Wanda / SparseGPT at N:M on the recipe's Linear layers (:func:`secateur.llm.prune_linears`), masks
+    left attached; returns the achieved sparsity of the pruned Linear weights."""
+    from secateur.llm.oneshot import prune_linears
 
-    for t in scope_of(recipe).resolve(model):
-        w = getattr(t.module, t.param_name).detach()
-        keep = nm_mask(w.abs().reshape(w.shape[0], -1), recipe.n, recipe.m, layer=t.name).reshape(w.shape)
-        set_mask(t.module, keep, t.param_name)
+    if data is None:
+        raise ConfigError(
+            f"criterion {recipe.criterion!r} scores weights by their input activations: it needs calibration "
+            "data (use --data fashion-mnist, not --data none)"
+        )
+    extra = set(recipe.criterion_kwargs) - {"block_size", "damp"}
+    if extra:
+        raise ConfigError(
+            f"criterion_kwargs {sorted(extra)} do not apply to {recipe.criterion!r} at N:M; "
+            "allowed: ['block_size', 'damp'] (SparseGPT)"
+        )
+    report = prune_linears(
+        model,
+        data,
+        method=recipe.criterion,
+        pattern=recipe.nm,
+        scope=recipe.to_scope(),
+        **recipe.criterion_kwargs,
+    )
+    return report.overall_sparsity
 
 
 def prune_with_recipe(
@@ -79,11 +81,19 @@ def prune_with_recipe(
     example_inputs: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Prune ``model`` in place as ``recipe`` says, fine-tuning on ``train_loader`` if given.
+    """Prune ``model`` as ``recipe`` says, fine-tuning on ``train_loader`` if the recipe fine-tunes.
 
-    Returns a dict with ``plan`` (structural plan or None), accuracies (fractions) when a test
-    loader is given, and the achieved sparsity. Raises ConfigError for combinations this runner
-    does not support (named).
+    The pruner is :meth:`Recipe.build`'s (element masks, N:M masks or the channel driver), stepped by the
+    :class:`~secateur.train.Trainer` (or once at step 0 without fine-tuning) and finalised; Wanda/SparseGPT
+    at N:M run :func:`secateur.llm.prune_linears` on ``recipe.data_batches`` training batches. Then
+    BatchNorm statistics are re-estimated (``finetune.recalibrate_bn``).
+
+    Returns a dict with ``model`` (the pruned model: a new object after channel compaction), ``plan``
+    (structural plan or None), ``sparsity`` (achieved fraction of the recipe's target) and ``bn_batches``.
+
+    Raises:
+        ConfigError: a fine-tuning recipe without training data, channel pruning without example inputs,
+            Wanda/SparseGPT without data, and whatever the pruner raises on this model (named).
     """
     from secateur.masks import detach_masks
 
@@ -91,72 +101,22 @@ def prune_with_recipe(
     needs_training = recipe.finetune.epochs > 0
     if needs_training and train_loader is None:
         raise ConfigError("recipe fine-tunes (finetune.epochs > 0) but no training data was given")
-    steps = steps_for(recipe, len(train_loader)) if train_loader is not None else 1
-    schedule = recipe.schedule.build(steps)
-    data_batch = next(iter(train_loader)) if train_loader is not None else None
-    if recipe.granularity == "element":
-        from secateur.pruners.element import Pruner
-
-        pruner = Pruner(
-            model,
-            schedule,
-            criterion=recipe.criterion,
-            allocation=recipe.allocation,
-            scope=scope_of(recipe),
-            data=data_batch,
-            example_inputs=example_inputs,
-            criterion_kwargs=dict(recipe.criterion_kwargs),
-        )
-        if needs_training:
-            _finetune(model, recipe, train_loader, test_loader, [pruner], progress)
-        else:
-            pruner.step(0)
-        out["sparsity"] = pruner.sparsity()
-        detach_masks(model)
-    elif recipe.granularity == "n:m":
-        if recipe.criterion != "magnitude":
-            raise ConfigError(
-                f"granularity 'n:m' with criterion {recipe.criterion!r} on a vision model: use "
-                "'magnitude' here, "
-                "or secateur.llm.prune_oneshot for Wanda/SparseGPT on a transformer with calibration text"
-            )
-        _nm_prune(model, recipe)
+    steps = recipe.total_steps(len(train_loader)) if train_loader is not None else 1
+    data = recipe.data_from(train_loader)
+    if recipe.is_oneshot_method:
+        out["sparsity"] = _prune_oneshot_linears(model, recipe, data)
         if needs_training:
             _finetune(model, recipe, train_loader, test_loader, [], progress)
-        out["sparsity"] = 1.0 - recipe.n / recipe.m
         detach_masks(model)
     else:
-        if example_inputs is None:
-            raise ConfigError("granularity 'channel' needs example inputs to trace the dependency graph")
-        from secateur.pruners.channel import ChannelPruner
-
-        if recipe.allocation not in ("global", "uniform"):
-            raise ConfigError(
-                f"allocation {recipe.allocation!r} is element-wise; "
-                "channel pruning takes 'global' or 'uniform'"
-            )
-        was_training = model.training
-        model.eval()
-        pruner = ChannelPruner(
-            model,
-            example_inputs,
-            schedule=schedule,
-            criterion=recipe.criterion,
-            allocation=recipe.allocation,
-            target=recipe.target,
-            protect=tuple(recipe.protect),
-            round_to=recipe.round_to,
-            data=data_batch,
-            criterion_kwargs=dict(recipe.criterion_kwargs),
-        )
-        model.train(was_training)
+        pruner = recipe.build(model, example_inputs, data, total_steps=steps)
         if needs_training:
             _finetune(model, recipe, train_loader, test_loader, [pruner], progress)
         else:
             pruner.step(0)
         out["sparsity"] = pruner.sparsity()
         model = pruner.finalize()
-        out["plan"] = pruner.plan
+        out["plan"] = getattr(pruner, "plan", None)
     out["bn_batches"] = _recalibrate(model, recipe, train_loader)
     out["model"] = model
     return out
@@ -182,10 +142,16 @@ def run(
     subset: int | None = None,
     progress: bool = True,
     model_kwargs: dict | None = None,
+    trust_factory: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Build the model, evaluate, prune with ``recipe``, evaluate, measure, save; return the metrics.
 
-    Writes ``out_dir/model/`` (plan.json + model.safetensors) and ``out_dir/metrics.json``.
+    ``model_spec`` as :func:`secateur.app.models.build_model` reads it (``trust_factory``: the factory names a
+    ``saved:`` folder may run). Writes ``out_dir/model/`` (plan.json + model.safetensors, the recipe in its
+    metadata) and ``out_dir/metrics.json``.
+
+    Raises:
+        ConfigError: unknown ``data``, and what :func:`build_model` and :func:`prune_with_recipe` raise.
     """
     from secateur.app.models import build_model
     from secateur.io import save
@@ -193,7 +159,7 @@ def run(
 
     t0 = time.perf_counter()
     seed_everything(recipe.seed)
-    model = build_model(model_spec, **(model_kwargs or {}))
+    model = build_model(model_spec, trust_factory=trust_factory, **(model_kwargs or {}))
     train = test = None
     if data == "fashion-mnist":
         from secateur.data import fashion_mnist_loaders
@@ -216,7 +182,7 @@ def run(
         pruned["accuracy"] = _evaluate(model, test)
     metrics = {
         "model": model_spec,
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": recipe.to_dict(),
         "dense": dense,
         "pruned": pruned,
         "sparsity": result["sparsity"],
@@ -224,6 +190,11 @@ def run(
         "seconds": time.perf_counter() - t0,
     }
     out = Path(out_dir)
-    save(model, out / "model", plan=result["plan"], metadata={k: metrics[k] for k in ("model", "sparsity")})
+    save(
+        model,
+        out / "model",
+        plan=result["plan"],
+        metadata={k: metrics[k] for k in ("model", "sparsity", "recipe")},
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

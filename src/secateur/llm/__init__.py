@@ -32,6 +32,7 @@ from secateur.llm.oneshot import (
     collect_linear_inputs,
     find_blocks,
     prune_linear,
+    prune_linears,
     prune_oneshot,
     reconstruction_error,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "load_fortunes",
     "mean_cosine",
     "prune_checkpoint",
+    "prune_linears",
     "prune_linear",
     "prune_oneshot",
     "reconstruction_error",

@@ -461,6 +461,127 @@ def prune_oneshot(
     return report
 
 
+
+@torch.no_grad()
+def prune_linears(
+    model: nn.Module,
+    data: Any,
+    method: str = "wanda",
+    sparsity: float | None = 0.5,
+    pattern: str | tuple[int, int] | Pattern = "row",
+    *,
+    scope: Any = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    track_error: bool = False,
+    as_masks: bool = True,
+) -> OneShotReport:
+    """Prune any model's Linear layers in one shot from one calibration pass (magnitude, Wanda, SparseGPT).
+
+    The general entry point beside :func:`prune_oneshot`, for models that are not a stack of transformer
+    blocks called with hidden states (a vision transformer, an MLP, a CNN's classifier): the whole model is
+    one :func:`prune_block`. Each calibration batch runs once through the *dense* model while hooks
+    accumulate every selected Linear's input statistics (:class:`~secateur.llm.calibration.InputStats`),
+    then each Linear is pruned from its own statistics by :func:`prune_linear` (Wanda: ``|W| * ||X_j||_2``,
+    Sun et al. 2023, eq. 1, the paper also prunes the linear layers of ViT/ConvNeXt image classifiers;
+    SparseGPT: Frantar & Alistarh 2023, Algorithm 1). Unlike :func:`prune_oneshot` the pruning error of one
+    layer does not reach the statistics of the next, and the statistics of all selected Linears are held
+    at once (``in`` floats each for Wanda, ``in x in`` for SparseGPT or ``track_error``).
+
+    Args:
+        model: any ``nn.Module``; put in eval mode for the call.
+        data: one batch or an iterable of batches: a tensor (the input), a pair ``(input, target)`` (the
+            target is ignored), or a mapping of keyword arguments whose first entry named like
+            ``model.forward``'s first parameter is the input (its ``attention_mask`` marks real tokens).
+        method, sparsity, pattern, block_size, damp, track_error, as_masks: as :func:`prune_oneshot`
+            (``pattern="2:4"`` or ``(2, 4)`` for N:M, which implies the sparsity).
+        scope: a :class:`secateur.scope.Scope` selecting the Linears (every selected module must be
+            Linear-like); None selects every Linear (and GPT-2 ``Conv1D``) of the model.
+
+    Returns:
+        :class:`OneShotReport`; ``n_tokens`` counts calibration examples (rows of the input batches).
+
+    Raises:
+        ConfigError: an unknown method, a bad sparsity or pattern, in_features not divisible by M (naming
+            the layer), a scope that selects a module that is not Linear (named), no Linear, no batch, or a
+            batch of another form. All checks run before any weight changes; any failure or interrupt later
+            restores every selected Linear bit-identical (as :func:`prune_oneshot`).
+    """
+    t0 = time.perf_counter()
+    p = parse_pattern(pattern)
+    linears = _scoped_linears(model, scope)
+    sp = check_oneshot_args(linears, method, p, sparsity)
+    inputs, masks = _model_inputs(model, data)
+    was_training = model.training
+    model.eval()
+    snapshot = _snapshot_linears(linears)
+    try:
+        n_examples = sum(int(h.shape[0]) if h.dim() else 1 for h, _, _ in inputs)
+        report = OneShotReport(method=method, pattern=str(p), sparsity=sp, n_tokens=n_examples)
+        prune_block(
+            model, linears, inputs, masks, method, sp, p, report, block_size=block_size, damp=damp,
+            track_error=track_error, as_masks=as_masks, feed_next=False,
+        )
+    except BaseException:  # an error or an interrupt (Ctrl-C): the weights and masks as they were
+        with interrupts_deferred():
+            _restore_linears(linears, snapshot)
+        raise
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _scoped_linears(model: nn.Module, scope: Any) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the Linears ``scope`` selects (every Linear-like module when None)."""
+    if scope is None:
+        linears = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
+        if not linears:
+            raise ConfigError(f"{type(model).__name__} has no Linear layer to prune")
+        return linears
+    targets = scope.resolve(model)
+    other = [f"{t.path} ({type(t.module).__name__})" for t in targets if not is_linear_like(t.module)]
+    if other:
+        raise ConfigError(
+            f"one-shot Linear pruning scores Linear layers from their input features; the scope also selects "
+            f"{', '.join(other[:3])}{' ...' if len(other) > 3 else ''}: restrict the scope's types to Linear"
+        )
+    return [(t.path, t.module) for t in targets]
+
+
+def _model_inputs(model: nn.Module, data: Any) -> tuple[BlockInputs, list[torch.Tensor | None]]:
+    """``data`` as :func:`prune_block` inputs of the whole model: ``[(input, (), kwargs)]`` and token masks.
+
+    Raises:
+        ConfigError: no batch, or a batch that is not a tensor, an ``(input, target)`` pair or a mapping
+            holding ``model.forward``'s first parameter.
+    """
+    from secateur.criteria.element.saliency import is_single_batch
+
+    batches = [data] if is_single_batch(data) else list(data if data is not None else [])
+    if not batches:
+        raise ConfigError("no calibration batches given (data=None or empty)")
+    first = next(iter(inspect.signature(model.forward).parameters), None)
+    inputs: BlockInputs = []
+    masks: list[torch.Tensor | None] = []
+    for i, b in enumerate(batches):
+        if isinstance(b, torch.Tensor):
+            inputs.append((b, (), {}))
+            masks.append(None)
+        elif isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor):
+            inputs.append((b[0], (), {}))
+            masks.append(None)
+        elif isinstance(b, Mapping) and first in b:
+            kw = {k: v for k, v in b.items() if k != first}
+            inputs.append((b[first], (), kw))
+            masks.append(_token_mask(b))
+        else:
+            raise ConfigError(
+                f"calibration batch {i} is a {type(b).__name__}; expected a tensor, an (input, target) pair "
+                f"or a mapping with {first!r} (the first argument of {type(model).__name__}.forward)"
+            )
+    return inputs, masks
+
 BlockInputs = list[tuple[torch.Tensor, tuple, dict]]
 
 
@@ -709,6 +830,7 @@ __all__ = [
     "is_linear_like",
     "prune_block",
     "prune_linear",
+    "prune_linears",
     "prune_oneshot",
     "reconstruction_error",
     "sparsity_of",
