@@ -186,14 +186,14 @@ def measure(model_spec, model_kwargs, input_shape, latency, trust_factory) -> No
 def evaluate(model_spec, subset, trust_factory) -> None:
     """Top-1 accuracy on the Fashion-MNIST test set (JSON on stdout)."""
     from secateur.app.models import build_model
-    from secateur.app.run import _evaluate
+    from secateur.app.run import evaluate_accuracy
     from secateur.data import fashion_mnist_loaders
     from secateur.errors import SecateurError
 
     try:
         model = build_model(model_spec, trust_factory=trust_factory)
         _, test = fashion_mnist_loaders(subset=subset)
-        click.echo(json.dumps({"model": model_spec, "accuracy": _evaluate(model, test)}))
+        click.echo(json.dumps({"model": model_spec, "accuracy": evaluate_accuracy(model, test)}))
     except SecateurError as e:
         _fail(e)
 
@@ -250,11 +250,14 @@ def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir, trust_fa
         acc = {}
         description = "No accuracy measured (--data none)."
         if data == "fashion-mnist":
-            from secateur.app.run import _evaluate
+            from secateur.app.run import evaluate_accuracy
             from secateur.data import fashion_mnist_loaders
 
             _, test = fashion_mnist_loaders(subset=subset)
-            acc = {"dense_accuracy": _evaluate(dense, test), "pruned_accuracy": _evaluate(pruned, test)}
+            acc = {
+                "dense_accuracy": evaluate_accuracy(dense, test),
+                "pruned_accuracy": evaluate_accuracy(pruned, test),
+            }
             which = "the full 10,000-image" if subset is None else f"the first {min(subset, 10_000):,}"
             description = f"Accuracy on {which} Fashion-MNIST test images."
         argv = [

@@ -20,7 +20,8 @@ from secateur.errors import ConfigError
 from secateur.pruners.recipe import Recipe
 
 
-def _evaluate(model: nn.Module, loader: Any) -> float:
+def evaluate_accuracy(model: nn.Module, loader: Any) -> float:
+    """Top-1 accuracy (a fraction, 0 to 1) of ``model`` on the ``(x, y)`` batches of ``loader``."""
     from secateur.train import Trainer
 
     return Trainer(model, loader, epochs=1, progress=False).evaluate(loader)["accuracy"]
@@ -174,12 +175,12 @@ def run(
         raise ConfigError(f"unknown data {data!r}; allowed: 'fashion-mnist', 'none'")
     dense = {**count_params(model), **count_macs(model, example)}
     if test is not None:
-        dense["accuracy"] = _evaluate(model, test)
+        dense["accuracy"] = evaluate_accuracy(model, test)
     result = prune_with_recipe(model, recipe, train, test, example, progress)
     model = result["model"]
     pruned = {**count_params(model), **count_macs(model, example)}
     if test is not None:
-        pruned["accuracy"] = _evaluate(model, test)
+        pruned["accuracy"] = evaluate_accuracy(model, test)
     metrics = {
         "model": model_spec,
         "recipe": recipe.to_dict(),
