@@ -8,10 +8,11 @@ What it does:
 * trains a byte-level Llama (transformers ``LlamaForCausalLM``: 6 layers, 192 wide, 12 query heads over 6
   KV heads (GQA), MLP 512) on the calibration half of the Debian fortunes (the held-out half is never
   trained on), like the GPT-2 of ``benchmarks/llm_oneshot.py``;
-* prunes it with :func:`secateur.llm.prune_decoder` at per-group ratios 0.2 and 0.5 inside layers 1-4 (the
-  first and last layer kept, as LLM-Pruner does) by ``taylor`` (element-wise first order), ``wanda``
-  (Wanda-sp) and ``random``, each with three seeds (the 10 calibration windows of 128 bytes, LLM-Pruner's
-  count, are drawn per seed; random draws its scores per seed). No fine-tuning after pruning;
+* prunes it with :func:`secateur.llm.prune_decoder` at per-group sparsities 0.2 and 0.5 inside layers 1-4
+  (the first and last layer kept, as LLM-Pruner does) by ``llm_pruner`` (LLM-Pruner's Taylor importance,
+  element-wise first order), ``wanda_sp`` (Wanda-sp) and ``random``, each with three seeds (the 10
+  calibration windows of 128 bytes, LLM-Pruner's count, are drawn per seed; random draws its scores per
+  seed). No fine-tuning after pruning;
 * reports parameters, MACs of one 128-byte sequence, byte-level perplexity on held-out text, and CPU
   latency of one forward pass on a (1, 128) and an (8, 128) batch, dense and every pruned model (seed 0)
   timed interleaved in one run (:func:`secateur.analysis.latency.compare_callables`, median over blocks);
@@ -58,8 +59,8 @@ MODEL = dict(
     eos_token_id=10,
     tie_word_embeddings=False,
 )
-RATIOS = (0.2, 0.5)
-CRITERIA = ("taylor", "wanda", "random")
+SPARSITIES = (0.2, 0.5)
+CRITERIA = ("llm_pruner", "wanda_sp", "random")
 LAYERS = (1, 2, 3, 4)
 
 
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
     ppl_dense = perplexity(dense, held)
     print(f"dense params {p_dense} MACs {m_dense} ppl {ppl_dense:.3f}", flush=True)
     rows, timed = [], {"dense": dense}
-    for ratio in RATIOS:
+    for sparsity in SPARSITIES:
         for crit in CRITERIA:
             per_seed = []
             for seed in range(args.seeds):
@@ -218,7 +219,7 @@ def run(args: argparse.Namespace) -> dict:
                 model, plan = prune_decoder(
                     model,
                     _calibration(train, args.n_calib, seed),
-                    ratio,
+                    sparsity,
                     layers=LAYERS,
                     criterion=crit,
                     seed=seed,
@@ -226,15 +227,15 @@ def run(args: argparse.Namespace) -> dict:
                 secs = time.perf_counter() - t0
                 ppl = perplexity(model, held)
                 per_seed.append({"seed": seed, "perplexity": ppl, "prune_seconds": secs})
-                print(f"{crit} ratio {ratio} seed {seed}: ppl {ppl:.3f} ({secs:.1f} s)", flush=True)
+                print(f"{crit} sparsity {sparsity} seed {seed}: ppl {ppl:.3f} ({secs:.1f} s)", flush=True)
                 if seed == 0:
-                    timed[f"{crit} {ratio}"] = model
+                    timed[f"{crit} {sparsity}"] = model
                     first = model
             ppls = [r["perplexity"] for r in per_seed]
             rows.append(
                 {
                     "criterion": crit,
-                    "ratio": ratio,
+                    "sparsity": sparsity,
                     "params": count_params(first)["params"],
                     "params_fraction": count_params(first)["params"] / p_dense,
                     "macs": macs(first),
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     latency = _latency(timed, batches, args.threads, args.repeats)
     for r in rows:
-        key = f"{r['criterion']} {r['ratio']}"
+        key = f"{r['criterion']} {r['sparsity']}"
         for b in batches:
             r[f"latency_ms_{b}"] = latency[b][key]["median_ms"]
             r[f"speedup_{b}"] = latency[b]["dense"]["median_ms"] / latency[b][key]["median_ms"]
@@ -295,7 +296,7 @@ def markdown(res: dict) -> str:
         f"{res['seeds']} seeds. Latency: one forward pass, {res['environment']['threads']} thread, "
         f"{res['environment']['latency']}; all models timed in one run.",
         "",
-        "| criterion | ratio | params | MACs (1x128) | perplexity | latency 1x128 ms (speed-up) "
+        "| criterion | sparsity | params | MACs (1x128) | perplexity | latency 1x128 ms (speed-up) "
         "| latency 8x128 ms (speed-up) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| dense | - | {d['params']:,} | {d['macs'] / 1e6:.1f} M | {d['perplexity']:.2f} | "
@@ -303,7 +304,7 @@ def markdown(res: dict) -> str:
     ]
     for r in res["rows"]:
         lines.append(
-            f"| {r['criterion']} | {r['ratio']} | {r['params']:,} ({r['params_fraction']:.0%}) | "
+            f"| {r['criterion']} | {r['sparsity']} | {r['params']:,} ({r['params_fraction']:.0%}) | "
             f"{r['macs'] / 1e6:.1f} M ({r['macs_fraction']:.0%}) | {r['perplexity_median']:.2f} "
             f"[{r['perplexity_min']:.2f}, {r['perplexity_max']:.2f}] | "
             f"{r['latency_ms_1x128']:.2f} ({r['speedup_1x128']:.2f}x) | "

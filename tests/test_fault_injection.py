@@ -467,7 +467,7 @@ def test_prune_decoder_interrupted_leaves_model_as_before(target, n, monkeypatch
     grads = [p.grad for p in model.parameters()]
     calls = _raise_on_call(monkeypatch, *_target(target), n, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        prune_decoder(model, _decoder_calib(), ratio=0.5, layers=[1], criterion="taylor")
+        prune_decoder(model, _decoder_calib(), sparsity=0.5, layers=[1], criterion="llm_pruner")
     assert calls["n"] == n
     assert_same(model, before)
     assert all(p.grad is g for p, g in zip(model.parameters(), grads))

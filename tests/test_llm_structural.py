@@ -7,6 +7,7 @@ compaction against the masked model (float64), and every failure path against th
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,10 +20,16 @@ from torch import nn
 
 import secateur as sc
 from secateur.compact import mask_model, max_abs_diff
+from secateur.criteria.group import TaylorCriterion, collect, get_group_criterion
 from secateur.errors import CompactionError, ConfigError
 from secateur.graph import DependencyGraph
 from secateur.llm import (
+    LLMPrunerTaylor,
+    WandaStructured,
+    causal_lm_data,
+    causal_lm_loss,
     decoder_groups,
+    decoder_layer_groups,
     expert_saliency,
     find_moe_blocks,
     mask_experts,
@@ -35,6 +42,8 @@ from secateur.llm.moe import eager_experts
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent / "graph"))
 import hf_models  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread is faster on 2 shared cores
 
 HD = 8  # head_dim of the tiny Llama
 N_REP = 2  # query heads per KV head
@@ -78,11 +87,11 @@ def _mlp(model, i):
 # ---------------------------------------------------------------------------------------------------
 # prune_decoder
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("criterion", ["taylor", "wanda", "random"])
+@pytest.mark.parametrize("criterion", ["llm_pruner", "wanda_sp", "random"])
 def test_layer_range_respected_gqa_consistent_and_params_drop(criterion):
     dense = _llama()
     model = copy.deepcopy(dense)
-    model, plan = prune_decoder(model, _calib(), ratio=0.5, criterion=criterion)  # default: layers 1..2
+    model, plan = prune_decoder(model, _calib(), sparsity=0.5, criterion=criterion)  # default: layers 1..2
     for i in (0, 3):  # first and last layers: bit-identical
         for (k, a), (_, b) in zip(
             model.model.layers[i].state_dict().items(), dense.model.layers[i].state_dict().items()
@@ -119,7 +128,9 @@ def test_layer_range_respected_gqa_consistent_and_params_drop(criterion):
 def test_oracle_compacted_equals_masked_float64():
     dense = _llama()
     batch = _calib()
-    model, plan = prune_decoder(copy.deepcopy(dense), batch, ratio=0.3, criterion="taylor", layers=[1, 2])
+    model, plan = prune_decoder(
+        copy.deepcopy(dense), batch, sparsity=0.3, criterion="llm_pruner", layers=[1, 2]
+    )
     x = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     masked = mask_model(copy.deepcopy(dense), plan)
     assert max_abs_diff(masked, model, x) <= 1e-6
@@ -164,7 +175,9 @@ def _lm_grads(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
 def test_taylor_scores_match_llm_pruner_formula(variant):
     model = _llama(layers=3)
     batch = _calib()
-    graph, selection, scores = structural_scores(model, batch, "taylor", layers=[1], taylor=variant)
+    graph, selection, scores = structural_scores(
+        model, batch, "llm_pruner", layers=[1], criterion_kwargs={"variant": variant}
+    )
     assert all(p.grad is None for p in model.parameters())  # gradients left as they were
     # independent: g = mean gradient, F = mean of per-sequence squared gradients (LLM-Pruner's acc_grad)
     if variant == "element2":
@@ -201,7 +214,7 @@ def test_taylor_scores_match_llm_pruner_formula(variant):
 def test_wanda_structured_scores_match_hand_computation():
     model = _llama(layers=3)
     batch = _calib(pad=4)
-    graph, selection, scores = structural_scores(model, batch, "wanda", layers=[1])
+    graph, selection, scores = structural_scores(model, batch, "wanda_sp", layers=[1])
     real = batch["attention_mask"].bool()
     seen: dict[str, list[torch.Tensor]] = {}
     mods = {
@@ -238,7 +251,7 @@ def test_wanda_structured_scores_match_hand_computation():
 
 
 def test_uniform_pruning_config_reloads_with_plain_from_pretrained(tmp_path):
-    model, _plan = prune_decoder(_llama(), _calib(), ratio=0.5, layers=range(4), criterion="wanda")
+    model, _plan = prune_decoder(_llama(), _calib(), sparsity=0.5, layers=range(4), criterion="wanda_sp")
     cfg = model.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.head_dim) == (
         4,
@@ -254,7 +267,7 @@ def test_uniform_pruning_config_reloads_with_plain_from_pretrained(tmp_path):
 
 
 def test_layer_range_round_trip_with_plan(tmp_path):
-    model, plan = prune_decoder(_llama(), _calib(), ratio=0.5, layers=[1, 2], criterion="taylor")
+    model, plan = prune_decoder(_llama(), _calib(), sparsity=0.5, layers=[1, 2], criterion="llm_pruner")
     sc.save(model, tmp_path / "pruned", plan=plan)
     again = sc.load(tmp_path / "pruned").eval()
     ids = _calib()["input_ids"]
@@ -266,7 +279,7 @@ def test_layer_range_round_trip_with_plan(tmp_path):
 
 def test_what_and_round_to():
     dense = _llama(layers=3)
-    model, _ = prune_decoder(copy.deepcopy(dense), _calib(), ratio=0.3, what=("mlp",), round_to=8)
+    model, _ = prune_decoder(copy.deepcopy(dense), _calib(), sparsity=0.3, what=("mlp",), round_to=8)
     at, old = _attn(model, 1), _attn(dense, 1)
     assert all(torch.equal(a, b) for a, b in zip(at.parameters(), old.parameters()))  # heads untouched
     assert _mlp(model, 1).up_proj.out_features == 40  # 48 - floor(0.3*48)=34, rounded up to a multiple of 8
@@ -275,7 +288,7 @@ def test_what_and_round_to():
 def test_gpt2_conv1d_heads_and_mlp():
     torch.manual_seed(0)
     dense = hf_models.gpt2(n_layer=3)[0].eval()
-    model, plan = prune_decoder(copy.deepcopy(dense), _calib(), ratio=0.5, criterion="wanda")
+    model, plan = prune_decoder(copy.deepcopy(dense), _calib(), sparsity=0.5, criterion="wanda_sp")
     h = model.transformer.h[1]
     assert h.attn.c_attn.weight.shape == (32, 3 * 16) and h.mlp.c_fc.weight.shape == (32, 64)
     assert model.transformer.h[0].attn.c_attn.weight.shape == (32, 96)
@@ -286,11 +299,12 @@ def test_gpt2_conv1d_heads_and_mlp():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"ratio": 1.0}, "ratio"),
-        ({"ratio": {"attn": 0.2}}, "unknown kind"),
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"sparsity": {"attn": 0.2}}, "unknown kind"),
+        ({"sparsity": {"mlp": -0.1}}, "sparsity for mlp"),
         ({"layers": [9]}, "out of range"),
-        ({"criterion": "l7"}, "unknown criterion"),
-        ({"taylor": "element3"}, "taylor variant"),
+        ({"criterion": "l7"}, "unknown group criterion"),
+        ({"criterion_kwargs": {"variant": "element3"}}, "variant"),
         ({"what": ("experts",)}, "subset"),
         ({"round_to": 0}, "round_to"),
     ],
@@ -299,7 +313,7 @@ def test_bad_arguments_are_named_and_leave_model_untouched(kwargs, match):
     model = _llama(layers=3)
     state = _state(model)
     with pytest.raises(ConfigError, match=match):
-        prune_decoder(model, _calib(), **{"ratio": 0.2, **kwargs})
+        prune_decoder(model, _calib(), **{"sparsity": 0.2, **kwargs})
     assert _same_state(model, state)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
@@ -313,7 +327,7 @@ def test_failed_compaction_rolls_back(monkeypatch):
 
     monkeypatch.setattr("secateur.compact.apply._update_module", broken)
     with pytest.raises(CompactionError, match="injected"):
-        prune_decoder(model, _calib(), ratio=0.5, layers=range(3))
+        prune_decoder(model, _calib(), sparsity=0.5, layers=range(3))
     assert _same_state(model, state) and model.config.to_dict() == cfg
     assert _attn(model, 1).q_proj.out_features == 64
 
@@ -325,6 +339,144 @@ def test_decoder_groups_kinds():
     assert sorted(sel.values()) == [(i, k) for i in range(3) for k in ("heads", "mlp")]
     for gi, (_, kind) in sel.items():
         assert graph.groups[gi].n_units == (4 if kind == "heads" else 48)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one driver: prune_decoder is a call of ChannelPruner; its plan is LLM-Pruner's per-layer selection
+# ---------------------------------------------------------------------------------------------------
+def _per_layer_selection(graph, selection, scores, sparsity, round_to=1) -> dict[str, list[int]]:
+    """LLM-Pruner's per-layer rule written out here (what prune_decoder chose before it became a call of
+    the driver): in each selected group the floor(s * n) lowest scores (ties in index order), fewer so that a
+    unit stays and kept MLP counts are multiples of round_to (heads are never rounded)."""
+    out = {}
+    for gi, (_, kind) in selection.items():
+        g = graph.groups[gi]
+        assert g.n_prunable == g.n_units
+        s = sparsity[kind] if isinstance(sparsity, dict) else sparsity
+        k = math.floor(s * g.n_units + 1e-9)
+        if kind == "mlp" and round_to > 1:
+            k = max(0, g.n_units - math.ceil((g.n_units - k) / round_to) * round_to)
+        k = min(k, g.n_units - 1)
+        if k > 0:
+            out[g.name] = sorted(np.argsort(scores[gi], kind="stable")[:k].tolist())
+    return out
+
+
+@pytest.mark.parametrize(
+    "criterion, kwargs",
+    [
+        ("llm_pruner", {"variant": "element1"}),
+        ("llm_pruner", {"variant": "vector"}),
+        ("wanda_sp", {}),
+        ("random", {}),
+    ],
+)
+@pytest.mark.parametrize("sparsity, round_to", [(0.3, 1), (0.5, 1), ({"heads": 0.25, "mlp": 0.5}, 8)])
+def test_plan_is_the_per_layer_selection_of_the_scores(criterion, kwargs, sparsity, round_to):
+    dense, batch = _llama(), _calib()
+    graph, selection, scores = structural_scores(
+        copy.deepcopy(dense), batch, criterion, criterion_kwargs=kwargs, seed=3
+    )
+    _, plan = prune_decoder(
+        copy.deepcopy(dense),
+        batch,
+        sparsity,
+        criterion=criterion,
+        criterion_kwargs=kwargs,
+        round_to=round_to,
+        seed=3,
+    )
+    want = _per_layer_selection(graph, selection, scores, sparsity, round_to)
+    assert {g["group"]: g["removed"] for g in plan["groups"]} == want
+    assert [g["group"] for g in plan["groups"]] == [
+        graph.groups[gi].name for gi in sorted(selection) if graph.groups[gi].name in want
+    ]
+
+
+def test_llm_criteria_through_the_channel_pruner_match_prune_decoder():
+    """The registered criteria run from the driver's own API (group filter, causal-LM data and loss) and
+    select what prune_decoder removes; "llm_pruner" is not "taylor" (Molchanov et al.'s criterion)."""
+    dense, batch = _llama(), _calib()
+    x = {
+        "input_ids": batch["input_ids"][:2],
+        "attention_mask": batch["attention_mask"][:2],
+        "use_cache": False,
+    }
+    for name in ("llm_pruner", "wanda_sp"):
+        model = copy.deepcopy(dense)
+        pruner = sc.ChannelPruner(
+            model,
+            x,
+            schedule=0.5,
+            criterion=name,
+            allocation="uniform",
+            groups=decoder_layer_groups(),
+            data=causal_lm_data(batch),
+            loss_fn=causal_lm_loss,
+        )
+        with torch.no_grad():
+            selected = {pruner.graph.groups[gi].name: rm.tolist() for gi, rm in pruner.select(0.5).items()}
+        pruner.close()
+        _, plan = prune_decoder(copy.deepcopy(dense), batch, 0.5, criterion=name)
+        assert {g["group"]: g["removed"] for g in plan["groups"]} == selected
+    assert type(get_group_criterion("llm_pruner")) is LLMPrunerTaylor
+    assert type(get_group_criterion("taylor")) is TaylorCriterion
+
+
+def test_taylor_in_prune_decoder_is_molchanov():
+    """criterion="taylor" means one criterion everywhere: per unit (Σ_members Σ_{s∈u} w_s g_s)², one batch."""
+    model, batch = _llama(layers=3), _calib()
+    graph, selection, scores = structural_scores(model, batch, "taylor", layers=[1], what=("mlp",))
+    g = _lm_grads(model, batch)
+    names = {id(p): n for n, p in model.named_parameters()}
+    mlp = _mlp(model, 1)
+    (gm,) = selection
+    um = next(m for m in graph.groups[gm].members if m.name.endswith("1.mlp.up_proj.weight"))
+    for c in range(48):
+        total = 0.0
+        for w, d in ((mlp.gate_proj.weight, 0), (mlp.up_proj.weight, 0), (mlp.down_proj.weight, 1)):
+            wg = w.detach().double() * g[names[id(w)]]
+            total += float(wg[c].sum() if d == 0 else wg[:, c].sum())
+        assert scores[gm][int(um.unit_of[c])] == pytest.approx(total**2, rel=1e-6)
+
+
+def test_scoring_restores_modes_and_flags_and_reaches_frozen_weights():
+    model, batch = _llama(layers=3), _calib()
+    _, _, want = structural_scores(model, batch, "llm_pruner", layers=[1])
+    model.train()
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
+    _, _, got = structural_scores(model, batch, "llm_pruner", layers=[1])
+    assert all(m.training for m in model.modules())  # scored in eval mode, modes put back
+    assert not model.model.layers[1].mlp.up_proj.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    assert got.keys() == want.keys() and all(np.array_equal(got[gi], want[gi]) for gi in want)
+
+
+def test_collect_forward_only_and_per_sample():
+    """The driver's data collection runs what the criterion needs: no loss and no gradient for Wanda-sp,
+    one sample per backward for LLM-Pruner's element2."""
+    model, batch = _llama(layers=3), _calib()
+    graph = DependencyGraph.build(model, {"input_ids": batch["input_ids"][:2], "use_cache": False})
+    gids = sorted(decoder_groups(model, graph, layers=[1]))
+
+    def no_loss(_out, _y):
+        raise AssertionError("a forward-only criterion asked for a loss")
+
+    wanda = WandaStructured()
+    collect(wanda, model, graph, gids, causal_lm_data(batch), no_loss)
+    assert not wanda.handles and all(p.grad is None for p in model.parameters())
+    assert {s.n_tokens for s in wanda.stats.values()} == {int(batch["attention_mask"].sum())}
+    sizes: list[int] = []
+    taylor = LLMPrunerTaylor("element2")
+    collect(
+        taylor,
+        model,
+        graph,
+        gids,
+        causal_lm_data(batch),
+        lambda out, y: sizes.append(y.shape[0]) or causal_lm_loss(out, y),
+    )
+    assert sizes == [1, 1, 1] and set(taylor.count.values()) == {3}
 
 
 def test_topk_rule_reads_dim_not_k():

@@ -4,7 +4,9 @@
 ``wanda`` / ``sparsegpt``: the per-layer algorithms; ``oneshot``: the block-by-block driver;
 ``offload``: the same driver on a safetensors checkpoint streamed from disk one block at a time;
 ``text``: real English text (Debian fortunes) and sentence-embedding quality measures;
-``structural``: LLM-Pruner-style removal of heads and MLP channels of decoder layers;
+``structural``: LLM-Pruner-style removal of heads and MLP channels of decoder layers (a thin call of the
+structured driver; its criteria ``"llm_pruner"`` and ``"wanda_sp"`` live in
+:mod:`secateur.criteria.group.llm`);
 ``moe``: expert removal in mixture-of-experts models (router-weighted activation saliency).
 """
 
@@ -15,7 +17,13 @@ from secateur.data.text import (
     retrieval_agreement,
     sentence_embeddings,
 )
-from secateur.llm.calibration import InputStats, tokenized_batches
+from secateur.llm.calibration import (
+    InputStats,
+    calibration_batches,
+    causal_lm_data,
+    causal_lm_loss,
+    tokenized_batches,
+)
 from secateur.llm.moe import (
     MoEBlock,
     expert_plan,
@@ -40,8 +48,8 @@ from secateur.llm.sparsegpt import sparsegpt_prune
 from secateur.llm.structural import (
     LLMPrunerTaylor,
     WandaStructured,
-    calibration_batches,
     decoder_groups,
+    decoder_layer_groups,
     prune_decoder,
     structural_scores,
 )
@@ -57,7 +65,10 @@ __all__ = [
     "MoEBlock",
     "WandaStructured",
     "calibration_batches",
+    "causal_lm_data",
+    "causal_lm_loss",
     "decoder_groups",
+    "decoder_layer_groups",
     "expert_plan",
     "expert_saliency",
     "find_moe_blocks",

@@ -7,15 +7,20 @@ by a first-order Taylor estimate of the loss change on a few calibration texts, 
 of every group inside a range of layers (the first and last layers are kept: they matter most) and
 fine-tunes briefly (LoRA in the paper; not done here).
 
-Here every step is an existing piece of secateur:
+:func:`prune_decoder` is a thin call of the one structured driver,
+:class:`secateur.pruners.channel.ChannelPruner`:
 
-- **groups**: :class:`secateur.graph.DependencyGraph` traced from one forward pass. Under grouped-query
+- **groups**: its :class:`secateur.graph.DependencyGraph`, restricted by a group filter
+  (:func:`decoder_layer_groups`: the head and MLP groups of the chosen layers). Under grouped-query
   attention (GQA) the coupled unit is one key/value head with the query heads that read it, so removing
   a unit removes ``num_attention_heads / num_key_value_heads`` query heads and one KV head together.
-- **criteria**: :class:`LLMPrunerTaylor` (the paper's eq. 3-5) and :class:`WandaStructured` (Wanda's
-  ``|W| * ||X||`` summed over a group) are :class:`~secateur.criteria.group.GroupCriterion` pieces;
-  ``"random"`` is :class:`~secateur.criteria.group.RandomCriterion`.
-- **allocation**: per layer uniform, :func:`secateur.allocation.structured.choose_units` in each group.
+- **criteria**: any registered group criterion (:data:`secateur.criteria.group.GROUP_CRITERIA`); the LLM
+  ones are ``"llm_pruner"`` (:class:`~secateur.criteria.group.llm.LLMPrunerTaylor`, the paper's eq. 3-5) and
+  ``"wanda_sp"`` (:class:`~secateur.criteria.group.llm.WandaStructured`), fed by the driver's data
+  collection (:func:`secateur.criteria.group.collect`) on :func:`~secateur.llm.calibration.causal_lm_data`
+  batches with :func:`~secateur.llm.calibration.causal_lm_loss`.
+- **allocation**: the driver's ``"uniform"`` allocation of ``"channels"`` (:meth:`ChannelPruner.select`):
+  the same fraction of every group; one selection per distinct (sparsity, round_to) of the kinds.
 - **surgery**: :func:`secateur.pruners.oneshot.remove_units` (plan, masks, transactional compaction, float64
   oracle), which also updates the Hugging Face config where every layer agrees on the new size.
 
@@ -28,302 +33,49 @@ gives a config that plain ``transformers`` ``from_pretrained`` reloads.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from secateur.allocation.structured import choose_units, ensure_member_nonempty
-from secateur.criteria.group import (
-    GroupCriterion,
-    GroupScores,
-    RandomCriterion,
-    effective_tensor,
-    stored_parameter,
-)
+from secateur._torch import eval_mode
+from secateur._validate import check_round_to, check_sparsity
+from secateur.criteria.group import GroupCriterion, GroupScores, head_group_ids
+from secateur.criteria.group.llm import LLMPrunerTaylor, WandaStructured
 from secateur.errors import ConfigError
-from secateur.graph.groups import DependencyGraph, Group, Member
-from secateur.llm.calibration import InputStats
-from secateur.llm.oneshot import find_blocks, is_linear_like
+from secateur.graph.groups import DependencyGraph, Group
+from secateur.llm.calibration import Batch, calibration_batches, causal_lm_data, causal_lm_loss
+from secateur.llm.oneshot import find_blocks
+from secateur.pruners.channel import ChannelPruner
 from secateur.pruners.oneshot import remove_units
 
-CRITERIA = ("taylor", "wanda", "random")
-TAYLOR_VARIANTS = ("vector", "element1", "element2")
 KINDS = ("heads", "mlp")
 
-Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+Criterion = str | GroupCriterion | Callable[[Group, nn.Module], Any]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 __all__ = [
-    "CRITERIA",
     "KINDS",
-    "TAYLOR_VARIANTS",
+    "Batch",
     "LLMPrunerTaylor",
     "WandaStructured",
     "calibration_batches",
+    "causal_lm_data",
     "causal_lm_loss",
     "decoder_groups",
+    "decoder_layer_groups",
     "prune_decoder",
     "structural_scores",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------
-# calibration data
-# ----------------------------------------------------------------------------------------------------
-def calibration_batches(calibration: Any) -> list[Batch]:
-    """Normalise calibration data to a list of ``{"input_ids": (B, S) long, "attention_mask": (B, S)}``.
-
-    Accepts a token-id tensor ``(B, S)`` or ``(S,)``, one tokeniser output (a mapping with
-    ``input_ids``), or an iterable of either (e.g. :func:`secateur.llm.tokenized_batches`). A missing
-    ``attention_mask`` means every token is real.
-
-    Raises:
-        ConfigError: no batch, a batch without ``input_ids``, or ids that are not an integer tensor.
-    """
-    if isinstance(calibration, (torch.Tensor, Mapping)):
-        calibration = [calibration]
-    out: list[Batch] = []
-    for i, b in enumerate(calibration):
-        if isinstance(b, torch.Tensor):
-            b = {"input_ids": b}
-        if not isinstance(b, Mapping) or "input_ids" not in b:
-            raise ConfigError(
-                f"calibration batch {i}: expected a token-id tensor or a mapping with input_ids"
-            )
-        ids = b["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() not in (1, 2):
-            raise ConfigError(f"calibration batch {i}: input_ids must be an integer tensor (B, S) or (S,)")
-        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-        mask = b.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.reshape(ids.shape)
-        out.append({"input_ids": ids, "attention_mask": mask})
-    if not out:
-        raise ConfigError("no calibration batch given")
-    return out
-
-
-def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Next-token cross-entropy of a Hugging Face causal LM on ``batch`` (padding ignored), a scalar.
-
-    Labels are the input ids with padded positions set to -100; the model shifts them itself.
-
-    Raises:
-        ConfigError: the model returned no ``loss`` (pass ``loss_fn=``).
-    """
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    out = model(**batch, labels=labels, use_cache=False)
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise ConfigError(
-            f"{type(model).__name__} returned no loss for labels=; use a *ForCausalLM model or pass loss_fn"
-        )
-    return loss
-
-
-# ----------------------------------------------------------------------------------------------------
-# criteria
-# ----------------------------------------------------------------------------------------------------
-def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t`` as ``(t.shape[dim], -1)`` float64: one row per index of ``dim``."""
-    return t.detach().double().movedim(dim, 0).reshape(t.shape[dim], -1)
-
-
-def _unit_sum(per_index: torch.Tensor, m: Member, n_units: int) -> np.ndarray:
-    return np.bincount(m.unit_of, weights=per_index.cpu().numpy(), minlength=n_units)
-
-
-class _MemberSumCriterion(GroupCriterion):
-    """A data-dependent criterion whose unit score sums, over the group's parameter members, a score per
-    index of the member's dim (:meth:`member_scores`); :meth:`scores` raises until statistics exist."""
-
-    needs_data = True
-
-    def member_scores(self, m: Member, model: nn.Module) -> torch.Tensor | None:  # pragma: no cover
-        """``(size of m.dim,)`` scores of member ``m`` (a parameter), or None when it is not scored."""
-        raise NotImplementedError
-
-    def group_scores(self, group: Group, model: nn.Module) -> np.ndarray:
-        total = np.zeros(group.n_units)
-        with torch.no_grad():
-            for m in group.members:
-                per_index = None if m.is_buffer else self.member_scores(m, model)
-                if per_index is not None:
-                    total += _unit_sum(per_index, m, group.n_units)
-        return total
-
-    def scores(self, model: nn.Module, graph: DependencyGraph, group_ids: Sequence[int]) -> GroupScores:
-        if not self.has_stats():
-            raise ConfigError(self.missing_stats_message())
-        return super().scores(model, graph, group_ids)
-
-
-class LLMPrunerTaylor(_MemberSumCriterion):
-    """LLM-Pruner's group importance (Ma et al. 2023, sec. 3.2, eq. 3-5), summed over the group.
-
-    With ``w`` a weight, ``g = ∂L/∂w`` the mean gradient over the calibration batches seen by
-    :meth:`accumulate` and ``F = mean_n g_n^2`` (the diagonal Fisher approximation of the Hessian the paper
-    uses, from per-sample gradients), the importance of one index ``i`` of a member (a row or column
-    slice ``s_i`` of a parameter) is
-
-    - ``"vector"`` (vector-wise, eq. 3): ``|Σ_{k∈s_i} w_k g_k|``;
-    - ``"element1"`` (element-wise, first order, eq. 5 without the Hessian term): ``Σ_{k∈s_i} |w_k g_k|``;
-    - ``"element2"`` (element-wise, second order, eq. 5): ``Σ_{k∈s_i} |w_k g_k - ½ w_k² F_k|``.
-
-    A unit's score is the sum over its indices in every member (the paper's "summation" aggregation):
-    for a head, its query/key/value rows and output-projection columns; for an MLP channel its gate and
-    up rows and its down-projection column. Scores are ``(n_units,)`` float64, higher = keep.
-
-    ``element2`` needs per-sample gradients: call :meth:`accumulate` after the backward of each single
-    sequence (:func:`structural_scores` does). Buffers and parameters without gradient contribute nothing.
-
-    Raises:
-        ConfigError: unknown ``variant``; :meth:`scores` before any gradient was accumulated.
-    """
-
-    name = "llm_pruner_taylor"
-    comparable = True
-
-    def __init__(self, variant: str = "element1") -> None:
-        if variant not in TAYLOR_VARIANTS:
-            raise ConfigError(f"taylor variant must be one of {TAYLOR_VARIANTS}, got {variant!r}")
-        self.variant = variant
-        self.grad_sum: dict[str, torch.Tensor] = {}
-        self.sq_sum: dict[str, torch.Tensor] = {}
-        self.count: dict[str, int] = {}
-
-    def accumulate(self, model: nn.Module, graph: DependencyGraph, group_ids: Sequence[int]) -> None:
-        names = {m.name for gi in group_ids for m in graph.groups[gi].members if not m.is_buffer}
-        with torch.no_grad():
-            for name in sorted(names):
-                g = stored_parameter(model, name).grad
-                if g is None:
-                    continue
-                g = g.detach().double()
-                if name in self.grad_sum:
-                    self.grad_sum[name] += g
-                    if self.variant == "element2":
-                        self.sq_sum[name] += g * g
-                else:
-                    self.grad_sum[name] = g.clone()
-                    if self.variant == "element2":
-                        self.sq_sum[name] = g * g
-                self.count[name] = self.count.get(name, 0) + 1
-
-    def has_stats(self) -> bool:
-        return bool(self.count)
-
-    def member_scores(self, m: Member, model: nn.Module) -> torch.Tensor | None:
-        if m.name not in self.count:
-            return None
-        n = self.count[m.name]
-        w = effective_tensor(model, m.name).detach().double()
-        wg = w * (self.grad_sum[m.name] / n)
-        if self.variant == "vector":
-            return _rows(wg, m.dim).sum(1).abs()
-        if self.variant == "element1":
-            return _rows(wg, m.dim).abs().sum(1)
-        fisher = self.sq_sum[m.name] / n
-        return _rows(wg - 0.5 * w * w * fisher, m.dim).abs().sum(1)
-
-    def after_prune(self) -> None:
-        self.grad_sum, self.sq_sum, self.count = {}, {}, {}
-
-
-def _out_dim(mod: nn.Module) -> int:
-    """Dimension of a Linear-like weight that indexes outputs: 0 for nn.Linear, 1 for GPT-2's Conv1D."""
-    return 0 if isinstance(mod, nn.Linear) else 1
-
-
-class WandaStructured(_MemberSumCriterion):
-    """Wanda's weight-times-activation score summed over a structured group (Wanda-sp).
-
-    Wanda (Sun et al. 2023, eq. 1) scores a weight ``W_ij`` (output ``i``, input ``j`` of a Linear) by
-    ``|W_ij| * ||X_j||_2``, ``X_j`` the ``j``-th input feature over all calibration tokens. The structured
-    variant (Wanda-sp, as defined as a baseline by An et al. 2024, "Fluctuation-based Adaptive Structured
-    Pruning for Large Language Models", sec. 4) scores a channel group by the sum of these over every
-    weight the group removes: for each Linear weight member, the rows ``i`` it owns (output side:
-    ``Σ_j |W_ij| ||X_j||``) or the columns ``j`` it owns (input side: ``||X_j|| Σ_i |W_ij|``). Biases and
-    norm scales are not scored (Wanda scores weights only). Scores are ``(n_units,)`` float64.
-
-    :meth:`attach` installs forward hooks that accumulate ``Σ_t x_tj²`` with
-    :class:`~secateur.llm.calibration.InputStats` for every Linear of the groups; set ``token_mask``
-    (bool ``(B, S)``) before each forward to leave padding out.
-
-    Raises:
-        ConfigError: :meth:`scores` before any input was seen.
-    """
-
-    name = "wanda_sp"
-
-    def __init__(self) -> None:
-        self.stats: dict[str, InputStats] = {}
-        self.handles: list[Any] = []
-        self.token_mask: torch.Tensor | None = None
-
-    def attach(self, model: nn.Module, graph: DependencyGraph, group_ids: Sequence[int]) -> None:
-        if self.handles:
-            return
-        paths = sorted(
-            {
-                m.module
-                for gi in group_ids
-                for m in graph.groups[gi].members
-                if not m.is_buffer and m.name.endswith(".weight")
-            }
-        )
-        for path in paths:
-            mod = model.get_submodule(path)
-            if not is_linear_like(mod) or path in self.stats:
-                continue
-            in_features = mod.weight.shape[1 - _out_dim(mod)]
-            self.stats[path] = InputStats(in_features)
-            self.handles.append(mod.register_forward_hook(self._hook(path)))
-
-    def _hook(self, path: str) -> Callable:
-        def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
-            self.stats[path].add(args[0].detach(), self.token_mask)
-
-        return hook
-
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def has_stats(self) -> bool:
-        return any(s.n_tokens for s in self.stats.values())
-
-    def missing_stats_message(self) -> str:
-        return "criterion 'wanda' needs activations: run forward passes on calibration text after attach()"
-
-    def member_scores(self, m: Member, model: nn.Module) -> torch.Tensor | None:
-        if m.module not in self.stats or not m.name.endswith(".weight"):
-            return None
-        od = _out_dim(model.get_submodule(m.module))
-        w = effective_tensor(model, m.name).detach().double().abs()
-        w = w if od == 0 else w.T  # (out, in)
-        s = w * self.stats[m.module].sq_sum.sqrt().to(w.device).unsqueeze(0)
-        return s.sum(1) if m.dim == od else s.sum(0)
-
-    def after_prune(self) -> None:
-        for s in self.stats.values():
-            s.n_tokens = 0
-            s.sq_sum.zero_()
-
-
-# ----------------------------------------------------------------------------------------------------
 # groups of the decoder layers
 # ----------------------------------------------------------------------------------------------------
-def _head_classes(graph: DependencyGraph) -> np.ndarray:
-    parts = [ev.classes for ev in graph.splits if ev.kind == "heads" and ev.classes is not None]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
-
-
 def _check_what(what: Sequence[str]) -> None:
     bad = [w for w in what if w not in KINDS]
     if bad or not what or isinstance(what, str):
@@ -341,8 +93,9 @@ def decoder_groups(
 
     A group belongs to layer ``i`` when every member lives under ``<blocks>.<i>.`` (groups spanning
     layers, like the residual stream, never do). It is ``"heads"`` when its channels were split into
-    attention heads during the trace (one unit = one head, or one KV head with its query heads under
-    GQA), ``"mlp"`` when its units are single channels (FFN neurons).
+    attention heads during the trace (:func:`secateur.criteria.group.head_group_ids`: one unit = one head,
+    or one KV head with its query heads under GQA), ``"mlp"`` when its units are single channels (FFN
+    neurons).
 
     Args:
         layers: layer indices (default: all but the first and the last, as LLM-Pruner keeps them).
@@ -364,7 +117,7 @@ def decoder_groups(
         raise ConfigError(f"layers {out_of_range} out of range: {type(model).__name__} has {n} layers")
     chosen_set = set(chosen)
     pat = re.compile(re.escape(path) + r"\.(\d+)(\.|$)")
-    heads = _head_classes(graph)
+    heads = set(head_group_ids(graph))
     out: dict[int, tuple[int, str]] = {}
     for gi, g in enumerate(graph.groups):
         if g.n_prunable == 0:
@@ -372,7 +125,7 @@ def decoder_groups(
         idx = {int(mt.group(1)) if (mt := pat.match(m.module)) else -1 for m in g.members}
         if len(idx) != 1 or (layer := idx.pop()) not in chosen_set:
             continue
-        if heads.size and np.isin(g.classes, heads).any():
+        if gi in heads:
             kind = "heads"
         elif g.unit_size == 1:
             kind = "mlp"
@@ -383,110 +136,93 @@ def decoder_groups(
     return out
 
 
+def decoder_layer_groups(
+    layers: Iterable[int] | None = None, what: Sequence[str] = KINDS, blocks: str | None = None
+) -> Callable[[DependencyGraph], list[int]]:
+    """A group filter for the structured driver (``ChannelPruner(groups=...)``): ``f(graph)`` returns the
+    sorted indices of :func:`decoder_groups` of ``graph.model`` (the head and/or MLP groups of ``layers``).
+
+    E.g. ``ChannelPruner(model, x, schedule=0.3, criterion="llm_pruner", groups=decoder_layer_groups(),
+    allocation="global", target="macs", data=causal_lm_data(texts), loss_fn=causal_lm_loss)`` ranks the
+    heads and neurons of the inner layers globally under a MAC target.
+
+    Raises (when called):
+        ConfigError: as :func:`decoder_groups`.
+    """
+    _check_what(what)
+    chosen = None if layers is None else list(layers)
+
+    def groups(graph: DependencyGraph) -> list[int]:
+        return sorted(decoder_groups(graph.model, graph, chosen, what, blocks))
+
+    return groups
+
+
 # ----------------------------------------------------------------------------------------------------
-# driver
+# scoring and selection through the driver
 # ----------------------------------------------------------------------------------------------------
 def _example_inputs(batches: list[Batch]) -> dict[str, Any]:
     b = batches[0]
     return {"input_ids": b["input_ids"][:2], "attention_mask": b["attention_mask"][:2], "use_cache": False}
 
 
-def _make_criterion(criterion: str | GroupCriterion, taylor: str, seed: int) -> GroupCriterion:
-    if isinstance(criterion, GroupCriterion):
-        return criterion
-    if criterion == "taylor":
-        return LLMPrunerTaylor(taylor)
-    if criterion == "wanda":
-        return WandaStructured()
-    if criterion == "random":
-        return RandomCriterion(seed)
-    raise ConfigError(f"unknown criterion {criterion!r}: use one of {CRITERIA} or a GroupCriterion")
-
-
-def _run_taylor(
-    model: nn.Module,
-    crit: GroupCriterion,
-    graph: DependencyGraph,
-    gids: list[int],
-    batches: list[Batch],
-    loss_fn: LossFn,
-    per_sample: bool,
-) -> None:
-    params = list(model.parameters())
-    saved = [(p.grad, p.requires_grad) for p in params]
-    crit.attach(model, graph, gids)
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            for b in batches:
-                parts = (
-                    [{k: v[i : i + 1] for k, v in b.items()} for i in range(b["input_ids"].shape[0])]
-                    if per_sample
-                    else [b]
-                )
-                for part in parts:
-                    for p in params:
-                        p.grad = None
-                    loss_fn(model, part).backward()
-                    crit.accumulate(model, graph, gids)
-    finally:
-        crit.detach()
-        for p, (g, rg) in zip(params, saved):
-            p.grad = g
-            p.requires_grad_(rg)
-
-
-def _run_forward(
-    model: nn.Module, crit: GroupCriterion, graph: DependencyGraph, gids: list[int], batches: list[Batch]
-) -> None:
-    crit.attach(model, graph, gids)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                crit.token_mask = b["attention_mask"].bool()  # type: ignore[attr-defined]
-                model(**b, use_cache=False)
-    finally:
-        crit.detach()
+@contextlib.contextmanager
+def _scoring_state(model: nn.Module) -> Iterator[None]:
+    """Eval mode (:func:`secateur._torch.eval_mode`) and ``requires_grad`` on every parameter while scoring
+    (gradients reach frozen weights too); each module's mode and each parameter's flag are put back
+    afterwards, whatever happens."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    with eval_mode(model):
+        try:
+            for p, _ in flags:
+                p.requires_grad_(True)
+            yield
+        finally:
+            for p, rg in flags:
+                p.requires_grad_(rg)
 
 
 def structural_scores(
     model: nn.Module,
-    calibration: Any,
-    criterion: str | GroupCriterion = "taylor",
+    data: Any,
+    criterion: Criterion = "llm_pruner",
     layers: Iterable[int] | None = None,
     what: Sequence[str] = KINDS,
-    taylor: str = "element1",
+    criterion_kwargs: Mapping[str, Any] | None = None,
     graph: DependencyGraph | None = None,
     loss_fn: LossFn | None = None,
     blocks: str | None = None,
     seed: int = 0,
 ) -> tuple[DependencyGraph, dict[int, tuple[int, str]], GroupScores]:
-    """Score the heads and MLP channels of the selected decoder layers on calibration text.
+    """Score the heads and MLP channels of the selected decoder layers on calibration text, through the
+    driver (:meth:`ChannelPruner.scores`, which collects the criterion's statistics with
+    :func:`secateur.criteria.group.collect`).
 
-    Runs the calibration batches through ``model`` (eval mode; forward + backward of ``loss_fn`` for
-    ``"taylor"``, one sequence at a time for ``taylor="element2"``; forward only for ``"wanda"``). The
-    model's weights, ``.grad`` fields, ``requires_grad`` flags and train/eval mode are left as they were.
+    The model runs in eval mode on :func:`~secateur.llm.calibration.causal_lm_data` batches: forward and
+    backward of ``loss_fn`` for gradient criteria (one sequence at a time for ``llm_pruner`` variant
+    ``"element2"``), forward only for ``"wanda_sp"``. The model's weights, ``.grad`` fields,
+    ``requires_grad`` flags and train/eval modes are left as they were.
 
     Args:
-        calibration: see :func:`calibration_batches`.
-        criterion: ``"taylor"`` (:class:`LLMPrunerTaylor`), ``"wanda"`` (:class:`WandaStructured`),
-            ``"random"`` or a :class:`~secateur.criteria.group.GroupCriterion`.
-        taylor: the Taylor variant, ``"vector"``, ``"element1"`` or ``"element2"``.
-        graph: a graph already traced on this model (default: traced on the first calibration batch).
-        loss_fn: ``loss_fn(model, batch) -> scalar`` (default :func:`causal_lm_loss`).
-        layers, what, blocks: as :func:`decoder_groups`.
+        data: calibration text, see :func:`~secateur.llm.calibration.calibration_batches`.
+        criterion: a registered group criterion name (``"llm_pruner"``, ``"wanda_sp"``, ``"random"``,
+            ``"taylor"``, ...), a :class:`~secateur.criteria.group.GroupCriterion` or ``f(group, model)``.
+        criterion_kwargs: its constructor arguments (``{"variant": "vector"}`` for ``"llm_pruner"``).
+        graph: a graph already traced on this model (default: traced on the first two sequences).
+        loss_fn: ``loss_fn(output, labels) -> scalar`` (default
+            :func:`~secateur.llm.calibration.causal_lm_loss`, the model's own next-token loss).
+        layers, what, blocks: as :func:`decoder_groups`. seed: for ``"random"``.
 
     Returns:
         ``(graph, selection, scores)``: ``selection`` as :func:`decoder_groups`, ``scores`` maps each
-        selected group index to ``(n_units,)`` float64 scores (higher = keep).
+        scored group index to ``(n_units,)`` float64 scores (higher = keep).
 
     Raises:
-        ConfigError: bad arguments, or no prunable head/MLP group in the selected layers.
+        ConfigError: bad arguments (unknown criterion or variant, layers, kinds), or no prunable head/MLP
+            group in the selected layers.
         UnsupportedOpError / GraphError: from tracing.
     """
-    batches = calibration_batches(calibration)
-    crit = _make_criterion(criterion, taylor, seed)
+    batches = calibration_batches(data)
     if graph is None:
         graph = DependencyGraph.build(model, _example_inputs(batches))
     selection = decoder_groups(model, graph, layers, what, blocks)
@@ -494,67 +230,85 @@ def structural_scores(
         raise ConfigError(
             f"no prunable {'/'.join(what)} group in the selected layers of {type(model).__name__}"
         )
-    gids = sorted(selection)
-    was_training = model.training
-    model.eval()
+    scorer = ChannelPruner(
+        model,
+        _example_inputs(batches),
+        schedule=0.0,
+        criterion=criterion,
+        criterion_kwargs=dict(criterion_kwargs or {}),
+        allocation="uniform",
+        graph=graph,
+        groups=sorted(selection),
+        data=causal_lm_data(batches),
+        loss_fn=loss_fn or causal_lm_loss,
+        seed=seed,
+    )
     try:
-        if crit.needs_data and isinstance(crit, WandaStructured):
-            _run_forward(model, crit, graph, gids, batches)
-        elif crit.needs_data:
-            per_sample = isinstance(crit, LLMPrunerTaylor) and crit.variant == "element2"
-            _run_taylor(model, crit, graph, gids, batches, loss_fn or causal_lm_loss, per_sample)
-        scores = crit.scores(model, graph, gids)
+        with _scoring_state(model):
+            scores = scorer.scores()
     finally:
-        model.train(was_training)
+        scorer.close()
     return graph, selection, scores
 
 
-def _ratios(ratio: float | Mapping[str, float], what: Sequence[str]) -> dict[str, float]:
-    r = dict(ratio) if isinstance(ratio, Mapping) else {k: ratio for k in what}
+def _sparsities(sparsity: float | Mapping[str, float], what: Sequence[str]) -> dict[str, float]:
+    r = dict(sparsity) if isinstance(sparsity, Mapping) else {k: sparsity for k in what}
     for k, v in r.items():
         if k not in KINDS:
-            raise ConfigError(f"ratio given for unknown kind {k!r}; kinds are {KINDS}")
-        if not (isinstance(v, (int, float)) and 0.0 <= float(v) < 1.0 and math.isfinite(v)):
-            raise ConfigError(f"ratio for {k} must be a fraction in [0, 1), got {v!r}")
+            raise ConfigError(f"sparsity given for unknown kind {k!r}; kinds are {KINDS}")
+        check_sparsity(v, f"sparsity for {k}")
     return {k: float(r.get(k, 0.0)) for k in what}
 
 
 def prune_decoder(
     model: nn.Module,
-    calibration: Any,
-    ratio: float | Mapping[str, float] = 0.2,
+    data: Any,
+    sparsity: float | Mapping[str, float] = 0.2,
     layers: Iterable[int] | None = None,
-    criterion: str | GroupCriterion = "taylor",
+    criterion: Criterion = "llm_pruner",
     what: Sequence[str] = KINDS,
-    taylor: str = "element1",
     round_to: int = 1,
     seed: int = 0,
     verify: bool = True,
     loss_fn: LossFn | None = None,
     blocks: str | None = None,
+    criterion_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, dict]:
     """LLM-Pruner-style structural pruning of a decoder LLM: heads and MLP channels physically removed.
 
-    In each selected layer, ``floor(ratio * n)`` of the ``n`` units of the attention-head group and of
+    In each selected layer, ``floor(sparsity * n)`` of the ``n`` units of the attention-head group and of
     the MLP-channel group are removed (the lowest scores; LLM-Pruner's per-layer uniform ratio, Ma et al.
     2023, sec. 3.3), at least one unit is kept, then the model is compacted in place. Under GQA a head unit
-    is one KV head with its ``num_attention_heads / num_key_value_heads`` query heads, so ``ratio`` counts
-    KV heads (e.g. 4 KV heads at ratio 0.3 lose 1).
+    is one KV head with its ``num_attention_heads / num_key_value_heads`` query heads, so ``sparsity``
+    counts KV heads (e.g. 4 KV heads at sparsity 0.3 lose 1).
+
+    A thin call of the structured driver: :func:`structural_scores` (:meth:`ChannelPruner.scores` over the
+    :func:`decoder_groups` of the layers), one :meth:`ChannelPruner.select` (``"uniform"`` allocation of
+    ``"channels"``) per distinct (sparsity, round_to) of the kinds, merged into one
+    :func:`~secateur.pruners.oneshot.remove_units`.
 
     Args:
         model: a Hugging Face decoder (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
             ``GPT2LMHeadModel``...) or any model whose layers sit in a ``ModuleList`` (``blocks``).
-        calibration: a few tokenised texts (:func:`calibration_batches`; LLM-Pruner uses 10 sequences).
-        ratio: fraction of units removed per group, in [0, 1); or ``{"heads": r1, "mlp": r2}``.
+        data: a few tokenised texts (:func:`~secateur.llm.calibration.calibration_batches`; LLM-Pruner uses
+            10 sequences).
+        sparsity: fraction of units removed per group, in [0, 1); or ``{"heads": s1, "mlp": s2}``.
         layers: indices of the layers to prune (default: all but the first and last).
-        criterion: ``"taylor"``, ``"wanda"``, ``"random"`` or a GroupCriterion (:func:`structural_scores`).
+        criterion: a registered group criterion name, an instance or ``f(group, model) -> scores``
+            (:func:`structural_scores`). ``"llm_pruner"`` (default; LLM-Pruner's Taylor importance),
+            ``"wanda_sp"`` (Wanda-sp), ``"random"``; ``"taylor"`` is Molchanov et al.'s criterion, as
+            everywhere.
+        criterion_kwargs: the criterion's arguments: ``{"variant": "element1"}`` (default, the paper's best
+            on LLaMA-7B), ``"vector"`` or ``"element2"`` for ``"llm_pruner"``.
         what: ``("heads", "mlp")`` or one of them.
-        taylor: ``"element1"`` (default, the paper's best on LLaMA-7B), ``"vector"`` or ``"element2"``.
         round_to: kept MLP channel counts are multiples of this (heads are never rounded).
+        seed: seed of ``"random"``.
         verify: run the float64 oracle (masked copy vs compacted model on the first calibration
             sequences, :func:`secateur.compact.check_equivalence`: finite, within 1e-6 × each output's
-            magnitude) inside the compaction transaction.
-        loss_fn: loss for the Taylor criterion (default :func:`causal_lm_loss`).
+            magnitude) inside the compaction transaction, as every structured entry point does.
+        loss_fn: ``loss_fn(output, labels)`` for gradient criteria (default
+            :func:`~secateur.llm.calibration.causal_lm_loss`, the model's own next-token loss).
+        blocks: as :func:`decoder_groups`.
 
     Returns:
         ``(model, plan)``; ``plan`` is the JSON plan of :func:`secateur.compact.make_plan` (per-tensor kept
@@ -564,27 +318,37 @@ def prune_decoder(
         (:func:`secateur.save_pretrained` or :func:`secateur.save`).
 
     Raises:
-        ConfigError: bad ratio, criterion, variant, layers or kinds (the model is untouched).
+        ConfigError: bad sparsity, criterion, variant, layers or kinds (the model is untouched).
         CompactionError: compaction or the oracle failed; the model is restored as it was.
 
-    Transactional: scoring leaves weights, ``.grad`` fields, ``requires_grad`` and mode as they were (in
+    Transactional: scoring leaves weights, ``.grad`` fields, ``requires_grad`` and modes as they were (in
     ``finally``), and the compaction (:func:`secateur.pruners.oneshot.remove_units`) restores the model
     bit-identical on any exception or ``KeyboardInterrupt``, which is then re-raised.
     """
     _check_what(what)
-    ratios = _ratios(ratio, what)
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ConfigError(f"round_to must be a positive int, got {round_to!r}")
-    batches = calibration_batches(calibration)
+    sparsities = _sparsities(sparsity, what)
+    round_to = check_round_to(round_to)
+    batches = calibration_batches(data)
     graph, selection, scores = structural_scores(
-        model, batches, criterion, layers, what, taylor, loss_fn=loss_fn, blocks=blocks, seed=seed
+        model, batches, criterion, layers, what, criterion_kwargs, loss_fn=loss_fn, blocks=blocks, seed=seed
     )
+    settings: dict[tuple[float, int], list[int]] = {}
+    for gi, (_layer, kind) in sorted(selection.items()):
+        if sparsities[kind] > 0 and gi in scores:
+            settings.setdefault((sparsities[kind], round_to if kind == "mlp" else 1), []).append(gi)
+    by_name = {graph.groups[gi].name: s for gi, s in scores.items()}
     removed: dict[int, np.ndarray] = {}
-    for gi, (_layer, kind) in selection.items():
-        g = graph.groups[gi]
-        s = np.asarray(scores[gi], dtype=float)
-        rm = choose_units(g, s, ratios[kind], round_to if kind == "mlp" else 1)
-        rm = ensure_member_nonempty(g, rm, s)
-        if rm.size:
-            removed[gi] = rm
+    for (s, r), gids in settings.items():
+        selector = ChannelPruner(
+            model,
+            _example_inputs(batches),
+            schedule=s,
+            criterion=lambda group, _model: by_name[group.name],  # the scores computed above
+            allocation="uniform",
+            round_to=r,
+            graph=graph,
+            groups=gids,
+        )
+        removed.update({gi: rm for gi, rm in selector.select(s).items() if rm.size})
+    removed = dict(sorted(removed.items()))  # the plan lists groups in graph order
     return remove_units(model, graph, removed, _example_inputs(batches), verify=verify)
