@@ -10,8 +10,10 @@ from torch import nn
 from trainer_grads import assert_no_hooks, own_loop_grads, trainer_grads
 
 from secateur.errors import ConfigError
-from secateur.methods.fbs import FBS, FBSConv
+from secateur.methods.fbs import FBS, FBSConv, find_conv_bn_pairs
 from secateur.zoo import create_model
+
+X = torch.randn(2, 1, 8, 8)
 
 
 def _net() -> nn.Module:
@@ -22,7 +24,7 @@ def _net() -> nn.Module:
 def test_exactly_ceil_dC_channels_per_sample(density):
     torch.manual_seed(0)
     model = _net()
-    fbs = FBS(model, density=density)
+    fbs = FBS(model, X, density=density)
     with torch.no_grad():
         for l in fbs.layers.values():
             l.predictor.weight.normal_()
@@ -57,7 +59,7 @@ def test_saliency_formula():
 def test_skip_path_equals_masked_path_and_saves_macs():
     torch.manual_seed(0)
     model = _net()
-    fbs = FBS(model, density=0.5)
+    fbs = FBS(model, X, density=0.5)
     with torch.no_grad():
         for l in fbs.layers.values():
             l.predictor.weight.normal_()
@@ -74,12 +76,13 @@ def test_skip_path_equals_masked_path_and_saves_macs():
     assert macs["gated"].shape == (5,)
     assert macs["ratio"] < 0.5  # second conv sees half its inputs, keeps half its outputs
     lat = fbs.latency(x[:1], repeats=2)
-    assert set(lat) == {"masked", "skip"}
+    assert set(lat) == {"masked", "skip"} and all(lat[k]["median_ms"] > 0 for k in lat)
+    assert all(l.mode == "masked" for l in fbs.layers.values())
 
 
 def _fbs(model, **kw):
     torch.manual_seed(1)  # the predictors' initialisation
-    return FBS(model, 0.5, lam=0.1, **kw)
+    return FBS(model, X, 0.5, lam=0.1, **kw)
 
 
 def test_trainer_path_equals_own_loop_and_saliency_loss_formula():
@@ -113,7 +116,7 @@ def _resnet8_fbs(density=0.5, **kw):
     torch.manual_seed(0)
     model = create_model("resnet8")
     x = torch.randn(6, 1, 12, 12)
-    fbs = FBS(model, density=density, example_inputs=x[:2], **kw)
+    fbs = FBS(model, x[:2], density=density, **kw)
     with torch.no_grad():
         for l in fbs.layers.values():
             l.predictor.weight.normal_()
@@ -187,10 +190,10 @@ def test_refuses_a_conv_whose_output_is_also_read_elsewhere_and_remove_restores(
     ref = model(x)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError, match="conv .*outside bn"):
-        FBS(model, example_inputs=x, include=["conv"])
+        FBS(model, x, include=["conv"])
     assert isinstance(model.conv, nn.Conv2d) and isinstance(model.bn, nn.BatchNorm2d)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    fbs = FBS(model, example_inputs=x)
+    fbs = FBS(model, x)
     assert set(fbs.layers) == {"conv2"} and "conv" in fbs.refused
     assert isinstance(model.bn2, nn.Identity)
     fbs.remove()
@@ -201,15 +204,16 @@ def test_refuses_a_conv_whose_output_is_also_read_elsewhere_and_remove_restores(
 
 def test_vgg_small_and_errors():
     model = create_model("vgg_small", width=0.125)
-    fbs = FBS(model, density=0.5, exclude=["features.0"])
+    x = torch.randn(2, 1, 28, 28)
+    fbs = FBS(model, x, density=0.5, exclude=["features.0"])
     assert "features.0" not in fbs.layers and len(fbs.layers) == 7
-    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert model(x).shape == (2, 10)
     with pytest.raises(ConfigError):
-        FBS(nn.Sequential(nn.Linear(2, 2)))
+        FBS(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2))
     with pytest.raises(ConfigError):
-        FBS(_net(), density=0.0)
+        FBS(_net(), X, density=0.0)
     with pytest.raises(ConfigError, match="nope"):
-        FBS(_net(), exclude=["nope"])
+        FBS(_net(), X, exclude=["nope"])
 
 
 def test_trainer_trains_fbs_on_resnet8_and_gates_stay_exact():
@@ -237,7 +241,7 @@ def test_resnet20_every_block_conv_is_gated_and_skip_equals_masked():
     expect = {n for n, m in fresh.named_modules() if isinstance(m, nn.Conv2d) and n.startswith("layer")}
     model = copy.deepcopy(fresh).eval()
     x = torch.randn(3, 1, 28, 28)
-    fbs = FBS(model, 0.4, example_inputs=x[:1], include=["layer*"])
+    fbs = FBS(model, x[:1], 0.4, include=["layer*"])
     assert set(fbs.layers) == expect and len(expect) == 20  # 9 blocks x 2 convs + 2 downsample convs
     with torch.no_grad():
         for l in fbs.layers.values():  # s = ReLU(Wx + b) ~ 1: the boost does not compound over 20 layers
@@ -251,3 +255,40 @@ def test_resnet20_every_block_conv_is_gated_and_skip_equals_masked():
     torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
     for name, l in fbs.layers.items():
         assert torch.all(l.gate.sum(1) == math.ceil(0.4 * l.conv.out_channels)), name
+
+
+def test_a_batchnorm_after_a_relu_is_not_fused_with_the_conv():
+    """conv -> ReLU -> BN: the BN carries the conv's channels but does not read its output directly;
+    with fresh statistics (BN ≈ identity) the real model cannot tell, the randomised check does."""
+
+    class ReluFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn2(self.conv2(self.bn(torch.relu(self.conv(x)))))
+
+    model = ReluFirst().eval()
+    pairs, refused = find_conv_bn_pairs(model, torch.randn(2, 1, 5, 5))
+    assert pairs == {"conv2": "bn2"} and "op sits between" in refused["conv"]
+
+
+def test_static_export_removes_the_least_used_channels_through_the_driver():
+    torch.manual_seed(0)
+    model = _net().eval()
+    fbs = FBS(model, X, density=0.5, exclude=["0"])
+    layer = fbs.layers["3"]
+    with torch.no_grad():  # saliencies 1..10 for every input: the gate always keeps channels 5..9
+        layer.predictor.weight.zero_()
+        layer.predictor.bias.copy_(torch.arange(1.0, 11.0))
+    data = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    usage = fbs.gate_usage(data)
+    torch.testing.assert_close(usage["3"], torch.tensor([0.0] * 5 + [6.0, 7, 8, 9, 10], dtype=torch.float64))
+    _, plan = fbs.prune_static(X, data)  # sparsity 1 - density
+    assert {g["group"]: g["removed"] for g in plan["groups"]} == {"3.weight:0": [0, 1, 2, 3, 4]}
+    assert isinstance(model[3], nn.Conv2d) and isinstance(model[4], nn.BatchNorm2d)
+    assert model[3].out_channels == 5 and model[8].in_features == 5
+    assert not fbs.layers
+    assert_no_hooks(model)

@@ -62,6 +62,7 @@ def test_residual_group_sums_gates_per_sample():
     ((name, s),) = fp.scores().items()
     dz = (model.a1 * model.a1.grad).sum((2, 3)) + (model.a2 * model.a2.grad).sum((2, 3))
     torch.testing.assert_close(s, dz.double().pow(2).sum(0) / 12)
+    model.a1 = model.a2 = None  # the kept activations (graph tensors) cannot be deep-copied for the oracle
     rec = fp.prune_one()
     assert rec["unit"] == int(torch.argmin(s))
     assert model.c1.out_channels == 3 and model.c2.out_channels == 3 and model.fc.in_features == 3
@@ -139,3 +140,19 @@ def test_fisher_criterion_at_the_producers_shares_one_gate_per_residual_channel(
     (s,) = crit.scores(model, graph, ids).values()
     dz = sum((o * o.grad).sum((2, 3)) for o in outs)
     torch.testing.assert_close(torch.from_numpy(s), dz.double().pow(2).sum(0) / 12)
+
+
+def test_prune_one_in_training_mode_leaves_batchnorm_statistics_alone():
+    """The oracle's forwards must not reach the BatchNorm running statistics of a model in training."""
+    model = _net().train()
+    fp = FisherPruner(model, torch.randn(2, 1, 6, 6) * 5 + 3)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    rec = fp.prune_one()
+    bn = {"0.weight:0": "1", "3.weight:0": "4"}[rec["group"]]  # the BatchNorm after the pruned conv
+    for name, b in model.named_buffers():
+        expect = before[name]
+        if name.startswith(f"{bn}.") and b.dim() == 1:
+            expect = torch.cat([expect[: rec["unit"]], expect[rec["unit"] + 1 :]])
+        assert torch.equal(b, expect), name

@@ -1,5 +1,6 @@
 """Redundant feature pruning (Ayinde & Zurada 2018): identical filters collapse, scale is ignored."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ def test_identical_filters_collapse_into_one():
     labels, keep = clusters["0.weight:0"]
     assert labels[1] == labels[4] and len(labels.unique()) == 5
     assert int(keep[[1, 4]].sum()) == 1
-    prune_redundant(model, x, tau=0.9, verify=True)
+    prune_redundant(model, x, tau=0.9)
     assert model[0].out_channels == 5 and model[3].in_channels == 5
 
 
@@ -52,14 +53,14 @@ def test_scaling_a_filter_does_not_change_its_cluster():
     assert torch.equal(before, after)
 
 
-def test_ratio_budget_is_exact_and_resnet_coupling():
+def test_sparsity_budget_is_exact_and_resnet_coupling():
     model = _net()
-    prune_redundant(model, torch.randn(2, 2, 6, 6), ratio=0.5, verify=True)
+    prune_redundant(model, torch.randn(2, 2, 6, 6), sparsity=0.5)
     assert model[0].out_channels == 3 and model[3].out_channels == 2
     net = create_model("resnet8").eval()
     x = torch.randn(2, 1, 28, 28)
     n0 = sum(p.numel() for p in net.parameters())
-    prune_redundant(net, x, ratio=0.25, verify=True)
+    prune_redundant(net, x, sparsity=0.25)
     assert sum(p.numel() for p in net.parameters()) < n0
 
 
@@ -69,9 +70,9 @@ def test_errors_leave_model_untouched():
     x = torch.randn(1, 2, 6, 6)
     for kwargs in (
         {},
-        {"tau": 0.5, "ratio": 0.5},
+        {"tau": 0.5, "sparsity": 0.5},
         {"tau": 2.0},
-        {"ratio": 1.0},
+        {"sparsity": 1.0},
         {"tau": 0.5, "linkage": "x"},
     ):
         with pytest.raises(ConfigError):
@@ -109,3 +110,34 @@ def test_scores_below_minus_tau_are_the_clusters_at_tau_minus_their_strongest_fi
                 members = (labels == c).nonzero().flatten()
                 assert int(kept[members].sum()) == 1, (seed, tau)  # one filter per cluster stays
                 assert int(members[kept[members]]) == int(members[strength[members].argmax()])
+
+
+def test_redundant_is_a_registered_criterion_the_driver_uses():
+    from secateur.criteria.group import available_group_criteria
+    from secateur.pruners.channel import ChannelPruner
+    from secateur.pruners.oneshot import prune_channels
+
+    assert "redundant" in available_group_criteria()
+    x = torch.randn(2, 2, 6, 6)
+    a, b, c = _net(), _net(), _net()
+    _, plan_a = prune_redundant(a, x, sparsity=0.5)
+    _, plan_b = prune_channels(b, x, 0.5, criterion="redundant", allocation="uniform")
+    pruner = ChannelPruner(c, x, schedule=0.5, criterion="redundant", allocation="uniform")
+    pruner.step(0)
+    pruner.finalize()
+    assert plan_a["groups"] == plan_b["groups"] == pruner.plan["groups"]
+
+
+def test_tau_removes_exactly_the_filters_scoring_below_minus_tau_on_resnet():
+    net = create_model("resnet8").eval()
+    x = torch.randn(2, 1, 28, 28)
+    graph = DependencyGraph.build(net, x)
+    crit = RedundantCriterion()
+    expect = {}
+    for g in graph.prunable_groups():
+        s = crit.group_scores(g, net)
+        if s is not None and ((s <= -0.1) & g.prunable).any():
+            expect[g.name] = sorted(np.nonzero((s <= -0.1) & g.prunable)[0].tolist())
+    assert expect
+    _, plan = prune_redundant(net, x, tau=0.1)
+    assert {gr["group"]: sorted(gr["removed"]) for gr in plan["groups"]} == expect

@@ -4,6 +4,7 @@ import pytest
 import torch
 from tiny_nets import conv_bn_net
 from torch import nn
+from trainer_grads import assert_no_hooks
 
 from secateur.data import TensorLoader
 from secateur.errors import ConfigError
@@ -52,7 +53,7 @@ def test_scores_and_removal_through_graph():
         scop.beta["3"].fill_(1.0)
         model[1].weight.fill_(1.0)
         model[4].weight.fill_(1.0)
-    model, plan = scop.prune(torch.randn(2, 1, 8, 8), ratio=2 / 14, verify=True)
+    model, plan = scop.prune(torch.randn(2, 1, 8, 8), sparsity=2 / 14)
     assert model[0].out_channels == 4 and model[3].in_channels == 4 and model[3].out_channels == 8
 
 
@@ -75,3 +76,32 @@ def test_errors():
     scop = SCOP(_net(), knockoff=lambda n: torch.randn(n, 1, 4, 4))
     with pytest.raises(ConfigError):
         scop(torch.randn(2, 1, 8, 8))
+
+
+def test_scop_is_a_group_criterion_the_driver_uses():
+    """scop.prune, ChannelPruner(criterion=scop) and prune_channels(criterion=scop) remove the same units."""
+    from secateur.pruners.channel import ChannelPruner
+    from secateur.pruners.oneshot import prune_channels
+
+    x = torch.randn(2, 1, 8, 8)
+    plans = []
+    for how in ("prune", "pruner", "prune_channels"):
+        model = _net()
+        scop = SCOP(model, knockoff=lambda n: torch.randn(n, 1, 8, 8))
+        with torch.no_grad():
+            scop.beta["0"].copy_(torch.tensor([1.0, 0.1, 0.9, 1.0, 0.2, 0.6]))
+            scop.beta["3"].copy_(torch.linspace(0.0, 1.0, 8))
+        if how == "prune":
+            _, plan = scop.prune(x, sparsity=0.5, allocation="uniform")
+        elif how == "pruner":
+            pruner = ChannelPruner(model, x, schedule=0.5, criterion=scop, allocation="uniform")
+            pruner.step(0)
+            pruner.finalize()
+            plan = pruner.plan
+        else:
+            _, plan = prune_channels(model, x, 0.5, criterion=scop, allocation="uniform")
+        assert_no_hooks(model)  # the driver detached the mixing hooks
+        plans.append(plan["groups"])
+    assert plans[0] == plans[1] == plans[2]
+    removed = {g["group"]: g["removed"] for g in plans[0]}
+    assert removed == {"0.weight:0": [1, 4, 5], "3.weight:0": [0, 1, 2, 3]}

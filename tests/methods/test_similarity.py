@@ -15,7 +15,7 @@ from secateur.analysis.similarity import (
     similarity_report,
 )
 from secateur.errors import ConfigError
-from secateur.methods.slimming import prune_groups
+from secateur.pruners.oneshot import prune_channels
 
 
 def _net(seed: int) -> nn.Module:
@@ -54,7 +54,7 @@ def test_self_similarity_is_one_and_other_seed_less():
 def test_dense_vs_pruned_has_different_sizes():
     a = _net(0)
     pruned = copy.deepcopy(a)
-    prune_groups(pruned, torch.randn(2, 8), lambda g, m: torch.rand(g.n_units).numpy(), 0.5, "group")
+    prune_channels(pruned, torch.randn(2, 8), 0.5, criterion=lambda g, m: torch.rand(g.n_units).numpy())
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in a.parameters())
     x = torch.randn(12, 8)
     s = network_similarity(a, pruned, x, kind="gradient")

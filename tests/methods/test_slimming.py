@@ -84,7 +84,7 @@ def test_slim_removes_smallest_gammas_globally():
         model[4].weight.copy_(torch.tensor([1.0, 1.0, 0.03, 1.0, 1.0, 1.0, 1.0, 1.0]))
     model.eval()
     x = torch.randn(2, 1, 5, 5)
-    slim(model, x, ratio=3 / 14, verify=True)
+    slim(model, x, sparsity=3 / 14)
     assert model[0].out_channels == 4 and model[3].in_channels == 4 and model[3].out_channels == 7
     assert torch.all(model[1].weight.abs() == 1.0) and torch.all(model[4].weight.abs() == 1.0)
 
@@ -93,7 +93,7 @@ def test_slim_on_resnet_honours_residual_coupling():
     model = create_model("resnet8").eval()
     x = torch.randn(2, 1, 28, 28)
     n0 = sum(p.numel() for p in model.parameters())
-    slim(model, x, ratio=0.3, verify=True)
+    slim(model, x, sparsity=0.3)
     assert sum(p.numel() for p in model.parameters()) < n0
     assert model(x).shape == (2, 10)
 
@@ -106,5 +106,25 @@ def test_errors():
     model = _net()
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ConfigError):
-        slim(model, torch.randn(1, 1, 5, 5), ratio=1.0)
+        slim(model, torch.randn(1, 1, 5, 5), sparsity=1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_slim_sparsity_is_a_fraction_of_the_batchnorm_channels_only():
+    """The hidden Linear group has no γ: slim leaves it whole and removes half of the BN channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+        nn.ReLU(),
+        nn.Linear(10, 3),
+    ).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4]))
+    slim(model, torch.randn(2, 1, 5, 5), sparsity=0.5)
+    assert model[0].out_channels == 4 and model[5].out_features == 10
+    torch.testing.assert_close(model[1].weight.detach(), torch.tensor([0.9, 0.8, 0.7, 0.6]))

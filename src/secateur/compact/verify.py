@@ -279,15 +279,22 @@ def _locating(model: nn.Module) -> Iterator[_Where]:
 def forward_failure(model: nn.Module, example_inputs: Any) -> str | None:
     """Run ``model`` once (no grad); ``None`` if it works, else ``"op 'x' in module 'p' (Cls): Error(...)"``.
 
-    Names the first torch op that raised and the innermost module running at that moment.
+    Names the first torch op that raised and the innermost module running at that moment. The model's
+    buffers are put back afterwards: a model in training mode would otherwise leave this forward in its
+    BatchNorm running statistics (the oracle runs inside a compaction that then commits).
     """
-
-    with torch.no_grad(), _locating(model) as where:
-        try:
-            call_model(model, example_inputs)
-        except Exception as e:  # the model's own code failed: describe where
-            return f"{where.failed or 'model code (no torch op)'}: {type(e).__name__}: {e}"
-    return None
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad(), _locating(model) as where:
+            try:
+                call_model(model, example_inputs)
+            except Exception as e:  # the model's own code failed: describe where
+                return f"{where.failed or 'model code (no torch op)'}: {type(e).__name__}: {e}"
+        return None
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 def oracle_check(

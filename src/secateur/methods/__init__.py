@@ -1,5 +1,9 @@
 """Methods: compositions of scope, criterion, allocation and schedule that papers name.
 
+A structured method is a group criterion and/or a training hook plus one call of the structured driver
+(:class:`~secateur.pruners.channel.ChannelPruner`, :func:`prune_scored`); none owns a tracer, a timer or a
+removal loop.
+
 - :class:`~secateur.methods.lottery.LotteryTicket`: iterative magnitude pruning with rewinding
   (Frankle & Carbin 2019; Frankle et al. 2020).
 - :func:`~secateur.methods.at_init.prune_at_init`: SNIP, GraSP and SynFlow before training.
@@ -7,8 +11,8 @@
 - :class:`ADMM` (Zhang et al. 2018), :class:`Movement` (Sanh et al. 2020), network slimming
   (:class:`SlimmingPenalty`, :func:`slim`; Liu et al. 2017), :class:`SCOP` (Tang et al. 2020),
   :class:`FBS` (Gao et al. 2019; any Conv2d→BatchNorm2d pair, :func:`find_conv_bn_pairs`),
-  :func:`prune_redundant` (Ayinde & Zurada 2018), :class:`FisherPruner` (Theis et al. 2018; Crowley et al.
-  2018).
+  :func:`prune_redundant` (Ayinde & Zurada 2018; the ``"redundant"`` group criterion), :class:`FisherPruner`
+  (Theis et al. 2018; Crowley et al. 2018; the ``"fisher"`` group criterion).
 """
 
 from secateur.methods.admm import ADMM
@@ -20,7 +24,7 @@ from secateur.methods.movement import Movement
 from secateur.methods.redundant import prune_redundant
 from secateur.methods.rethinking import ScratchBudgets, reinitialize, scratch_budgets
 from secateur.methods.scop import SCOP, KnockoffVAE, train_knockoff_vae
-from secateur.methods.slimming import SlimmingPenalty, prune_groups, slim
+from secateur.methods.slimming import SlimmingPenalty, prune_scored, slim
 
 __all__ = [
     "ADMM",
@@ -34,7 +38,7 @@ __all__ = [
     "SlimmingPenalty",
     "find_conv_bn_pairs",
     "prune_at_init",
-    "prune_groups",
+    "prune_scored",
     "prune_redundant",
     "reinitialize",
     "scratch_budgets",

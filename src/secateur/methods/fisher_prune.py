@@ -9,10 +9,15 @@ signal is accumulated over the fine-tuning steps since the last removal; then th
 the smallest ``Δ`` in the whole network is removed, the accumulators are reset, and training goes on
 (one channel at a time, fine-tuning steps in between, Crowley et al. sec. 3).
 
-Residual coupling: channels tied by a residual sum form one group of the dependency graph
-(:mod:`secateur.graph`) and share one gate, so ``∂L/∂z`` sums the contributions of every gated point
-of the group *per sample* before squaring. Gate points are the BatchNorm layers of a group (the
-producing conv/linear layers when it has none). Removal is physical, through the graph.
+The statistic is the ``"fisher"`` group criterion with its gates at the BatchNorm outputs
+(:class:`~secateur.criteria.group.FisherCriterion` ``gate="norm"``; the producing conv/linear outputs for a
+group without BatchNorm). Channels tied by a residual sum form one group of the dependency graph
+(:mod:`secateur.graph`) and share one gate, so ``∂L/∂z`` sums the contributions of every gated point of the
+group *per sample* before squaring. The one channel to remove is the structured driver's global choice
+(:meth:`ChannelPruner.select <secateur.pruners.channel.ChannelPruner.select>` of one unit, raw scores:
+every group and member keeps a unit), and removal is physical, through
+:func:`secateur.train.compact_in_training` (the driver's compaction, with the optimizer rebound).
+:class:`FisherPruner` is the training hook that says when.
 """
 
 from __future__ import annotations
@@ -20,18 +25,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from secateur.compact import make_plan, restoring
+from secateur.compact.verify import oracle_check
+from secateur.criteria.group import FisherCriterion
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph
+from secateur.pruners.channel import ChannelPruner
 from secateur.train.rebind import compact_in_training
 
 __all__ = ["FisherPruner"]
-
-_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class FisherPruner:
@@ -54,9 +59,13 @@ class FisherPruner:
         example_inputs: inputs for tracing the dependency graph (retraced after each removal).
         protect: module name patterns never pruned.
         every, total: callback schedule (steps between removals, number of removals).
+        verify: run the oracle (:func:`secateur.compact.verify.oracle_check`: the compacted model equals the
+            masked one in float64 on ``example_inputs``) inside each removal's transaction (default True;
+            costs a copy of the model and two float64 forwards per removal).
 
     Attributes:
-        fisher: ``{group name: (n_units,) float64 Δ}`` accumulated since the last removal.
+        criterion: the :class:`~secateur.criteria.group.FisherCriterion` (``gate="norm"``) holding ``Δ``
+            since the last removal; its hooks are on the model between construction and :meth:`detach`.
         removed: list of ``{"group", "unit", "fisher", "step"}`` in removal order.
 
     Raises:
@@ -70,6 +79,7 @@ class FisherPruner:
         protect: Sequence[str] = (),
         every: int = 50,
         total: int = 0,
+        verify: bool = True,
     ) -> None:
         for v, what, lo in ((every, "every", 1), (total, "total", 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -79,123 +89,92 @@ class FisherPruner:
         self.protect = tuple(protect)
         self.every = every
         self.total = total
+        self.verify = verify
         self.removed: list[dict[str, Any]] = []
-        self._handles: list[Any] = []
+        self.criterion = FisherCriterion(gate="norm")
         self._build()
-        if not self.points:
+        if not self.group_ids:
             raise ConfigError(f"FisherPruner: {type(model).__name__} has no prunable channel group to score")
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _build(self) -> None:
+        """Trace the graph, reset the statistics and hook the gates of every group with a unit to spare."""
         self.detach()
         self.graph = DependencyGraph.build(self.model, self.example_inputs, protect=self.protect)
-        # gate points: (group index, module path, unit_of) -- BN layers of the group, else producers
-        self.points: list[tuple[int, str, np.ndarray]] = []
-        for gi, g in enumerate(self.graph.groups):
-            if g.n_prunable == 0 or g.n_units < 2:
-                continue
-            bns, prods = [], []
-            for m in g.members:
-                if m.is_buffer or m.dim != 0 or not m.name.endswith(".weight"):
-                    continue
-                mod = self.model.get_submodule(m.module)
-                if isinstance(mod, nn.modules.batchnorm._NormBase):
-                    bns.append((gi, m.module, m.unit_of))
-                elif isinstance(mod, _PRODUCERS):
-                    prods.append((gi, m.module, m.unit_of))
-            self.points += bns or prods
-        self.fisher: dict[str, torch.Tensor] = {}
-        self._pending: dict[int, torch.Tensor] = {}
-        self._batches = 0
-        self._attach()
+        self.group_ids = [gi for gi, g in enumerate(self.graph.groups) if g.n_prunable > 0 and g.n_units > 1]
+        self.criterion.after_prune()
+        self.criterion.attach(self.model, self.graph, self.group_ids)
 
-    def _attach(self) -> None:
-        """Put the forward hooks on the gate points (statistics are kept)."""
-        for gi, path, unit_of in self.points:
-            mod = self.model.get_submodule(path)
-            self._handles.append(mod.register_forward_hook(self._hook(gi, unit_of)))
+    @property
+    def points(self) -> list[tuple[int, str]]:
+        """``(group index, module path)`` of every gate point hooked now."""
+        return self.criterion.points
 
-    def _hook(self, gi: int, unit_of: np.ndarray) -> Any:
-        n_units = self.graph.groups[gi].n_units
-        idx = torch.from_numpy(unit_of)
-
-        def fwd(mod: nn.Module, _args: Any, out: Any) -> None:
-            if not isinstance(out, torch.Tensor) or not out.requires_grad or out.is_meta:
-                return
-            a = out.detach()
-            chan_last = isinstance(mod, nn.Linear) and out.dim() > 2
-
-            def bwd(grad: torch.Tensor) -> None:
-                prod = a * grad
-                if chan_last:
-                    prod = prod.movedim(-1, 1)
-                per = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(2).double()  # (N, C)
-                units = per.new_zeros(per.shape[0], n_units).index_add_(1, idx.to(per.device), per)
-                self._pending[gi] = self._pending.get(gi, 0) + units
-
-            out.register_hook(bwd)
-
-        return fwd
+    @property
+    def _handles(self) -> list[Any]:
+        return self.criterion.handles
 
     def update(self) -> None:
-        """Fold the gate gradients of the last backward pass into ``fisher`` (call after backward)."""
-        if not self._pending:
-            return
-        for gi, per_sample in self._pending.items():
-            name = self.graph.groups[gi].name
-            d = per_sample.pow(2).sum(0) / (2 * per_sample.shape[0])
-            self.fisher[name] = self.fisher.get(name, torch.zeros_like(d)) + d
-        self._pending = {}
-        self._batches += 1
+        """Fold the gate gradients of the last backward pass into ``Δ`` (call after backward)."""
+        self.criterion.fold()
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """``{group name: (n_units,) Δ}``, averaged over the batches seen since the last removal."""
-        self.update()
-        return {k: v / max(self._batches, 1) for k, v in self.fisher.items()}
+        """``{group name: (n_units,) float64 Δ}`` over the samples seen since the last removal (empty before
+        any backward pass)."""
+        if not self.criterion.has_stats():
+            return {}
+        raw = self.criterion.scores(self.model, self.graph, self.group_ids)
+        return {self.graph.groups[gi].name: torch.from_numpy(s) for gi, s in raw.items()}
 
     def detach(self) -> None:
         """Remove the hooks (the model is left as it is)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.criterion.detach()
 
     @torch.no_grad()
     def prune_one(self, optimizer: torch.optim.Optimizer | None = None, step: int | None = None) -> dict:
         """Remove the channel with the smallest ``Δ`` over all groups through the graph, reset ``Δ`` and
-        retrace. Compaction goes through :func:`secateur.train.compact_in_training`: resized parameters
+        retrace. The channel is the structured driver's choice
+        (:meth:`ChannelPruner.select <secateur.pruners.channel.ChannelPruner.select>` of one unit, global,
+        raw scores); compaction goes through :func:`secateur.train.compact_in_training`: resized parameters
         become new ``nn.Parameter`` objects, and ``optimizer`` (if given) holds them afterwards, with its
         state (momentum, Adam moments) sliced at the kept indices.
 
-        Transactional: if compaction fails or is interrupted (any ``BaseException``), the model is left as
-        it was (:func:`secateur.compact.compact`), the hooks are put back with the statistics gathered so
-        far, and the exception is re-raised.
+        Transactional: if compaction or the oracle (``verify``) fails or is interrupted (any
+        ``BaseException``), the model is left as it was (:func:`secateur.compact.compact`), the hooks are put
+        back with the statistics gathered so far, and the exception is re-raised.
 
-        Returns the removal record. Raises ConfigError if no score was accumulated or no channel can go.
+        Returns the removal record.
+
+        Raises:
+            ConfigError: no score was accumulated, no channel can go, or ``verify`` with NaN/Inf in the
+                example inputs. CompactionError: compaction or the oracle failed (nothing changed).
         """
         scores = self.scores()
         if not scores:
             raise ConfigError("FisherPruner.prune_one: no Fisher signal yet; train (forward+backward) first")
-        best: tuple[float, int, int] | None = None
-        for gi, g in enumerate(self.graph.groups):
-            s = scores.get(g.name)
-            if s is None or g.n_units < 2:
-                continue
-            for u in np.nonzero(g.prunable)[0]:
-                if any(np.all(m.unit_of == u) for m in g.members):
-                    continue  # the unit is a whole member: removing it would empty a layer
-                cand = (float(s[u]), gi, int(u))
-                if best is None or cand < best:
-                    best = cand
-        if best is None:
+        driver = ChannelPruner(
+            self.model,
+            self.example_inputs,
+            schedule=0.0,
+            criterion=self.criterion,
+            allocation="global",
+            normalize="none",
+            graph=self.graph,
+            groups=self.group_ids,
+        )
+        n_units = sum(self.graph.groups[gi].n_prunable for gi in driver.group_ids)
+        if driver.max_fraction * n_units < 1 - 1e-9:
             raise ConfigError("FisherPruner.prune_one: every group is down to its last channel")
-        value, gi, u = best
-        g = self.graph.groups[gi]
-        plan = make_plan(self.graph, {gi: [u]})
+        removed = {gi: rm for gi, rm in driver.select(1.0 / n_units).items() if rm.size}
+        ((gi, units),) = removed.items()
+        g, u = self.graph.groups[gi], int(units[0])
+        plan = make_plan(self.graph, removed)
         shapes = {n: tuple(t.shape) for n, t in self._named().items() if n in plan["tensors"]}
         self.detach()
         with restoring(lambda: self._resume(shapes)):
-            compact_in_training(self.model, plan, optimizer)
-        rec = {"group": g.name, "unit": u, "fisher": value, "step": step}
+            check = oracle_check(self.model, plan, self.example_inputs) if self.verify else None
+            compact_in_training(self.model, plan, optimizer, check=check)
+        rec = {"group": g.name, "unit": u, "fisher": float(scores[g.name][u]), "step": step}
         self.removed.append(rec)
         self._build()
         return rec
@@ -212,15 +191,17 @@ class FisherPruner:
         compacted and the graph is traced again."""
         named = self._named()
         if all(n in named and tuple(named[n].shape) == s for n, s in shapes.items()):
-            self._attach()
+            self.criterion.attach(self.model, self.graph, self.group_ids)
         else:
             self._build()
 
     # -- Trainer integration ----------------------------------------------------------------------
     def on_step_end(self, trainer: Any) -> None:
+        """Trainer hook: :meth:`update`, and :meth:`prune_one` every ``every`` steps until ``total``."""
         self.update()
         if len(self.removed) < self.total and trainer.global_step % self.every == 0:
             self.prune_one(trainer.optimizer, trainer.global_step)
 
     def on_train_end(self, trainer: Any) -> None:
+        """Trainer hook: :meth:`detach`."""
         self.detach()

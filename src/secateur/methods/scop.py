@@ -12,7 +12,12 @@ task loss of the real half, while the network is frozen (eval mode, no weight up
 whose real feature matters keeps ``β`` near 1; one the knockoff can replace drifts down. A filter's
 importance is ``|γ_BN| · (2β - 1)`` (the ``β - β̃`` of sec. 3.3 with ``β̃ = 1 - β``, weighted by the
 scale of the following BatchNorm), and the lowest-scoring filters are removed through the dependency
-graph (:func:`secateur.methods.slimming.prune_groups`), then the network is fine-tuned.
+graph, then the network is fine-tuned.
+
+:class:`SCOP` is the training hook (the mixing and the ``β``) *and* a group criterion
+(:class:`~secateur.criteria.group.GroupCriterion`): ``ChannelPruner(model, x, criterion=scop, ...)`` and
+``prune_channels(model, x, sparsity, criterion=scop)`` rank channels by its scores; :meth:`SCOP.prune` is
+one such call of the structured driver.
 
 For Fashion-MNIST the knockoff generator is a small VAE trained here (:func:`train_knockoff_vae`;
 Kingma & Welling 2014); any callable ``n -> (n, *input_shape)`` works.
@@ -28,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from secateur.criteria.group import BNScaleCriterion, GroupCriterion
+from secateur.criteria.group.base import unit_mean
 from secateur.errors import ConfigError
 from secateur.graph.groups import Group
-from secateur.methods.slimming import _unit_mean, bn_group_scores, prune_groups
+from secateur.methods.slimming import prune_scored
 
 __all__ = ["SCOP", "KnockoffVAE", "train_knockoff_vae"]
 
@@ -105,15 +112,21 @@ def train_knockoff_vae(
     return vae.eval()
 
 
-class SCOP:
-    """Knockoff mixing after every selected ``Conv2d`` and the learned per-channel ``β``.
+class SCOP(GroupCriterion):
+    """Knockoff mixing after every selected ``Conv2d``, the learned per-channel ``β``, and the criterion
+    ``|γ_BN| · (2β - 1)`` they define.
 
     Usage::
 
         scop = SCOP(model, knockoff=vae, init_beta=0.5)
         scop.fit(train_loader, steps=200)                # β only; the network stays frozen
-        model, plan = scop.prune(example_inputs, ratio=0.5)   # removes through the graph, detaches
+        model, plan = scop.prune(example_inputs, sparsity=0.5)   # removes through the graph, detaches
         # fine-tune `model` as usual
+
+    As a criterion (``name = "scop"``): ``ChannelPruner(model, x, schedule=0.5, criterion=scop)`` or
+    ``prune_channels(model, x, 0.5, criterion=scop)``; groups that no controlled conv produces are not
+    scored (left whole). The driver's ``close()`` / ``finalize()`` call :meth:`detach`. Scores are on one
+    scale across layers (``comparable``): a global ranking compares them as they are.
 
     Own loop: ``logits = scop(x)`` (the real half's logits, shape ``(N, classes)``), a loss on them,
     an optimizer over ``scop.betas()``, then ``scop.clamp_()`` after each step.
@@ -127,6 +140,9 @@ class SCOP:
     Raises:
         ConfigError: no conv selected, a path that is not a ``Conv2d``, ``init_beta`` outside [0, 1].
     """
+
+    name = "scop"
+    comparable = True
 
     def __init__(
         self,
@@ -224,23 +240,24 @@ class SCOP:
             self.model.train(was_training)
         return losses
 
-    def group_scores(self, group: Group, model: nn.Module) -> np.ndarray | None:
-        """Per-unit ``|γ_BN| · (2β - 1)`` of a channel group (``β`` averaged over the controlled convs in
-        it, ``|γ|`` over its BatchNorms; without a BatchNorm the score is ``2β - 1``); ``None`` if no
-        controlled conv produces the group."""
+    def group_scores(self, group: Group, model: nn.Module) -> np.ndarray | None:  # type: ignore[override]
+        """Per-unit ``|γ_BN| · (2β - 1)`` of a channel group, shape ``(n_units,)`` float64 (``β`` averaged
+        over the controlled convs producing it, ``|γ|`` over its norm layers,
+        :class:`~secateur.criteria.group.BNScaleCriterion`; without a norm layer the score is ``2β - 1``);
+        ``None`` if no controlled conv produces the group."""
         bets = []
         for m in group.members:
             if m.dim == 0 and not m.is_buffer and m.name.endswith(".weight") and m.module in self.beta:
                 b = self.beta[m.module].detach().clamp(0, 1).double().cpu().numpy()
-                bets.append(_unit_mean(b, m.unit_of, group.n_units))
+                bets.append(unit_mean(b, m, group.n_units))
         if not bets:
             return None
         contrast = 2.0 * np.mean(bets, axis=0) - 1.0
-        gamma = bn_group_scores(group, model)
+        gamma = BNScaleCriterion(missing="skip").group_scores(group, model)
         return contrast if gamma is None else gamma * contrast
 
     def detach(self) -> None:
-        """Remove the mixing hooks; the model is the plain network again."""
+        """Remove the mixing hooks; the model is the plain network again (idempotent)."""
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -248,17 +265,20 @@ class SCOP:
     def prune(
         self,
         example_inputs: Any,
-        ratio: float,
-        ranking: str = "global",
+        sparsity: float,
+        allocation: str = "global",
         protect: Sequence[str] = (),
-        verify: bool = False,
+        verify: bool = True,
     ) -> tuple[nn.Module, dict]:
-        """Detach the hooks and remove the ``ratio`` lowest-scoring filters (fraction in [0, 1) of the
-        controlled groups' channels; ``ranking`` ``"global"`` or per ``"group"``) through the graph.
+        """Detach the hooks and remove the ``sparsity`` lowest-scoring filters through the structured driver
+        (:func:`secateur.methods.slimming.prune_scored`).
 
-        Returns ``(model, plan)``. Raises as :func:`secateur.methods.slimming.prune_groups`.
+        Args:
+            sparsity: fraction in [0, 1) of the controlled groups' channels: ranked over all of them at once
+                (``allocation="global"``, raw scores) or the same fraction of each group (``"uniform"``).
+            protect: module name patterns never pruned. verify: the oracle inside the transaction.
+
+        Returns ``(model, plan)``. Raises as :func:`~secateur.methods.slimming.prune_scored`.
         """
         self.detach()
-        return prune_groups(
-            self.model, example_inputs, self.group_scores, ratio, ranking, protect, verify=verify
-        )
+        return prune_scored(self.model, example_inputs, self, sparsity, allocation, protect, verify)

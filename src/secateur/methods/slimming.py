@@ -2,33 +2,30 @@
 Slimming", ICCV, sec. 3.1-3.3).
 
 Training adds ``λ Σ_γ |γ|`` over the BatchNorm scales to the loss (eq. 1) so that unimportant
-channels' scales go to zero; its subgradient adds ``λ·sign(γ)`` to every ``∂L/∂γ`` (sec. 3.2). Then
-channels are removed under one *global* threshold on ``|γ|`` (the ``ratio``-quantile over all
-channels, sec. 3.3), physically, through the dependency graph (:mod:`secateur.graph`), and the
-slim network is fine-tuned.
+channels' scales go to zero; its subgradient adds ``λ·sign(γ)`` to every ``∂L/∂γ`` (sec. 3.2): the
+training hook :class:`SlimmingPenalty`. Then channels are removed under one *global* threshold on ``|γ|``
+(the ``sparsity``-quantile over all channels, sec. 3.3) by the structured driver with the ``"bn_scale"``
+criterion (:class:`~secateur.criteria.group.BNScaleCriterion`): :func:`slim`. The slim network is then
+fine-tuned.
 
-:func:`prune_groups` (global or per-group ranking of any per-unit score, then one transactional
-compaction) is shared by the other channel methods of :mod:`secateur.methods`.
+:func:`prune_scored` (the driver call for a criterion that scores only some groups, such as SCOP's) is
+shared by the channel methods of :mod:`secateur.methods`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from secateur.allocation.structured import choose_units, ensure_member_nonempty
+from secateur.criteria.group import BNScaleCriterion, GroupCriterion
 from secateur.errors import ConfigError
-from secateur.graph.groups import DependencyGraph, Group
-from secateur.pruners.oneshot import remove_units
+from secateur.graph.groups import DependencyGraph
+from secateur.pruners.oneshot import prune_channels
 
-__all__ = ["SlimmingPenalty", "bn_group_scores", "prune_groups", "slim"]
-
-GroupScore = Callable[[Group, nn.Module], "np.ndarray | None"]
+__all__ = ["SlimmingPenalty", "prune_scored", "scored_groups", "slim"]
 
 
 def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -100,109 +97,78 @@ class SlimmingPenalty:
         self.add_subgradient()
 
 
-def _unit_mean(values: np.ndarray, unit_of: np.ndarray, n_units: int) -> np.ndarray:
-    s = np.bincount(unit_of, weights=values, minlength=n_units)
-    return s / np.maximum(np.bincount(unit_of, minlength=n_units), 1)
+def scored_groups(criterion: GroupCriterion, model: nn.Module) -> Callable[[DependencyGraph], list[int]]:
+    """``f(graph) -> indices`` of the prunable groups ``criterion`` scores (``group_scores`` not None), for
+    the structured driver's ``groups``."""
+
+    def pick(graph: DependencyGraph) -> list[int]:
+        return [
+            gi
+            for gi, g in enumerate(graph.groups)
+            if g.n_prunable > 0 and criterion.group_scores(g, model) is not None
+        ]
+
+    return pick
 
 
-def bn_group_scores(group: Group, model: nn.Module) -> np.ndarray | None:
-    """Per-unit ``|γ|`` of a group, averaged over its BatchNorm members (residual groups couple
-    several); ``None`` when no BatchNorm scale belongs to the group (slimming leaves it alone)."""
-    per_bn = []
-    for m in group.members:
-        if m.is_buffer or m.dim != 0 or not m.name.endswith(".weight"):
-            continue
-        mod = model.get_submodule(m.module)
-        if isinstance(mod, nn.modules.batchnorm._NormBase):
-            g = mod.weight.detach().abs().double().cpu().numpy()
-            per_bn.append(_unit_mean(g, m.unit_of, group.n_units))
-    if not per_bn:
-        return None
-    return np.mean(per_bn, axis=0)
-
-
-def prune_groups(
+def prune_scored(
     model: nn.Module,
     example_inputs: Any,
-    score_fn: GroupScore,
-    ratio: float,
-    ranking: str = "global",
+    criterion: GroupCriterion,
+    sparsity: float,
+    allocation: str = "global",
     protect: Sequence[str] = (),
-    graph: DependencyGraph | None = None,
-    verify: bool = False,
+    verify: bool = True,
 ) -> tuple[nn.Module, dict]:
-    """Remove the lowest-scoring channels through the dependency graph, in place (transactional).
+    """Remove the ``sparsity`` fraction of the channels of the groups ``criterion`` scores, lowest scores
+    first, in place: :func:`~secateur.pruners.oneshot.prune_channels` restricted to those groups
+    (:func:`scored_groups`) with raw scores (``normalize="none"``).
 
     Args:
-        score_fn: ``f(group, model) -> (n_units,) array`` (higher = keep) or ``None`` to skip the group.
-        ratio: fraction in [0, 1) of the scored prunable units removed: over all scored groups at once
-            (``ranking="global"``, one threshold) or from each group (``"group"``). Every group and every
-            member keeps at least one unit, so the realised fraction may be a little lower.
-        protect: module name patterns never pruned. verify: run the masked-vs-compacted oracle.
+        criterion: a group criterion whose ``group_scores`` is None for the groups it leaves alone.
+        sparsity: fraction in [0, 1) of the scored groups' prunable units: ranked over all of them at once
+            (``allocation="global"``: one threshold on the raw scores) or of each group (``"uniform"``).
+            Every group and every member keeps at least one unit.
+        protect: module name patterns never pruned. verify: run the oracle (float64, masked vs compacted)
+            inside the transaction (default True).
 
-    Returns ``(model, plan)`` as :func:`secateur.pruners.oneshot.prune_channels`.
+    Returns ``(model, plan)`` as :func:`~secateur.pruners.oneshot.prune_channels`.
 
     Raises:
-        ConfigError: ratio outside [0, 1), unknown ranking, a score of the wrong shape (names the group).
-        CompactionError: compaction failed; the model is unchanged.
+        ConfigError: sparsity outside [0, 1), unknown allocation, no group scored; and as
+            :func:`~secateur.pruners.oneshot.prune_channels` (the model is then unchanged).
     """
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"ratio must be a fraction in [0, 1), got {ratio!r}")
-    if ranking not in ("global", "group"):
-        raise ConfigError(f"ranking must be 'global' or 'group', got {ranking!r}")
-    if graph is None:
-        graph = DependencyGraph.build(model, example_inputs, protect=protect)
-    scored: dict[int, np.ndarray] = {}
-    for gi, g in enumerate(graph.groups):
-        if g.n_prunable == 0:
-            continue
-        s = score_fn(g, model)
-        if s is None:
-            continue
-        s = np.asarray(s, dtype=float)
-        if s.shape != (g.n_units,):
-            raise ConfigError(f"score for group {g.name} has shape {s.shape}, expected ({g.n_units},)")
-        scored[gi] = s
-    removed: dict[int, np.ndarray] = {}
-    if ranking == "group":
-        for gi, s in scored.items():
-            removed[gi] = choose_units(graph.groups[gi], s, ratio)
-    else:
-        cands = [
-            (float(s[u]), gi, int(u))
-            for gi, s in scored.items()
-            for u in np.nonzero(graph.groups[gi].prunable)[0]
-        ]
-        k = int(math.floor(ratio * len(cands) + 1e-9))
-        cands.sort(key=lambda c: (c[0], c[1], c[2]))
-        per: dict[int, list[int]] = {}
-        for _, gi, u in cands[:k]:
-            per.setdefault(gi, []).append(u)
-        for gi, units in per.items():
-            g = graph.groups[gi]
-            if len(units) >= g.n_units:  # keep the best unit of a group that would vanish
-                units = [u for u in units if u != int(np.argmax(scored[gi]))]
-            removed[gi] = np.array(sorted(units), dtype=np.int64)
-    removed = {
-        gi: ensure_member_nonempty(graph.groups[gi], rm, scored[gi]) for gi, rm in removed.items() if rm.size
-    }
-    removed = {gi: rm for gi, rm in removed.items() if rm.size}
-    return remove_units(model, graph, removed, example_inputs, verify=verify)
+    return prune_channels(
+        model,
+        example_inputs,
+        sparsity,
+        criterion=criterion,
+        allocation=allocation,
+        normalize="none",
+        protect=protect,
+        groups=scored_groups(criterion, model),
+        verify=verify,
+    )
 
 
 def slim(
     model: nn.Module,
     example_inputs: Any,
-    ratio: float,
+    sparsity: float,
     protect: Sequence[str] = (),
-    verify: bool = False,
+    verify: bool = True,
 ) -> tuple[nn.Module, dict]:
-    """Network slimming's pruning step: remove the ``ratio`` fraction of channels with the smallest
+    """Network slimming's pruning step: remove the ``sparsity`` fraction of channels with the smallest
     ``|γ|`` under one global threshold (Liu et al. 2017, sec. 3.3), through the dependency graph.
 
-    Only groups holding a BatchNorm scale are candidates; ``ratio`` is a fraction of those channels.
-    Returns ``(model, plan)``; fine-tune afterwards. Raises as :func:`prune_groups`.
+    Only groups holding a BatchNorm scale are candidates (``"bn_scale"`` with ``missing="skip"``);
+    ``sparsity`` is a fraction of those channels. Returns ``(model, plan)``; fine-tune afterwards.
+
+    Raises:
+        ConfigError: a model without an affine BatchNorm layer, and as :func:`prune_scored`.
     """
     if not _bn_layers(model):
         raise ConfigError(f"slim: {type(model).__name__} has no BatchNorm layer with a scale γ")
-    return prune_groups(model, example_inputs, bn_group_scores, ratio, "global", protect, verify=verify)
+    return prune_scored(
+        model, example_inputs, BNScaleCriterion(missing="skip"), sparsity, "global", protect, verify
+    )
