@@ -284,6 +284,10 @@ def uniform_removal(
     for gi, s in scores.items():
         g = groups[gi]
         prev = removed.get(gi, np.zeros(0, dtype=np.int64))
+        if not len(prev):  # nothing removed yet (one-shot): the same result without the set algebra
+            rm = choose_units(g, s, sparsity, round_to)
+            out[gi] = ensure_member_nonempty(g, rm, s) if rm.size else rm
+            continue
         s = s.astype(float).copy()
         s[prev] = -np.inf  # removed units stay removed: they are chosen first
         rm = choose_units(g, s, sparsity, round_to)

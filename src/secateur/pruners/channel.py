@@ -243,7 +243,8 @@ class ChannelPruner(PrunerBase):
         untraced: str = "error",
         seed: int | None = None,
     ) -> None:
-        check_model(model)
+        if not isinstance(model, nn.Module):
+            check_model(model)  # InvalidModelError naming it (a traced graph's build checks the rest)
         if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
             schedule = OneShot(check_sparsity(schedule))
         if not callable(getattr(schedule, "update_at", None)):
