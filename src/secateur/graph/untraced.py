@@ -43,15 +43,30 @@ def own_tensor_names(path: str, mod: nn.Module) -> list[str]:
 
 def untraced_modules(tracer: Tracer) -> list[str]:
     """Paths of the parameterised modules whose forward never ran and none of whose parameters/buffers an op
-    read during the trace(s), in ``named_modules`` order."""
+    read during the trace(s), in ``named_modules`` order.
+
+    Modules inside a module that ran under a *module rule* (``nn.MultiheadAttention``: one opaque op whose
+    rule accounts for everything inside it, e.g. ``out_proj``, whose weight it reads without calling it)
+    count as reached."""
     out = []
     for path, mod in tracer.modules.items():
         if id(mod) in tracer.called:
             continue
         names = own_tensor_names(path, mod)
-        if names and not any(tracer.param_seen(n) for n in names):
+        if names and not any(tracer.param_seen(n) for n in names) and not _inside_opaque(tracer, path):
             out.append(path)
     return out
+
+
+def _inside_opaque(tracer: Tracer, path: str) -> bool:
+    """True if an ancestor of ``path`` (the root model included) ran and has a module rule."""
+    anc = path
+    while anc:
+        anc = anc.rpartition(".")[0]
+        mod = tracer.modules.get(anc, tracer.model) if anc else tracer.model
+        if id(mod) in tracer.called and type(mod) in tracer.module_rules:
+            return True
+    return False
 
 
 def holders(tracer: Tracer, paths: list[str]) -> dict[str, list[str]]:
