@@ -1,8 +1,11 @@
 """Run the vision model matrix (torchvision, timm) and write benchmarks/results/vision_matrix.json.
 
-Each model goes through the main matrix's check (tests_vision/conftest.py). Outcomes: "pass", "refused"
-(a named GraphError / UnsupportedOpError), "failed" (any other exception: a wrong model or a crash),
-"timeout", "large" (skipped: over the parameter limit unless --all). Run it in .venv-vision:
+Each model goes through the main matrix's check (tests_vision/conftest.py). Outcomes: "pass", "partial"
+(some groups named and left whole), "refused" (a named GraphError / UnsupportedOpError), "failed" (any other
+exception: a wrong model or a crash), "timeout", "large" (skipped: over the parameter limit unless --all).
+A model refused because modules ran only in train mode (UntracedModuleError: auxiliary heads) is checked
+again with the graph traced in train mode; its record keeps the refusal ("untraced", "train_size").
+Run it in .venv-vision:
 
     .venv-vision/bin/python scripts/vision_matrix_report.py [--only torchvision|timm] [--all] [--timeout 120]
 
@@ -13,6 +16,7 @@ both).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import signal
 import sys
@@ -45,25 +49,49 @@ def n_params_meta(build) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def min_size(model, sizes=SIZES) -> int | None:
+def min_size(model, sizes=SIZES, train: bool = False) -> int | None:
+    """The smallest side in ``sizes`` at which a forward works: eval mode, batch 1; or (``train``) train mode
+    on a copy (running statistics untouched), batch 2 (BatchNorm's batch statistics need two values)."""
+    if train:
+        model = copy.deepcopy(model).train()
     for s in sizes:
         try:
             with torch.no_grad():
-                model.eval()(torch.randn(1, 3, s, s))
+                (model if train else model.eval())(torch.randn(2 if train else 1, 3, s, s))
             return s
         except Exception:
             continue
     return None
 
 
+def train_mode_outcome(rec: dict, model, sizes) -> None:
+    """After a default refusal that names modules no eval-mode trace reached (UntracedModuleError: e.g.
+    auxiliary heads that run only in training), the check again with the graph traced in train mode
+    (tests_vision/conftest.py ``x_train``); the record keeps the default refusal under "untraced"."""
+    size = min_size(model, sizes, train=True)
+    if size is None:
+        return
+    rec["untraced"], rec["train_size"] = rec.pop("error", "")[:300], size
+    x = torch.randn(1, 3, rec["size"], rec["size"])
+    rec["outcome"], msg = vision.outcome(model, x, x_train=torch.randn(2, 3, size, size))
+    if msg:
+        rec["error"] = msg[:500]
+
+
 def run_one(name, build, sizes, timeout, allow_large) -> dict:
     rec: dict = {"model": name}
     t0 = time.perf_counter()
+    slow = name.split(":")[-1] in slow_models()
+    if slow and not allow_large:  # as the tests: only with --all
+        rec["outcome"] = "large"
+        rec["error"] = "slow: too many parameters to build just to count them; run with --all"
+        return rec
     try:
         rec["params"] = n_params_meta(build)
     except Exception as e:
-        rec["params"] = None
         rec["meta_error"] = f"{type(e).__name__}: {e}"[:300]
+        # as the tests: count on a real build (RegNet computes its widths with tensor ops)
+        rec["params"] = None if slow else sum(p.numel() for p in build().parameters())
     if rec["params"] and rec["params"] > vision.LARGE_PARAMS and not allow_large:
         rec["outcome"] = "large"
         return rec
@@ -81,6 +109,8 @@ def run_one(name, build, sizes, timeout, allow_large) -> dict:
         rec["outcome"], msg = vision.outcome(model, x)
         if msg:
             rec["error"] = msg[:500]
+        if msg.startswith("UntracedModuleError"):
+            train_mode_outcome(rec, model, sizes)
     except _Timeout:
         rec["outcome"], rec["error"] = "timeout", f"over {timeout} s"
     except Exception as e:
@@ -91,6 +121,14 @@ def run_one(name, build, sizes, timeout, allow_large) -> dict:
         signal.alarm(0)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
+
+
+def slow_models() -> set[str]:
+    """Models the tests run only with SECATEUR_VISION_ALL=1 (the tests' SLOW sets): here only with --all."""
+    import test_timm_matrix
+    import test_torchvision_matrix
+
+    return set(test_torchvision_matrix.SLOW) | set(test_timm_matrix.SLOW)
 
 
 def torchvision_specs():
@@ -175,12 +213,12 @@ def main() -> None:
         if args.reverse:
             specs = specs[::-1]
         old = {r["model"]: r for r in result.get(suite, {}).get("models", [])}
+        total = len(specs)
         if args.models:  # re-run only these; keep the other records
             specs = [(n, b) for n, b in specs if n in args.models or n.split(":")[-1] in args.models]
             records = [r for r in old.values() if r["model"] not in {n for n, _ in specs}]
         else:
             records = []
-        total = len(old) if args.models else len(specs)
         for name, build in specs:
             rec = run_one(name, build, SIZES, args.timeout, args.all)
             records.append(rec)
