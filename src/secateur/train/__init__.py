@@ -10,6 +10,7 @@ from secateur.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from secateur.train.distill import Distillation, kd_loss
 from secateur.train.rebind import compact_in_training, rebind_optimizer, renew_parameters
 from secateur.train.seed import get_rng_state, seed_everything, set_rng_state
 from secateur.train.trainer import OPTIMIZERS, SCHEDULES, Trainer, lr_at_step
@@ -17,9 +18,11 @@ from secateur.train.trainer import OPTIMIZERS, SCHEDULES, Trainer, lr_at_step
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
+    "Distillation",
     "Trainer",
     "compact_in_training",
     "get_rng_state",
+    "kd_loss",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",

@@ -104,7 +104,9 @@ class Trainer:
             (after ``optimizer.step()``, with ``global_step`` already incremented),
             ``on_epoch_end(trainer, metrics)``, ``on_train_end(trainer)``, ``extra_loss(trainer) ->
             Tensor | None`` (a penalty added to the task loss before backward, e.g. ADMM's
-            ρ/2‖W−Z+U‖² or FBS's saliency L1; the logged loss stays the task loss) and
+            ρ/2‖W−Z+U‖², FBS's saliency L1 or :class:`secateur.train.distill.Distillation`, which reads
+            the current batch from ``trainer.batch_inputs`` / ``batch_logits``; the logged loss stays
+            the task loss) and
             ``on_after_backward(trainer)`` (gradients present, before ``optimizer.step()``; e.g. to
             accumulate Taylor scores or add slimming's subgradient λ·sign(γ)); optional
             ``state_dict``/``load_state_dict`` go into checkpoints. A callback may set
@@ -217,6 +219,8 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(params, lr=self.base_lr, weight_decay=weight_decay)
         self.global_step = 0
+        self.batch_inputs: Any = None
+        self.batch_logits: torch.Tensor | None = None
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.should_stop = False
@@ -296,6 +300,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             logits = self.model(x)
+            # the current batch, for callbacks whose extra_loss needs it (e.g. Distillation)
+            self.batch_inputs, self.batch_logits = x, logits
             loss = criterion(logits, y)
             total = loss
             for cb in self.callbacks:
@@ -314,6 +320,7 @@ class Trainer:
                 batch_correct = float((logits.detach().argmax(1) == y).sum())
             loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + n
             win_loss, win_correct, win_seen = win_loss + batch_loss, win_correct + batch_correct, win_seen + n
+            self.batch_inputs = self.batch_logits = None
             self._call("on_step_end")
             if self.log_every and self.global_step % self.log_every == 0:
                 self.history.append(
