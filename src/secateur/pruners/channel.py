@@ -77,8 +77,8 @@ from secateur.errors import ConfigError, GraphError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.masks import get_mask, has_mask, set_mask
 from secateur.masks.element import element_mask
-from secateur.pruners.base import PrunerBase
-from secateur.schedules import OneShot, Schedule
+from secateur.pruners.base import PrunerBase, check_schedule
+from secateur.schedules import Schedule
 
 __all__ = [
     "GRANULARITIES",
@@ -245,10 +245,7 @@ class ChannelPruner(PrunerBase):
     ) -> None:
         if not isinstance(model, nn.Module):
             check_model(model)  # InvalidModelError naming it (a traced graph's build checks the rest)
-        if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
-            schedule = OneShot(check_sparsity(schedule))
-        if not callable(getattr(schedule, "update_at", None)):
-            raise ConfigError(f"schedule must be a schedule object or a float, got {schedule!r}")
+        schedule = check_schedule(schedule)
         if allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if target not in TARGETS:
@@ -296,8 +293,8 @@ class ChannelPruner(PrunerBase):
         self._max_fraction: float | None = None
         final = max([float(schedule.sparsity_at(s)) for s in getattr(schedule, "update_steps", [])] or [0.0])
         self._check_reachable(final)
-        self.last_update: int | None = None
-        self.history: list[dict[str, Any]] = []
+        self.last_update = None
+        self.history = []
         self.plan: dict | None = None
         self.compacted = False
         self._masked: dict[str, torch.Tensor] = {}  # qualname -> current keep-mask of a parameter
@@ -583,26 +580,19 @@ class ChannelPruner(PrunerBase):
         return {self.graph.groups[gi].name: rm.tolist() for gi, rm in self.removed.items() if rm.size}
 
     # ------------------------------------------------------------------------------------- schedule
-    def step(self, step: int) -> bool:
-        """Apply the schedule at training step ``step`` (optimizer steps done). True if masks changed."""
+    def _before_step(self) -> None:
+        """At every :meth:`step` (the template): refuse a compacted model, re-zero tied parameters."""
         self._check_live()
         self._rezero_tied()
-        if self.last_update is not None and step <= self.last_update:
-            return False
-        target = self.schedule.update_at(step)
-        if target is None:
-            return False
-        self.prune_to(target)
-        self.last_update = step
-        self.history.append(
-            {
-                "step": int(step),
-                "target": float(target),
-                "removed_fraction": self.sparsity(),
-                "units_removed": int(sum(rm.size for rm in self.removed.values())),
-            }
-        )
-        return True
+
+    def _history_entry(self, step: int, target: float) -> dict[str, Any]:
+        """A mask change's record: step, target, removed fraction of the target, units removed so far."""
+        return {
+            "step": int(step),
+            "target": float(target),
+            "removed_fraction": self.sparsity(),
+            "units_removed": int(sum(rm.size for rm in self.removed.values())),
+        }
 
     def on_after_backward(self, trainer: Any) -> None:
         """Trainer callback: read this step's gradients into a data-dependent criterion (:meth:`accumulate`),
@@ -613,17 +603,14 @@ class ChannelPruner(PrunerBase):
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state: removed units per group, last update step, history."""
-        return {
-            "removed": {self.graph.groups[gi].name: rm.tolist() for gi, rm in self.removed.items()},
-            "last_update": self.last_update,
-            "history": list(self.history),
-        }
+        removed = {self.graph.groups[gi].name: rm.tolist() for gi, rm in self.removed.items()}
+        return {"removed": removed, **super().state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` and re-apply its masks.
 
         Raises:
-            ConfigError: a group name the traced graph does not have.
+            ConfigError: a group name the traced graph does not have (nothing is changed then).
         """
         by_name = {self.graph.groups[gi].name: gi for gi in self.group_ids}
         removed = {gi: np.zeros(0, dtype=np.int64) for gi in self.group_ids}
@@ -632,8 +619,7 @@ class ChannelPruner(PrunerBase):
                 raise ConfigError(f"pruner state names group {name!r}, which this model's graph lacks")
             removed[by_name[name]] = np.asarray(units, dtype=np.int64)
         self.removed = removed
-        self.last_update = state.get("last_update")
-        self.history = list(state.get("history", []))
+        super().load_state_dict(dict(state))
         with torch.no_grad():
             self._apply_masks()
 

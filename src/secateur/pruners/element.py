@@ -9,36 +9,21 @@ zero through training; :meth:`Pruner.finalize` bakes them into plain weights.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from secateur._validate import check_model, check_ratio, check_sparsity
+from secateur._validate import check_model, check_sparsity
 from secateur.allocation.element import get_allocation
 from secateur.criteria import Criterion, get_criterion
 from secateur.errors import ConfigError
 from secateur.masks import attach_mask, detach_masks, get_mask, set_mask
 from secateur.masks.element import element_mask
-from secateur.pruners.base import PrunerBase
-from secateur.schedules import OneShot, Schedule
+from secateur.pruners.base import PrunerBase, check_schedule
+from secateur.schedules import Schedule
 from secateur.scope import Scope, Target
-
-
-def _check_schedule(schedule: object) -> Schedule:
-    """``schedule`` as a schedule object: a number is a one-shot sparsity (checked to be in [0, 1)).
-
-    Raises:
-        ConfigError: a string (even ``"0.5"``), a bool or another object without ``update_at``, naming
-            ``schedule``; a number outside [0, 1).
-    """
-    if hasattr(schedule, "update_at") and hasattr(schedule, "sparsity_at"):
-        return schedule  # type: ignore[return-value]
-    if isinstance(schedule, bool) or not isinstance(schedule, numbers.Real):
-        check_ratio(schedule, "schedule (a one-shot sparsity)")
-    return OneShot(check_sparsity(float(schedule), "schedule (a one-shot sparsity)"))
 
 
 class Pruner(PrunerBase):
@@ -78,7 +63,7 @@ class Pruner(PrunerBase):
         criterion_kwargs: dict[str, Any] | None = None,
     ) -> None:
         check_model(model)
-        schedule = _check_schedule(schedule)
+        schedule = check_schedule(schedule)
         if criterion_kwargs is not None and not isinstance(criterion_kwargs, dict):
             raise ConfigError(
                 f"criterion_kwargs must be a dict of keyword arguments, got {type(criterion_kwargs).__name__}"
@@ -91,8 +76,8 @@ class Pruner(PrunerBase):
         self.allocation = allocation
         self.scope = scope or Scope()
         self.targets: list[Target] = self.scope.resolve(model)
-        self.last_update: int | None = None
-        self.history: list[dict[str, float]] = []
+        self.last_update = None
+        self.history = []
         attached = []
         try:
             for t in self.targets:
@@ -137,19 +122,7 @@ class Pruner(PrunerBase):
         """Per scoped parameter, the fraction masked."""
         return {n: float((~m).float().mean()) for n, m in self.masks().items()}
 
-    # -- schedule ----------------------------------------------------------------------------
-    def step(self, step: int) -> bool:
-        """Apply the schedule at training step ``step`` (optimizer steps done). True if masks changed."""
-        if self.last_update is not None and step <= self.last_update:
-            return False
-        target = self.schedule.update_at(step)
-        if target is None:
-            return False
-        self.prune_to(target)
-        self.last_update = step
-        self.history.append({"step": step, "target": target, "sparsity": self.sparsity()})
-        return True
-
+    # -- schedule: PrunerBase.step calls prune_to at each scheduled step --------------------------
     def finalize(self) -> nn.Module:
         """Bake masks into plain weights (exact zeros) and drop the parametrizations.
 
@@ -171,12 +144,3 @@ class Pruner(PrunerBase):
                 stacklevel=2,
             )
         return detach_masks(self.model)
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-able state (the masks themselves live in the model's state_dict as buffers)."""
-        return {"last_update": self.last_update, "history": list(self.history)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (last update step and history)."""
-        self.last_update = state.get("last_update")
-        self.history = list(state.get("history", []))
