@@ -14,20 +14,19 @@ import copy
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 import secateur as sc
 from secateur.criteria.group import GROUP_CRITERIA
-from secateur.errors import ConfigError
 from secateur.llm import causal_lm_data, causal_lm_loss, decoder_layer_groups, prune_decoder
-from secateur.pruners.channel import ChannelPruner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent / "graph"))
 import hf_models  # noqa: E402
+
+from _plans import assert_same_plans, one_shot_plan, outcome, removed_units  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,18 +34,6 @@ CRITERIA = GROUP_CRITERIA.list()
 SPARSITY = 0.5
 #: criteria that score every head and FFN group of a Llama layer, so the equality below is not vacuous
 SCORING = {"random", "l1", "l2", "fpgm", "taylor", "fisher", "llm_pruner", "wanda_sp"}
-
-
-def _outcome(fn) -> Any:
-    """The plan an entry point returns, or ``(error type, message)`` if it refuses."""
-    try:
-        return fn()
-    except (ConfigError, sc.CompactionError) as e:
-        return (type(e).__name__, str(e))
-
-
-def _removed(plan: Any) -> int:
-    return sum(len(g["removed"]) for g in plan["groups"]) if isinstance(plan, dict) else 0
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +54,6 @@ def llama() -> tuple[torch.nn.Module, dict, dict]:
     return model.eval(), calib, x
 
 
-def _one_shot_pruner(model, x, **kw) -> dict:
-    pruner = ChannelPruner(model, x, schedule=SPARSITY, **kw)
-    pruner.step(0)
-    pruner.finalize()
-    assert pruner.plan is not None
-    return pruner.plan
-
-
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_prune_decoder_heads_equal_every_head_entry_point(llama, criterion):
     model, calib, x = llama
@@ -85,19 +64,19 @@ def test_prune_decoder_heads_equal_every_head_entry_point(llama, criterion):
         loss_fn=causal_lm_loss,
         seed=0,
     )
-    decoder = _outcome(
+    decoder = outcome(
         lambda: prune_decoder(
             copy.deepcopy(model), calib, SPARSITY, layers=[0, 1], what=("heads",), criterion=criterion, seed=0
         )[1]
     )
-    heads = _outcome(lambda: sc.prune_heads(copy.deepcopy(model), x, SPARSITY, **common)[1])
-    channels = _outcome(
+    heads = outcome(lambda: sc.prune_heads(copy.deepcopy(model), x, SPARSITY, **common)[1])
+    channels = outcome(
         lambda: sc.prune_channels(copy.deepcopy(model), x, SPARSITY, granularity="head", **common)[1]
     )
-    pruner = _outcome(lambda: _one_shot_pruner(copy.deepcopy(model), x, granularity="head", **common))
-    assert decoder == heads == channels == pruner
+    pruner = outcome(lambda: one_shot_plan(copy.deepcopy(model), x, SPARSITY, granularity="head", **common))
+    assert_same_plans(prune_decoder=decoder, prune_heads=heads, prune_channels=channels, ChannelPruner=pruner)
     if criterion in SCORING | {"michel"}:
-        assert _removed(decoder) == 4  # 2 of 4 key/value heads in each of the 2 layers
+        assert removed_units(decoder) == 4  # 2 of 4 key/value heads in each of the 2 layers
     elif criterion == "bn_scale":  # a head has no norm scale: refused alike, by name
         assert isinstance(decoder, tuple) and "bn_scale" in decoder[1]
 
@@ -105,15 +84,16 @@ def test_prune_decoder_heads_equal_every_head_entry_point(llama, criterion):
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_prune_decoder_mlp_equals_the_driver_with_the_decoder_group_filter(llama, criterion):
     model, calib, x = llama
-    decoder = _outcome(
+    decoder = outcome(
         lambda: prune_decoder(
             copy.deepcopy(model), calib, SPARSITY, layers=[0, 1], what=("mlp",), criterion=criterion, seed=0
         )[1]
     )
-    pruner = _outcome(
-        lambda: _one_shot_pruner(
+    pruner = outcome(
+        lambda: one_shot_plan(
             copy.deepcopy(model),
             x,
+            SPARSITY,
             criterion=criterion,
             allocation="uniform",
             groups=decoder_layer_groups([0, 1], ("mlp",)),
@@ -122,8 +102,8 @@ def test_prune_decoder_mlp_equals_the_driver_with_the_decoder_group_filter(llama
             seed=0,
         )
     )
-    assert decoder == pruner
+    assert_same_plans(prune_decoder=decoder, ChannelPruner=pruner)
     if criterion in SCORING:
-        assert _removed(decoder) == 64  # 32 of 64 FFN neurons in each of the 2 layers
+        assert removed_units(decoder) == 64  # 32 of 64 FFN neurons in each of the 2 layers
     elif criterion == "michel":  # scores attention heads only: an FFN group is refused alike, by name
         assert isinstance(decoder, tuple) and "michel" in decoder[1]

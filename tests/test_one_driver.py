@@ -16,7 +16,6 @@ import copy
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -37,23 +36,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent / "graph"))
 import hf_models  # noqa: E402
 
+from _plans import assert_same_plans, one_shot_plan, outcome, removed_units  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CRITERIA = GROUP_CRITERIA.list()
 CHANNEL_CRITERIA = {"random", "l1", "l2", "fpgm", "bn_scale", "taylor", "fisher"}
 SPARSITY = 0.4
-
-
-def _outcome(fn) -> Any:
-    """The plan an entry point returns, or ``(error type, message)`` if it refuses."""
-    try:
-        return fn()
-    except (ConfigError, sc.CompactionError) as e:
-        return (type(e).__name__, str(e))
-
-
-def _removed(plan: Any) -> int:
-    return sum(len(g["removed"]) for g in plan["groups"]) if isinstance(plan, dict) else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,30 +60,22 @@ def cnn() -> tuple[nn.Module, torch.Tensor, list]:
     return model, x, data
 
 
-def _one_shot_pruner(model, x, **kw) -> dict:
-    pruner = ChannelPruner(model, x, schedule=SPARSITY, **kw)
-    pruner.step(0)
-    pruner.finalize()
-    assert pruner.plan is not None
-    return pruner.plan
-
-
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_channel_entry_points_agree(cnn, criterion, allocation):
     model, x, data = cnn
     common = dict(criterion=criterion, allocation=allocation, data=data, loss_fn=F.cross_entropy, seed=0)
-    via_function = _outcome(lambda: sc.prune_channels(copy.deepcopy(model), x, SPARSITY, **common)[1])
-    via_pruner = _outcome(lambda: _one_shot_pruner(copy.deepcopy(model), x, **common))
-    assert via_function == via_pruner
+    via_function = outcome(lambda: sc.prune_channels(copy.deepcopy(model), x, SPARSITY, **common)[1])
+    via_pruner = outcome(lambda: one_shot_plan(copy.deepcopy(model), x, SPARSITY, **common))
+    assert_same_plans(prune_channels=via_function, ChannelPruner=via_pruner)
     if criterion == "michel":  # scores attention heads only: a CNN has none, and every entry point says so
         assert isinstance(via_function, tuple) and "head" in via_function[1]
     elif criterion in CHANNEL_CRITERIA:  # the channel criteria do prune here: the equality is not vacuous
-        assert _removed(via_function) > 0
+        assert removed_units(via_function) > 0
 
 
 @pytest.mark.parametrize("criterion", ["fisher", "taylor"])
-def test_select_leaves_the_model_untouched_and_hooks_are_removed(cnn, criterion):
+def test_select_leaves_the_model_untouched_and_hooks_areremoved_units(cnn, criterion):
     """select() scores and allocates only: in train mode too (BatchNorm statistics move in a train-mode
     forward), weights, buffers, .grad fields and hooks are as before."""
     model, x, data = cnn
@@ -213,16 +194,16 @@ def _bert_loss(out, y):
 def test_head_entry_points_agree(bert, criterion, allocation):
     model, x, data = bert
     common = dict(criterion=criterion, allocation=allocation, data=data, loss_fn=_bert_loss, seed=0)
-    heads = _outcome(lambda: sc.prune_heads(copy.deepcopy(model), x, SPARSITY, **common)[1])
-    channels = _outcome(
+    heads = outcome(lambda: sc.prune_heads(copy.deepcopy(model), x, SPARSITY, **common)[1])
+    channels = outcome(
         lambda: sc.prune_channels(copy.deepcopy(model), x, SPARSITY, granularity="head", **common)[1]
     )
-    pruner = _outcome(lambda: _one_shot_pruner(copy.deepcopy(model), x, granularity="head", **common))
-    assert heads == channels == pruner
+    pruner = outcome(lambda: one_shot_plan(copy.deepcopy(model), x, SPARSITY, granularity="head", **common))
+    assert_same_plans(prune_heads=heads, prune_channels=channels, ChannelPruner=pruner)
     if criterion == "bn_scale":  # attention heads carry no norm scale γ: refused alike
         assert isinstance(heads, tuple) and "bn_scale" in heads[1]
     elif criterion in CHANNEL_CRITERIA | {"michel"}:
-        assert _removed(heads) > 0
+        assert removed_units(heads) > 0
         assert all(g["n_units"] == 4 for g in heads["groups"])  # only the 4-head groups lose units
 
 
@@ -242,18 +223,18 @@ def test_prune_decoder_equals_prune_heads_for_data_free_criteria(criterion):
     ids = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(3))
     calib = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     x = {**calib, "use_cache": False}  # the example inputs prune_decoder traces with
-    via_decoder = _outcome(
+    via_decoder = outcome(
         lambda: prune_decoder(
             copy.deepcopy(model), calib, 0.5, layers=[0, 1], what=("heads",),
             criterion=get_group_criterion(criterion),
         )[1]
     )
-    via_heads = _outcome(
+    via_heads = outcome(
         lambda: sc.prune_heads(copy.deepcopy(model), x, 0.5, criterion=criterion, allocation="uniform")[1]
     )
-    assert via_decoder == via_heads
+    assert_same_plans(prune_decoder=via_decoder, prune_heads=via_heads)
     if criterion in CHANNEL_CRITERIA - {"bn_scale"}:
-        assert _removed(via_heads) == 4  # 2 of 4 key/value heads in each of 2 layers
+        assert removed_units(via_heads) == 4  # 2 of 4 key/value heads in each of 2 layers
 
 
 # ----------------------------------------------------------------------------------------------------
