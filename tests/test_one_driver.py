@@ -3,16 +3,19 @@
 Every registered group criterion (``GROUP_CRITERIA.list()``; data-dependent ones get the same calibration
 batches) goes through every structured entry point on a small model: ``prune_channels``, a one-shot
 ``ChannelPruner`` then ``finalize``, ``prune_heads`` (head groups of a tiny BERT) and, for the criteria it
-accepts as instances, ``llm.prune_decoder`` (head groups of a tiny Llama). Where the inputs are the same
-(criterion, sparsity, allocation, model, data) the outcome is the same: the same plan, or the same error
-(a criterion that cannot score these groups, e.g. ``michel`` on a CNN without attention, refuses alike
-everywhere). The previous ``prune_channels`` loop (per-group L1/L2/random scores, ``choose_units``,
-``ensure_member_nonempty``) is kept here as a reference copy: the driver's uniform selection equals it.
+accepts as instances, ``llm.prune_decoder`` (head groups of a tiny Llama), and a one-shot channel
+recipe run through ``secateur prune`` on a saved resnet8 with Fashion-MNIST calibration batches. Where the
+inputs are the same (criterion, sparsity, allocation, model, data) the outcome is the same: the same plan,
+or the same error (a criterion that cannot score these groups, e.g. ``michel`` on a CNN without attention,
+refuses alike everywhere). The previous ``prune_channels`` loop (per-group L1/L2/random scores,
+``choose_units``, ``ensure_member_nonempty``) is kept here as a reference copy: the driver's uniform
+selection equals it.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -235,6 +238,80 @@ def test_prune_decoder_equals_prune_heads_for_data_free_criteria(criterion):
     assert_same_plans(prune_decoder=via_decoder, prune_heads=via_heads)
     if criterion in CHANNEL_CRITERIA - {"bn_scale"}:
         assert removed_units(via_heads) == 4  # 2 of 4 key/value heads in each of 2 layers
+
+
+# ----------------------------------------------------------------------------------------------------
+# recipes through the CLI: `secateur prune --recipe` on a saved model equals prune_channels
+# ----------------------------------------------------------------------------------------------------
+CLI_SUBSET = 64  # Fashion-MNIST images per split: two calibration batches of 16, a 64-image test set
+
+
+@pytest.fixture(scope="module")
+def saved_cnn(tmp_path_factory) -> Path:
+    """resnet8 (seed 0) saved with secateur.save: the CLI reads it as --model saved:FOLDER."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("one_driver_cli") / "resnet8"
+    sc.save(create_model("resnet8"), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cli_data() -> tuple[list, torch.Tensor]:
+    """The calibration batches and example inputs ``secateur prune --subset CLI_SUBSET`` gives a recipe of
+    :func:`_channel_recipe` (its data fields do not depend on the criterion): app.run.load_data's training
+    loader, first ``data_batches`` batches of epoch 0 (Recipe.data_from, as app.run.prune_with_recipe)."""
+    from secateur.app.run import load_data
+
+    recipe = _channel_recipe("l1")
+    train, _, example = load_data("fashion-mnist", recipe, CLI_SUBSET)
+    data = recipe.data_from(train)
+    assert isinstance(data, list) and [len(y) for _, y in data] == [16, 16]
+    return data, example
+
+
+def _channel_recipe(criterion: str) -> sc.Recipe:
+    """One-shot channel pruning at SPARSITY with ``criterion``, no fine-tuning, two calibration batches."""
+    return sc.Recipe(
+        name=f"one_driver_{criterion}",
+        granularity="channel",
+        criterion=criterion,
+        sparsity=SPARSITY,
+        schedule="one_shot",
+        data_batches=2,
+        finetune={"epochs": 0, "batch_size": 16, "recalibrate_bn": 0},
+    )
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_a_recipe_through_the_cli_gives_the_plan_of_prune_channels(saved_cnn, cli_data, criterion, tmp_path):
+    """The recipe (written to YAML) runs through ``secateur prune`` in-process; the plan.json it writes equals
+    prune_channels' plan on the same weights, example inputs and calibration batches (those the CLI draws:
+    app.run.load_data + Recipe.data_from), or both refuse with the same message."""
+    from click.testing import CliRunner
+
+    from secateur.app.cli import main
+
+    recipe = _channel_recipe(criterion)
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
+    out = tmp_path / "run"
+    args = ["prune", "--model", f"saved:{saved_cnn}", "--recipe", str(tmp_path / "recipe.yaml"), "--quiet"]
+    res = CliRunner().invoke(main, [*args, "--subset", str(CLI_SUBSET), "--out", str(out), "--json"])
+    data, example = cli_data
+    direct = outcome(
+        lambda: sc.prune_channels(
+            sc.load(saved_cnn), example, recipe.sparsity, criterion=criterion, allocation=recipe.allocation,
+            target=recipe.target, round_to=recipe.round_to, data=data, seed=recipe.seed,
+        )[1]
+    )
+    if isinstance(direct, tuple):  # refused (michel: no attention heads in a CNN): the CLI says the same
+        assert res.exit_code == 1 and f"Error: {direct[1]}" in res.output, res.output
+        assert not (out / "model").exists()
+        return
+    assert res.exit_code == 0, res.output
+    cli_plan = json.loads((out / "model" / "plan.json").read_text())["plan"]
+    assert_same_plans(cli=cli_plan, prune_channels=direct)
+    if criterion in CHANNEL_CRITERIA:
+        assert removed_units(direct) > 0
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -135,6 +135,31 @@ def _recalibrate(model: nn.Module, recipe: Recipe, train_loader: Any) -> int:
     return recalibrate_bn(model, train_loader, num_batches=n)
 
 
+def load_data(data: str, recipe: Recipe, subset: int | None = None) -> tuple[Any, Any, torch.Tensor]:
+    """The data ``secateur prune --data DATA`` runs on: ``(train loader, test loader, example inputs)``.
+
+    ``"fashion-mnist"``: :func:`secateur.data.fashion_mnist_loaders` with the recipe's fine-tuning batch size,
+    ``subset`` (first N images of each split) and the recipe's seed (the shuffle of epoch 0 is the same on
+    every call); ``"none"``: no loaders. Example inputs: one zero image, ``(1, 1, 28, 28)`` float32.
+    A data-dependent criterion gets ``recipe.data_from(train)`` (:meth:`Recipe.data_from`: the first
+    ``data_batches`` training batches of epoch 0), so a caller reproduces the CLI's calibration batches with
+    ``recipe.data_from(load_data(data, recipe, subset)[0])``.
+
+    Raises:
+        ConfigError: unknown ``data``, a bad ``subset``; DataError: Fashion-MNIST files missing or damaged.
+    """
+    example = torch.zeros(1, 1, 28, 28)
+    if data == "none":
+        return None, None, example
+    if data != "fashion-mnist":
+        raise ConfigError(f"unknown data {data!r}; allowed: 'fashion-mnist', 'none'")
+    from secateur.data import fashion_mnist_loaders
+
+    ft = recipe.finetune
+    train, test = fashion_mnist_loaders(batch_size=ft.batch_size, subset=subset, seed=recipe.seed)
+    return train, test, example
+
+
 def run(
     model_spec: str,
     recipe: Recipe,
@@ -161,18 +186,7 @@ def run(
     t0 = time.perf_counter()
     seed_everything(recipe.seed)
     model = build_model(model_spec, trust_factory=trust_factory, **(model_kwargs or {}))
-    train = test = None
-    if data == "fashion-mnist":
-        from secateur.data import fashion_mnist_loaders
-
-        train, test = fashion_mnist_loaders(
-            batch_size=recipe.finetune.batch_size, subset=subset, seed=recipe.seed
-        )
-        example = torch.zeros(1, 1, 28, 28)
-    elif data == "none":
-        example = torch.zeros(1, 1, 28, 28)
-    else:
-        raise ConfigError(f"unknown data {data!r}; allowed: 'fashion-mnist', 'none'")
+    train, test, example = load_data(data, recipe, subset)
     dense = {**count_params(model), **count_macs(model, example)}
     if test is not None:
         dense["accuracy"] = evaluate_accuracy(model, test)
