@@ -180,7 +180,7 @@ def moe_experiment(threads: int, repeats: int) -> dict:
     dense = transformers.MixtralForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(0, 256, (8, SEQ), generator=g)
-    pruned, plan = remove_experts(copy.deepcopy(dense), calib, ratio=0.5)
+    pruned, plan = remove_experts(copy.deepcopy(dense), calib, sparsity=0.5)
     x = {"input_ids": torch.randint(0, 256, (1, SEQ), generator=g), "use_cache": False}
     lat = compare_latency(dense, pruned, x, threads=threads, repeats=repeats, block_ms=20.0)
     return {

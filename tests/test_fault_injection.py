@@ -498,7 +498,7 @@ def test_remove_experts_interrupted_leaves_model_as_before(target, n, monkeypatc
     router_class = type(model.model.layers[0].mlp.gate)
     calls = _raise_on_call(monkeypatch, *_target(target), n, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        remove_experts(model, _decoder_calib(), ratio=0.5)
+        remove_experts(model, _decoder_calib(), sparsity=0.5)
     assert calls["n"] == n
     assert_same(model, before)
     assert type(model.model.layers[0].mlp.gate) is router_class

@@ -585,7 +585,7 @@ def test_remove_experts_oracle_config_and_lowest_removed(kind):
     dense = _moe(kind)
     batch = _calib()
     sal = expert_saliency(dense, batch)
-    model, plan = remove_experts(copy.deepcopy(dense), batch, ratio=0.5)
+    model, plan = remove_experts(copy.deepcopy(dense), batch, sparsity=0.5)
     removed = {}
     for b in find_moe_blocks(dense):
         low = sorted(torch.argsort(sal[b.path], stable=True)[:3].tolist())
@@ -615,7 +615,7 @@ def test_remove_experts_oracle_config_and_lowest_removed(kind):
 
 
 def test_remove_experts_round_trips(tmp_path):
-    model, _ = remove_experts(_moe("mixtral"), _calib(), ratio=0.5)
+    model, _ = remove_experts(_moe("mixtral"), _calib(), sparsity=0.5)
     model.save_pretrained(tmp_path / "hf")
     again = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = _calib()["input_ids"]
@@ -623,7 +623,7 @@ def test_remove_experts_round_trips(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
     # one layer only: the config cannot hold both counts, the plan can
-    model2, plan2 = remove_experts(_moe("qwen3_moe"), _calib(), ratio=0.5, layers=[1])
+    model2, plan2 = remove_experts(_moe("qwen3_moe"), _calib(), sparsity=0.5, layers=[1])
     # Qwen3-MoE's num_experts is an alias of num_local_experts
     assert "_inconsistent_num_local_experts" in plan2["config"][""] and model2.config.num_experts == 6
     sc.save(model2, tmp_path / "sc", plan=plan2)
@@ -650,7 +650,7 @@ def test_remove_experts_is_transactional(monkeypatch):
 
     monkeypatch.setattr("secateur.llm.moe.check_equivalence", broken)
     with pytest.raises(CompactionError, match="injected"):
-        remove_experts(model, _calib(), ratio=0.5)
+        remove_experts(model, _calib(), sparsity=0.5)
     assert _same_state(model, state) and model.config.to_dict() == cfg
     assert (
         model.model.layers[0].mlp.experts.num_experts == 6 and model.model.layers[0].mlp.gate.num_experts == 6
@@ -663,13 +663,15 @@ def test_remove_experts_bad_input_named_and_untouched():
     model = _moe("mixtral")
     state = _state(model)
     with pytest.raises(ConfigError, match="top_k=2"):
-        remove_experts(model, _calib(), ratio=0.9)  # floor(5.4) = 5 removed: 1 left < top_k
+        remove_experts(model, _calib(), sparsity=0.9)  # floor(5.4) = 5 removed: 1 left < top_k
+    with pytest.raises(ConfigError, match=r"sparsity must be a fraction in \[0, 1\)"):
+        remove_experts(model, _calib(), sparsity=1.0)
     with pytest.raises(ConfigError, match="top_k=2"):
         remove_experts(model, _calib(), removed={"model.layers.0.mlp": [0, 1, 2, 3, 4]})
     with pytest.raises(ConfigError, match="not a sparse-MoE block"):
         remove_experts(model, _calib(), removed={"model.layers.0.self_attn": [0]})
     with pytest.raises(ConfigError, match="no MoE block"):
-        remove_experts(model, _calib(), ratio=0.5, layers=[5])
+        remove_experts(model, _calib(), sparsity=0.5, layers=[5])
     with pytest.raises(ConfigError, match="no sparse-MoE block"):
-        remove_experts(_llama(layers=2), _calib(), ratio=0.5)
+        remove_experts(_llama(layers=2), _calib(), sparsity=0.5)
     assert _same_state(model, state)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from secateur._validate import check_sparsity
 from secateur.compact import PLAN_VERSION, check_equivalence, compact, hf_configs, require_finite_inputs
 from secateur.errors import ConfigError
 from secateur.llm.oneshot import find_blocks
@@ -147,7 +148,7 @@ def _expert_call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def expert_saliency(
     model: nn.Module,
-    calibration: Any,
+    data: Any,
     reduction: str = "sum",
     blocks: Sequence[MoEBlock] | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -174,7 +175,7 @@ def expert_saliency(
     """
     if reduction not in REDUCTIONS:
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    batches = calibration_batches(calibration)
+    batches = calibration_batches(data)
     blocks = list(blocks) if blocks is not None else find_moe_blocks(model)
     sums = {b.path: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
     counts = {b.path: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
@@ -404,8 +405,8 @@ def _example_inputs(batches: list[Batch]) -> dict[str, Any]:
 
 def remove_experts(
     model: nn.Module,
-    calibration: Any = None,
-    ratio: float = 0.25,
+    data: Any = None,
+    sparsity: float = 0.25,
     layers: Iterable[int] | None = None,
     reduction: str = "sum",
     scores: Mapping[str, Any] | None = None,
@@ -415,34 +416,34 @@ def remove_experts(
 ) -> tuple[nn.Module, dict]:
     """Remove the least salient experts of every selected MoE block, in place; returns ``(model, plan)``.
 
-    In each selected block ``floor(ratio * E)`` experts with the lowest :func:`expert_saliency` are
+    In each selected block ``floor(sparsity * E)`` experts with the lowest :func:`expert_saliency` are
     removed (ties: lower index first). Removing the same number everywhere keeps the config uniform,
     so ``model.save_pretrained`` / ``from_pretrained`` reload it; otherwise save it with its plan
     (:func:`secateur.save` / :func:`secateur.load`).
 
     Args:
-        calibration: tokenised text (:func:`secateur.llm.structural.calibration_batches`), used for the
-            saliency and the oracle's inputs.
-        ratio: fraction of each block's experts to remove, in [0, 1).
+        data: tokenised calibration text (what :func:`secateur.llm.calibration.calibration_batches` accepts:
+            a ``(batch, seq)`` id tensor, a tokeniser output or an iterable of them), used for the saliency
+            and the oracle's inputs.
+        sparsity: fraction of each block's experts to remove, in [0, 1).
         layers: decoder-layer indices whose MoE blocks are pruned (default: all).
         reduction: ``"sum"`` or ``"mean"`` (see :func:`expert_saliency`).
         scores: precomputed ``{block path: (E,) scores}`` (higher = keep) instead of the saliency.
-        removed: explicit ``{block path: expert indices}`` (then ``ratio`` and scores are not used).
+        removed: explicit ``{block path: expert indices}`` (then ``sparsity`` and scores are not used).
         verify: check, inside the transaction, that the compacted model equals the model whose removed
             experts have router logits -inf (:func:`mask_experts`), in float64, with the oracle's rule
             (:func:`secateur.compact.check_equivalence`: finite, within 1e-6 × each output's magnitude).
         example_inputs: inputs of that check (default: the first two calibration sequences).
 
     Raises:
-        ConfigError: bad ratio/reduction/layers/paths, fewer than ``top_k`` experts left, no inputs for
+        ConfigError: bad sparsity/reduction/layers/paths, fewer than ``top_k`` experts left, no inputs for
             the check, or NaN/Inf in ``example_inputs`` (nothing is changed).
         CompactionError: compaction or the check failed; the model is restored bit-identical (also on a
             ``KeyboardInterrupt``, which is then re-raised).
     """
-    batches = calibration_batches(calibration) if calibration is not None else None
+    batches = calibration_batches(data) if data is not None else None
     if removed is None:
-        if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0 and math.isfinite(ratio)):
-            raise ConfigError(f"ratio must be a fraction in [0, 1), got {ratio!r}")
+        sparsity = check_sparsity(sparsity)
         blocks = find_moe_blocks(model)
         if layers is not None:
             wanted = {int(i) for i in layers}
@@ -451,28 +452,28 @@ def remove_experts(
                 raise ConfigError(f"layers {sorted(missing)} hold no MoE block in {type(model).__name__}")
             blocks = [b for b in blocks if b.layer in wanted]
         for b in blocks:
-            if b.num_experts - int(math.floor(ratio * b.num_experts + 1e-9)) < b.top_k:
+            if b.num_experts - int(math.floor(sparsity * b.num_experts + 1e-9)) < b.top_k:
                 raise ConfigError(
-                    f"{b.path}: removing {ratio:.0%} of {b.num_experts} experts leaves fewer than "
+                    f"{b.path}: removing {sparsity:.0%} of {b.num_experts} experts leaves fewer than "
                     f"top_k={b.top_k}"
                 )
         if scores is None:
             if batches is None:
-                raise ConfigError("remove_experts needs calibration text (or scores= / removed=)")
+                raise ConfigError("remove_experts needs calibration text as data= (or scores= / removed=)")
             scores = expert_saliency(model, batches, reduction, blocks)
         removed = {}
         for b in blocks:
             s = np.asarray(torch.as_tensor(scores[b.path]).detach().cpu().double().numpy())
             if s.shape != (b.num_experts,):
                 raise ConfigError(f"{b.path}: scores have shape {s.shape}, expected ({b.num_experts},)")
-            k = int(math.floor(ratio * b.num_experts + 1e-9))
+            k = int(math.floor(sparsity * b.num_experts + 1e-9))
             removed[b.path] = np.sort(np.argsort(s, kind="stable")[:k]).tolist()
     plan = expert_plan(model, removed)
     check = None
     if verify:
         if example_inputs is None:
             if batches is None:
-                raise ConfigError("verify=True needs calibration or example_inputs for the oracle")
+                raise ConfigError("verify=True needs data= (calibration text) or example_inputs (the oracle)")
             example_inputs = _example_inputs(batches)
         require_finite_inputs(example_inputs)
         reference = mask_experts(copy.deepcopy(model), removed)
