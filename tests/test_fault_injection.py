@@ -275,6 +275,19 @@ def test_malformed_plans_are_refused_with_compaction_error_and_nothing_changes()
     assert_same(model, before)
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Any:
+    """SIGINT handled by Python's ``signal.default_int_handler`` (KeyboardInterrupt) for the test's duration,
+    the previous handler put back after: a test run in the background (``pytest ... &`` from a
+    non-interactive shell) starts with SIGINT ignored (SIG_IGN), and an ignored Ctrl-C raises nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_a_second_ctrl_c_during_the_rollback_is_held_until_the_rollback_ends(faults, monkeypatch):
     """The restore runs to completion even if SIGINT arrives in the middle of it; the interrupt is then
     delivered as a KeyboardInterrupt."""
@@ -310,6 +323,45 @@ def test_a_second_ctrl_c_during_the_rollback_is_held_until_the_rollback_ends(fau
             raise ValueError("first failure")
     assert done == ["restored"] and isinstance(ei.value.__context__, ValueError)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_a_rollback():
+    """Under SIG_IGN (a background job) a SIGINT during the restore is ignored, as it would be anywhere:
+    the restore completes, the original failure comes out, SIG_IGN is still in force."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        done = []
+
+        def restore():
+            signal.raise_signal(signal.SIGINT)
+            done.append("restored")
+
+        with pytest.raises(ValueError, match="first failure"):
+            with restoring(restore):
+                raise ValueError("first failure")
+        assert done == ["restored"]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_under_the_os_default_is_redelivered_after_the_deferred_block():
+    """Under SIG_DFL (no Python handler: the OS default terminates the process) a SIGINT held during the
+    block is not dropped: the block completes, then the process ends by SIGINT (before this fix it ran on)."""
+    import subprocess
+
+    script = (
+        "import signal\n"
+        "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+        "from secateur.compact.transaction import interrupts_deferred\n"
+        "with interrupts_deferred():\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "    print('block finished', flush=True)\n"
+        "print('ran on after the signal', flush=True)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.stdout == "block finished\n", (res.stdout, res.stderr)
+    assert res.returncode == -signal.SIGINT, (res.returncode, res.stderr)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -82,19 +82,25 @@ def _restore_attr(obj: Any, name: str, old: Any, had: bool) -> None:
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT (Ctrl-C) for the duration of the block, then deliver it: a restore that must run to
-    completion is not cut in half by a second Ctrl-C. After the block the previous handler is put back
-    and, if a SIGINT arrived meanwhile, called (by default it raises ``KeyboardInterrupt``). Outside the
-    main thread, or when the handler was not installed from Python, signals cannot be held and the block
-    simply runs."""
+    """Hold SIGINT (Ctrl-C) for the duration of the block, then honour it as the handler in force would have:
+    a restore that must run to completion is not cut in half by a second Ctrl-C.
+
+    After the block the previous handler is put back and, if a SIGINT arrived meanwhile, it takes effect
+    then: a Python handler is called (``signal.default_int_handler`` raises ``KeyboardInterrupt``);
+    ``SIG_DFL`` (the OS default: terminate) gets the signal re-delivered, so the process ends as it would
+    have, only after the block. Under ``SIG_IGN`` (e.g. a job started with ``&`` by a non-interactive
+    shell) SIGINT is ignored anyway and nothing is installed. Outside the main thread, or when the handler
+    was not installed from Python (``signal.getsignal`` gives None), signals cannot be held and the block
+    simply runs.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pending: list[Any] = []
     previous = signal.getsignal(signal.SIGINT)
-    if previous is None:
+    if previous is None or previous == signal.SIG_IGN:
         yield
         return
+    pending: list[Any] = []
     try:
         signal.signal(signal.SIGINT, lambda _sig, frame: pending.append(frame))
     except (ValueError, OSError):  # not the main interpreter
@@ -104,8 +110,11 @@ def interrupts_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if pending and callable(previous):
-            previous(signal.SIGINT, pending[0])
+        if pending:
+            if callable(previous):
+                previous(signal.SIGINT, pending[0])
+            else:  # SIG_DFL: let the OS default act now
+                signal.raise_signal(signal.SIGINT)
 
 
 @contextlib.contextmanager
