@@ -1,17 +1,19 @@
 """Model matrix: every zoo model and tiny Hugging Face models (random init, no downloads).
 
 For each: 30% of the prunable units of every group removed by a random criterion, the forward works, the
-oracle holds (compacted == masked, float64, max abs diff <= 1e-6), parameters and MACs drop. A model we
-cannot prune is listed in REFUSALS with the error it must raise (none at present).
+oracle holds (compacted == masked in float64, per output ``max|a - b| <= 1e-6 * max(max|a|, max|b|)``:
+relative, whatever the outputs' scale), parameters and MACs drop. A model we cannot prune is listed in
+REFUSALS with the error it must raise (none at present).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
 import torch
-from graph_helpers import prune_and_check
+from graph_helpers import RTOL, assert_outputs_close, prune_and_check
 from hf_models import HF_MODELS
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -43,7 +45,7 @@ def assert_prunable(model, x, ratio=0.3, skip_incompatible=False, **graph_kw):
         model, x, ratio=ratio, criterion="random", skip_incompatible=skip_incompatible, **graph_kw
     )
     require_prunable(graph)  # a named refusal (GraphError) when every group is frozen
-    assert diff <= 1e-6
+    assert diff <= RTOL  # worst max|a - b| / max(max|a|, max|b|) over the outputs: relative, scale-free
     assert _params(pruned) < p0
     assert _macs(pruned, x) < m0
     # 30% of the prunable units of the largest prunable group (not left whole) went
@@ -98,6 +100,37 @@ def test_zoo_model(name):
     model = create_model(name)
     _, plan = assert_prunable(model, torch.randn(2, 1, 28, 28))
     assert plan["groups"], f"nothing was pruned in zoo model {name}"
+
+
+def test_the_equivalence_check_is_relative_to_the_outputs_scale():
+    """assert_prunable's check never depends on the outputs' scale: logits scaled by 1e12 (float64 rounding
+    alone is then far above an absolute 1e-6) pass, and a 1% difference on outputs of size 1e-10 (far below
+    an absolute 1e-6) fails."""
+    from torch import nn
+
+    from secateur.zoo import create_model
+
+    class Scaled(nn.Module):
+        def __init__(self, inner: nn.Module, factor: float) -> None:
+            super().__init__()
+            self.inner, self.factor = inner, factor
+
+        def forward(self, x):
+            return self.inner(x) * self.factor
+
+    torch.manual_seed(0)
+    assert_prunable(Scaled(create_model("resnet8"), 1e12), torch.randn(2, 1, 28, 28))
+    tiny = Scaled(nn.Linear(4, 3), 1e-10).eval()
+    off = copy.deepcopy(tiny)
+    with torch.no_grad():
+        off.inner.weight.mul_(1.01)
+        off.inner.bias.mul_(1.01)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert (tiny(x).double() - off(x).double()).abs().max() < 1e-6  # an absolute check would pass
+    with pytest.raises(AssertionError, match="max"):
+        assert_outputs_close(tiny, off, x)
+    assert assert_outputs_close(tiny, copy.deepcopy(tiny), x) == 0.0
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
