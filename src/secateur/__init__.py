@@ -21,6 +21,7 @@ from secateur.errors import (
 )
 from secateur.graph import DependencyGraph
 from secateur.io import from_pretrained, load, save, save_pretrained
+from secateur.methods.group_sparsity import GroupSparsityPenalty, GrowingRegularization
 from secateur.pruners.channel import ChannelPruner
 from secateur.pruners.element import Pruner
 from secateur.pruners.heads import prune_heads
@@ -37,6 +38,8 @@ __all__ = [
     "CompactionError",
     "DependencyGraph",
     "Cubic",
+    "GroupSparsityPenalty",
+    "GrowingRegularization",
     "Iterative",
     "OneShot",
     "Pruner",

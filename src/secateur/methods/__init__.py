@@ -13,12 +13,20 @@ removal loop.
   :class:`FBS` (Gao et al. 2019; any Conv2d→BatchNorm2d pair, :func:`find_conv_bn_pairs`),
   :func:`prune_redundant` (Ayinde & Zurada 2018; the ``"redundant"`` group criterion), :class:`FisherPruner`
   (Theis et al. 2018; Crowley et al. 2018; the ``"fisher"`` group criterion).
+- Group-sparse training before removal, for any group criterion: :class:`GroupSparsityPenalty` (DepGraph's
+  group-level sparse learning, Fang et al. 2023) and :class:`GrowingRegularization` (GReg, Wang et al. 2021).
 """
 
 from secateur.methods.admm import ADMM
 from secateur.methods.at_init import prune_at_init
 from secateur.methods.fbs import FBS, find_conv_bn_pairs
 from secateur.methods.fisher_prune import FisherPruner
+from secateur.methods.group_sparsity import (
+    GroupPenalty,
+    GroupSparsityPenalty,
+    GrowingRegularization,
+    unit_norms,
+)
 from secateur.methods.lottery import LotteryTicket
 from secateur.methods.movement import Movement
 from secateur.methods.redundant import prune_redundant
@@ -30,6 +38,9 @@ __all__ = [
     "ADMM",
     "FBS",
     "FisherPruner",
+    "GroupPenalty",
+    "GroupSparsityPenalty",
+    "GrowingRegularization",
     "KnockoffVAE",
     "LotteryTicket",
     "Movement",
@@ -44,4 +55,5 @@ __all__ = [
     "scratch_budgets",
     "slim",
     "train_knockoff_vae",
+    "unit_norms",
 ]
