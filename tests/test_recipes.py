@@ -201,6 +201,49 @@ def test_build_refuses_a_oneshot_calibration_method_by_name():
         load_recipe("wanda_2_4").build(create_model("vit_tiny"))
 
 
+def _mlp() -> nn.Module:
+    """The same small MLP every call (16 -> 32 -> 8): element, 2:4 and channel recipes all apply to it."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def _plan(pruner) -> dict[str, list[int]]:
+    """What one step of ``pruner`` removed: unit indices per group (channels) or flat weight indices per
+    parameter (elements, N:M)."""
+    pruner.step(0)
+    if isinstance(pruner, ChannelPruner):
+        return {k: sorted(v) for k, v in pruner.removed_units().items()}
+    return {
+        f"{path}.{pname}": (~sc.masks.get_mask(module, pname)).flatten().nonzero().flatten().tolist()
+        for path, module, pname in sc.masks.masked_parameters(pruner.model)
+    }
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"criterion": "random", "sparsity": 0.5},
+        {"granularity": "2:4", "criterion": "random"},
+        {"granularity": "channel", "criterion": "random", "sparsity": 0.5},
+    ],
+    ids=["element", "2:4", "channel"],
+)
+def test_the_recipe_seed_reaches_the_random_criterion(fields):
+    def plan(recipe):
+        return _plan(recipe.build(_mlp(), torch.zeros(1, 16)))
+
+    def from_yaml(seed, **extra):
+        return sc.Recipe.from_yaml(sc.Recipe(**fields, seed=seed, **extra).to_yaml())
+
+    one = plan(sc.Recipe(**fields, seed=1))
+    assert any(one.values())  # it removed something
+    assert plan(sc.Recipe(**fields, seed=1)) == one == plan(from_yaml(1))  # same seed: same plan
+    two = plan(sc.Recipe(**fields, seed=2))
+    assert two != one and plan(from_yaml(2)) == two  # another seed: another plan, Python or YAML
+    # A seed named in criterion_kwargs wins over the recipe's.
+    assert plan(sc.Recipe(**fields, seed=1, criterion_kwargs={"seed": 2})) == two
+
+
 # ---------------------------------------------------------------------------------------------- prune_linears
 
 

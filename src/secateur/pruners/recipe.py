@@ -32,6 +32,7 @@ Example: the shipped ``taylor_channels_2x`` recipe, in Python and as YAML::
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import os
@@ -321,7 +322,9 @@ class Recipe(_Strict):
       default ``weights`` or ``channels`` by granularity.
     - ``scope`` (element, N:M) and ``protect`` (module-name patterns never pruned, every granularity).
     - ``round_to`` (channel counts rounded to a multiple), ``data_batches`` (training batches given to
-      data-dependent criteria as ``data``), ``finetune`` (:class:`FinetuneSpec`), ``seed``.
+      data-dependent criteria as ``data``), ``finetune`` (:class:`FinetuneSpec`), ``seed`` (the runner's
+      seed, also given to a criterion that draws random numbers, such as ``random``, unless
+      ``criterion_kwargs`` names its own ``seed``).
     - ``name``, ``description`` and ``suits`` (which models it suits, shown by ``secateur recipes``).
 
     Raises:
@@ -633,7 +636,7 @@ class Recipe(_Strict):
                 scope=self.to_scope(),
                 data=data,
                 example_inputs=example_inputs,
-                criterion_kwargs=dict(self.criterion_kwargs),
+                criterion_kwargs=self._element_criterion_kwargs(),
             )
         schedule = self.schedule.build(total_steps, self.final_sparsity)
         if self.granularity == "element":
@@ -645,7 +648,7 @@ class Recipe(_Strict):
                 scope=self.to_scope(),
                 data=data,
                 example_inputs=example_inputs,
-                criterion_kwargs=dict(self.criterion_kwargs),
+                criterion_kwargs=self._element_criterion_kwargs(),
             )
         if example_inputs is None:
             raise ConfigError("granularity 'channel' needs example_inputs to trace the dependency graph")
@@ -663,9 +666,26 @@ class Recipe(_Strict):
                 round_to=self.round_to,
                 data=data,
                 criterion_kwargs=dict(self.criterion_kwargs),
+                seed=self.seed,
             )
         finally:
             model.train(was_training)
+
+    def _element_criterion_kwargs(self) -> dict[str, Any]:
+        """``criterion_kwargs`` plus ``seed`` (:attr:`seed`) when the element criterion's constructor takes
+        one and the kwargs do not name it (the rule :class:`~secateur.pruners.channel.ChannelPruner` applies
+        to group criteria)."""
+        from secateur.criteria.element.base import CRITERIA
+
+        kwargs = dict(self.criterion_kwargs)
+        if "seed" not in kwargs:
+            try:
+                takes_seed = "seed" in inspect.signature(CRITERIA.get(self.criterion)).parameters
+            except (TypeError, ValueError):  # no signature to read (a builtin): pass nothing
+                takes_seed = False
+            if takes_seed:
+                kwargs["seed"] = self.seed
+        return kwargs
 
     def data_from(self, loader: Iterable[Any] | None) -> Any:
         """What :meth:`build` takes as ``data`` from a training loader: its first batch when
