@@ -25,6 +25,10 @@ class ElementMask(nn.Module):
     so checkpoints carry it. Shape: same as the masked parameter.
     """
 
+    #: Registered as a buffer in ``__init__``; declared here so that type checkers read it as a Tensor
+    #: (``nn.Module.__getattr__``, which serves buffers, is typed ``Tensor | Module``).
+    mask: torch.Tensor
+
     def __init__(self, shape: torch.Size, device: torch.device | None = None) -> None:
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
@@ -37,11 +41,28 @@ class ElementMask(nn.Module):
         return f"shape={tuple(self.mask.shape)}, density={density:.4f}"
 
 
+def _parametrizations(module: nn.Module) -> nn.ModuleDict | None:
+    """``module.parametrizations`` (tensor name -> :class:`~torch.nn.utils.parametrize.ParametrizationList`)
+    when ``module`` is parametrized, else None (the test :func:`torch.nn.utils.parametrize.is_parametrized`
+    makes, written so that type checkers narrow the result)."""
+    lists = getattr(module, "parametrizations", None)
+    return lists if isinstance(lists, nn.ModuleDict) else None
+
+
+def _parametrization_list(module: nn.Module, name: str) -> parametrize.ParametrizationList | None:
+    """The chain of parametrizations on ``module.<name>`` (it holds the stored tensor as ``original``), or
+    None when ``module.<name>`` is not parametrized."""
+    lists = _parametrizations(module)
+    chain = lists[name] if lists is not None and name in lists else None
+    return chain if isinstance(chain, parametrize.ParametrizationList) else None
+
+
 def element_mask(module: nn.Module, name: str) -> ElementMask | None:
     """The :class:`ElementMask` parametrization on ``module.<name>``, or None if it has none."""
-    if not parametrize.is_parametrized(module, name):
+    chain = _parametrization_list(module, name)
+    if chain is None:
         return None
-    for p in module.parametrizations[name]:
+    for p in chain:
         if isinstance(p, ElementMask):
             return p
     return None
@@ -86,10 +107,18 @@ def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 
 def original(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """The unmasked stored parameter behind a masked ``module.<name>`` (the optimizer's tensor)."""
-    if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original
-    return getattr(module, name)
+    """The unmasked stored parameter behind a masked ``module.<name>`` (the optimizer's tensor).
+
+    Raises:
+        ConfigError: ``module`` has no tensor ``name``, parametrized or not.
+    """
+    chain = _parametrization_list(module, name)
+    if chain is not None:
+        return chain.original
+    tensor = getattr(module, name, None)
+    if not isinstance(tensor, torch.Tensor):
+        raise ConfigError(f"{type(module).__name__} has no parameter {name!r}")
+    return tensor
 
 
 @torch.no_grad()
@@ -123,9 +152,10 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> Non
 def masked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """Yield ``(module_path, module, param_name)`` for every masked parameter of ``model``."""
     for path, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
+        lists = _parametrizations(module)
+        if lists is None:
             continue
-        for pname in list(module.parametrizations.keys()):
+        for pname in list(lists.keys()):
             if element_mask(module, pname) is not None:
                 yield path, module, pname
 

@@ -165,12 +165,25 @@ def block_mask(
 class Pattern:
     """A parsed granularity: ``kind`` in {"layer", "row", "nm", "block"} with its sizes.
 
-    Build with :func:`parse_pattern`; ``nm`` holds ``(N, M)``, ``block`` holds ``(k, l)``.
+    Build with :func:`parse_pattern`; ``nm`` holds ``(N, M)`` exactly when ``kind`` is ``"nm"``, ``block``
+    holds ``(k, l)`` exactly when ``kind`` is ``"block"``.
+
+    Raises:
+        ConfigError: an unknown ``kind``, or sizes that disagree with it (``Pattern("nm")`` without ``nm``).
     """
 
     kind: str
     nm: tuple[int, int] | None = None
     block: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("layer", "row", "nm", "block"):
+            raise ConfigError(f"Pattern: unknown kind {self.kind!r}; use 'layer', 'row', 'nm' or 'block'")
+        if (self.nm is not None) != (self.kind == "nm") or (self.block is not None) != (self.kind == "block"):
+            raise ConfigError(
+                f"Pattern: kind {self.kind!r} with nm={self.nm!r}, block={self.block!r}; "
+                "'nm' takes nm=(N, M) alone, 'block' takes block=(k, l) alone, 'layer' and 'row' take neither"
+            )
 
     @property
     def fixed_sparsity(self) -> float | None:
@@ -178,9 +191,9 @@ class Pattern:
         return None if self.nm is None else 1.0 - self.nm[0] / self.nm[1]
 
     def __str__(self) -> str:
-        if self.kind == "nm":
+        if self.nm is not None:
             return f"{self.nm[0]}:{self.nm[1]}"
-        if self.kind == "block":
+        if self.block is not None:
             return f"block{self.block[0]}x{self.block[1]}"
         return self.kind
 
@@ -237,15 +250,15 @@ def pattern_mask(
         ConfigError: as the chosen builder, or a missing sparsity.
     """
     p = parse_pattern(pattern, layer or "pattern")
-    if p.kind == "nm":
+    if p.nm is not None:
         return nm_mask(scores, p.nm[0], p.nm[1], layer)
     if sparsity is None:
         raise ConfigError(f"{layer or 'layer'}: pattern {p} needs a sparsity")
+    if p.block is not None:
+        return block_mask(scores, p.block, sparsity, layer=layer)
     if p.kind == "row":
         return row_mask(scores, sparsity, layer)
-    if p.kind == "layer":
-        return layer_mask(scores, sparsity, layer)
-    return block_mask(scores, p.block, sparsity, layer=layer)
+    return layer_mask(scores, sparsity, layer)
 
 
 def check_nm_mask(mask: torch.Tensor, n: int, m: int) -> bool:
