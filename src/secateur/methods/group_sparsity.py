@@ -105,7 +105,9 @@ def _count(value: object, name: str) -> int:
     return int(value)
 
 
-def _group_picker(groups: GroupChoice | None, owner: str) -> Callable[[DependencyGraph], list[int]] | None:
+def _group_picker(
+    groups: GroupChoice | None, owner: str
+) -> Callable[[DependencyGraph], Iterable[int]] | None:
     """``groups`` as the driver's ``f(graph) -> indices``; names resolve against the traced graph.
 
     The function raises ConfigError for a name the graph lacks (with the closest names), before the driver
@@ -113,7 +115,7 @@ def _group_picker(groups: GroupChoice | None, owner: str) -> Callable[[Dependenc
     if groups is None:
         return None
     if callable(groups):
-        return lambda graph: [int(gi) for gi in groups(graph)]  # type: ignore[operator]
+        return groups  # the driver checks what it returns
     if isinstance(groups, str):
         groups = [groups]
     chosen = list(groups)
@@ -303,8 +305,10 @@ class GroupPenalty:
         coefs = self.coefficients(int(step))
         total: torch.Tensor | None = None
         for gi, c in coefs.items():
+            if not np.any(c):
+                continue
             sq = _squared_unit_norms(self.model, self._members[gi])
-            if sq is None or not np.any(c):
+            if sq is None:
                 continue
             ct = torch.as_tensor(c, dtype=sq.dtype, device=sq.device)
             if self.power == 2:
@@ -428,6 +432,11 @@ class GroupSparsityPenalty(GroupPenalty):
         update_every: recompute ``γ`` every this many optimizer steps (>= 1).
         Other arguments: see :class:`GroupPenalty`.
 
+    Choosing ``λ``: with SGD at learning rate ``η`` and momentum ``m``, the penalty alone (``p = 2``) scales a
+    unit's weights by about ``1 - 2 η λ γ / (1 - m)`` per step, so over ``T`` steps the units to remove
+    (``γ`` near ``2^α``) should reach ~0 (``2 η λ 2^α T / (1 - m)`` of several units) while ``γ ≈ 1`` units
+    lose little. benchmarks/group_sparsity.py: ``λ = 5e-3``, ``α = 4``, ``η = 0.01``, ``m = 0.9``, 150 steps.
+
     Raises:
         ConfigError: negative or non-finite ``lam`` / ``alpha``, bad ``power`` / ``update_every``, and as
             :class:`GroupPenalty`; the model is unchanged.
@@ -533,6 +542,10 @@ class GrowingRegularization(GroupPenalty):
         every: ``K >= 1`` optimizer steps between increases (the paper: 10 on CIFAR, 5 on ImageNet).
         ceiling: ``τ >= δ`` (the paper: 1).
         Other arguments: see :class:`GroupPenalty` (``power`` is 2 here).
+
+    With SGD at learning rate ``η`` and momentum ``m`` the chosen units' weights are scaled by about
+    ``1 - η λ_t / (1 - m)`` per step; benchmarks/group_sparsity.py uses ``δ = 0.05``, ``K = 5``, ``τ = 1``
+    with ``η = 0.01``, ``m = 0.9`` for 150 steps (removed units' norms ~3e-3 of ~1).
 
     Raises:
         ConfigError: non-positive ``delta``, ``ceiling < delta``, bad ``every``, a selection that removes
