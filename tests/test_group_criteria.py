@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import secateur as sc
 from secateur.criteria.group import (
     FisherCriterion,
     TaylorCriterion,
     available_group_criteria,
     get_group_criterion,
 )
+from secateur.criteria.group.base import producer_members
 from secateur.criteria.group.functional import fisher_channel_scores
 from secateur.errors import ConfigError
 from secateur.graph import DependencyGraph
 from secateur.pruners.channel import ChannelPruner
+from secateur.zoo import create_model
 
 
 def tiny_net(c: int = 4) -> nn.Module:
@@ -46,29 +51,89 @@ def test_registry_names_and_errors():
         get_group_criterion("fpgm", method="mean")
 
 
-def test_l1_is_the_normalised_sum_of_filter_norms_and_reads_through_masks():
+def test_l1_is_the_group_l1_norm_of_each_channel_and_reads_through_masks():
+    """The old formula (producers only, β and biases included, each member mean-normalised) ranked
+    channels unlike Torch-Pruning's group L1 norm and lost to it after fine-tuning (docs/tradeoff.md):
+    ``l1`` is now Σ|w| over every weight removed with the channel, biases and β skipped."""
     model = tiny_net()
     with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)
         model[1].bias.uniform_(-1, 1)
     x = torch.randn(2, 2, 8, 8)
     graph, gi = only_group(model, x)
     ours = get_group_criterion("l1").scores(model, graph, [gi])[gi]
-    # independent formula: producing members (conv filters and bias, BN γ and β), each as mean |w| per
-    # channel divided by its mean over channels, summed
-    parts = [
-        model[0].weight.detach().double().abs().mean((1, 2, 3)),
-        model[0].bias.detach().double().abs(),
-        model[1].weight.detach().double().abs(),
-        model[1].bias.detach().double().abs(),
-    ]
-    expected = sum(p / p.mean() for p in parts).numpy()  # float64, as the criterion computes
-    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    w0, w3 = model[0].weight.detach().double(), model[3].weight.detach().double()
+    filters = w0.abs().sum((1, 2, 3))  # producing conv: each channel's filter
+    gamma = model[1].weight.detach().double().abs()  # BatchNorm scale γ
+    reads = w3.abs().sum((0, 2, 3))  # consuming conv: each channel's input slice
+    np.testing.assert_allclose(ours, (filters + gamma + reads).numpy(), rtol=1e-6)
+    l2 = get_group_criterion("l2").scores(model, graph, [gi])[gi]
+    sq = w0.pow(2).sum((1, 2, 3)) + gamma.pow(2) + w3.pow(2).sum((0, 2, 3))
+    np.testing.assert_allclose(l2, sq.numpy(), rtol=1e-6)
+    filt = get_group_criterion("l1", producers_only=True).scores(model, graph, [gi])[gi]
+    np.testing.assert_allclose(filt, (filters + gamma).numpy(), rtol=1e-6)
     # with masks attached (parametrizations), names still resolve and masked units score 0
     pruner = ChannelPruner(model, x, schedule=0.25, criterion="l1", allocation="uniform", graph=graph)
     pruner.step(0)
     (rm,) = pruner.removed.values()
     after = pruner.criterion.scores(model, graph, [gi])[gi]
     assert rm.size == 1 and after[rm[0]] == 0.0
+
+
+def test_l1_removes_the_channel_the_next_layer_never_reads_whatever_its_shift():
+    """A hand-built group whose best channel is known: channel 0 is read by no consumer (its input slice
+    is zero), so removing it leaves the output exactly as it was. Filters and γ are equal across channels,
+    and channel 0 has the largest BatchNorm shift β: the previous formula (producers only, β counted, each
+    member mean-normalised) ranked it first to keep and removed a channel the network uses."""
+    torch.manual_seed(0)
+    model = tiny_net().double().eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.sign(torch.randn(4, 2, 3, 3)) * 0.3)  # equal L1 norm per filter
+        model[0].bias.fill_(0.1)
+        model[1].weight.fill_(1.0)
+        model[1].bias.copy_(torch.tensor([3.0, 0.1, 0.2, 0.1]))
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[3].weight.uniform_(0.2, 1.0)
+        model[3].weight[:, 0] = 0.0  # nobody reads channel 0
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    dense = model(x)
+    graph, gi = only_group(model, x)
+    scores = get_group_criterion("l1").scores(model, graph, [gi])[gi]
+    assert int(np.argmin(scores)) == 0
+    with torch.no_grad():  # biases and β are not read: moving them leaves the scores as they are
+        model[1].bias.mul_(-7.0)
+        model[0].bias.add_(5.0)
+    assert np.array_equal(get_group_criterion("l1").scores(model, graph, [gi])[gi], scores)
+    with torch.no_grad():
+        model[1].bias.div_(-7.0)
+        model[0].bias.sub_(5.0)
+    pruned, plan = sc.prune_channels(copy.deepcopy(model), x, 0.25, criterion="l1")
+    assert [g["removed"] for g in plan["groups"]] == [[0]]
+    torch.testing.assert_close(pruned(x), dense, rtol=1e-12, atol=1e-12)
+
+
+def test_l1_sums_every_weight_of_a_residual_group_by_hand():
+    """On a residual net (groups with several producers, BatchNorms and consumers, and the classifier's
+    input), each channel's score is Σ|w| over every parameter slice of it but biases, by index loops in
+    float64."""
+    torch.manual_seed(0)
+    model = create_model("resnet8", width=0.25)
+    x = torch.randn(2, 1, 28, 28)
+    graph = DependencyGraph.build(model, x)
+    ids = [gi for gi, g in enumerate(graph.groups) if g.n_prunable]
+    scores = get_group_criterion("l1").scores(model, graph, ids)
+    params = dict(model.named_parameters())
+    assert max(len(producer_members(graph.groups[gi], model)) for gi in ids) >= 2  # residual groups
+    for gi in ids:
+        g = graph.groups[gi]
+        expected = np.zeros(g.n_units)
+        for m in g.members:
+            if m.is_buffer or m.name.endswith(".bias"):
+                continue
+            w = params[m.name].detach().double()
+            for i, u in enumerate(m.unit_of):
+                expected[u] += float(w.select(m.dim, i).abs().sum())
+        np.testing.assert_allclose(scores[gi], expected, rtol=1e-6, err_msg=g.name)
 
 
 def test_callable_criterion_and_shape_check():

@@ -39,7 +39,7 @@ from secateur.compact import (
     make_plan,
 )
 from secateur.compact.apply import _sliced
-from secateur.criteria.group.norms import lp_scores
+from secateur.criteria.group.norms import lp_scores, slice_sums
 from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph import DependencyGraph
 from secateur.graph.atoms import connected_labels
@@ -417,22 +417,18 @@ def _old_norm_groups(graph: DependencyGraph) -> set[int]:
 
 
 def old_lp_scores(group: Group, model: nn.Module, p: float = 1.0) -> np.ndarray:
+    """The plain group Lp magnitude (no name cache, no in-order shortcut, members picked independently):
+    per unit, Σ |w|^p over its slice of every parameter member but biases, members summed in order; each
+    slice reduced by the same ``slice_sums`` (float32 summation order is not what this test checks)."""
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(dict(model.named_buffers(remove_duplicate=False)))
     total = np.zeros(group.n_units)
-    members = [m for m in group.members if not m.is_buffer]
-    if any(m.dim == 0 for m in members):
-        members = [m for m in members if m.dim == 0]
+    params = [m for m in group.members if not m.is_buffer]
+    members = [m for m in params if not m.name.endswith(".bias") and m.name != "bias"] or params
     with torch.no_grad():
         for m in members:
-            t = named[m.name].detach()
-            a = (t if m.dim == 0 else t.movedim(m.dim, 0)).reshape(t.shape[m.dim], -1)
-            red = a.abs().sum(1) if p == 1.0 else (a * a).sum(1) if p == 2.0 else a.abs().pow(p).sum(1)
-            red = (red.double() / max(1, a.shape[1])).cpu().numpy()
-            per_unit = np.bincount(m.unit_of, weights=red, minlength=group.n_units)
-            cnt = np.maximum(np.bincount(m.unit_of, minlength=group.n_units), 1)
-            per_unit = per_unit / cnt
-            total += per_unit / max(per_unit.mean(), 1e-12)
+            red = slice_sums(named[m.name].detach(), m.dim, p).double().cpu().numpy()
+            total += np.bincount(m.unit_of, weights=red, minlength=group.n_units)
     return total
 
 

@@ -6,10 +6,10 @@ collects statistics during the user's training loop. Scores have shape ``(group.
 higher = more important (the lowest go first). Registered names (:func:`available_group_criteria`):
 
 - ``"random"``: uniform noise (a baseline, ShrinkBench's advice).
-- ``"l1"`` / ``"l2"``: Li et al. 2017 ("Pruning Filters for Efficient ConvNets", sec. 3.1): per unit the
-  mean ``|w|^p`` of its slice in each producing parameter member (dim 0: filters, biases, norm scales),
-  each member divided by its mean over units so that no single large tensor dominates, summed over
-  members (:func:`secateur.criteria.group.norms.lp_scores`, read through masks).
+- ``"l1"`` / ``"l2"``: group magnitude (Li et al. 2017's filter norm over a whole group, as DepGraph, Fang et
+  al. 2023): per unit ``Σ |w|^p`` over every weight removed with it (producing filters, norm scales γ and
+  the consumers' input slices; biases and norm shifts β skipped), members summed as they are
+  (:func:`secateur.criteria.group.norms.lp_scores`, read through masks; ``producers_only=True``: filters).
 - ``"bn_scale"``: network slimming (Liu et al. 2017, sec. 3.1): ``|γ|`` of the group's BatchNorm /
   LayerNorm / GroupNorm members (mean over them when a residual group couples several).
 - ``"fpgm"``: He et al. 2019 ("Filter Pruning via Geometric Median", sec. 3.3-3.4): the distance of each
