@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,8 +20,17 @@ from secateur.allocation import (
     sensitivity_sweep,
     uniform,
 )
+from secateur.allocation.search import smallest_reaching
+from secateur.allocation.structured import (
+    CostModel,
+    uniform_bracket,
+    uniform_fraction_for,
+    uniform_removal,
+    uniform_removal_for,
+)
 from secateur.analysis import count_macs, count_params
 from secateur.errors import ConfigError
+from secateur.graph.groups import Group, Member
 from secateur.masks import masked_parameters
 from secateur.pruners.element import Pruner
 from secateur.scope import Scope
@@ -312,3 +322,79 @@ def test_latency_settings_are_validated():
         ResourceTarget(chain(), "latency")
     # the default timer (torch.utils.benchmark, fixed threads, median) returns milliseconds
     assert LatencyTarget(repeats=2).measure(chain(), torch.randn(1, 3, 8, 8)) > 0
+
+
+# -- structured: the bisection and the least-overshoot uniform removal ---------------------------------
+@pytest.mark.parametrize("steps", [0, 1, 7, 40])
+@pytest.mark.parametrize("threshold", [1e-9, 0.3, 0.5, 0.999])
+def test_smallest_reaching_brackets_the_threshold_in_exactly_steps_calls(threshold, steps):
+    calls = []
+
+    def reaches(x: float) -> bool:
+        calls.append(x)
+        return x >= threshold
+
+    lo, hi = smallest_reaching(reaches, hi=1.0, steps=steps)
+    assert len(calls) == steps
+    assert hi - lo == 2.0**-steps  # exact: halvings of [0, 1] are dyadic
+    assert lo < threshold <= hi
+
+
+def hand_group(name: str, n: int) -> Group:
+    """A group of ``n`` channels, one member, all prunable."""
+    member = Member(f"{name}.weight", 0, np.arange(n))
+    return Group(name, n, [member], np.ones(n, dtype=bool), [], np.arange(n))
+
+
+def per_unit_cost(sizes: list[int], base: list[float]) -> CostModel:
+    """Group ``g`` costs ``base[g]`` (e.g. MACs), scaling with its kept fraction; total = Σ base."""
+    cm = CostModel(sum(base))
+    for gi, (n, b) in enumerate(zip(sizes, base)):
+        cm.add_item(b, [cm.add_slot(gi, np.ones(n, dtype=np.int64))])
+    return cm
+
+
+def test_uniform_removal_for_steps_groups_one_at_a_time_lowest_scores_first():
+    """Three groups of 16 channels step together at every common fraction k/16: for a target between the
+    removals at 5/16 and 6/16 the smallest common fraction reaching it overshoots by a step of all three
+    (VGG's four 64-channel layers do this). uniform_removal_for takes the steps one at a time, the group
+    whose next channel scores lowest (relative to its group's mean) first, and stops at the target."""
+    sizes, base = [16, 16, 16], [100.0, 100.0, 100.0]
+    groups = [hand_group(f"g{i}", n) for i, n in enumerate(sizes)]
+    rng = np.random.default_rng(0)
+    scores = {gi: rng.uniform(1.0, 2.0, n) for gi, n in enumerate(sizes)}
+    scores[1][:6] = np.linspace(0.01, 0.06, 6)  # group 1's six weakest channels are near zero
+    cost = per_unit_cost(sizes, base)
+    none = {gi: np.zeros(0, dtype=np.int64) for gi in range(3)}
+    target = 0.33  # 5/16 = 0.3125 removed just below 6/16; one group's step adds 1/48
+    plain = uniform_removal(groups, scores, none, uniform_fraction_for(groups, scores, none, cost, target))
+    assert [plain[gi].size for gi in range(3)] == [6, 6, 6]  # every group stepped: 0.375 removed
+    rm = uniform_removal_for(groups, scores, none, cost, target)
+    assert [rm[gi].size for gi in range(3)] == [5, 6, 5]
+    assert cost.state(rm).removed_fraction() == pytest.approx((5 + 6 + 5) / 48)
+    assert target <= cost.state(rm).removed_fraction() < cost.state(plain).removed_fraction()
+    for gi in range(3):  # each group's removal is a uniform one: its lowest-scoring channels
+        assert set(rm[gi]) == set(np.argsort(scores[gi], kind="stable")[: rm[gi].size])
+
+
+@pytest.mark.parametrize("target", [0.0, 0.1, 0.26, 0.5, 0.62, 0.9, 0.99])
+def test_uniform_removal_for_reaches_the_target_within_one_step_of_a_common_fraction(target):
+    sizes, base = [8, 16, 16, 16, 12], [40.0, 300.0, 90.0, 70.0, 25.0]
+    groups = [hand_group(f"g{i}", n) for i, n in enumerate(sizes)]
+    rng = np.random.default_rng(1)
+    scores = {gi: rng.random(n) for gi, n in enumerate(sizes)}
+    cost = per_unit_cost(sizes, base)
+    none = {gi: np.zeros(0, dtype=np.int64) for gi in range(5)}
+    lo, hi = uniform_bracket(groups, scores, none, cost, target)
+    rm = uniform_removal_for(groups, scores, none, cost, target)
+    at_lo, at_hi = (uniform_removal(groups, scores, none, f) for f in (lo, hi))
+    if hi == 1.0:  # unreachable (every group keeps a channel): the most uniform allocation removes
+        assert target > 0.9 and all(np.array_equal(rm[gi], at_hi[gi]) for gi in range(5))
+        return
+    assert cost.state(rm).removed_fraction() >= target - 1e-12
+    assert cost.state(rm).removed_fraction() <= cost.state(at_hi).removed_fraction()
+    assert all(np.array_equal(rm[gi], at_lo[gi]) or np.array_equal(rm[gi], at_hi[gi]) for gi in range(5))
+    stepped = [gi for gi in range(5) if not np.array_equal(rm[gi], at_lo[gi])]
+    if stepped:  # it stops at the target: without the last step taken (one of them), the target is missed
+        fewer = [{**rm, gi: at_lo[gi]} for gi in stepped]
+        assert any(cost.state(f).removed_fraction() < target - 1e-12 for f in fewer)

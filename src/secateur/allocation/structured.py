@@ -8,7 +8,9 @@ compacts:
 - :func:`choose_units` / :func:`ensure_member_nonempty`: the lowest-scoring fraction of one group's prunable
   units (kept count a multiple of ``round_to``, at least one unit kept), and at least one index kept in every
   member (a layer fed by a concat keeps a channel of each part).
-- :func:`uniform_removal`: the same fraction of every scored group (Li et al. 2017's per-layer ratio).
+- :func:`uniform_removal`: the same fraction of every scored group (Li et al. 2017's per-layer ratio);
+  :func:`uniform_fraction_for` / :func:`uniform_removal_for`: the common fraction, and the near-uniform
+  removal that reaches a fraction of a resource with the least overshoot.
 - :func:`global_removal`: one ranking over all scored groups (Molchanov et al. 2019), greedy until a
   fraction of a resource is removed; :func:`normalise_scores` makes groups comparable first.
 - :class:`CostModel` / :class:`CostState`: what remains of the resource (prunable units, parameters or
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from secateur.allocation.search import smallest_reaching
 from secateur.analysis.counting import count_params, layer_table
 from secateur.criteria.group import effective_tensor
 from secateur.graph.groups import DependencyGraph, Group
@@ -43,8 +46,10 @@ __all__ = [
     "global_removal",
     "measure_layers",
     "normalise_scores",
+    "uniform_bracket",
     "uniform_fraction_for",
     "uniform_removal",
+    "uniform_removal_for",
 ]
 
 #: What a structured sparsity is a fraction of (``"latency"`` is measured, not modelled: see the pruner).
@@ -299,6 +304,25 @@ def uniform_removal(
     return out
 
 
+def uniform_bracket(
+    groups: Sequence[Group],
+    scores: Mapping[int, np.ndarray],
+    removed: Mapping[int, np.ndarray],
+    cost: CostModel,
+    target: float,
+    round_to: int = 1,
+) -> tuple[float, float]:
+    """Common fractions ``(lo, hi)``, ``hi - lo = 2**-40``, around the smallest one whose
+    :func:`uniform_removal` removes ``target`` of ``cost``'s resource (:func:`smallest_reaching` over [0, 1]:
+    the removed fraction is monotone in the common fraction). ``hi`` is 1.0 if no fraction reaches it."""
+
+    def reaches(frac: float) -> bool:
+        rm = uniform_removal(groups, scores, removed, frac, round_to)
+        return cost.state(rm).removed_fraction() >= target - _EPS
+
+    return smallest_reaching(reaches, hi=1.0, steps=40)
+
+
 def uniform_fraction_for(
     groups: Sequence[Group],
     scores: Mapping[int, np.ndarray],
@@ -308,16 +332,54 @@ def uniform_fraction_for(
     round_to: int = 1,
 ) -> float:
     """The smallest common fraction whose :func:`uniform_removal` removes ``target`` of ``cost``'s resource
-    (bisection, 40 halvings: the removed fraction is monotone in the common fraction); 1.0 if none does."""
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        rm = uniform_removal(groups, scores, removed, mid, round_to)
-        if cost.state(rm).removed_fraction() >= target - 1e-12:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    (the upper end of :func:`uniform_bracket`); 1.0 if none does."""
+    return uniform_bracket(groups, scores, removed, cost, target, round_to)[1]
+
+
+def uniform_removal_for(
+    groups: Sequence[Group],
+    scores: Mapping[int, np.ndarray],
+    removed: Mapping[int, np.ndarray],
+    cost: CostModel,
+    target: float,
+    round_to: int = 1,
+) -> Removal:
+    """A near-uniform removal that reaches ``target`` (a fraction of ``cost``'s resource) with the least
+    overshoot along the common fraction.
+
+    A common fraction ``f`` removes ``floor(f · n_g)`` units of every group, so the removal moves in steps
+    of one unit (``round_to`` units) per group, and groups of commensurate sizes (8, 16 and 32 channels)
+    all step at the same fraction: the smallest common fraction reaching the target
+    (:func:`uniform_fraction_for`) may overshoot it by a step of every group at once (ResNet-8 at half
+    width: 2.32x fewer MACs for a 2x target). Here the bisection brackets that jump, ``[f_lo, f_hi]``
+    (:func:`uniform_bracket`); from the removal at ``f_lo``, the groups that step between ``f_lo`` and
+    ``f_hi`` take their step one at a time until the target is reached, lowest first by the mean score of
+    the units the step adds (scores divided by their group's mean over alive units, as
+    :func:`normalise_scores` ``"mean"``; ties by group index). Every group's removal is therefore its
+    :func:`uniform_removal` at ``f_lo`` or at ``f_hi``: the per-group fractions differ from one common
+    fraction by at most one step.
+
+    Returns ``{group index: sorted int64 unit indices}`` for every group in ``scores``; when no fraction
+    reaches the target, the removal at 1.0 (as :func:`uniform_removal` at :func:`uniform_fraction_for`).
+    """
+    lo, hi = uniform_bracket(groups, scores, removed, cost, target, round_to)
+    at_lo = uniform_removal(groups, scores, removed, lo, round_to)
+    out = dict(at_lo)
+    if cost.state(out).removed_fraction() >= target - _EPS:
+        return out
+    at_hi = uniform_removal(groups, scores, removed, hi, round_to)
+    norm = normalise_scores(groups, scores, removed, "mean")
+    steps = []
+    for gi in scores:
+        if np.array_equal(at_hi[gi], at_lo[gi]):
+            continue
+        extra = np.setdiff1d(at_hi[gi], at_lo[gi])
+        steps.append((float(norm[gi][extra].mean()) if extra.size else -math.inf, gi))
+    for _, gi in sorted(steps):
+        out[gi] = at_hi[gi]
+        if cost.state(out).removed_fraction() >= target - _EPS:
+            break
+    return out
 
 
 def global_removal(

@@ -16,6 +16,7 @@ from torch import nn
 
 from secateur._validate import check_sparsity
 from secateur.allocation.element import Allocation, Masks, get_allocation
+from secateur.allocation.search import smallest_reaching
 from secateur.errors import ConfigError
 
 __all__ = ["LatencyTarget", "ResourceTarget"]
@@ -118,16 +119,17 @@ class ResourceTarget:
             # floor(sp * n) must reach ceil(goal): aim half an entry above it against rounding.
             sp = min((math.ceil(goal - 1e-9) + 0.5) / n_scoped, math.nextafter(1.0, 0.0))
             return self.base(scores, sp, previous=previous)
-        lo, hi = 0.0, math.nextafter(1.0, 0.0)
-        best = self.base(scores, hi, previous=previous)
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            masks = self.base(scores, mid, previous=previous)
+        reached: dict[float, Masks] = {}
+
+        def reaches(sp: float) -> bool:
+            masks = self.base(scores, sp, previous=previous)
             if self.removed(masks, costs) >= goal:
-                hi, best = mid, masks
-            else:
-                lo = mid
-        return best
+                reached[sp] = masks
+                return True
+            return False
+
+        _, hi = smallest_reaching(reaches, hi=math.nextafter(1.0, 0.0), steps=40)
+        return reached[hi] if hi in reached else self.base(scores, hi, previous=previous)
 
 
 # -- measured latency -----------------------------------------------------------------------------
@@ -261,14 +263,7 @@ class LatencyTarget:
                 f"tolerance); at most {max(1 - at_hi, 0.0):.4g} of the latency can be removed: the rest is "
                 "in layers, units and per-call overhead that channel removal does not shrink"
             )
-        lo = 0.0
-        for _ in range(self.steps):
-            mid = (lo + hi) / 2
-            if ratio_at(mid) <= limit:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+        return smallest_reaching(lambda x: ratio_at(x) <= limit, hi=hi, steps=self.steps)[1]
 
 
 def _positive_ms(ms: Any) -> float:
