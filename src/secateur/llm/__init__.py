@@ -7,9 +7,13 @@
 ``structural``: LLM-Pruner-style removal of heads and MLP channels of decoder layers (a thin call of the
 structured driver; its criteria ``"llm_pruner"`` and ``"wanda_sp"`` live in
 :mod:`secateur.criteria.group.llm`);
-``moe``: expert removal in mixture-of-experts models (router-weighted activation saliency).
+``moe``: expert removal in mixture-of-experts models (router-weighted activation saliency);
+``owl``: OWL's outlier-weighted layer-wise sparsity (``allocation="owl"`` of the one-shot drivers);
+``depth``: ShortGPT's removal of whole blocks by Block Influence. RIA (``method="ria"``) is the element
+criterion :mod:`secateur.criteria.element.ria`.
 """
 
+from secateur.criteria.element.ria import relative_importance, ria_mask, ria_scores
 from secateur.data.text import (
     FortuneSplit,
     load_fortunes,
@@ -24,6 +28,7 @@ from secateur.llm.calibration import (
     causal_lm_loss,
     tokenized_batches,
 )
+from secateur.llm.depth import DepthReport, block_influence, prune_depth, remove_blocks
 from secateur.llm.moe import (
     MoEBlock,
     expert_plan,
@@ -44,6 +49,7 @@ from secateur.llm.oneshot import (
     prune_oneshot,
     reconstruction_error,
 )
+from secateur.llm.owl import OWL, layer_outlier_ratio, outlier_ratio, owl_sparsities
 from secateur.llm.sparsegpt import sparsegpt_prune
 from secateur.llm.structural import (
     LLMPrunerTaylor,
@@ -57,6 +63,8 @@ from secateur.llm.wanda import wanda_mask, wanda_scores
 
 __all__ = [
     "METHODS",
+    "OWL",
+    "DepthReport",
     "FortuneSplit",
     "InputStats",
     "LLMPrunerTaylor",
@@ -92,4 +100,13 @@ __all__ = [
     "tokenized_batches",
     "wanda_mask",
     "wanda_scores",
+    "block_influence",
+    "layer_outlier_ratio",
+    "outlier_ratio",
+    "owl_sparsities",
+    "prune_depth",
+    "relative_importance",
+    "remove_blocks",
+    "ria_mask",
+    "ria_scores",
 ]

@@ -14,9 +14,19 @@ the calibration activations entering it, never the activations of the whole mode
 The result is applied as element masks (:func:`secateur.masks.element.set_mask`); SparseGPT also
 changes the surviving weights, which are written into the stored weight first.
 
-Assumption (true of BERT, GPT-2, LLaMA-style stacks in ``transformers``): every block is called with
-the same extra arguments as the first one, and returns the new hidden states (or a tuple whose first
-element they are).
+Methods: ``magnitude``, ``wanda``, ``sparsegpt`` and ``ria`` (Zhang et al. 2024, the element criterion
+:mod:`secateur.criteria.element.ria`). ``allocation`` chooses how much each unit loses (a unit is a block
+for :func:`prune_oneshot`, a Linear for :func:`prune_linears`): ``"uniform"``, OWL's outlier-weighted
+sparsities (:mod:`secateur.llm.owl`; its ratios come from a first, dense pass over the blocks, as in the
+paper's reference procedure) or explicit per-unit fractions.
+
+Blocks need not be called alike: :func:`prune_oneshot` records, in one cheap pass where every block's
+``forward`` is a recorder (:func:`block_call_args`), the arguments the model hands each block, so Gemma 3's
+sliding-window blocks are calibrated with their sliding mask and local rotary embeddings and its
+full-attention blocks with theirs (before, every block reused the first block's arguments). Assumption:
+each block returns its new hidden states (or a tuple whose first element they are), and a model's code
+between blocks needs nothing but the hidden states (otherwise the recording falls back to the first
+block's arguments for every block).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import contextlib
 import inspect
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,14 +44,20 @@ from torch import nn
 
 from secateur._validate import check_sparsity
 from secateur.compact import interrupts_deferred
+from secateur.criteria.element.ria import ria_mask
 from secateur.errors import ConfigError
 from secateur.llm.calibration import InputStats
+from secateur.llm.owl import OWL, layer_outlier_ratio, owl_sparsities
 from secateur.llm.sparsegpt import sparsegpt_prune
 from secateur.llm.wanda import wanda_mask
 from secateur.masks.element import original, set_mask
 from secateur.masks.patterns import Pattern, parse_pattern, pattern_mask
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "ria")
+
+#: What ``allocation=`` accepts: "uniform", "owl", an :class:`~secateur.llm.owl.OWL`, or one fraction
+#: per unit.
+Allocation = str | OWL | Sequence[float]
 
 # Where common transformer implementations keep their stack of blocks.
 _BLOCK_PATHS = (
@@ -81,6 +97,11 @@ class OneShotReport:
     storing the inputs (real tokens only) of every pruned Linear of the whole model at once would
     take (what a non-layer-wise implementation holds); 0 when no statistics pass ran (magnitude
     without ``track_error``).
+
+    ``allocation``: "uniform", "owl" or "given"; ``units``: the names of the allocation's units (blocks
+    for :func:`prune_oneshot`, Linears for :func:`prune_linears`) and ``unit_sparsities`` the fraction
+    each was asked to lose (empty for "uniform"); ``outlier_ratios``: OWL's ``D_l`` per unit (fractions;
+    empty unless "owl").
     """
 
     method: str
@@ -91,6 +112,10 @@ class OneShotReport:
     peak_held_bytes: int = 0
     full_capture_bytes: int = 0
     seconds: float = 0.0
+    allocation: str = "uniform"
+    units: list[str] = field(default_factory=list)
+    unit_sparsities: list[float] = field(default_factory=list)
+    outlier_ratios: list[float] = field(default_factory=list)
 
     @property
     def overall_sparsity(self) -> float:
@@ -140,7 +165,12 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
     )
 
 
-def _block_output(out: Any) -> torch.Tensor:
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a block returned: ``out`` itself, its first element, or its ``last_hidden_state``.
+
+    Raises:
+        ConfigError: none of those is a tensor.
+    """
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
@@ -302,6 +332,49 @@ def check_oneshot_args(
     return sp
 
 
+def check_allocation(allocation: Allocation, p: Pattern, units: Sequence[str]) -> OWL | list[float] | None:
+    """Validate ``allocation`` before anything changes: None for ``"uniform"``, the :class:`OWL` to apply
+    (``"owl"``: the paper's ``M = 5``, ``lambda = 0.08``), or the list of per-unit fractions.
+
+    ``units`` names the allocation's units in order (blocks for :func:`prune_oneshot`, Linears for
+    :func:`prune_linears`); an explicit allocation gives one fraction in [0, 1) per unit.
+
+    Raises:
+        ConfigError: an unknown name, a non-uniform allocation with an N:M pattern (N:M fixes every layer's
+            sparsity at ``1 - N/M``; OWL is defined for unstructured sparsity), a sequence of the wrong length
+            or a fraction outside [0, 1) (naming the unit).
+    """
+    if isinstance(allocation, str):
+        if allocation == "uniform":
+            return None
+        if allocation != "owl":
+            raise ConfigError(f"unknown one-shot allocation {allocation!r}; use 'uniform', 'owl', OWL(...) "
+                              "or one sparsity per unit")
+        allocation = OWL()
+    if p.kind == "nm":
+        raise ConfigError(
+            f"allocation {allocation!r} gives layers different sparsities, which the {p} pattern cannot "
+            "express (every layer of an N:M model has sparsity 1 - N/M, the format sparse kernels run); OWL "
+            "is defined for unstructured sparsity: use pattern='row', 'layer' or a block pattern, or "
+            "allocation='uniform'"
+        )
+    if isinstance(allocation, OWL):
+        return allocation
+    if hasattr(allocation, "__iter__") and not isinstance(allocation, (str, bytes, Mapping)):
+        try:
+            values = [float(v) for v in allocation]
+        except (TypeError, ValueError):
+            raise ConfigError(f"allocation must hold one number per unit, got {allocation!r}") from None
+        if len(values) != len(units):
+            raise ConfigError(
+                f"allocation gives {len(values)} sparsities for {len(units)} units "
+                f"({', '.join(units[:4])}{' ...' if len(units) > 4 else ''})"
+            )
+        return [check_sparsity(v, f"sparsity of {u}") for v, u in zip(values, units)]
+    raise ConfigError(f"allocation must be 'uniform', 'owl', an OWL or a sequence of fractions, got "
+                      f"{type(allocation).__name__}")
+
+
 @torch.no_grad()
 def prune_linear(
     module: nn.Linear,
@@ -318,8 +391,9 @@ def prune_linear(
 
     ``magnitude``: scores ``|W|`` (Han et al. 2015) under ``pattern`` ("row" compares within each
     output row, "layer" over the matrix, "N:M", "blockKxL"). ``wanda``: ``|W| * ||X_j||_2`` (Sun et
-    al. 2023, eq. 1). ``sparsegpt``: OBS reconstruction (Frantar & Alistarh 2023, Algorithm 1),
-    which writes the updated surviving weights. With ``as_masks`` the pattern is recorded as an
+    al. 2023, eq. 1). ``ria``: ``RI_ij * ||X_j||_2^0.5`` (Zhang et al. 2024, eq. 2; the paper compares
+    over the layer: ``pattern="layer"``). ``sparsegpt``: OBS reconstruction (Frantar & Alistarh 2023,
+    Algorithm 1), which writes the updated surviving weights. With ``as_masks`` the pattern is recorded as an
     element mask (:func:`~secateur.masks.element.set_mask`); otherwise zeros are written in place.
     GPT-2's ``Conv1D`` (weight stored ``(in, out)``) is handled as its transposed Linear.
 
@@ -335,6 +409,10 @@ def prune_linear(
         if stats is None:
             raise ConfigError(f"{name}: Wanda needs input statistics")
         keep = wanda_mask(w, stats.column_norms(), sparsity, pattern, name)
+    elif method == "ria":
+        if stats is None:
+            raise ConfigError(f"{name}: RIA needs input statistics")
+        keep = ria_mask(w, stats.sq_sum.sqrt(), sparsity, pattern, layer=name)
     elif method == "sparsegpt":
         if stats is None or stats.xtx is None:
             raise ConfigError(f"{name}: SparseGPT needs the input Hessian")
@@ -376,6 +454,7 @@ def prune_oneshot(
     device: torch.device | str | None = None,
     track_error: bool = False,
     as_masks: bool = True,
+    allocation: Allocation = "uniform",
 ) -> OneShotReport:
     """Prune every Linear (and GPT-2 ``Conv1D``) inside the model's transformer blocks, block by block.
 
@@ -384,8 +463,10 @@ def prune_oneshot(
         batches: calibration batches, each the keyword arguments of ``model(**batch)`` (from
             :func:`~secateur.llm.calibration.tokenized_batches`); ``attention_mask`` marks the
             real tokens, the only ones counted in the statistics.
-        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
-        sparsity: fraction in [0, 1) for unstructured/block patterns (ignored for N:M).
+        method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"ria"`` (Zhang et al. 2024, exponent
+            0.5; the paper compares scores over the layer: pass ``pattern="layer"`` for its choice).
+        sparsity: fraction in [0, 1) for unstructured/block patterns (ignored for N:M); with a
+            non-uniform ``allocation``, the mean over the blocks.
         pattern: ``"row"`` (per output row; default, Wanda's choice), ``"layer"``, ``"N:M"`` or
             ``(N, M)``, ``"blockKxL"`` (not with SparseGPT). For SparseGPT "row"/"layer" both mean
             its adaptive per-column-block selection with an exact per-layer count.
@@ -397,14 +478,21 @@ def prune_oneshot(
         track_error: also record each layer's relative reconstruction error (costs ``in^2``
             statistics per Linear for every method).
         as_masks: record the pattern as element masks (default) or write zeros into the weights.
+        allocation: how much each block loses: ``"uniform"`` (``sparsity`` everywhere), ``"owl"`` or
+            ``OWL(m, lam)`` (Yin et al. 2024: blocks with more outlier Wanda scores pruned less, mean
+            ``sparsity``, weighted by the blocks' numbers of selected weights; the outlier ratios come from
+            a first pass over the *dense* blocks, which costs one more forward pass of the calibration
+            data), or one fraction per block holding selected Linears. Not with N:M patterns.
 
     Returns:
-        :class:`OneShotReport` with per-layer achieved sparsity and memory accounting.
+        :class:`OneShotReport` with per-layer achieved sparsity and memory accounting (and, for a
+        non-uniform allocation, each block's target sparsity and OWL outlier ratio).
 
     Raises:
         ConfigError: unknown method, bad sparsity or pattern, in_features not divisible by M (naming
-            the layer), no blocks or no Linear selected, empty batches. All checks run before any
-            weight changes, so on error the model is untouched.
+            the layer), no blocks or no Linear selected, empty batches, a bad allocation (an N:M pattern
+            with OWL, a wrong number of fractions) or an OWL block sparsity outside [0, 1). All checks run
+            before any weight changes, so on error the model is untouched.
 
     Transactional: any failure later, or a ``KeyboardInterrupt`` / ``SystemExit`` at any point, restores
     every selected Linear's stored weight and mask (or its absence) bit-identical from a CPU snapshot
@@ -418,6 +506,8 @@ def prune_oneshot(
     if not all_linears:
         raise ConfigError(f"no Linear selected inside {block_path} (include={include!r})")
     sp = check_oneshot_args(all_linears, method, p, sparsity)
+    units = [f"{block_path}.{i}" for i, lin in enumerate(per_block) if lin]
+    alloc = check_allocation(allocation, p, units)
     batches = list(batches)
     if not batches:
         raise ConfigError("no calibration batches given")
@@ -429,8 +519,11 @@ def prune_oneshot(
     # model half-pruned. The snapshot lives on the CPU and costs one copy of the pruned weights.
     snapshot = _snapshot_linears(all_linears)
     try:
-        inputs, masks, n_tokens = calibration_inputs(model, block_list[0], batches, dev)
+        inputs, masks, n_tokens, block_args = calibration_stack_inputs(model, block_list, batches, dev)
         report = OneShotReport(method=method, pattern=str(p), sparsity=sp, n_tokens=n_tokens)
+        block_sp = _block_sparsities(
+            alloc, sp, block_list, per_block, inputs, masks, dev, units, report, block_args
+        )
         last = max(i for i, lin in enumerate(per_block) if lin)
         for bi, block in enumerate(block_list[: last + 1]):
             # The pruned block's outputs are the next block's inputs (errors propagate forward);
@@ -438,10 +531,10 @@ def prune_oneshot(
             inputs = prune_block(
                 block,
                 per_block[bi],
-                inputs,
+                with_block_args(inputs, block_args, bi),
                 masks,
                 method,
-                sp,
+                block_sp[bi],
                 p,
                 report,
                 block_size=block_size,
@@ -462,6 +555,35 @@ def prune_oneshot(
 
 
 
+def _block_sparsities(
+    alloc: OWL | list[float] | None,
+    sp: float,
+    block_list: nn.ModuleList,
+    per_block: list[list[tuple[str, nn.Module]]],
+    inputs: BlockInputs,
+    masks: list[torch.Tensor | None],
+    device: torch.device | None,
+    units: list[str],
+    report: OneShotReport,
+    block_args: BlockArgs | None = None,
+) -> list[float]:
+    """The sparsity of each block of the stack under ``alloc`` (blocks without selected Linears get ``sp``,
+    unused); records the allocation in ``report``. OWL runs its dense pass here (nothing changes)."""
+    if alloc is None:
+        return [sp] * len(block_list)
+    if isinstance(alloc, OWL):
+        ratios = owl_block_ratios(block_list, per_block, inputs, masks, alloc.m, device, block_args)
+        sizes = [sum(_out_in(m)[0] * _out_in(m)[1] for _, m in lin) for lin in per_block if lin]
+        given = owl_sparsities(ratios, sp, alloc.lam, sizes, units)
+        report.allocation, report.outlier_ratios = "owl", ratios
+    else:
+        given = list(alloc)
+        report.allocation = "given"
+    report.units, report.unit_sparsities = list(units), given
+    it = iter(given)
+    return [next(it) if lin else sp for lin in per_block]
+
+
 @torch.no_grad()
 def prune_linears(
     model: nn.Module,
@@ -475,8 +597,10 @@ def prune_linears(
     damp: float = 0.01,
     track_error: bool = False,
     as_masks: bool = True,
+    allocation: Allocation = "uniform",
 ) -> OneShotReport:
-    """Prune any model's Linear layers in one shot from one calibration pass (magnitude, Wanda, SparseGPT).
+    """Prune any model's Linear layers in one shot from one calibration pass (magnitude, Wanda, SparseGPT,
+    RIA).
 
     The general entry point beside :func:`prune_oneshot`, for models that are not a stack of transformer
     blocks called with hidden states (a vision transformer, an MLP, a CNN's classifier): the whole model is
@@ -497,6 +621,9 @@ def prune_linears(
             (``pattern="2:4"`` or ``(2, 4)`` for N:M, which implies the sparsity).
         scope: a :class:`secateur.scope.Scope` selecting the Linears (every selected module must be
             Linear-like); None selects every Linear (and GPT-2 ``Conv1D``) of the model.
+        allocation: ``"uniform"``, ``"owl"`` / ``OWL(m, lam)`` (each selected Linear is one OWL layer: its
+            outlier ratio from its own Wanda scores, the mean sparsity weighted by the Linears' sizes), or
+            one fraction per selected Linear (in the order of ``model.named_modules()``). Not with N:M.
 
     Returns:
         :class:`OneShotReport`; ``n_tokens`` counts calibration examples (rows of the input batches).
@@ -511,6 +638,7 @@ def prune_linears(
     p = parse_pattern(pattern)
     linears = _scoped_linears(model, scope)
     sp = check_oneshot_args(linears, method, p, sparsity)
+    alloc = check_allocation(allocation, p, [n for n, _ in linears])
     inputs, masks = _model_inputs(model, data)
     was_training = model.training
     model.eval()
@@ -518,9 +646,16 @@ def prune_linears(
     try:
         n_examples = sum(int(h.shape[0]) if h.dim() else 1 for h, _, _ in inputs)
         report = OneShotReport(method=method, pattern=str(p), sparsity=sp, n_tokens=n_examples)
+        per: float | dict[str, float] = sp
+        if isinstance(alloc, list):
+            per = dict(zip([n for n, _ in linears], alloc))
+            report.allocation, report.units, report.unit_sparsities = "given", list(per), alloc
+        elif alloc is not None:
+            report.allocation = "owl"
         prune_block(
-            model, linears, inputs, masks, method, sp, p, report, block_size=block_size, damp=damp,
+            model, linears, inputs, masks, method, per, p, report, block_size=block_size, damp=damp,
             track_error=track_error, as_masks=as_masks, feed_next=False,
+            owl=alloc if isinstance(alloc, OWL) else None,
         )
     except BaseException:  # an error or an interrupt (Ctrl-C): the weights and masks as they were
         with interrupts_deferred():
@@ -615,6 +750,166 @@ def calibration_inputs(
     return inputs, masks, n_tokens
 
 
+#: Per block, per calibration batch: the positional arguments after the hidden states, and the keywords.
+BlockArgs = list[list[tuple[tuple, dict]]]
+
+
+class _Recorder:
+    """Stands in for a block's ``forward`` during :func:`block_call_args`: records the call, returns the
+    hidden states unchanged (the block's weights are never used) and stops the pass at the last block."""
+
+    def __init__(self, index: int, last: int, first: list, args: BlockArgs) -> None:
+        self.index, self.last, self.first, self.args = index, last, first, args
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        elif "hidden_states" in kwargs:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        else:
+            raise ConfigError(f"block {self.index} was called without hidden states")
+        for v in (*rest, *kwargs.values()):
+            if "Cache" in type(v).__name__:
+                raise ConfigError(
+                    f"block {self.index} received a {type(v).__name__}; call with use_cache=False"
+                )
+        self.args[self.index].append((rest, dict(kwargs)))
+        if self.index == 0:
+            self.first.append(hidden.detach())
+        if self.index == self.last:
+            raise _StopForward
+        return hidden
+
+
+_NO_FORWARD = object()
+
+
+@torch.no_grad()
+def block_call_args(
+    model: nn.Module, block_list: Sequence[nn.Module], batches: list[Mapping[str, torch.Tensor]]
+) -> tuple[list[torch.Tensor], BlockArgs]:
+    """The first block's hidden states and *every* block's other call arguments, per calibration batch.
+
+    Blocks need not be called alike: Gemma 2/3 pass sliding-window blocks another attention mask and other
+    rotary embeddings than full-attention blocks (chosen by ``config.layer_types``). One pass of the model
+    with each block's ``forward`` replaced by a recorder (it returns its hidden states unchanged, so no
+    block computes, and it stops the pass at the last block: nothing after the blocks runs) records what
+    the model hands each block. Returns ``(hidden, args)``: ``hidden[b]`` the ``(batch, seq, width)``
+    input of the first block for batch ``b``; ``args[i][b] = (other positional args, kwargs)`` of block
+    ``i``. The blocks' ``forward`` are restored on any exit.
+
+    Raises:
+        ConfigError: a block called without hidden states or with a key/value cache, or a pass that ends
+            without reaching the last block. Any other exception of the model is re-raised.
+    """
+    first: list[torch.Tensor] = []
+    args: BlockArgs = [[] for _ in block_list]
+    saved = [b.__dict__.get("forward", _NO_FORWARD) for b in block_list]
+    accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
+    try:
+        for i, b in enumerate(block_list):
+            b.forward = _Recorder(i, len(block_list) - 1, first, args)
+        for batch in batches:
+            call = dict(batch)
+            if accepts_cache and "use_cache" not in call:
+                call["use_cache"] = False
+            try:
+                model(**call)
+            except _StopForward:
+                pass
+            else:
+                raise ConfigError("the model finished its forward pass without calling its last block")
+    finally:
+        for b, f in zip(block_list, saved):
+            if f is _NO_FORWARD:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = f
+    return first, args
+
+
+def _same_args(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    """Whether two recorded calls pass the same objects (or equal non-tensor values)."""
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return x is y
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        try:
+            return bool(x == y)
+        except Exception:  # noqa: BLE001 - objects without a usable ==
+            return x is y
+
+    return same(a[0], b[0]) and same(a[1], b[1])
+
+
+@torch.no_grad()
+def calibration_stack_inputs(
+    model: nn.Module,
+    block_list: Sequence[nn.Module],
+    batches: list[Mapping[str, torch.Tensor]],
+    device: torch.device | None = None,
+) -> tuple[BlockInputs, list[torch.Tensor | None], int, BlockArgs | None]:
+    """:func:`calibration_inputs` of the first block plus each block's own call arguments.
+
+    Returns ``(inputs, masks, n_tokens, block_args)``; ``block_args`` is None when every block is called
+    with the first block's arguments (the usual case: BERT, GPT-2, Llama), else ``block_args[i][b]`` is
+    block ``i``'s ``(other args, kwargs)`` for batch ``b`` (Gemma 3: sliding / full attention), moved to
+    ``device``. If the recording pass fails (a model whose code needs its blocks' real outputs between
+    blocks), every block gets the first block's arguments, as :func:`calibration_inputs`.
+
+    Raises:
+        ConfigError: as :func:`calibration_inputs`.
+    """
+    try:
+        first, args = block_call_args(model, block_list, batches)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - fall back to the first block's arguments for every block
+        inputs, masks, n_tokens = calibration_inputs(model, block_list[0], batches, device)
+        return inputs, masks, n_tokens, None
+    masks = [_to(_token_mask(b), device) for b in batches]
+    memo: dict[int, Any] = {}
+    inputs = [(_to(h, device), _to_shared(r, device, memo), _to_shared(k, device, memo))
+              for h, (r, k) in zip(first, args[0])]
+    n_tokens = sum(
+        int(m.sum().item()) if m is not None else h.shape[0] * h.shape[1]
+        for m, (h, _, _) in zip(masks, inputs)
+    )
+    if all(_same_args(args[i][b], args[0][b]) for i in range(1, len(args)) for b in range(len(batches))):
+        return inputs, masks, n_tokens, None
+    moved = [[(_to_shared(r, device, memo), _to_shared(k, device, memo)) for r, k in per] for per in args]
+    return inputs, masks, n_tokens, moved
+
+
+def _to_shared(obj: Any, device: torch.device | None, memo: dict[int, Any]) -> Any:
+    """:func:`_to` that moves each tensor once (blocks of one kind share their mask and rotary tensors)."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_to_shared(o, device, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_to_shared(o, device, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_shared(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def with_block_args(inputs: BlockInputs, block_args: BlockArgs | None, index: int) -> BlockInputs:
+    """``inputs`` with block ``index``'s own call arguments (unchanged when ``block_args`` is None)."""
+    if block_args is None:
+        return inputs
+    return [(h, r, k) for (h, _, _), (r, k) in zip(inputs, block_args[index])]
+
+
 @contextlib.contextmanager
 def _on_device(block: nn.Module, device: torch.device | None) -> Iterator[None]:
     """Run the body with ``block`` on ``device`` (None: where it is), moving it back on any exit."""
@@ -629,6 +924,70 @@ def _on_device(block: nn.Module, device: torch.device | None) -> Iterator[None]:
         block.to(home)
 
 
+def collect_block_stats(
+    block: nn.Module,
+    linears: list[tuple[str, nn.Module]],
+    inputs: BlockInputs,
+    masks: list[torch.Tensor | None],
+    *,
+    hessian: bool = False,
+    report: OneShotReport | None = None,
+    keep_outputs: bool = False,
+) -> tuple[dict[str, InputStats], BlockInputs | None]:
+    """Run ``inputs`` through ``block`` once with hooks accumulating each Linear's :class:`InputStats`.
+
+    Real tokens only (``masks[i]``: bool ``(batch, seq)`` or None). Returns ``({name: stats}, outputs)``:
+    ``outputs`` is the block's outputs as next-block inputs (same form as ``inputs``) when
+    ``keep_outputs``, else None. With ``report``, ``report.full_capture_bytes`` grows by the bytes of the
+    inputs the hooks saw (what storing them would cost).
+
+    Raises:
+        ConfigError: a block output that is not a tensor or a tuple starting with one (``keep_outputs``).
+    """
+    stats: dict[str, InputStats] = {}
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+    handles = []
+    for name, mod in linears:
+        stats[name] = InputStats(_out_in(mod)[1], hessian=hessian, device=mod.weight.device)
+
+        def hook(
+            _m: nn.Module, inp: tuple, _out: Any, _s: InputStats = stats[name], _c: dict = current
+        ) -> None:
+            x, tm = inp[0], _c["mask"]
+            if report is not None:
+                real = x.numel() // x.shape[-1]
+                if tm is not None and tuple(tm.shape) == tuple(x.shape[:-1]):
+                    real = int(tm.sum())
+                report.full_capture_bytes += real * x.shape[-1] * x.element_size()
+            _s.add(x, tm)
+
+        handles.append(mod.register_forward_hook(hook))
+    outputs: BlockInputs | None = [] if keep_outputs else None
+    try:
+        for (h, rest, kw), m in zip(inputs, masks):
+            current["mask"] = m
+            out = block(h, *rest, **kw)
+            if outputs is not None:
+                outputs.append((block_output(out).detach(), rest, kw))
+    finally:
+        for hd in handles:
+            hd.remove()
+    return stats, outputs
+
+
+def _owl_linear_sparsities(
+    linears: list[tuple[str, nn.Module]], stats: dict[str, InputStats], sparsity: float, owl: OWL,
+    report: OneShotReport,
+) -> dict[str, float]:
+    """OWL over the Linears of one block (each Linear a unit); records units, ratios and sparsities."""
+    names = [n for n, _ in linears]
+    ratios = [layer_outlier_ratio([_weight_out_in(m)], [stats[n].sq_sum.sqrt()], owl.m) for n, m in linears]
+    sizes = [_out_in(m)[0] * _out_in(m)[1] for _, m in linears]
+    per = owl_sparsities(ratios, sparsity, owl.lam, sizes, names)
+    report.units, report.outlier_ratios, report.unit_sparsities = names, ratios, per
+    return dict(zip(names, per))
+
+
 @torch.no_grad()
 def prune_block(
     block: nn.Module,
@@ -636,7 +995,7 @@ def prune_block(
     inputs: BlockInputs,
     masks: list[torch.Tensor | None],
     method: str,
-    sparsity: float,
+    sparsity: float | Mapping[str, float],
     pattern: Pattern,
     report: OneShotReport,
     *,
@@ -646,6 +1005,7 @@ def prune_block(
     track_error: bool = False,
     as_masks: bool = True,
     feed_next: bool = True,
+    owl: OWL | None = None,
 ) -> BlockInputs:
     """Prune the ``linears`` of one block from its calibration ``inputs``; return the next block's inputs.
 
@@ -656,51 +1016,32 @@ def prune_block(
     held (inputs plus statistics). If ``feed_next``, the inputs then run through the *pruned* block
     and its outputs (same shapes as the hidden states) are returned; otherwise ``inputs`` is
     returned as is. ``device``: the block runs there and is moved back to where it was.
-    ``sparsity`` is the validated fraction and ``pattern`` the parsed pattern.
+    ``sparsity`` is the validated fraction (or ``{linear name: fraction}``) and ``pattern`` the parsed
+    pattern. ``owl``: allocate ``sparsity`` among the Linears by OWL (each Linear a unit, its outlier ratio
+    from the statistics just gathered; :func:`prune_linears`), recorded in ``report``.
 
     Raises:
-        ConfigError: as :func:`prune_linear`, or a block output that is not a tensor or a tuple
-            starting with one.
+        ConfigError: as :func:`prune_linear`, a block output that is not a tensor or a tuple starting with
+            one, or (``owl``) a Linear whose OWL sparsity falls outside [0, 1) (before any Linear changes).
     """
-    need_stats = method != "magnitude" or track_error
+    need_stats = method != "magnitude" or track_error or owl is not None
     need_h = method == "sparsegpt" or track_error
     with _on_device(block, device):  # moved back on any exit, an interrupt included
         held = _nbytes(inputs)
         stats: dict[str, InputStats] = {}
         if linears and need_stats:
-            current: dict[str, torch.Tensor | None] = {"mask": None}
-            handles = []
-            for name, mod in linears:
-                stats[name] = InputStats(_out_in(mod)[1], hessian=need_h, device=mod.weight.device)
-
-                def hook(
-                    _m: nn.Module, inp: tuple, _out: Any, _s: InputStats = stats[name], _c: dict = current
-                ) -> None:
-                    x, tm = inp[0], _c["mask"]
-                    real = x.numel() // x.shape[-1]
-                    if tm is not None and tuple(tm.shape) == tuple(x.shape[:-1]):
-                        real = int(tm.sum())
-                    report.full_capture_bytes += real * x.shape[-1] * x.element_size()
-                    _s.add(x, tm)
-
-                handles.append(mod.register_forward_hook(hook))
-            try:
-                for (h, rest, kw), m in zip(inputs, masks):
-                    current["mask"] = m
-                    block(h, *rest, **kw)
-            finally:
-                for hd in handles:
-                    hd.remove()
+            stats, _ = collect_block_stats(block, linears, inputs, masks, hessian=need_h, report=report)
             held += sum(s.nbytes for s in stats.values())
         report.peak_held_bytes = max(report.peak_held_bytes, held)
+        if owl is not None and linears and not isinstance(sparsity, Mapping):
+            sparsity = _owl_linear_sparsities(linears, stats, sparsity, owl, report)
 
         for name, mod in linears:
             t1 = time.perf_counter()
             w_old = _weight_out_in(mod).detach().clone() if track_error else None
+            sp = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
             # Looked up in the module at call time so that tests can inject a failure.
-            keep = prune_linear(
-                mod, method, stats.get(name), sparsity, pattern, name, block_size, damp, as_masks
-            )
+            keep = prune_linear(mod, method, stats.get(name), sp, pattern, name, block_size, damp, as_masks)
             res = LayerResult(
                 name=name,
                 shape=_out_in(mod),
@@ -713,8 +1054,47 @@ def prune_block(
         stats.clear()
 
         if feed_next:
-            inputs = [(_block_output(block(h, *rest, **kw)).detach(), rest, kw) for h, rest, kw in inputs]
+            inputs = [(block_output(block(h, *rest, **kw)).detach(), rest, kw) for h, rest, kw in inputs]
         return inputs
+
+
+@torch.no_grad()
+def owl_block_ratios(
+    block_list: Sequence[nn.Module],
+    per_block: Sequence[list[tuple[str, nn.Module]]],
+    inputs: BlockInputs,
+    masks: list[torch.Tensor | None],
+    m: float = 5.0,
+    device: torch.device | None = None,
+    block_args: BlockArgs | None = None,
+) -> list[float]:
+    """OWL's outlier ratio ``D_l`` of every block holding selected Linears, from one *dense* pass.
+
+    The first block's ``inputs`` run through the blocks in order (up to the last with selected Linears);
+    in each, hooks accumulate the Linears' input norms and ``D_l`` is the fraction of the block's Wanda
+    scores ``|W_ij| * ||X_j||_2`` (all its selected Linears together) above ``m`` times their mean (Yin
+    et al. 2024, eq. 2; the paper's reference code also computes the ratios on the dense model before
+    pruning). ``block_args``: each block's own call arguments (:func:`calibration_stack_inputs`). Nothing
+    is changed. Returns one fraction per block with selected Linears, in order.
+
+    Raises:
+        ConfigError: a block output that is not a tensor or a tuple starting with one.
+    """
+    last = max(i for i, lin in enumerate(per_block) if lin)
+    ratios = []
+    for bi, block in enumerate(block_list[: last + 1]):
+        lin, feed = per_block[bi], bi < last
+        inputs = with_block_args(inputs, block_args, bi)
+        with _on_device(block, device):
+            if lin:
+                stats, outs = collect_block_stats(block, lin, inputs, masks, keep_outputs=feed)
+                weights = [_weight_out_in(mod) for _, mod in lin]
+                ratios.append(layer_outlier_ratio(weights, [stats[n].sq_sum.sqrt() for n, _ in lin], m))
+            elif feed:
+                outs = [(block_output(block(h, *rest, **kw)).detach(), rest, kw) for h, rest, kw in inputs]
+        if feed:
+            inputs = outs
+    return ratios
 
 
 def _snapshot_linears(linears: list[tuple[str, nn.Module]]) -> dict[str, tuple[torch.Tensor, Any]]:
@@ -822,16 +1202,25 @@ def sparsity_of(weight: torch.Tensor) -> float:
 
 __all__ = [
     "METHODS",
+    "Allocation",
     "LayerResult",
     "OneShotReport",
+    "BlockArgs",
+    "block_call_args",
+    "block_output",
     "calibration_inputs",
+    "calibration_stack_inputs",
+    "check_allocation",
+    "collect_block_stats",
     "collect_linear_inputs",
     "find_blocks",
     "is_linear_like",
+    "owl_block_ratios",
     "prune_block",
     "prune_linear",
     "prune_linears",
     "prune_oneshot",
     "reconstruction_error",
     "sparsity_of",
+    "with_block_args",
 ]
