@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateur._torch import call_model
+from secateur._torch import call_model, eval_mode
 from secateur.errors import ConfigError
 
 __all__ = ["Distillation", "kd_loss"]
@@ -80,12 +80,12 @@ class Distillation:
 
     The total loss per step is ``CE(student(x), y) + alpha · T² · KL(teacher(x)/T ‖ student(x)/T)``
     (Hinton et al. 2015, Sec. 2, with the task term kept at weight 1). The teacher runs in eval mode under
-    ``torch.no_grad`` on the same batch as the student; its parameters are never updated. Typical use:
-    the dense model teaches the pruned one during fine-tuning (``teacher = copy.deepcopy(model)`` before
-    pruning).
+    ``torch.no_grad`` on the same batch as the student; it is left as it was (its training flags and
+    ``requires_grad`` are restored after every call, its parameters never updated). Typical use: the dense
+    model teaches the pruned one during fine-tuning (``teacher = copy.deepcopy(model)`` before pruning).
 
     Args:
-        teacher: the dense model; put in eval mode and frozen (``requires_grad_(False)``) on first use.
+        teacher: the dense model (run in eval mode, without gradients).
         temperature: ``T > 0`` (Hinton et al. use 1–20; 4 is common for image classifiers).
         alpha: weight of the distillation term (>= 0).
         logits_fn: maps a model's output to logits ``(..., C)`` (default: the output itself, or its
@@ -117,18 +117,10 @@ class Distillation:
         self.alpha = float(alpha)
         self.logits_fn = logits_fn or _logits
         self.chunk_size = chunk_size
-        self._frozen = False
-
-    def _freeze(self) -> None:
-        if not self._frozen:
-            self.teacher.eval()
-            self.teacher.requires_grad_(False)
-            self._frozen = True
 
     def loss(self, inputs: Any, student_logits: torch.Tensor) -> torch.Tensor:
         """``alpha · kd_loss`` of ``student_logits`` against the teacher's logits on ``inputs``."""
-        self._freeze()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.teacher):
             teacher_logits = self.logits_fn(call_model(self.teacher, inputs))
         teacher_logits = teacher_logits.to(student_logits.dtype)
         kd = kd_loss(student_logits, teacher_logits, self.temperature, chunk_size=self.chunk_size)
