@@ -11,8 +11,8 @@ Methods (the ``method`` field of each JSON row):
 - ``secateur-default``: ``ChannelPruner`` with its shipped defaults and ``target="macs"``.
 - ``secateur-best``: the secateur recipe given by ``--best`` (e.g. ``sparse+kd``: group-sparse training,
   removal, fine-tuning with distillation from the dense model).
-- ``secateur-sparse``: DepGraph-style group-sparse training (``secateur.methods.group_sparsity``), then
-  removal.
+- ``secateur-sparse``: GReg's growing regularisation (``secateur.GrowingRegularization``) on the units the
+  driver chooses at the target, then their removal.
 - ``tp-magnitude``: Torch-Pruning's ``MagnitudePruner`` (L1, one per-layer ratio found by a scan).
 - ``tp-groupnorm``: Torch-Pruning's ``GroupNormPruner`` with its sparse learning (``regularize`` after every
   backward, ``reg`` 5e-4, global pruning: the setting of Torch-Pruning's own CIFAR scripts), then a ratio
@@ -243,7 +243,11 @@ def point(
         else:
             model = secateur_channels(model, example, reduction, crit, seed)
         kd = bool(best.get("kd"))
-        recipe = cfg["best"] if method == "secateur-best" else "group_sparsity + ChannelPruner defaults"
+        recipe = (
+            cfg["best"]
+            if method == "secateur-best"
+            else "GrowingRegularization (GReg) + ChannelPruner defaults"
+        )
     elif method == "tp-magnitude":
         model = tp_scan(model, example, reduction, lambda m, r: tp_magnitude(m, r, example))
         recipe = "MagnitudePruner(MagnitudeImportance(p=1)), per-layer ratio scan"
@@ -252,7 +256,7 @@ def point(
 
         def learn(m: nn.Module) -> None:
             sl = tp_groupnorm(m, 0.5, example, reg)
-            bench.train_steps(m, seed, cfg["sparse_steps"], cfg["ft_lr"], [_TPRegularizer(sl, m)])
+            bench.train_steps(m, seed, cfg["sparse_steps"], cfg["sparse_lr"], [_TPRegularizer(sl, m)])
 
         sparse_s = bench.sparse_once(("tp", reg), model, learn)
         model = tp_scan(model, example, reduction, lambda m, r: tp_groupnorm(m, r, example, reg))
@@ -291,18 +295,22 @@ def point(
 
 
 def secateur_sparse(bench: Bench, model: nn.Module, reduction: float, criterion: str | None, seed: int):
-    """Group-sparse training (DepGraph Eq. 7-8) for ``--sparse-steps``, then removal at the MAC target."""
-    from secateur.methods.group_sparsity import GroupSparsity  # noqa: PLC0415 - built for this issue
+    """GReg (Wang et al. 2021, ``secateur.GrowingRegularization``): the driver chooses the units at the MAC
+    target first, ``--sparse-steps`` steps grow an L2 penalty on exactly those, then they are removed."""
+    import secateur  # noqa: PLC0415
 
     cfg = bench.cfg
-    kw = {} if criterion is None else {"criterion": criterion}
-
-    def learn(m: nn.Module) -> None:
-        reg = GroupSparsity(m, bench.example, lam=cfg["sparse_reg"], **kw)
-        bench.train_steps(m, seed, cfg["sparse_steps"], cfg["ft_lr"], [reg])
-
-    sparse_s = bench.sparse_once(("secateur", cfg["sparse_reg"], criterion), model, learn)
-    return sparse_s, secateur_channels(model, bench.example, reduction, criterion, seed)
+    kw: dict[str, Any] = {"target": "macs"}
+    if criterion is not None:
+        kw["criterion"] = criterion
+    t0 = time.perf_counter()
+    reg = secateur.GrowingRegularization(
+        model, bench.example, 1.0 - 1.0 / reduction, delta=cfg["greg_delta"], every=cfg["greg_every"], **kw
+    )
+    bench.train_steps(model, seed, cfg["sparse_steps"], cfg["sparse_lr"], [reg])
+    sparse_s = time.perf_counter() - t0
+    model, _ = reg.finalize()
+    return sparse_s, model
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -566,7 +574,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ft-steps", type=int, default=469, help="fine-tuning steps (469 = 1 epoch of 60k)")
     ap.add_argument("--ft-lr", type=float, default=0.01)
     ap.add_argument("--sparse-steps", type=int, default=469)
-    ap.add_argument("--sparse-reg", type=float, default=5e-4, help="secateur-sparse's lambda")
+    ap.add_argument(
+        "--sparse-lr", type=float, default=0.01, help="learning rate of the sparse-learning steps"
+    )
+    ap.add_argument("--greg-delta", type=float, default=0.05, help="GReg: penalty increment")
+    ap.add_argument("--greg-every", type=int, default=5, help="GReg: steps between increments")
     ap.add_argument("--tp-reg", type=float, default=5e-4, help="GroupNormPruner's reg")
     ap.add_argument("--kd-temperature", type=float, default=4.0)
     ap.add_argument("--kd-alpha", type=float, default=1.0)
