@@ -9,8 +9,9 @@ structured driver; its criteria ``"llm_pruner"`` and ``"wanda_sp"`` live in
 :mod:`secateur.criteria.group.llm`);
 ``moe``: expert removal in mixture-of-experts models (router-weighted activation saliency);
 ``owl``: OWL's outlier-weighted layer-wise sparsity (``allocation="owl"`` of the one-shot drivers);
-``depth``: ShortGPT's removal of whole blocks by Block Influence. RIA (``method="ria"``) is the element
-criterion :mod:`secateur.criteria.element.ria`.
+``depth``: ShortGPT's removal of whole blocks by Block Influence;
+``recovery``: recovery of a pruned causal LM by distillation from its dense original (chunked LM heads).
+RIA (``method="ria"``) is the element criterion :mod:`secateur.criteria.element.ria`.
 """
 
 from secateur.criteria.element.ria import relative_importance, ria_mask, ria_scores
@@ -50,6 +51,7 @@ from secateur.llm.oneshot import (
     reconstruction_error,
 )
 from secateur.llm.owl import OWL, layer_outlier_ratio, outlier_ratio, owl_sparsities
+from secateur.llm.recovery import DistillReport, distill, distillation_kl, distillation_loss, perplexity
 from secateur.llm.sparsegpt import sparsegpt_prune
 from secateur.llm.structural import (
     LLMPrunerTaylor,
@@ -65,6 +67,7 @@ __all__ = [
     "METHODS",
     "OWL",
     "DepthReport",
+    "DistillReport",
     "FortuneSplit",
     "InputStats",
     "LLMPrunerTaylor",
@@ -77,6 +80,9 @@ __all__ = [
     "causal_lm_loss",
     "decoder_groups",
     "decoder_layer_groups",
+    "distill",
+    "distillation_kl",
+    "distillation_loss",
     "expert_plan",
     "expert_saliency",
     "find_moe_blocks",
@@ -103,6 +109,7 @@ __all__ = [
     "block_influence",
     "layer_outlier_ratio",
     "outlier_ratio",
+    "perplexity",
     "owl_sparsities",
     "prune_depth",
     "relative_importance",
