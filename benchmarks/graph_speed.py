@@ -1,18 +1,28 @@
 """Graph build + one 50% channel-prune step, secateur vs Torch-Pruning, and the latency a prune buys.
 
     python benchmarks/graph_speed.py            # all (Torch-Pruning is optional: pip install secateur[peers])
-    python benchmarks/graph_speed.py --reps 5 --threads 1 --out benchmarks/results/graph_speed.json
+    python benchmarks/graph_speed.py --reps 7 --threads 1 --out benchmarks/results/graph_speed.json
 
-Models: Hugging Face ResNet-50 and ViT-base/16 (random init, default configs), example input 1x3x224x224,
-the same for both libraries. Each repetition prunes a fresh deep copy (the copy is not timed). Both libraries
-use L1 magnitude importance and a 50% ratio with the classifier protected, and remove the same parameters:
-Torch-Pruning prunes ViT's hidden size through its LayerNorms, so secateur builds that graph with
-``prune_normalized=True`` (``PRUNE_NORMALIZED``); ``params_match`` records that both end with the same number
-of parameters (a mismatch is printed and makes the script exit with status 1 after writing the results).
-Reported: median over ``--reps`` of wall time (``time.perf_counter``) and of this thread's CPU time
-(``time.thread_time``: less sensitive to other jobs on a shared machine). Then CPU latency
-(torch.utils.benchmark, batch 32) of the dense vs secateur-pruned ResNet-50 next to the MACs ratio
-(torch.utils.flop_counter).
+Models: Hugging Face ResNet-50 and ViT-base/16 (random init, default configs, built from the configs: no
+download), example input 1x3x224x224, the same for both libraries. Each repetition prunes a fresh deep copy
+(the copy is not timed). Both libraries use L1 magnitude importance and a 50% ratio with the classifier
+protected, and remove the same parameters: Torch-Pruning prunes ViT's hidden size through its LayerNorms, so
+secateur builds that graph with ``prune_normalized=True`` (``PRUNE_NORMALIZED``); ``params_match`` records
+that every timed variant ends with the same number of parameters (a mismatch is printed and makes the script
+exit with status 1 after writing the results).
+
+Like for like: Torch-Pruning checks nothing after pruning, so the headline secateur time (``"secateur"``,
+``speedup_total``) is ``prune_channels(..., verify=False)``, without secateur's equivalence oracle. The same
+step *with* the oracle (``verify=True``, the library default: a float64 masked copy of the model, one float32
+and two float64 forwards, inside the transaction) is timed as ``"secateur_verified"``
+(``speedup_total_verified``); ``--skip-verified`` leaves it out.
+
+Repetitions are interleaved (secateur, Torch-Pruning, secateur with the oracle, then again), after one
+warm-up run of each, so that load drifts on a shared machine hit every variant alike. Reported: median over
+``--reps`` of wall time (``time.perf_counter``) and of this thread's CPU time (``time.thread_time``: less
+sensitive to other jobs on a shared machine), each run's total, and the load averages at start and end.
+Then CPU latency (torch.utils.benchmark, batch 32) of the dense vs secateur-pruned ResNet-50 next to the
+MACs ratio (torch.utils.flop_counter).
 """
 
 from __future__ import annotations
@@ -83,12 +93,14 @@ def _times(c0: tuple, c1: tuple, c2: tuple, m: torch.nn.Module) -> dict:
     }
 
 
-def ours_once(model: torch.nn.Module, x: torch.Tensor, prune_normalized: bool = False) -> dict:
+def ours_once(
+    model: torch.nn.Module, x: torch.Tensor, prune_normalized: bool = False, verify: bool = False
+) -> dict:
     m = copy.deepcopy(model)
     c0 = _clocks()
     graph = DependencyGraph.build(m, x, prune_normalized=prune_normalized)
     c1 = _clocks()
-    prune_channels(m, x, sparsity=0.5, criterion="l1", graph=graph, verify=False)
+    prune_channels(m, x, sparsity=0.5, criterion="l1", graph=graph, verify=verify)
     c2 = _clocks()
     with torch.no_grad():
         m(x)
@@ -118,12 +130,35 @@ def tp_once(model: torch.nn.Module, x: torch.Tensor) -> dict:
 TIMES = ("build_s", "step_s", "total_s", "cpu_build_s", "cpu_step_s", "cpu_total_s")
 
 
-def median_of(fn, model, x, reps: int) -> dict:
-    runs = [fn(model, x) for _ in range(reps)]
+def summary(runs: list[dict]) -> dict:
+    """Medians of each time over ``runs``, the parameter count left, and every run's total (wall)."""
     out = {k: statistics.median(r[k] for r in runs) for k in TIMES}
     out["params_after"] = runs[-1]["params_after"]
     out["runs_total_s"] = [round(r["total_s"], 4) for r in runs]
+    out["runs_cpu_total_s"] = [round(r["cpu_total_s"], 4) for r in runs]
     return out
+
+
+def interleaved(fns: dict, model: torch.nn.Module, x: torch.Tensor, reps: int, peers: tuple = ()) -> dict:
+    """``{name: summary}`` of ``reps`` runs of each ``fn(model, x)``, one of each in turn (after one warm-up
+    run of each: imports, allocator). A variant named in ``peers`` that raises is reported as
+    ``{"error": ...}`` and dropped (a peer's failure is a result); secateur's own failures propagate."""
+    runs: dict = {k: [] for k in fns}
+    errors: dict = {}
+    for r in range(reps + 1):
+        for k, fn in fns.items():
+            if k in errors:
+                continue
+            try:
+                res = fn(model, x)
+            except Exception as e:
+                if k not in peers:
+                    raise
+                errors[k] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                continue
+            if r:
+                runs[k].append(res)
+    return {k: errors.get(k) or summary(runs[k]) for k in fns}
 
 
 def fold_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -176,6 +211,9 @@ def main() -> None:
     ap.add_argument("--min-run-time", type=float, default=10.0, help="seconds per latency measurement")
     ap.add_argument("--latency-rounds", type=int, default=3, help="interleaved dense/pruned rounds (median)")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument(
+        "--skip-verified", action="store_true", help="do not time secateur with its oracle (verify=True)"
+    )
     ap.add_argument("--out", default="benchmarks/results/graph_speed.json")
     args = ap.parse_args()
     if args.threads:
@@ -196,6 +234,9 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "reps": args.reps,
+        "interleaved": True,
+        "secateur_headline": "prune_channels(..., verify=False): no oracle, as Torch-Pruning has none",
+        "secateur_verified": "prune_channels(..., verify=True): with the float64 equivalence oracle",
         "loadavg_1_5_15_at_start": _loadavg(),
         "input": [1, 3, 224, 224],
         "models": {},
@@ -207,27 +248,27 @@ def main() -> None:
     for name, model in build_models().items():
         pn = PRUNE_NORMALIZED[name]
         row: dict = {"params": n_params(model), "secateur_prune_normalized": pn}
-
-        def ours(m, xx, pn=pn):
-            return ours_once(m, xx, prune_normalized=pn)
-
-        ours(model, x)  # warm-up (imports, allocator)
-        row["secateur"] = median_of(ours, model, x, args.reps)
+        fns: dict = {"secateur": lambda m, xx, pn=pn: ours_once(m, xx, prune_normalized=pn)}
         if tp is not None:
-            try:
-                tp_once(model, x)
-                row["torch_pruning"] = median_of(tp_once, model, x, args.reps)
-            except Exception as e:  # noqa: BLE001  (a peer failure is a result, not a crash)
-                row["torch_pruning"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            else:
-                ours_r, tp_r = row["secateur"], row["torch_pruning"]
-                row["params_match"] = ours_r["params_after"] == tp_r["params_after"]
-                if not row["params_match"]:
-                    mismatches.append(f"{name}: {ours_r['params_after']} vs {tp_r['params_after']}")
-                row["speedup_total"] = tp_r["total_s"] / ours_r["total_s"]
-                row["speedup_build"] = tp_r["build_s"] / ours_r["build_s"]
-                row["speedup_step"] = tp_r["step_s"] / ours_r["step_s"]
-                row["speedup_total_cpu"] = tp_r["cpu_total_s"] / ours_r["cpu_total_s"]
+            fns["torch_pruning"] = tp_once
+        if not args.skip_verified:
+            fns["secateur_verified"] = lambda m, xx, pn=pn: ours_once(m, xx, prune_normalized=pn, verify=True)
+        row.update(interleaved(fns, model, x, args.reps, peers=("torch_pruning",)))
+        ours_r, tp_r = row["secateur"], row.get("torch_pruning")
+        counts = {k: row[k]["params_after"] for k in fns if "error" not in row[k]}
+        row["params_match"] = len(set(counts.values())) == 1
+        if not row["params_match"]:
+            mismatches.append(f"{name}: {counts}")
+        if tp_r is not None and "error" not in tp_r:
+            row["speedup_total"] = tp_r["total_s"] / ours_r["total_s"]
+            row["speedup_build"] = tp_r["build_s"] / ours_r["build_s"]
+            row["speedup_step"] = tp_r["step_s"] / ours_r["step_s"]
+            row["speedup_total_cpu"] = tp_r["cpu_total_s"] / ours_r["cpu_total_s"]
+            if "secateur_verified" in row:
+                row["speedup_total_verified"] = tp_r["total_s"] / row["secateur_verified"]["total_s"]
+                row["speedup_total_verified_cpu"] = (
+                    tp_r["cpu_total_s"] / row["secateur_verified"]["cpu_total_s"]
+                )
         result["models"][name] = row
         print(name, json.dumps(row, indent=1), flush=True)
     if not args.skip_latency:

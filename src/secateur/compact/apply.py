@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from secateur.errors import CompactionError
+from secateur.graph.tracer import walk_model
 
 from .norms import remove_norm_masks, set_norm_masks
 from .plan import HEAD_ATTRS, KV_HEAD_ATTRS, ModuleLookup, check_plan, hf_configs
@@ -92,12 +93,13 @@ def compact(model: nn.Module, plan: Mapping, check: Any = None) -> nn.Module:
 def _apply_plan(model: nn.Module, plan: Mapping, journal: Journal) -> None:
     """The changes of :func:`compact`, each journaled before it is made."""
     check_plan(plan)
-    remove_norm_masks(model, journal=journal.record)  # mask-aware norm hooks from mask_model / ChannelPruner
-    named = _named_tensors(model)
+    walk = walk_model(model)  # one walk of the module tree for tensors, modules and norm hooks
+    remove_norm_masks(model, journal=journal.record, modules=[m for _, m in walk.unique])
+    named = {**walk.params, **walk.buffers}
     paths_of: dict[int, list[str]] = {}  # every name of a tensor (tied weights have several)
     for n, u in named.items():
         paths_of.setdefault(id(u), []).append(n)
-    modules = ModuleLookup(model)
+    modules = ModuleLookup(model, walk.by_path)
     done: dict[int, Mapping] = {}
     touched_modules: dict[str, nn.Module] = {}
     for name, dims in plan["tensors"].items():
@@ -149,36 +151,47 @@ def _slice(t: torch.Tensor, dim: int, kept: np.ndarray) -> torch.Tensor:
 def _sliced(t: torch.Tensor, dims: Mapping) -> torch.Tensor:
     """``t`` with only the kept indices of each listed dim (``{dim: kept indices}``), as a fresh contiguous
     tensor: what ``index_select`` dim after dim would give, with fewer copies. Contiguous ranges are narrowed
-    first (views), then the other dims gathered (each gather copies only what is left), and ``t`` is copied
-    once at the end when no gather copied it."""
-    items = [(int(d), np.asarray(k, dtype=np.int64)) for d, k in dims.items()]
-    items.sort(key=lambda dk: (not _is_range(dk[1]), dk[0]))  # views first, then gathers by dim
+    first (views), then the other dims gathered in increasing dim order (each gather copies only what is
+    left, into a new contiguous tensor), and ``t`` is copied once at the end when no gather copied it."""
+    items = []
+    for d, k in dims.items():
+        kept = np.asarray(k, dtype=np.int64)
+        items.append((not _is_range(kept), int(d), kept))
+    items.sort(key=lambda item: item[:2])  # views first, then gathers by dim
     out = t
-    copied = False
-    for d, kept in items:
-        new = _slice(out, d, kept)
-        copied = copied or (new is not out and not _is_view_of(new, out))
-        out = new
-    if not copied:
+    for _, d, kept in items:
+        out = _slice(out, d, kept)
+    if not items or not items[-1][0]:  # no gather: only views of t so far
         return out.clone(memory_format=torch.contiguous_format)
     return out.contiguous()
 
 
 def _is_range(kept: np.ndarray) -> bool:
+    """``kept`` (sorted int64) is one run of consecutive indices (a view can keep it)."""
     n = kept.size
     return bool(n and kept[0] >= 0 and kept[-1] - kept[0] == n - 1 and (n < 3 or (np.diff(kept) == 1).all()))
-
-
-def _is_view_of(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _slicing_key(dims: Mapping) -> tuple:
     return tuple(sorted((int(d), tuple(k)) for d, k in dims.items()))
 
 
-def _update_module(mod: nn.Module, undo: Journal) -> None:
+class _Changes:
+    """Journal only the attribute writes that change a value (a write of the value already there is a
+    no-op, so nothing needs undoing)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.old_shape = journal.old_shape
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        if name not in obj.__dict__ or obj.__dict__[name] != value:
+            self.journal.set_attr(obj, name, value)
+
+
+def _update_module(mod: nn.Module, journal: Journal) -> None:
     """Refresh the size attributes of standard layers from their (new) parameter shapes."""
+    undo = _Changes(journal)
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.modules.conv._ConvNd):
         old_shape = undo.old_shape.get(id(mod.weight))

@@ -17,7 +17,7 @@ The plan lists these norms under ``plan["norms"]``: ``{module path: {"dim": d, "
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -130,15 +130,22 @@ def norm_masks(model: nn.Module) -> dict[str, KeptChannelsNorm]:
     return out
 
 
-def remove_norm_masks(model: nn.Module, journal: Callable[[Callable[[], None]], None] | None = None) -> int:
+def remove_norm_masks(
+    model: nn.Module,
+    journal: Callable[[Callable[[], None]], None] | None = None,
+    modules: Iterable[nn.Module] | None = None,
+) -> int:
     """Remove every :class:`KeptChannelsNorm` hook from ``model``; returns how many were removed.
 
     ``journal(undo)``, if given, receives for each removal a function that puts the hook back where it was
     (in the same order among the module's other hooks): :func:`secateur.compact.compact` uses it to roll
-    back.
+    back. ``modules``: the modules of ``model`` (each once), when the caller has them already (default
+    ``model.modules()``).
     """
     n = 0
-    for mod in model.modules():
+    for mod in model.modules() if modules is None else modules:
+        if not mod._forward_hooks:
+            continue
         ids = [k for k, h in mod._forward_hooks.items() if isinstance(h, KeptChannelsNorm)]
         for hid in ids:
             # what each hook dict holds, saved (and journaled) before anything is removed, so an undo run

@@ -146,13 +146,18 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
         gone[gi] = rm
         groups_out.append({"group": g.name, "n_units": g.n_units, "removed": rm.tolist()})
         keep_list = None
+        kept_of: dict[int, list[int]] = {}  # members sharing one unit map (the graph shares them): once
         for m in g.members:
-            if _is_identity(m.unit_of, g.n_units):  # index i is unit i: the kept indices are the kept units
-                if keep_list is None:
-                    keep_list = keep.tolist()
-                kept = keep_list.copy()  # each member its own list (plans are data a caller may edit)
-            else:
-                kept = np.nonzero(keep_mask[m.unit_of])[0].tolist()  # indices of this dim whose unit stays
+            kept = kept_of.get(id(m.unit_of))
+            if kept is None:
+                if _is_identity(m.unit_of, g.n_units):  # index i is unit i: the kept units are the indices
+                    if keep_list is None:
+                        keep_list = keep.tolist()
+                    kept = keep_list
+                else:
+                    kept = np.nonzero(keep_mask[m.unit_of])[0].tolist()  # indices whose unit stays
+                kept_of[id(m.unit_of)] = kept
+            kept = kept.copy()  # each member its own list (plans are data a caller may edit)
             if not kept:
                 raise CompactionError(
                     f"group {g.name}: removing units {rm.tolist()} empties {m.name} dim {m.dim}"
@@ -442,11 +447,14 @@ class ModuleLookup:
     """Submodules by qualified path, cached: ``lookup[path]`` is the submodule at ``path`` (``""``: the
     model), resolved one name at a time through the parents' ``_modules`` and remembered, instead of a
     ``get_submodule`` walk per query (paths that are not plain submodule chains fall back to
-    ``get_submodule``, which raises ``AttributeError`` for a path the model lacks)."""
+    ``get_submodule``, which raises ``AttributeError`` for a path the model lacks). ``known``: modules
+    already found by path (e.g. :attr:`secateur.graph.tracer.ModelWalk.by_path`), taken as they are."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, known: Mapping[str, nn.Module] | None = None) -> None:
         self.model = model
         self.by_path: dict[str, nn.Module] = {"": model}
+        if known:
+            self.by_path.update(known)
 
     def __getitem__(self, path: str) -> nn.Module:
         mod = self.by_path.get(path)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +45,11 @@ __all__ = [
     "check_equivalence",
     "forward_failure",
     "incompatible_groups",
+    "masked_reference",
     "max_abs_diff",
     "oracle_check",
     "output_diffs",
+    "replica",
     "require_finite_inputs",
     "verified_compact",
 ]
@@ -101,6 +105,50 @@ class OutputDiff:
         return self.finite and self.max_abs <= atol + rtol * self.scale
 
 
+def replica(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """``copy.deepcopy(model).to(dtype)``, without the intermediate copy: every floating parameter and buffer
+    (plain ``torch.Tensor`` / ``nn.Parameter``) is converted once, straight into a new tensor of ``dtype``
+    placed in deepcopy's memo, so deepcopy copies only the module tree; then the copy's ``.to(dtype)`` runs
+    as before (a no-op for those tensors; it converts what else ``to`` would and runs modules' own
+    ``_apply``). ``model`` is not touched; the copy never shares storage with it (``copy=True`` even when the
+    dtype already matches). Costs one tensor of ``dtype`` per floating tensor of ``model``.
+    """
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in memo or not t.is_floating_point() or type(t) not in (torch.Tensor, nn.Parameter):
+            continue  # tensor subclasses: deepcopy copies them as it always did, then .to converts
+        new = t.detach().to(dtype=dtype, copy=True)
+        memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if type(t) is nn.Parameter else new
+    return copy.deepcopy(model, memo).to(dtype)
+
+
+# float64 masked references the oracle made itself (:func:`masked_reference`): output_diffs runs each as it
+# is, once, instead of copying it again (nobody else holds them, so running them changes nothing anyone sees)
+_OWN_REFERENCES: weakref.WeakSet = weakref.WeakSet()
+
+
+def masked_reference(model: nn.Module, plan: Mapping) -> nn.Module:
+    """The oracle's reference: a float64 copy of ``model`` (:func:`replica`) masked by ``plan``
+    (:func:`~secateur.compact.mask_model`); ``model`` is not touched. The first :func:`output_diffs` given
+    it (as its first model, in float64) runs it as it is instead of copying it again; later calls copy it.
+    Memory: one float64 copy of the model.
+
+    Raises:
+        KeyError / CompactionError: from :func:`~secateur.compact.mask_model` (a plan that does not fit).
+    """
+    ref = mask_model(replica(model, torch.float64), plan)
+    _OWN_REFERENCES.add(ref)
+    return ref
+
+
+def _copy_for(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """What output_diffs runs: a copy of ``model`` in ``dtype``, or the oracle's own unused reference."""
+    if dtype == torch.float64 and model in _OWN_REFERENCES:
+        _OWN_REFERENCES.discard(model)  # once: a second run would see buffers the first one moved
+        return model
+    return replica(model, dtype)
+
+
 def _nonfinite(t: torch.Tensor) -> str | None:
     if t.numel() == 0 or bool(torch.isfinite(t).all()):
         return None
@@ -116,12 +164,13 @@ def output_diffs(
     a: nn.Module, b: nn.Module, example_inputs: Any, dtype: torch.dtype = torch.float64
 ) -> list[OutputDiff] | str:
     """Compare the floating output tensors of ``a`` and ``b`` on ``example_inputs``, both run in ``dtype``
-    (deep copies: the models are not touched; floating inputs are cast to float64 when ``dtype`` is).
+    (copies, :func:`replica`: the models are not touched; floating inputs are cast to float64 when ``dtype``
+    is; an unused reference from :func:`masked_reference` is run as it is).
 
     Returns one :class:`OutputDiff` per output tensor, or a string saying why the outputs cannot be
     compared (a different number of floating outputs, or output ``i`` of another shape).
     """
-    ca, cb = copy.deepcopy(a).to(dtype), copy.deepcopy(b).to(dtype)
+    ca, cb = _copy_for(a, dtype), replica(b, dtype)
     x = _to_double(example_inputs) if dtype == torch.float64 else example_inputs
     oa, ob = _float_outputs(ca, x), _float_outputs(cb, x)
     if len(oa) != len(ob):
@@ -304,7 +353,7 @@ def oracle_check(
     a transaction, e.g. :func:`secateur.train.compact_in_training`): ``check(compacted)`` raises unless the
     compacted model runs and equals ``model`` masked by ``plan`` on ``example_inputs``
     (:func:`~secateur.compact.check_equivalence`). Call it *before* compacting: it keeps a masked deep copy
-    of ``model`` (memory: one copy of the model).
+    of ``model`` in float64 (:func:`masked_reference`; memory: one float64 copy of the model).
 
     Raises:
         ConfigError: ``example_inputs`` holds NaN or Inf (checked first: the model is not touched).
@@ -312,7 +361,7 @@ def oracle_check(
             or the difference when it runs but differs.
     """
     require_finite_inputs(example_inputs)
-    masked = mask_model(copy.deepcopy(model), plan)
+    masked = masked_reference(model, plan)
 
     def check(m: nn.Module) -> None:
         broke = forward_failure(m, example_inputs)
@@ -401,7 +450,7 @@ def _probe(
     """Compact ``removed`` inside a transaction that always rolls back; ``None`` if the compacted model runs
     (``tol`` None) or also equals its masked model (float64, ``tol = (atol, rtol)``), else why not."""
     plan = make_plan(graph, removed)
-    ref = mask_model(copy.deepcopy(model), plan) if tol is not None else None
+    ref = masked_reference(model, plan) if tol is not None else None
 
     def probe(m: nn.Module) -> None:
         if ref is None:

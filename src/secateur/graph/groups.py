@@ -250,10 +250,21 @@ def _make_groups(
     if not pds:
         return []
     n = labels.size
-    sizes = np.array([pd.atoms.size for pd in pds], dtype=np.int64)
+    # members bound to the same atoms array (a weight dim bound to the activation it met, BatchNorm
+    # statistics...) have the same classes: each distinct array is looked up and linked once
+    slot: dict[int, int] = {}
+    arrays: list[np.ndarray] = []
+    member_slot = []
+    for pd in pds:
+        j = slot.get(id(pd.atoms))
+        if j is None:
+            j = slot[id(pd.atoms)] = len(arrays)
+            arrays.append(pd.atoms)
+        member_slot.append(j)
+    sizes = np.array([a.size for a in arrays], dtype=np.int64)
     ends = np.cumsum(sizes)
     starts = ends - sizes
-    cls_all = labels[np.concatenate([pd.atoms for pd in pds])]  # class of every index of every member
+    cls_all = labels[np.concatenate(arrays)]  # class of every index of every distinct array
     # a second union-find over classes joins the classes of one member: its group (vectorised)
     first_cls = cls_all[starts]
     root = connected_labels(n, np.repeat(first_cls, sizes), cls_all)
@@ -284,22 +295,29 @@ def _make_groups(
         order = np.argsort(rid, kind="stable")[::-1]  # earliest reason written last
         first_reason[cls[order]] = rid[order]
     by_root: dict[int, list[int]] = {}
-    for i, r in enumerate(root[first_cls].tolist()):
-        by_root.setdefault(r, []).append(i)
+    root_of_slot = root[first_cls].tolist()
+    for i, j in enumerate(member_slot):
+        by_root.setdefault(root_of_slot[j], []).append(i)
     starts_l, ends_l = starts.tolist(), ends.tolist()
+    views: dict[int, np.ndarray] = {}  # one unit map per distinct atoms array, shared by its members
     groups = []
     for r, members_idx in by_root.items():
         b0, b1 = block_of_root[r]
         classes = cls_sorted[b0:b1]
         members = []
+        modules = set()
         for i in members_idx:
             pd = pds[i]
-            unit_of = unit_all[starts_l[i] : ends_l[i]]
+            j = member_slot[i]
+            unit_of = views.get(j)
+            if unit_of is None:
+                unit_of = views[j] = unit_all[starts_l[j] : ends_l[j]]
             members.append(Member(pd.name, pd.dim, unit_of, pd.aliases, pd.is_buffer))
+            modules.add(pd.name.rpartition(".")[0])
         prunable = ~frozen_mask[classes]
         rids = first_reason[classes]
         reasons = [reasons_text[k] for k in dict.fromkeys(rids[rids >= 0].tolist())][:5]
-        if len({m.module for m in members}) == 1 and not prunable.any():
+        if len(modules) == 1 and not prunable.any():
             continue  # kernel dims, input channels of a stem, classifier rows: not worth listing
         if protect:
             hit = [

@@ -482,12 +482,30 @@ def _to_meta(obj: Any, real: list[tuple[torch.Tensor, torch.Tensor]] | None = No
     return obj
 
 
-def _walk(model: nn.Module) -> tuple[dict, dict, list[tuple[str, nn.Module]]]:
-    """One walk of the module tree: ``(named_parameters, named_buffers)`` as
-    ``model.named_parameters(remove_duplicate=False)`` / ``named_buffers(...)`` give them (same names, same
-    order) and ``list(model.named_modules())`` (each module once, under its first path)."""
+@dataclasses.dataclass
+class ModelWalk:
+    """One walk of a module tree (:func:`walk_model`).
+
+    Attributes:
+        params: ``model.named_parameters(remove_duplicate=False)`` as a dict (same names, same order).
+        buffers: ``model.named_buffers(remove_duplicate=False)`` as a dict (same names, same order).
+        by_path: every module under every path it is reachable by (``""``: the model).
+        unique: ``list(model.named_modules())``: each module once, under its first path.
+    """
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    by_path: dict[str, nn.Module]
+    unique: list[tuple[str, nn.Module]]
+
+
+def walk_model(model: nn.Module) -> ModelWalk:
+    """Parameters, buffers and modules of ``model`` by qualified name, in one walk of the module tree (what
+    ``named_parameters``, ``named_buffers`` and ``named_modules`` give, each of which walks the tree again).
+    Reads only; see :class:`ModelWalk`."""
     params: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
+    by_path: dict[str, nn.Module] = {}
     first: dict[int, tuple[str, nn.Module]] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
         pre = path + "." if path else ""
@@ -497,9 +515,10 @@ def _walk(model: nn.Module) -> tuple[dict, dict, list[tuple[str, nn.Module]]]:
         for k, v in mod._buffers.items():
             if v is not None:
                 buffers[pre + k] = v
+        by_path[path] = mod
         if id(mod) not in first:
             first[id(mod)] = (path, mod)
-    return params, buffers, list(first.values())
+    return ModelWalk(params, buffers, by_path, list(first.values()))
 
 
 def run_trace(
@@ -538,7 +557,8 @@ def run_trace(
             return run_trace(model, example_inputs, rules, module_rules, "real", watch)
     tracer = Tracer(model, rules, module_rules)
     tracer.watch = frozenset(watch)
-    named, buffers, unique_modules = _walk(model)
+    walk = walk_model(model)
+    named, buffers, unique_modules = walk.params, walk.buffers, walk.unique
     if any(t.is_meta for t in named.values()) or any(t.is_meta for t in buffers.values()):
         check_model(model)  # a model on the meta device: InvalidModelError naming the first such tensor
     examples = as_examples(example_inputs)
