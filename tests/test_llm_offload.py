@@ -166,13 +166,13 @@ def test_only_one_block_or_the_outside_is_materialised_at_a_time(tmp_path, batch
     parameters not on meta are exactly that block's."""
     src, prefix = _save(tmp_path, "llama", True)
     seen: dict = {}
-    real_cal, real_block = offload.calibration_inputs, offload.prune_block
+    real_cal, real_block = offload.calibration_stack_inputs, offload.prune_block
 
-    def cal(model, first, *args, **kwargs):
+    def cal(model, block_list, *args, **kwargs):
         seen["model"] = model
         live = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type != "meta"]
         seen["calibration"] = live
-        out = real_cal(model, first, *args, **kwargs)
+        out = real_cal(model, block_list, *args, **kwargs)
         after = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type != "meta"]
         seen["after_calibration"] = after
         return out
@@ -184,7 +184,7 @@ def test_only_one_block_or_the_outside_is_materialised_at_a_time(tmp_path, batch
         assert live == {f"{prefix}{i}.{n}" for n, _ in blk.named_parameters()}
         return real_block(blk, linears, *args, **kwargs)
 
-    monkeypatch.setattr(offload, "calibration_inputs", cal)
+    monkeypatch.setattr(offload, "calibration_stack_inputs", cal)
     monkeypatch.setattr(offload, "prune_block", block)
     prune_checkpoint(src, tmp_path / "out", batches, "wanda", 0.5, "row")
     assert seen["blocks"] == ["0", "1", "2"]
@@ -287,7 +287,7 @@ def test_model_reading_weights_without_calling_modules_falls_back_to_all_outside
     """If the lazy pass fails (as when a model's code reads a weight that is still on meta), every
     tensor outside the blocks is loaded and the pass runs again: same result, more bytes held."""
     src, prefix = _save(tmp_path, "gpt2", False)
-    real = offload.calibration_inputs
+    real = offload.calibration_stack_inputs
     calls = {"n": 0}
 
     def first_fails(*args, **kwargs):
@@ -297,7 +297,7 @@ def test_model_reading_weights_without_calling_modules_falls_back_to_all_outside
             raise RuntimeError("Tensor on device meta is not on the expected device cpu")
         return out
 
-    monkeypatch.setattr(offload, "calibration_inputs", first_fails)
+    monkeypatch.setattr(offload, "calibration_stack_inputs", first_fails)
     rep = prune_checkpoint(src, tmp_path / "out", batches, "wanda", 0.5, "2:4")
     assert calls["n"] == 2
     dense = transformers.AutoModelForCausalLM.from_pretrained(src)
@@ -309,3 +309,51 @@ def test_model_reading_weights_without_calling_modules_falls_back_to_all_outside
     got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     for k, v in dense.state_dict().items():
         assert torch.equal(got[k], v), k
+
+
+def _gemma3():
+    """Tiny Gemma 3: blocks 0-1 sliding-window attention (window 4), block 2 full attention; the two kinds
+    get different attention masks and rotary embeddings (local base 10k, global 1M) from the model."""
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, max_position_embeddings=64,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], initializer_range=0.1,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return transformers.Gemma3ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize(("method", "pattern"), [("wanda", "row"), ("sparsegpt", "2:4")])
+def test_gemma3_blocks_are_calibrated_with_their_own_masks_and_rotary(tmp_path, batches, method, pattern,
+                                                                      monkeypatch):
+    """Sliding-window and full-attention blocks of Gemma 3 are each calibrated with the arguments the model
+    hands them: the streamed masks and weights equal prune_oneshot's (which records every block's call);
+    giving every block the first block's arguments (the former behaviour) changes the full-attention
+    block's result, so this test would catch it."""
+    torch.manual_seed(0)
+    src = tmp_path / "gemma-in"
+    _gemma3().save_pretrained(src, max_shard_size="40KB")
+    rep = prune_checkpoint(src, tmp_path / "out", batches, method, 0.5, pattern)
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    prune_oneshot(ref, batches, method, 0.5, pattern, as_masks=False)
+    want = ref.state_dict()
+    assert len(rep.written_tensors) == 3 * 7
+    for k in want:
+        assert torch.equal(got[k] == 0, want[k] == 0), k  # the same masks
+        assert torch.equal(got[k], want[k]), k  # and the same (SparseGPT-updated) weights
+
+    real = offload.calibration_stack_inputs
+
+    def first_args_for_all(*args, **kwargs):
+        inputs, masks, n_tokens, block_args = real(*args, **kwargs)
+        assert block_args is not None  # Gemma 3's blocks are not called alike
+        return inputs, masks, n_tokens, None
+
+    monkeypatch.setattr(offload, "calibration_stack_inputs", first_args_for_all)
+    prune_checkpoint(src, tmp_path / "old", batches, method, 0.5, pattern)
+    old = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "old").state_dict()
+    full = [k for k in rep.written_tensors if k.startswith("model.layers.2.")]
+    sliding = [k for k in rep.written_tensors if k.startswith("model.layers.0.")]
+    assert all(torch.equal(old[k], want[k]) for k in sliding)  # block 0 got its own arguments anyway
+    assert any(not torch.equal(old[k] == 0, want[k] == 0) for k in full)

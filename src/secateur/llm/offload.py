@@ -7,14 +7,17 @@ or shards listed in ``model.safetensors.index.json``) instead of a model in memo
 
 1. the model is built from ``config.json`` with every parameter on the ``meta`` device (no
    storage; buffers computed at construction, such as rotary frequencies, stay real);
-2. the calibration batches run up to the first block and its inputs are kept; the tensors of the
-   modules called on the way (the embeddings, read from the safetensors files when a module is
-   first called) then go back to ``meta``; the final norm and an untied head are never read;
+2. the calibration batches run through the model with every block's ``forward`` replaced by a
+   recorder (:func:`secateur.llm.oneshot.calibration_stack_inputs`): the first block's inputs are kept,
+   and so are the arguments the model hands *each* block (Gemma 2/3 give sliding-window blocks another
+   attention mask and other rotary embeddings than full-attention blocks); no block computes. The
+   tensors of the modules called on the way (the embeddings, read from the safetensors files when a
+   module is first called) then go back to ``meta``; the final norm and an untied head are never read;
 3. for each block in turn: its tensors are read (single tensors at their offsets in the file),
    its Linears are pruned by :func:`secateur.llm.oneshot.prune_block` (statistics on the current
-   inputs, then the *pruned* block's outputs become the next inputs, as in the in-memory driver and
-   the papers), the pruned weights are written into the output files, and the block goes back to
-   ``meta``.
+   hidden states with the block's own call arguments, then the *pruned* block's outputs become the
+   next hidden states, as in the in-memory driver and the papers), the pruned weights are written into
+   the output files, and the block goes back to ``meta``.
 
 So at any moment the parameters held are the embeddings (during step 2 only) or one block's
 (step 3), plus the calibration activations entering one block; ``peak_materialised_bytes``
@@ -55,12 +58,14 @@ from torch import nn
 from secateur.compact import interrupts_deferred
 from secateur.errors import ConfigError
 from secateur.llm.oneshot import (
+    BlockArgs,
     OneShotReport,
-    calibration_inputs,
+    calibration_stack_inputs,
     check_oneshot_args,
     find_blocks,
     prune_block,
     select_linears,
+    with_block_args,
 )
 from secateur.masks.patterns import Pattern, parse_pattern
 
@@ -315,19 +320,21 @@ def _has_meta(obj) -> bool:
 
 def _capture_streamed(
     model: nn.Module,
-    first: nn.Module,
+    block_list: nn.ModuleList,
     batches: list,
     dev: torch.device | None,
     ckpt: _Checkpoint,
     outside: list[tuple[list[str], str, torch.Tensor]],
-) -> tuple[list, list, int, set[int]]:
-    """First-block inputs, loading only the tensors of the modules called before the first block.
+) -> tuple[list, list, int, BlockArgs | None, set[int]]:
+    """First-block inputs and every block's own call arguments, loading only the tensors of the modules
+    called before the first block (:func:`~secateur.llm.oneshot.calibration_stack_inputs`: no block runs).
 
     Each module outside the blocks that owns tensors gets a forward pre-hook that reads them (and
     their tied aliases) on its first call, so the final norm and an untied head, which run after the
-    last block, are never read. If the captured inputs still hold a ``meta`` tensor or the pass
-    fails (a model reading a weight without calling its module), every tensor outside the blocks is
-    loaded and the pass runs again. Returns ``(inputs, masks, n_tokens, loaded group indices)``.
+    last block, are never read. If the captured inputs or call arguments still hold a ``meta`` tensor
+    or the pass fails (a model reading a weight without calling its module), every tensor outside the
+    blocks is loaded and the pass runs again. Returns ``(inputs, masks, n_tokens, block_args, loaded
+    group indices)``; ``block_args`` is None when every block is called with the first block's arguments.
     """
     loaded: set[int] = set()
 
@@ -351,8 +358,8 @@ def _capture_streamed(
         for mod, gs in owners.items()
     ]
     try:
-        inputs, masks, n_tokens = calibration_inputs(model, first, batches, dev)
-        lazy_ok = not _has_meta(inputs)
+        inputs, masks, n_tokens, block_args = calibration_stack_inputs(model, block_list, batches, dev)
+        lazy_ok = not _has_meta(inputs) and not _has_meta(block_args or [])
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         lazy_ok = False
     finally:
@@ -360,8 +367,8 @@ def _capture_streamed(
             h.remove()
     if not lazy_ok:
         load(range(len(outside)))
-        inputs, masks, n_tokens = calibration_inputs(model, first, batches, dev)
-    return inputs, masks, n_tokens, loaded
+        inputs, masks, n_tokens, block_args = calibration_stack_inputs(model, block_list, batches, dev)
+    return inputs, masks, n_tokens, block_args, loaded
 
 
 def _release_free_memory() -> None:
@@ -580,8 +587,8 @@ def prune_checkpoint(
         report.copied_files, report.skipped_files = _copy_files(src, tmp, ckpt.files, ckpt.index_file)
 
         # The layers before the first block (embeddings) need their weights for the calibration pass.
-        inputs, masks, report.n_tokens, loaded = _capture_streamed(
-            model, block_list[0], batches, dev, ckpt, outside
+        inputs, masks, report.n_tokens, block_args, loaded = _capture_streamed(
+            model, block_list, batches, dev, ckpt, outside
         )
         report.non_block_bytes = sum(ckpt.nbytes(outside[g][1]) for g in loaded)
         report.peak_materialised_bytes = materialised_bytes(model)
@@ -598,7 +605,7 @@ def prune_checkpoint(
             inputs = prune_block(
                 block,
                 per_block[bi],
-                inputs,
+                with_block_args(inputs, block_args, bi),
                 masks,
                 method,
                 sp,
