@@ -52,11 +52,11 @@ def mask_model(model: nn.Module, plan: Mapping) -> nn.Module:
         t = named[name]
         for d, kept in dims.items():
             d = int(d)
-            mask = torch.zeros(t.shape[d], dtype=torch.bool)
-            mask[torch.as_tensor(kept, dtype=torch.long)] = True
-            shape = [1] * t.dim()
-            shape[d] = -1
-            t.masked_fill_(~mask.view(shape).to(t.device), 0)  # not mul_: inf * 0 would be nan
+            keep = np.zeros(t.shape[d], dtype=bool)
+            keep[np.asarray(kept, dtype=np.int64)] = True
+            gone = np.flatnonzero(~keep)
+            if gone.size:  # writes zeros into the removed slices only (not mul_: inf * 0 would be nan)
+                t.index_fill_(d, torch.from_numpy(gone).to(t.device), 0)
     set_norm_masks(model, plan.get("norms") or {})
     return model
 

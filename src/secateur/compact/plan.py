@@ -261,7 +261,14 @@ def _head_attributes(
         index = _class_index(graph)
     attrs: dict[str, dict[str, list]] = {}
     events: list[tuple[str, int, int]] = []
-    model = graph.model
+    modules = ModuleLookup(graph.model)
+    values: dict[tuple[str, str], Any] = {}  # (module path, attribute) -> value, each read once
+
+    def read(path: str, a: str) -> Any:
+        if (path, a) not in values:
+            values[(path, a)] = _attr(modules[path], a)
+        return values[(path, a)]
+
     for ev in graph.splits:
         if ev.kind != "heads" or ev.classes is None or len(ev.classes) == 0:
             continue
@@ -280,23 +287,23 @@ def _head_attributes(
             continue
         events.append((ev.module_paths[0], ev.n_outer, n_new))
         for path in ev.module_paths[:2]:
-            mod = model.get_submodule(path) if path else model
             hit = False
             for names in (HEAD_ATTRS, KV_HEAD_ATTRS):
                 for a in names:
-                    v = _attr(mod, a)
+                    v = read(path, a)
                     if isinstance(v, int) and not isinstance(v, bool) and v == ev.n_outer:
                         attrs.setdefault(path, {})[a] = [v, n_new]
                         hit = True
             if hit:
                 for a in WIDTH_ATTRS:
-                    v = _attr(mod, a)
+                    v = read(path, a)
                     if isinstance(v, int) and not isinstance(v, bool) and v == ev.n_outer * ev.inner:
                         attrs.setdefault(path, {})[a] = [v, n_new * ev.inner]
-                hd = _attr(mod, "head_dim")
+                hd = read(path, "head_dim")
                 if isinstance(hd, int) and hd != ev.inner:
+                    cls = type(modules[path]).__name__
                     raise IncompatibleGroupError(
-                        f"module {path} ({type(mod).__name__}): its head_dim {hd} differs from the head size "
+                        f"module {path} ({cls}): its head_dim {hd} differs from the head size "
                         f"{ev.inner} the trace saw, so its heads cannot be removed consistently; protect it"
                     )
                 break
