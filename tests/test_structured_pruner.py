@@ -245,3 +245,30 @@ def test_trainer_accumulates_taylor_after_backward_like_the_own_loop():
     # with the weights after the step the statistics would differ (lr 0.5 moves them)
     moved = p1.criterion.batch_scores(p1.graph.groups[p1.group_ids[0]], m1)
     assert not np.allclose(moved, p1.criterion.acc.sums[p1.graph.groups[p1.group_ids[0]].name].numpy())
+
+
+@pytest.mark.parametrize("reduction", [2.0, 3.0])
+def test_uniform_mac_target_is_reached_with_less_overshoot_than_one_common_fraction(reduction):
+    """ResNet-8 at half width has groups of 8, 16 and 32 channels that all step at the same common fraction:
+    the smallest fraction reaching 2x fewer MACs removes 2.32x. The driver steps those groups one at a time
+    instead: it still reaches the target, never overshoots more than the common fraction, and here less."""
+    from secateur.allocation.structured import uniform_fraction_for, uniform_removal
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", width=0.5, stem_stride=2).eval()
+    x = torch.randn(1, 1, 28, 28)
+    dense = count_macs(model, x)["macs"]
+    target = 1.0 - 1.0 / reduction
+    cp = ChannelPruner(copy.deepcopy(model), x, schedule=target, allocation="uniform", target="macs")
+    cp.prune_to(target)
+    reached = dense / count_macs(cp.finalize(), x)["macs"]
+
+    ref = ChannelPruner(copy.deepcopy(model), x, schedule=target, allocation="uniform", target="macs")
+    groups, scores = ref.graph.groups, ref.scores()
+    frac = uniform_fraction_for(groups, scores, ref.removed, ref.cost, target, 1)
+    common = uniform_removal(groups, scores, ref.removed, frac, 1)
+    common_removed = ref.cost.state({gi: common.get(gi, ref.removed[gi]) for gi in ref.group_ids})
+    common_x = 1.0 / (1.0 - common_removed.removed_fraction())
+
+    assert reached >= reduction * (1 - 1e-9)
+    assert reached < common_x  # the common fraction overshoots here; the driver does not as much

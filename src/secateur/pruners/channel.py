@@ -50,8 +50,8 @@ from secateur.allocation.structured import (
     build_cost_model,
     global_removal,
     normalise_scores,
-    uniform_fraction_for,
     uniform_removal,
+    uniform_removal_for,
 )
 from secateur.compact import (
     ATOL,
@@ -163,7 +163,10 @@ class ChannelPruner(PrunerBase):
             (higher = keep). A criterion may score only some groups (its ``scores`` dict omits the others,
             or maps them to None): those are left whole.
         allocation: ``"uniform"`` (the same fraction of every group's prunable units; for params/MACs
-            targets that fraction is found by bisection) or ``"global"`` (one ranking over all groups).
+            targets the common fraction is bracketed by bisection and the groups that step inside the
+            bracket step one at a time, weakest first, until the target is reached:
+            :func:`~secateur.allocation.structured.uniform_removal_for`) or ``"global"`` (one ranking over
+            all groups).
         target: what the sparsity is a fraction of: ``"channels"`` (prunable units: channels, heads,
             neurons), ``"params"`` (all parameters of the model) or ``"macs"`` (multiply-accumulates of one
             forward on ``example_inputs``, not FLOPs) or ``"latency"`` (the dense model's *measured* latency:
@@ -431,11 +434,10 @@ class ChannelPruner(PrunerBase):
         elif self.allocation == "global":
             norm = normalise_scores(groups, scores, self.removed, self.normalize)
             removed, _ = global_removal(groups, norm, self.removed, self.cost, sparsity, self.round_to)
+        elif self.target != "channels":  # near-uniform, least overshoot of the target
+            removed = uniform_removal_for(groups, scores, self.removed, self.cost, sparsity, self.round_to)
         else:
-            frac = sparsity
-            if self.target != "channels":  # the smallest common fraction whose removal reaches the target
-                frac = uniform_fraction_for(groups, scores, self.removed, self.cost, sparsity, self.round_to)
-            removed = uniform_removal(groups, scores, self.removed, frac, self.round_to)
+            removed = uniform_removal(groups, scores, self.removed, sparsity, self.round_to)
         return {gi: removed.get(gi, self.removed[gi]) for gi in self.group_ids}
 
     # -------------------------------------------------------------------------------------- scoring
