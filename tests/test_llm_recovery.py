@@ -227,13 +227,14 @@ def test_resume_after_a_stop_is_bit_exact(tmp_path):
             raise Stop
 
     first = copy.deepcopy(pruned)
-    with pytest.raises(Stop):
+    with pytest.raises(Stop):  # resume=True on an empty folder: a fresh start
         distill(
             first,
             teacher,
             cal,
             checkpoint_dir=tmp_path / "ck",
             checkpoint_every=2,
+            resume=True,
             on_step=stop_at_4,
             **kwargs,
         )

@@ -739,8 +739,9 @@ def distill(
         checkpoint_dir: save a checkpoint (:mod:`secateur.train.checkpoint`) every ``checkpoint_every`` steps
             (default: only at the end) and after the last step. A folder holding checkpoints needs
             ``resume=True``.
-        resume: continue from ``checkpoint_dir``'s newest complete checkpoint; its settings (steps, lr, T,
-            schedule, data fingerprint ...) must equal this call's. Bit-exact on CPU.
+        resume: continue from ``checkpoint_dir``'s newest complete checkpoint (a fresh start when the folder
+            holds none); its settings (steps, lr, T, schedule, data fingerprint ...) must equal this call's.
+            Bit-exact on CPU.
         progress: a tqdm progress bar (loss, learning rate).
         on_step: called as ``on_step(step, record)`` after each step (and its checkpoint, if any); an
             exception raised there stops the run (the checkpoints written so far stay).
