@@ -191,7 +191,12 @@ def test_trainer_callback_accumulates_taylor_and_follows_the_schedule():
     model = create_model("vgg_small")
     loader = TensorLoader(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)), batch_size=4)
     pruner = ChannelPruner(
-        model, X, schedule=Iterative(0.3, steps=2, every=2, start=1), criterion="taylor", target="channels"
+        model,
+        X,
+        schedule=Iterative(0.3, steps=2, every=2, start=1),
+        criterion="taylor",
+        target="channels",
+        allocation="global",  # one ranking: the overall fraction is the schedule's (uniform floors per group)
     )
     Trainer(model, loader, epochs=1, lr=0.01, callbacks=[pruner], progress=False, log_every=0).fit()
     assert [h["step"] for h in pruner.history] == [1, 3]

@@ -229,7 +229,7 @@ class ChannelPruner(PrunerBase):
         *,
         schedule: Schedule | float,
         criterion: str | GroupCriterion | Callable[[Group, nn.Module], Any] = "l1",
-        allocation: str = "global",
+        allocation: str = "uniform",
         target: str = "channels",
         protect: Sequence[str] = (),
         round_to: int = 1,

@@ -371,7 +371,8 @@ class Recipe(_Strict):
         if data.get("target") is None and isinstance(g, str):
             data["target"] = "channels" if g == "channel" else "weights"
         if data.get("allocation") is None and g in ("element", "channel"):
-            data["allocation"] = "global"
+            # element: one ranking over all layers; channel: the driver's default, one fraction per group
+            data["allocation"] = "global" if g == "element" else "uniform"
         return data
 
     @field_validator("granularity", mode="before")
