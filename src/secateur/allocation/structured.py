@@ -41,6 +41,7 @@ __all__ = [
     "CostModel",
     "CostState",
     "build_cost_model",
+    "channel_cost",
     "choose_units",
     "ensure_member_nonempty",
     "global_removal",
@@ -54,8 +55,11 @@ __all__ = [
 
 #: What a structured sparsity is a fraction of (``"latency"`` is measured, not modelled: see the pruner).
 TARGETS = ("channels", "params", "macs", "latency")
-#: Structured allocations: one ranking over all groups, or the same fraction of each.
-ALLOCATIONS = ("global", "uniform")
+#: Structured allocations: one ranking over all groups, the same fraction of each, one ranking within each
+#: class of structurally identical groups with a ratio shared by the classes
+#: (:mod:`secateur.allocation.isomorphic`), or per-group fractions from each group's measured loss
+#: sensitivity (:func:`secateur.allocation.sensitivity.sensitivity_removal_for`).
+ALLOCATIONS = ("global", "uniform", "isomorphic", "sensitivity")
 #: How :func:`normalise_scores` rescales each group's scores before a global ranking.
 NORMALIZERS = ("auto", "mean", "max", "none")
 _EPS = 1e-12
@@ -192,6 +196,16 @@ class CostState:
             self.item_val[i] = self._item(i)
 
 
+def channel_cost(groups: Sequence[Group], group_ids: Sequence[int]) -> CostModel:
+    """The :class:`CostModel` of the prunable units of ``group_ids`` (each unit costs 1): the removed fraction
+    of a removal is the fraction of those units it removes."""
+    cm = CostModel(sum(groups[gi].n_prunable for gi in group_ids))
+    for gi in group_ids:
+        s = cm.add_slot(gi, groups[gi].prunable.astype(np.int64))
+        cm.add_item(groups[gi].n_prunable, [s])
+    return cm
+
+
 def measure_layers(model: nn.Module, example_inputs: Any) -> list:
     """:func:`secateur.analysis.counting.layer_table` in eval mode (BatchNorm running statistics are not
     updated), every submodule's mode restored after."""
@@ -219,11 +233,7 @@ def build_cost_model(
     """
     groups = graph.groups
     if target == "channels":
-        cm = CostModel(sum(groups[gi].n_prunable for gi in group_ids))
-        for gi in group_ids:
-            s = cm.add_slot(gi, groups[gi].prunable.astype(np.int64))
-            cm.add_item(groups[gi].n_prunable, [s])
-        return cm
+        return channel_cost(groups, group_ids)
     slots_of: dict[str, list[int]] = {}
     if target == "params":
         cm = CostModel(count_params(model)["params"])

@@ -40,6 +40,7 @@ from secateur.errors import ConfigError
 __all__ = [
     "compare_callables",
     "compare_latency",
+    "compare_models",
     "measure",
     "measure_latency",
     "peak_memory",
@@ -307,6 +308,54 @@ def measure_latency(
         return bench.summary(threads=n_threads, device=str(dev), batch=_batch_size(example_inputs))
 
 
+def compare_models(
+    models: Mapping[str, nn.Module],
+    example_inputs: Any,
+    *,
+    threads: int | None = None,
+    repeats: int = 30,
+    warmup: int = 3,
+    block_ms: float = 10.0,
+    device: str | torch.device = "cpu",
+    inputs: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Eager latency of several models measured in one interleaved run: one block of each in turn, the
+    order reversed every other round, so a change in machine load hits all of them alike.
+
+    Each model runs in eval mode under ``torch.no_grad()`` (modes restored afterwards); a model on another
+    device type than ``device`` is timed from a moved copy.
+
+    Args:
+        models: ``{name: model}``, timed in this order (at least one).
+        inputs: per-model inputs where they differ (``{name: inputs}``; default: ``example_inputs``).
+        Others: as :func:`measure_latency`.
+
+    Returns:
+        ``{name: <measure_latency dict>}`` (ms per forward of the whole batch; median, IQR, ...).
+
+    Raises:
+        As :func:`measure_latency`; ConfigError: ``models`` is empty.
+    """
+    _check_counts(repeats, warmup, block_ms)
+    if not models:
+        raise ConfigError("compare_models needs at least one model")
+    n_threads = _threads(threads)
+    dev = _resolve_device(device)
+    given = dict(inputs or {})
+    with contextlib.ExitStack() as stack:
+        benches, batches = [], []
+        for name, model in models.items():
+            x = given.get(name, example_inputs)
+            prep = stack.enter_context(_Prepared(model, x, dev))
+            benches.append(_Bench(prep.forward(), n_threads, name))
+            batches.append(_batch_size(x))
+        _interleaved(benches, repeats, warmup, block_ms)
+        return {
+            name: b.summary(threads=n_threads, device=str(dev), batch=batch)
+            for name, b, batch in zip(models, benches, batches)
+        }
+
+
 def compare_latency(
     dense: nn.Module,
     pruned: nn.Module,
@@ -320,7 +369,8 @@ def compare_latency(
     pruned_inputs: Any = None,
 ) -> dict[str, Any]:
     """Latency of two models measured in one interleaved run: dense block, pruned block, and so on
-    (the order alternates every round), so a change in machine load hits both alike.
+    (the order alternates every round), so a change in machine load hits both alike
+    (:func:`compare_models` with two models).
 
     Args:
         pruned_inputs: inputs for ``pruned`` when they differ (default: ``example_inputs``).
@@ -333,17 +383,18 @@ def compare_latency(
     Raises:
         As :func:`measure_latency`.
     """
-    _check_counts(repeats, warmup, block_ms)
-    n_threads = _threads(threads)
-    dev = _resolve_device(device)
-    p_inputs = example_inputs if pruned_inputs is None else pruned_inputs
-    with _Prepared(dense, example_inputs, dev) as d, _Prepared(pruned, p_inputs, dev) as p:
-        benches = [_Bench(d.forward(), n_threads, "dense"), _Bench(p.forward(), n_threads, "pruned")]
-        _interleaved(benches, repeats, warmup, block_ms)
-        res_d = benches[0].summary(threads=n_threads, device=str(dev),
-                         batch=_batch_size(example_inputs))
-        res_p = benches[1].summary(threads=n_threads, device=str(dev), batch=_batch_size(p_inputs))
-    return {"dense": res_d, "pruned": res_p, "speedup": res_d["median_ms"] / res_p["median_ms"]}
+    res: dict[str, Any] = compare_models(
+        {"dense": dense, "pruned": pruned},
+        example_inputs,
+        threads=threads,
+        repeats=repeats,
+        warmup=warmup,
+        block_ms=block_ms,
+        device=device,
+        inputs=None if pruned_inputs is None else {"pruned": pruned_inputs},
+    )
+    res["speedup"] = res["dense"]["median_ms"] / res["pruned"]["median_ms"]
+    return res
 
 
 # Kineto's own log lines on profiler start/stop (torch 2.x): "USDT:<date> <pid>:<tid> File.cpp:NN] ...",

@@ -31,7 +31,6 @@ tensor is re-zeroed at every :meth:`ChannelPruner.step`, since the other owner r
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,10 +42,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from secateur._validate import check_model, check_name_patterns, check_round_to, check_sparsity
+from secateur.allocation.isomorphic import isomorphic_classes, isomorphic_removal, isomorphic_removal_for
+from secateur.allocation.sensitivity import (
+    calibration_loss,
+    group_sensitivity,
+    max_tolerance,
+    sensitivity_removal,
+    sensitivity_removal_for,
+)
 from secateur.allocation.structured import (
     ALLOCATIONS,
     NORMALIZERS,
     TARGETS,
+    Removal,
     build_cost_model,
     global_removal,
     normalise_scores,
@@ -165,13 +173,19 @@ class ChannelPruner(PrunerBase):
         allocation: ``"uniform"`` (the same fraction of every group's prunable units; for params/MACs
             targets the common fraction is bracketed by bisection and the groups that step inside the
             bracket step one at a time, weakest first, until the target is reached:
-            :func:`~secateur.allocation.structured.uniform_removal_for`) or ``"global"`` (one ranking over
-            all groups).
+            :func:`~secateur.allocation.structured.uniform_removal_for`), ``"global"`` (one ranking over
+            all groups), ``"isomorphic"`` (Fang et al. 2024: one ranking within each class of structurally
+            identical groups, e.g. all attention heads, all MLP neurons, and one ratio shared by the
+            classes: :mod:`secateur.allocation.isomorphic`; scores normalised as for ``"global"``) or
+            ``"sensitivity"`` (each group pruned alone at 25/50/75% of its units, the loss on ``data``
+            measured, and one loss budget searched at which the groups' fractions reach the target, so
+            groups whose loss rises fast are pruned less; needs ``data``; the sweep runs at every
+            allocation: :func:`secateur.allocation.sensitivity.sensitivity_removal_for`).
         target: what the sparsity is a fraction of: ``"channels"`` (prunable units: channels, heads,
             neurons), ``"params"`` (all parameters of the model) or ``"macs"`` (multiply-accumulates of one
             forward on ``example_inputs``, not FLOPs) or ``"latency"`` (the dense model's *measured* latency:
-            the MAC ranking is walked and compacted copies are timed, see ``latency``). Costs per unit: see
-            :class:`secateur.allocation.structured.CostModel`. With ``"uniform"`` and ``"channels"`` the
+            the allocation's ranking is walked and compacted copies are timed, see ``latency``). Costs per
+            unit: see :class:`secateur.allocation.structured.CostModel`. With ``"uniform"`` and ``"channels"`` the
             sparsity is each group's own fraction (``floor(sparsity · n_prunable)`` units), never unreachable.
         protect: module name patterns never pruned (fnmatch, ``"re:..."`` for a regex).
         round_to: kept unit counts are multiples of this (a group smaller than it is left alone).
@@ -190,8 +204,10 @@ class ChannelPruner(PrunerBase):
         graph: a graph already traced from ``model`` (skips the trace; then ``protect``, ``prune_outputs``,
             ``prune_normalized`` and ``untraced`` must be left at their defaults: they shape a graph when it
             is built).
-        latency: for ``target="latency"``, a :class:`secateur.allocation.targets.LatencyTarget` (timing
-            function, inputs, threads, tolerance); default ``LatencyTarget()``. The dense latency and the
+        latency: for ``target="latency"``, a :class:`secateur.allocation.targets.LatencyTarget` (backend
+            or timing function, inputs and batch, threads, tolerance, re-measurement of close calls), or a
+            backend name: ``"eager"`` (the default, ``LatencyTarget()``) or ``"onnxruntime"`` (each candidate
+            exported to ONNX in memory and timed in ONNX Runtime, 1 thread). The dense latency and the
             largest removable fraction are measured at construction, on a mask-free copy of the model.
         granularity: ``"channel"`` (default: every prunable group: conv channels, FFN neurons, heads, ...)
             or ``"head"`` (only the groups whose units are attention heads,
@@ -214,7 +230,8 @@ class ChannelPruner(PrunerBase):
     Raises:
         InvalidModelError: ``model`` is not an ``nn.Module`` or has meta tensors.
         ConfigError: unknown criterion / allocation / target / normaliser / granularity, bad ``round_to``,
-            ``protect`` or sparsity, ``graph`` together with graph-building arguments, no prunable attention
+            ``protect`` or sparsity, ``graph`` together with graph-building arguments, ``"sensitivity"``
+            without ``data``, an unknown latency backend, no prunable attention
             heads (``granularity="head"``), or a schedule whose final sparsity cannot be reached because of
             protected or frozen groups. Validation happens before any mask is attached: on error the model
             is untouched.
@@ -255,6 +272,11 @@ class ChannelPruner(PrunerBase):
             raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
         if latency is not None and target != "latency":
             raise ConfigError(f"latency settings given but target is {target!r}; use target='latency'")
+        if allocation == "sensitivity" and data is None:
+            raise ConfigError(
+                "allocation='sensitivity' needs data= (calibration batches (x, y)): each group is pruned "
+                "alone and the loss on them measured"
+            )
         if normalize not in NORMALIZERS:
             raise ConfigError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
         if granularity not in GRANULARITIES:
@@ -291,6 +313,9 @@ class ChannelPruner(PrunerBase):
         self.group_ids = self._select_groups(granularity, groups)
         self.removed: dict[int, np.ndarray] = {gi: np.zeros(0, dtype=np.int64) for gi in self.group_ids}
         self.cost = build_cost_model(model, self.graph, self.group_ids, target, example_inputs)
+        self.classes: list[list[int]] = (
+            isomorphic_classes(model, self.graph, self.group_ids) if allocation == "isomorphic" else []
+        )
         if target == "latency":
             self._init_latency(latency)
         self._max_fraction: float | None = None
@@ -340,58 +365,102 @@ class ChannelPruner(PrunerBase):
             groups = self.graph.groups
             zeros = {gi: np.zeros(groups[gi].n_units) for gi in self.group_ids}
             none = {gi: np.zeros(0, dtype=np.int64) for gi in self.group_ids}
-            if self.allocation == "uniform":
+            if self.allocation == "global":
+                rm, frac = global_removal(groups, zeros, none, self.cost, math.inf, self.round_to)
+            elif self.allocation == "isomorphic":
+                rm = isomorphic_removal(groups, zeros, none, self.classes, 1.0, self.round_to)
+                frac = self.cost.state(rm).removed_fraction()
+            else:  # uniform, and sensitivity at its largest loss budget: every group at fraction 1.0
                 rm = uniform_removal(groups, zeros, none, 1.0, self.round_to)
                 frac = self.cost.state(rm).removed_fraction()
-            else:
-                rm, frac = global_removal(groups, zeros, none, self.cost, math.inf, self.round_to)
             self._max_fraction = self._latency_fraction(rm) if self.target == "latency" else frac
         return self._max_fraction
 
     # -------------------------------------------------------------------------------- latency target
     def _init_latency(self, latency: Any) -> None:
-        from secateur.allocation.targets import LatencyTarget
-        from secateur.masks import detach_masks
+        from secateur.allocation.targets import LatencyProbe, LatencyTarget
 
+        if isinstance(latency, str):
+            latency = LatencyTarget(backend=latency)  # an unknown name: ConfigError naming the backends
         self.latency = LatencyTarget() if latency is None else latency
         if not isinstance(self.latency, LatencyTarget):
-            raise ConfigError(f"latency must be a LatencyTarget, got {type(latency).__name__}")
-        # timed copies start from a mask-free, hook-free copy taken now (latency depends on shapes only)
-        self._latency_base = detach_masks(copy.deepcopy(self.model))
-        self._latency_memo: dict[tuple, float] = {}
-        self.dense_ms = self.latency.measure(self._latency_base, self.example_inputs)
+            raise ConfigError(
+                f"latency must be a LatencyTarget or a backend name ('eager', 'onnxruntime'), "
+                f"got {type(latency).__name__}"
+            )
+        # timed copies start from a mask-free copy taken now (latency depends on shapes only)
+        self.latency_probe = LatencyProbe(self.latency, self.model, self.graph, self.example_inputs)
+        self.dense_ms = self.latency_probe.dense_ms
 
-    def _latency_ratio(self, removed: Mapping[int, np.ndarray]) -> float:
-        """Measured latency of the model compacted with ``removed`` over the dense one's; memoised."""
-        rm = {gi: np.asarray(r, dtype=np.int64) for gi, r in removed.items() if len(r)}
-        key = tuple(sorted((gi, tuple(r.tolist())) for gi, r in rm.items()))
-        if key not in self._latency_memo:
-            probe = compact(copy.deepcopy(self._latency_base), make_plan(self.graph, rm))
-            self._latency_memo[key] = self.latency.ratio(probe, self._latency_base, self.example_inputs)
-        return self._latency_memo[key]
+    def _latency_ratio(self, removed: Mapping[int, np.ndarray], runs: int = 1) -> float:
+        """Measured latency of the model compacted with ``removed`` over the dense one's: the median of at
+        least ``runs`` interleaved measurements, each made once
+        (:class:`secateur.allocation.targets.LatencyProbe`)."""
+        return self.latency_probe.ratio(removed, runs)
 
     def _latency_fraction(self, removed: Mapping[int, np.ndarray]) -> float:
         return 1.0 - self._latency_ratio(removed)
 
-    def _latency_removal(self, scores: dict[int, np.ndarray], sparsity: float) -> dict[int, np.ndarray]:
-        """Smallest removal along the MAC target's ranking whose measured latency meets ``sparsity``."""
+    def _knob(self, scores: dict[int, np.ndarray]) -> tuple[Callable[[float], Removal], float, str]:
+        """The allocation's one-dimensional knob: ``(removal at x, largest x, what that largest x means)``;
+        the removal grows with ``x``. Uniform: the common per-group fraction; global: the fraction of MACs
+        along the greedy ranking; isomorphic: the ratio shared by the classes; sensitivity: the loss budget
+        (the sensitivity sweep runs here, once per call)."""
         groups = self.graph.groups
-        if self.allocation == "uniform":  # knob: the common per-group fraction
-
-            def at(x: float) -> dict[int, np.ndarray]:
-                return uniform_removal(groups, scores, self.removed, x, self.round_to)
-
-            hi, what = 1.0, "removing the most that uniform allocation allows"
-        else:  # knob: the fraction of MACs along the global greedy ranking
+        if self.allocation == "uniform":
+            return (
+                lambda x: uniform_removal(groups, scores, self.removed, x, self.round_to),
+                1.0,
+                "removing the most that uniform allocation allows",
+            )
+        if self.allocation == "isomorphic":
             norm = normalise_scores(groups, scores, self.removed, self.normalize)
+            return (
+                lambda x: isomorphic_removal(groups, norm, self.removed, self.classes, x, self.round_to),
+                1.0,
+                "removing the most that isomorphic allocation allows",
+            )
+        if self.allocation == "sensitivity":
+            baseline, curves = self._sensitivity(scores)
+            return (
+                lambda x: sensitivity_removal(
+                    groups, scores, self.removed, curves, baseline, x, self.round_to
+                ),
+                max_tolerance(curves, baseline),
+                "removing the most that sensitivity allocation allows",
+            )
+        norm = normalise_scores(groups, scores, self.removed, self.normalize)
+        hi = global_removal(groups, norm, self.removed, self.cost, math.inf, self.round_to)[1]
+        return (
+            lambda x: global_removal(groups, norm, self.removed, self.cost, x, self.round_to)[0],
+            hi,
+            "removing every removable unit",
+        )
 
-            def at(x: float) -> dict[int, np.ndarray]:
-                return global_removal(groups, norm, self.removed, self.cost, x, self.round_to)[0]
-
-            hi = global_removal(groups, norm, self.removed, self.cost, math.inf, self.round_to)[1]
-            what = "removing every removable unit"
-        x = self.latency.search(sparsity, lambda v: self._latency_ratio(at(v)), hi, what=what)
+    def _latency_removal(self, scores: dict[int, np.ndarray], sparsity: float) -> dict[int, np.ndarray]:
+        """Smallest removal along the allocation's knob (:meth:`_knob`) whose measured latency meets
+        ``sparsity``; probes close to the goal are re-measured (:meth:`LatencyTarget.search`)."""
+        at, hi, what = self._knob(scores)
+        x = self.latency.search(
+            sparsity,
+            lambda v: self._latency_ratio(at(v)),
+            hi,
+            what=what,
+            runs_at=lambda v, n: self._latency_ratio(at(v), n),
+        )
         return at(x)
+
+    def _sensitivity(self, scores: dict[int, np.ndarray]) -> tuple[float, dict[int, dict[float, float]]]:
+        """Loss on ``data`` with only the removed units gone, and each scored group's loss curve pruned alone
+        (:func:`secateur.allocation.sensitivity.group_sensitivity`)."""
+        return group_sensitivity(
+            self.model,
+            self.graph,
+            scores,
+            self.removed,
+            lambda m: calibration_loss(m, self.data, self.loss_fn),
+            round_to=self.round_to,
+        )
 
     def _per_group_fraction(self) -> bool:
         """True when the sparsity is each group's own fraction (uniform allocation of channels)."""
@@ -428,12 +497,28 @@ class ChannelPruner(PrunerBase):
 
     # ----------------------------------------------------------------------------------- allocation
     def _allocate(self, scores: dict[int, np.ndarray], sparsity: float) -> dict[int, np.ndarray]:
+        """The removal ``{group index: unit indices}`` for ``sparsity`` of the target, by the allocation."""
         groups = self.graph.groups
         if self.target == "latency":
             removed = self._latency_removal(scores, sparsity)
         elif self.allocation == "global":
             norm = normalise_scores(groups, scores, self.removed, self.normalize)
             removed, _ = global_removal(groups, norm, self.removed, self.cost, sparsity, self.round_to)
+        elif self.allocation == "isomorphic":
+            norm = normalise_scores(groups, scores, self.removed, self.normalize)
+            if self.target == "channels":  # the shared ratio is the sparsity itself
+                removed = isomorphic_removal(
+                    groups, norm, self.removed, self.classes, sparsity, self.round_to
+                )
+            else:
+                removed = isomorphic_removal_for(
+                    groups, norm, self.removed, self.classes, self.cost, sparsity, self.round_to
+                )
+        elif self.allocation == "sensitivity":
+            baseline, curves = self._sensitivity(scores)
+            removed = sensitivity_removal_for(
+                groups, scores, self.removed, curves, baseline, self.cost, sparsity, self.round_to
+            )
         elif self.target != "channels":  # near-uniform, least overshoot of the target
             removed = uniform_removal_for(groups, scores, self.removed, self.cost, sparsity, self.round_to)
         else:
