@@ -26,6 +26,7 @@ from secateur.graph.groups import DependencyGraph, Group
 from .norms import norm_plan
 
 __all__ = [
+    "CONFIG_FF_DEFAULTS",
     "CONFIG_FF_KEYS",
     "CONFIG_HEAD_KEYS",
     "CONFIG_HIDDEN_KEYS",
@@ -36,6 +37,7 @@ __all__ = [
     "WIDTH_ATTRS",
     "ModuleLookup",
     "check_plan",
+    "config_owner",
     "hf_configs",
     "make_plan",
 ]
@@ -78,7 +80,11 @@ CONFIG_FF_KEYS = (
     "encoder_ffn_dim",
     "decoder_ffn_dim",
     "hidden_dim",
+    "ffn_hidden_size",
 )
+#: Feed-forward config keys whose ``None`` means a multiple of another key (GPT-2 family: ``n_inner=None`` is
+#: ``4 * n_embd``): ``{key: (base key, factor)}``; a pruned width is then written explicitly.
+CONFIG_FF_DEFAULTS = {"n_inner": ("n_embd", 4)}
 #: Hugging Face config keys of the residual width of a transformer; aliases a config maps onto another key
 #: (GPT-2's hidden_size -> n_embd) are skipped when written.
 CONFIG_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")
@@ -327,6 +333,25 @@ def hf_configs(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+def config_owner(model: nn.Module, path: str) -> str:
+    """The key (in :func:`hf_configs`) of the Hugging Face config that the module at ``path`` was built from:
+    that of its closest ancestor (itself included) whose ``.config`` is one of the model's configs, ``""``
+    (``model.config``) when none is. A plan's ``"config"`` section is keyed the same way.
+
+    Raises:
+        AttributeError: ``path`` is not a submodule of ``model``.
+    """
+    ids = {id(c): k for k, c in hf_configs(model).items()}
+    modules = ModuleLookup(model)
+    while True:
+        c = _attr(modules[path], "config")
+        if c is not None and id(c) in ids:
+            return ids[id(c)]
+        if not path:
+            return ""
+        path = path.rpartition(".")[0]
+
+
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
@@ -369,7 +394,12 @@ def _config_changes(
 
     def value(ck: str, k: str) -> Any:
         if (ck, k) not in values:
-            values[(ck, k)] = getattr(cfgs[ck], k, None)
+            v = getattr(cfgs[ck], k, None)
+            if v is None and k in CONFIG_FF_DEFAULTS:  # the width the model derives from another key
+                base, factor = CONFIG_FF_DEFAULTS[k]
+                b = getattr(cfgs[ck], base, None)
+                v = factor * b if isinstance(b, int) and not isinstance(b, bool) else None
+            values[(ck, k)] = v
         return values[(ck, k)]
 
     layer_free: dict[int, tuple[str, ...]] = {}

@@ -190,13 +190,16 @@ def save_pretrained(
     text = plan_text(doc)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
+    # the class's method: prune_decoder shadows a model's own save_pretrained with a refusal when config.json
+    # alone cannot describe it (secateur.llm.loadable); this writer adds plan.json, which does
+    hf_save = type(model).save_pretrained
+    if "save_original_format" in inspect.signature(hf_save).parameters:
         # transformers 5 would rename fused tensors back to a legacy layout (MoE experts as one tensor per
         # expert) that from_pretrained cannot read without transformers' own converters; the model's own
         # names load in both (transformers' loader passes them through unchanged)
         save_kwargs.setdefault("save_original_format", False)
     try:
-        model.save_pretrained(directory, **save_kwargs)
+        hf_save(model, directory, **save_kwargs)
     except Exception as e:  # transformers validates the config (e.g. hidden size vs head count) on save
         raise SerializationError(
             f"transformers refused to save {type(model).__name__} into {directory}: {e}. A pruned width "

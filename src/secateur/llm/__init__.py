@@ -30,6 +30,7 @@ from secateur.llm.calibration import (
     tokenized_batches,
 )
 from secateur.llm.depth import DepthReport, block_influence, prune_depth, remove_blocks
+from secateur.llm.loadable import UnloadableConfigError
 from secateur.llm.moe import (
     MoEBlock,
     expert_plan,
@@ -58,6 +59,7 @@ from secateur.llm.structural import (
     WandaStructured,
     decoder_groups,
     decoder_layer_groups,
+    parameter_counts,
     prune_decoder,
     structural_scores,
 )
@@ -74,6 +76,7 @@ __all__ = [
     "CheckpointReport",
     "LayerResult",
     "MoEBlock",
+    "UnloadableConfigError",
     "WandaStructured",
     "calibration_batches",
     "causal_lm_data",
@@ -87,6 +90,7 @@ __all__ = [
     "expert_saliency",
     "find_moe_blocks",
     "mask_experts",
+    "parameter_counts",
     "prune_decoder",
     "remove_experts",
     "structural_scores",

@@ -24,16 +24,29 @@ fine-tunes briefly (LoRA in the paper; not done here).
 - **surgery**: :func:`secateur.pruners.oneshot.remove_units` (plan, masks, transactional compaction, float64
   oracle), which also updates the Hugging Face config where every layer agrees on the new size.
 
+Width pruning with a Hugging Face result (Minitron-style width pruning, Muralidharan et al. 2024, without
+its embedding channels): ``uniform=True`` prunes every layer by the same counts, checks *before* changing
+anything that the rewritten config (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``;
+``head_dim`` kept) builds the pruned shapes (:func:`secateur.llm.loadable.planned_config_mismatch`), so
+``model.save_pretrained`` then plain ``transformers`` ``from_pretrained`` reload it. Under grouped-query
+attention ``gqa="kv_groups"`` (default) removes whole KV groups, ``gqa="query_heads"`` the same number of
+query heads in every KV group (:mod:`secateur.llm.gqa`; the only way under MQA, e.g. Gemma 3 270M). ``target=
+"nonembedding_params"`` makes ``sparsity`` a fraction of the parameters outside the embeddings and LM head
+(:func:`parameter_counts`), reached by the same exact count in every layer.
+
 When only a range of layers is pruned the layers no longer share one head count / FFN width, which a
 Hugging Face config cannot express (``from_pretrained`` of ``config.json`` alone would build the dense
-shapes); the plan records the per-layer sizes, so save with :func:`secateur.save_pretrained` (reloaded by
-:func:`secateur.from_pretrained`) or :func:`secateur.save` / :func:`secateur.load`. Pruning every layer alike
-gives a config that plain ``transformers`` ``from_pretrained`` reloads.
+shapes): the model's own ``save_pretrained`` then raises :class:`~secateur.llm.loadable.UnloadableConfigError`
+naming the field (:func:`secateur.llm.loadable.refuse_plain_save`), and the plan records the per-layer sizes,
+so save with :func:`secateur.save_pretrained` (reloaded by :func:`secateur.from_pretrained`) or
+:func:`secateur.save` / :func:`secateur.load`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -44,22 +57,42 @@ from torch import nn
 
 from secateur._torch import eval_mode
 from secateur._validate import check_round_to, check_sparsity
+from secateur.allocation.structured import build_cost_model
+from secateur.compact import compact, make_plan
+from secateur.compact.verify import verified_compact
 from secateur.criteria.group import GroupCriterion, GroupScores, head_group_ids
 from secateur.criteria.group.llm import LLMPrunerTaylor, WandaStructured
 from secateur.errors import ConfigError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.llm.calibration import Batch, calibration_batches, causal_lm_data, causal_lm_loss
+from secateur.llm.gqa import (
+    QueryHeads,
+    add_query_heads,
+    even_query_removal,
+    query_head_groups,
+    with_query_groups,
+)
+from secateur.llm.loadable import planned_config_mismatch, refuse_plain_save
 from secateur.llm.oneshot import find_blocks
 from secateur.pruners.channel import ChannelPruner
 from secateur.pruners.oneshot import remove_units
 
 KINDS = ("heads", "mlp")
+#: What ``prune_decoder``'s ``sparsity`` is a fraction of: each group's units (``"channels"``: heads or KV
+#: groups, MLP channels, as the driver's per-group fraction), all parameters (``"params"``, embeddings
+#: included, as the driver's ``target="params"``) or the parameters outside the embeddings and LM head
+#: (``"nonembedding_params"``, Kaplan et al. 2020's N).
+TARGETS = ("channels", "params", "nonembedding_params")
+#: Head removal under grouped-query attention: whole KV groups, or query heads evenly in every KV group.
+GQA_MODES = ("kv_groups", "query_heads")
 
 Criterion = str | GroupCriterion | Callable[[Group, nn.Module], Any]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 __all__ = [
+    "GQA_MODES",
     "KINDS",
+    "TARGETS",
     "Batch",
     "LLMPrunerTaylor",
     "WandaStructured",
@@ -68,6 +101,7 @@ __all__ = [
     "causal_lm_loss",
     "decoder_groups",
     "decoder_layer_groups",
+    "parameter_counts",
     "prune_decoder",
     "structural_scores",
 ]
@@ -80,6 +114,21 @@ def _check_what(what: Sequence[str]) -> None:
     bad = [w for w in what if w not in KINDS]
     if bad or not what or isinstance(what, str):
         raise ConfigError(f"what must be a non-empty subset of {KINDS}, got {what!r}")
+
+
+def _layer_indices(
+    model: nn.Module, layers: Iterable[int] | None, blocks: str | None
+) -> tuple[str, list[int], int]:
+    """``(blocks path, chosen layer indices, number of layers)``; default: all but the first and the last."""
+    path, mods = find_blocks(model, blocks)
+    n = len(mods)
+    chosen = list(range(1, n - 1)) if layers is None else [int(i) for i in layers]
+    if not chosen:
+        raise ConfigError(f"no layers to prune among {n} (by default the first and last are kept)")
+    out_of_range = [i for i in chosen if not 0 <= i < n]
+    if out_of_range:
+        raise ConfigError(f"layers {out_of_range} out of range: {type(model).__name__} has {n} layers")
+    return path, chosen, n
 
 
 def decoder_groups(
@@ -107,14 +156,7 @@ def decoder_groups(
         ConfigError: unknown kind, a layer index out of range, no layers, or no blocks found.
     """
     _check_what(what)
-    path, mods = find_blocks(model, blocks)
-    n = len(mods)
-    chosen = list(range(1, n - 1)) if layers is None else [int(i) for i in layers]
-    if not chosen:
-        raise ConfigError(f"no layers to prune among {n} (by default the first and last are kept)")
-    out_of_range = [i for i in chosen if not 0 <= i < n]
-    if out_of_range:
-        raise ConfigError(f"layers {out_of_range} out of range: {type(model).__name__} has {n} layers")
+    path, chosen, _n = _layer_indices(model, layers, blocks)
     chosen_set = set(chosen)
     pat = re.compile(re.escape(path) + r"\.(\d+)(\.|$)")
     heads = set(head_group_ids(graph))
@@ -159,7 +201,7 @@ def decoder_layer_groups(
 
 
 # ----------------------------------------------------------------------------------------------------
-# scoring and selection through the driver
+# scoring through the driver
 # ----------------------------------------------------------------------------------------------------
 def _example_inputs(batches: list[Batch]) -> dict[str, Any]:
     b = batches[0]
@@ -182,50 +224,69 @@ def _scoring_state(model: nn.Module) -> Iterator[None]:
                 p.requires_grad_(rg)
 
 
-def structural_scores(
+@dataclasses.dataclass
+class _Scored:
+    """What scoring found: ``graph`` (the traced one, plus the query-head groups under
+    ``gqa="query_heads"``), ``base`` (the traced graph), ``selection`` and ``scores`` keyed by group index of
+    ``graph``, ``queries`` (group index -> :class:`QueryHeads`) and ``all_heads`` (every GQA attention module
+    of the model, for the config's head count)."""
+
+    graph: DependencyGraph
+    base: DependencyGraph
+    selection: dict[int, tuple[int, str]]
+    scores: GroupScores
+    queries: dict[int, QueryHeads]
+    all_heads: list[QueryHeads]
+
+
+def _check_choice(value: object, choices: Sequence[str], name: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _query_selection(
     model: nn.Module,
-    data: Any,
-    criterion: Criterion = "llm_pruner",
-    layers: Iterable[int] | None = None,
-    what: Sequence[str] = KINDS,
-    criterion_kwargs: Mapping[str, Any] | None = None,
-    graph: DependencyGraph | None = None,
-    loss_fn: LossFn | None = None,
-    blocks: str | None = None,
-    seed: int = 0,
-) -> tuple[DependencyGraph, dict[int, tuple[int, str]], GroupScores]:
-    """Score the heads and MLP channels of the selected decoder layers on calibration text, through the
-    driver (:meth:`ChannelPruner.scores`, which collects the criterion's statistics with
-    :func:`secateur.criteria.group.collect`).
+    base: DependencyGraph,
+    layers: Iterable[int] | None,
+    what: Sequence[str],
+    blocks: str | None,
+) -> tuple[DependencyGraph, dict[int, QueryHeads], list[QueryHeads]]:
+    """The graph with the query-head groups of the selected layers, those groups, and every GQA module."""
+    _, chosen, _ = _layer_indices(model, layers, blocks)
+    every = query_head_groups(model, base, None, blocks)
+    mine = [q for q in every if q.layer in set(chosen)] if "heads" in what else []
+    if "heads" in what and not mine:
+        raise ConfigError(
+            f"gqa='query_heads': no grouped-query attention in the selected layers of {type(model).__name__} "
+            "(every attention module has as many key/value heads as query heads); use gqa='kv_groups'"
+        )
+    graph, gids = with_query_groups(base, mine)
+    return graph, dict(zip(gids, mine)), every
 
-    The model runs in eval mode on :func:`~secateur.llm.calibration.causal_lm_data` batches: forward and
-    backward of ``loss_fn`` for gradient criteria (one sequence at a time for ``llm_pruner`` variant
-    ``"element2"``), forward only for ``"wanda_sp"``. The model's weights, ``.grad`` fields,
-    ``requires_grad`` flags and train/eval modes are left as they were.
 
-    Args:
-        data: calibration text, see :func:`~secateur.llm.calibration.calibration_batches`.
-        criterion: a registered group criterion name (``"llm_pruner"``, ``"wanda_sp"``, ``"random"``,
-            ``"taylor"``, ...), a :class:`~secateur.criteria.group.GroupCriterion` or ``f(group, model)``.
-        criterion_kwargs: its constructor arguments (``{"variant": "vector"}`` for ``"llm_pruner"``).
-        graph: a graph already traced on this model (default: traced on the first two sequences).
-        loss_fn: ``loss_fn(output, labels) -> scalar`` (default
-            :func:`~secateur.llm.calibration.causal_lm_loss`, the model's own next-token loss).
-        layers, what, blocks: as :func:`decoder_groups`. seed: for ``"random"``.
-
-    Returns:
-        ``(graph, selection, scores)``: ``selection`` as :func:`decoder_groups`, ``scores`` maps each
-        scored group index to ``(n_units,)`` float64 scores (higher = keep).
-
-    Raises:
-        ConfigError: bad arguments (unknown criterion or variant, layers, kinds), or no prunable head/MLP
-            group in the selected layers.
-        UnsupportedOpError / GraphError: from tracing.
-    """
-    batches = calibration_batches(data)
-    if graph is None:
-        graph = DependencyGraph.build(model, _example_inputs(batches))
-    selection = decoder_groups(model, graph, layers, what, blocks)
+def _score(
+    model: nn.Module,
+    batches: list[Batch],
+    criterion: Criterion,
+    layers: Iterable[int] | None,
+    what: Sequence[str],
+    criterion_kwargs: Mapping[str, Any] | None,
+    graph: DependencyGraph | None,
+    loss_fn: LossFn | None,
+    blocks: str | None,
+    seed: int,
+    gqa: str,
+) -> _Scored:
+    """:func:`structural_scores` with everything prune_decoder needs afterwards."""
+    _check_choice(gqa, GQA_MODES, "gqa")
+    base = graph if graph is not None else DependencyGraph.build(model, _example_inputs(batches))
+    if gqa == "kv_groups":
+        selection = decoder_groups(model, base, layers, what, blocks)
+        graph, queries, every = base, {}, []
+    else:
+        selection = decoder_groups(model, base, layers, ["mlp"], blocks) if "mlp" in what else {}
+        graph, queries, every = _query_selection(model, base, layers, what, blocks)
+        selection.update({gi: (q.layer, "heads") for gi, q in queries.items()})
     if not selection:
         raise ConfigError(
             f"no prunable {'/'.join(what)} group in the selected layers of {type(model).__name__}"
@@ -248,9 +309,62 @@ def structural_scores(
             scores = scorer.scores()
     finally:
         scorer.close()
-    return graph, selection, scores
+    return _Scored(graph, base, selection, scores, queries, every)
 
 
+def structural_scores(
+    model: nn.Module,
+    data: Any,
+    criterion: Criterion = "llm_pruner",
+    layers: Iterable[int] | None = None,
+    what: Sequence[str] = KINDS,
+    criterion_kwargs: Mapping[str, Any] | None = None,
+    graph: DependencyGraph | None = None,
+    loss_fn: LossFn | None = None,
+    blocks: str | None = None,
+    seed: int = 0,
+    gqa: str = "kv_groups",
+) -> tuple[DependencyGraph, dict[int, tuple[int, str]], GroupScores]:
+    """Score the heads and MLP channels of the selected decoder layers on calibration text, through the
+    driver (:meth:`ChannelPruner.scores`, which collects the criterion's statistics with
+    :func:`secateur.criteria.group.collect`).
+
+    The model runs in eval mode on :func:`~secateur.llm.calibration.causal_lm_data` batches: forward and
+    backward of ``loss_fn`` for gradient criteria (one sequence at a time for ``llm_pruner`` variant
+    ``"element2"``), forward only for ``"wanda_sp"``. The model's weights, ``.grad`` fields,
+    ``requires_grad`` flags and train/eval modes are left as they were.
+
+    Args:
+        data: calibration text, see :func:`~secateur.llm.calibration.calibration_batches`.
+        criterion: a registered group criterion name (``"llm_pruner"``, ``"wanda_sp"``, ``"random"``,
+            ``"taylor"``, ...), a :class:`~secateur.criteria.group.GroupCriterion` or ``f(group, model)``.
+        criterion_kwargs: its constructor arguments (``{"variant": "vector"}`` for ``"llm_pruner"``).
+        graph: a graph already traced on this model (default: traced on the first two sequences).
+        loss_fn: ``loss_fn(output, labels) -> scalar`` (default
+            :func:`~secateur.llm.calibration.causal_lm_loss`, the model's own next-token loss).
+        gqa: ``"kv_groups"`` (a head unit is one KV head with its query heads, the traced group) or
+            ``"query_heads"`` (a head unit is one query head: the query-head groups of
+            :mod:`secateur.llm.gqa`, appended to the returned graph's groups).
+        layers, what, blocks: as :func:`decoder_groups`. seed: for ``"random"``.
+
+    Returns:
+        ``(graph, selection, scores)``: ``selection`` as :func:`decoder_groups` (with the query-head groups
+        as ``"heads"`` under ``gqa="query_heads"``), ``scores`` maps each scored group index to
+        ``(n_units,)`` float64 scores (higher = keep).
+
+    Raises:
+        ConfigError: bad arguments (unknown criterion, variant, gqa mode, layers, kinds), no prunable
+            head/MLP group in the selected layers, or ``gqa="query_heads"`` without grouped-query attention.
+        UnsupportedOpError / GraphError: from tracing.
+    """
+    batches = calibration_batches(data)
+    sc = _score(model, batches, criterion, layers, what, criterion_kwargs, graph, loss_fn, blocks, seed, gqa)
+    return sc.graph, sc.selection, sc.scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# how much: per-group fractions, or exact per-layer counts for a parameter target
+# ----------------------------------------------------------------------------------------------------
 def _sparsities(sparsity: float | Mapping[str, float], what: Sequence[str]) -> dict[str, float]:
     r = dict(sparsity) if isinstance(sparsity, Mapping) else {k: sparsity for k in what}
     for k, v in r.items():
@@ -258,6 +372,236 @@ def _sparsities(sparsity: float | Mapping[str, float], what: Sequence[str]) -> d
             raise ConfigError(f"sparsity given for unknown kind {k!r}; kinds are {KINDS}")
         check_sparsity(v, f"sparsity for {k}")
     return {k: float(r.get(k, 0.0)) for k in what}
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """``{"params", "embedding_params", "nonembedding_params"}`` of ``model``, each tensor counted once.
+
+    Embedding parameters are the weights of every ``nn.Embedding`` (token and position tables) and of the
+    output embeddings (``model.get_output_embeddings()``, the LM head; nothing more when it is tied to the
+    token table); non-embedding parameters are the rest (Kaplan et al. 2020, "Scaling Laws for Neural
+    Language Models", sec. 2.1: N excludes the vocabulary and position embeddings).
+    """
+    unique = {id(p): p for p in model.parameters()}
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(getattr(out_emb, "weight", None), torch.Tensor):
+        emb.add(id(out_emb.weight))
+    total = sum(p.numel() for p in unique.values())
+    embedding = sum(unique[i].numel() for i in emb if i in unique)
+    return {"params": total, "embedding_params": embedding, "nonembedding_params": total - embedding}
+
+
+def _common_size(sizes: set[int], kind: str) -> int:
+    if len(sizes) != 1:
+        raise ConfigError(
+            f"the selected layers' {kind} groups have different sizes {sorted(sizes)} (pruned before?): a "
+            "parameter target needs the same count in every layer; use target='channels'"
+        )
+    return sizes.pop()
+
+
+def _mlp_steps(n: int, round_to: int) -> list[int]:
+    """MLP channel counts removable from a group of ``n`` (kept count a multiple of ``round_to``, >= 1)."""
+    return [0] + sorted(n - round_to * j for j in range(1, n // round_to + 1) if n - round_to * j > 0)
+
+
+def _target_fractions(
+    model: nn.Module,
+    scored: Any,
+    target: str,
+    sparsity: float,
+    what: Sequence[str],
+    round_to: int = 1,
+    heads_allowed: Callable[[int], bool] | None = None,
+) -> dict[str, float]:
+    """Per-kind fractions (``{"heads": s_h, "mlp": s_m}``) whose per-layer counts remove at least
+    ``sparsity`` of ``target`` (``"params"`` or ``"nonembedding_params"``, :func:`parameter_counts`) with the
+    least overshoot the granularity allows.
+
+    Every selected layer loses the same number ``h`` of head units (KV groups, or query heads per KV group)
+    and ``c`` of MLP channels. For each ``h`` the smallest ``c`` reaching the target is found (kept counts
+    multiples of ``round_to``); among those pairs the one whose two fractions ``h / n_heads`` and ``c /
+    n_mlp`` are closest is taken (LLM-Pruner's same ratio for every group, as near as the coarse head steps
+    allow; ties: fewer heads), so the overshoot is below one MLP step of every layer. The parameters a pair
+    removes are counted by the driver's cost model (:func:`secateur.allocation.structured.build_cost_model`,
+    exact for weights and biases). The returned fractions make the driver's ``floor(s · n)`` give ``h`` and
+    ``c``.
+
+    Args:
+        scored: what :func:`structural_scores` scored (the internal ``_Scored``; graph, selection, query
+            heads).
+        heads_allowed: ``f(h) -> bool``, whether removing ``h`` head units per layer is allowed (e.g. the
+            head count must divide ``hidden_size`` for transformers to accept the config); default: all.
+
+    Raises:
+        ConfigError: unreachable target (names the most that can go), or layers of different sizes.
+    """
+    denominator = parameter_counts(model)["params" if target == "params" else "nonembedding_params"]
+    kinds = {k: [gi for gi, (_, kk) in scored.selection.items() if kk == k] for k in what}
+    cost = build_cost_model(model, scored.graph, sorted(scored.selection), "params", None)
+    q_mode = bool(scored.queries)
+    heads = kinds.get("heads", [])
+    if q_mode:
+        n_h = _common_size({scored.queries[gi].n_rep for gi in heads}, "query-head") if heads else 1
+    else:
+        n_h = _common_size({scored.graph.groups[gi].n_units for gi in heads}, "head") if heads else 1
+    mlp = kinds.get("mlp", [])
+    n_m = _common_size({scored.graph.groups[gi].n_units for gi in mlp}, "MLP") if mlp else 1
+
+    def removed(h: int, c: int) -> float:
+        rm: dict[int, np.ndarray] = {}
+        for gi in heads:
+            q = scored.queries.get(gi)
+            rm[gi] = even_query_removal(q, np.zeros(q.n_heads), h) if q else np.arange(h, dtype=np.int64)
+        rm.update({gi: np.arange(c, dtype=np.int64) for gi in mlp})
+        return cost.total - cost.state(rm).remaining()
+
+    goal = sparsity * denominator - 1e-6
+    steps = _mlp_steps(n_m, round_to) if mlp else [0]
+    pairs = []
+    for h in range(n_h if heads else 1):
+        if h and heads_allowed is not None and not heads_allowed(h):
+            continue
+        lo, hi = 0, len(steps)
+        while lo < hi:  # smallest MLP step reaching the goal with h head units
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if removed(h, steps[mid]) >= goal else (mid + 1, hi)
+        if lo < len(steps):
+            pairs.append((h, steps[lo]))
+    if not pairs:
+        most = removed(n_h - 1 if heads else 0, steps[-1]) / max(denominator, 1)
+        raise ConfigError(
+            f"target {sparsity:.4g} of {target} is unreachable: every selected layer keeps one head unit and "
+            f"{round_to} MLP channel(s) (and, with uniform=True, a head count its config accepts), which "
+            f"removes at most {most:.4g}"
+        )
+    if heads and mlp:
+        h, c = min(pairs, key=lambda p: (abs(p[0] / n_h - p[1] / n_m), p[0]))
+    else:
+        h, c = pairs[0]
+    out = {}
+    if "heads" in what:
+        out["heads"] = h / n_h if heads else 0.0
+    if "mlp" in what:
+        out["mlp"] = c / n_m if mlp else 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# prune_decoder
+# ----------------------------------------------------------------------------------------------------
+def _uniform_layers(model: nn.Module, layers: Iterable[int] | None, blocks: str | None) -> list[int]:
+    """Every layer index: ``uniform=True`` prunes them all alike (the config holds one value per field)."""
+    _, mods = find_blocks(model, blocks)
+    every = list(range(len(mods)))
+    if layers is not None and sorted({int(i) for i in layers}) != every:
+        raise ConfigError(
+            f"uniform=True prunes every layer alike (a Hugging Face config holds one head count and one MLP "
+            f"width): omit layers= or list all {len(every)} layers of {type(model).__name__}, got "
+            f"{sorted(int(i) for i in layers)}"
+        )
+    return every
+
+
+def _check_target(target: str, sparsity: Any, what: Sequence[str]) -> dict[str, float] | float:
+    """Validated sparsity: per-kind fractions for ``"channels"``, one fraction for parameter targets."""
+    _check_choice(target, TARGETS, "target")
+    if target == "channels":
+        return _sparsities(sparsity, what)
+    if isinstance(sparsity, Mapping):
+        raise ConfigError(
+            f"with target={target!r} sparsity is one fraction of the parameters (the split between heads and "
+            f"MLP channels is prune_decoder's), got {dict(sparsity)!r}; use what= to prune one kind"
+        )
+    return check_sparsity(sparsity, f"sparsity (fraction of {target})")
+
+
+def _selection(
+    model: nn.Module,
+    sc: _Scored,
+    sparsities: Mapping[str, float],
+    round_to: int,
+    batches: list[Batch],
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """``(removed units of traced groups, removed query heads by index into sc.all_heads)``: one
+    :meth:`ChannelPruner.select` (uniform allocation) per distinct (sparsity, round_to) of the traced groups,
+    and the even per-KV-group removal of the query-head groups."""
+    settings: dict[tuple[float, int], list[int]] = {}
+    queries: dict[int, np.ndarray] = {}
+    for gi, (_layer, kind) in sorted(sc.selection.items()):
+        s = sparsities.get(kind, 0.0)
+        if s <= 0 or gi not in sc.scores:
+            continue
+        q = sc.queries.get(gi)
+        if q is not None:
+            rm = even_query_removal(q, sc.scores[gi], min(math.floor(s * q.n_rep + 1e-9), q.n_rep - 1))
+            if rm.size:
+                queries[next(i for i, a in enumerate(sc.all_heads) if a.attention == q.attention)] = rm
+            continue
+        settings.setdefault((s, round_to if kind == "mlp" else 1), []).append(gi)
+    by_name = {sc.graph.groups[gi].name: s for gi, s in sc.scores.items()}
+    removed: dict[int, np.ndarray] = {}
+    for (s, r), gids in settings.items():
+        selector = ChannelPruner(
+            model,
+            _example_inputs(batches),
+            schedule=s,
+            criterion=lambda group, _model: by_name[group.name],  # the scores computed above
+            allocation="uniform",
+            round_to=r,
+            graph=sc.base,
+            groups=gids,
+        )
+        removed.update({gi: rm for gi, rm in selector.select(s).items() if rm.size})
+    return dict(sorted(removed.items())), queries  # the plan lists groups in graph order
+
+
+def _full_plan(
+    model: nn.Module, sc: _Scored, removed: Mapping[int, np.ndarray], queries: Mapping[int, np.ndarray]
+) -> dict:
+    """The plan of the traced groups' removal (:func:`make_plan`) plus the query heads (under GQA mode
+    ``"query_heads"``, :func:`~secateur.llm.gqa.add_query_heads`)."""
+    plan = make_plan(sc.base, removed)
+    if sc.all_heads:
+        add_query_heads(model, plan, queries, sc.all_heads)
+    return plan
+
+
+def _loadable_heads(model: nn.Module, sc: _Scored) -> Callable[[int], bool]:
+    """``f(h)``: whether the config with ``h`` head units removed from every selected layer (KV groups, or
+    query heads per KV group) is one transformers accepts and that builds those shapes
+    (:func:`~secateur.llm.loadable.planned_config_mismatch`, MLP left whole)."""
+    heads = [gi for gi, (_, kind) in sc.selection.items() if kind == "heads"]
+    index = {a.attention: i for i, a in enumerate(sc.all_heads)}
+
+    def allowed(h: int) -> bool:
+        queries = {
+            index[q.attention]: even_query_removal(q, np.zeros(q.n_heads), h)
+            for gi in heads
+            if (q := sc.queries.get(gi)) is not None
+        }
+        removed = {gi: np.arange(h, dtype=np.int64) for gi in heads if gi not in sc.queries}
+        return planned_config_mismatch(model, _full_plan(model, sc, removed, queries)) is None
+
+    return allowed
+
+
+def _heads_requested(what: Sequence[str], sparsity: Any, target: str) -> bool:
+    if "heads" not in what:
+        return False
+    return target != "channels" or sparsity.get("heads", 0.0) > 0
+
+
+def _require_heads(model: nn.Module, sc: _Scored, gqa: str) -> None:
+    if any(kind == "heads" for _, kind in sc.selection.values()):
+        return
+    raise ConfigError(
+        f"no prunable attention-head group in the selected layers of {type(model).__name__} with "
+        f"gqa={gqa!r}: a unit is one key/value head with the query heads reading it, and a layer keeps one "
+        "(a model with a single KV head, multi-query attention such as Gemma 3 270M, has none); use "
+        "gqa='query_heads' (the same number of query heads in every KV group) or what=('mlp',)"
+    )
 
 
 def prune_decoder(
@@ -273,27 +617,49 @@ def prune_decoder(
     loss_fn: LossFn | None = None,
     blocks: str | None = None,
     criterion_kwargs: Mapping[str, Any] | None = None,
+    *,
+    target: str = "channels",
+    gqa: str = "kv_groups",
+    uniform: bool = False,
 ) -> tuple[nn.Module, dict]:
-    """LLM-Pruner-style structural pruning of a decoder LLM: heads and MLP channels physically removed.
+    """LLM-Pruner-style structural (width) pruning of a decoder LLM: heads and MLP channels removed.
 
-    In each selected layer, ``floor(sparsity * n)`` of the ``n`` units of the attention-head group and of
-    the MLP-channel group are removed (the lowest scores; LLM-Pruner's per-layer uniform ratio, Ma et al.
-    2023, sec. 3.3), at least one unit is kept, then the model is compacted in place. Under GQA a head unit
-    is one KV head with its ``num_attention_heads / num_key_value_heads`` query heads, so ``sparsity``
-    counts KV heads (e.g. 4 KV heads at sparsity 0.3 lose 1).
+    In each selected layer the same number of the lowest-scoring units of the attention-head group and of
+    the MLP-channel group are removed (LLM-Pruner's per-layer uniform ratio, Ma et al. 2023, sec. 3.3), at
+    least one unit is kept, then the model is compacted in place. With ``target="channels"`` (default) the
+    number is ``floor(sparsity * n)`` of each group's ``n`` units. With a parameter target, every selected
+    layer loses the same ``h`` head units and ``c`` MLP channels: for each ``h`` the smallest ``c`` whose
+    removal reaches ``sparsity`` of the parameters (counted by the driver's cost model, exact for weights and
+    biases; MLP steps of ``round_to``), and among those pairs the one whose fractions ``h / n_heads`` and
+    ``c / n_mlp`` are closest (LLM-Pruner's one ratio for every group, as near as the coarse head steps allow;
+    ties: fewer heads). The overshoot is below one MLP step per layer; with ``uniform=True`` only head counts
+    whose config transformers accepts are tried (it wants ``hidden_size % num_attention_heads == 0`` even
+    where ``head_dim`` is explicit).
+
+    Heads under grouped-query attention (``Hq`` query heads over ``Hkv`` KV heads, ``n_rep = Hq / Hkv``),
+    always a valid ratio afterwards:
+
+    - ``gqa="kv_groups"`` (default): a head unit is one KV head with its ``n_rep`` query heads (the traced
+      group), so ``sparsity`` counts KV heads (4 KV heads at 0.3 lose 1); a layer keeps one KV head, so a
+      single-KV-head (MQA) model has no head unit to remove.
+    - ``gqa="query_heads"``: ``r = floor(sparsity * n_rep)`` query heads go in *every* KV group
+      (:mod:`secateur.llm.gqa`), all KV heads stay, ``num_attention_heads`` becomes ``Hkv (n_rep - r)``.
 
     A thin call of the structured driver: :func:`structural_scores` (:meth:`ChannelPruner.scores` over the
-    :func:`decoder_groups` of the layers), one :meth:`ChannelPruner.select` (``"uniform"`` allocation of
-    ``"channels"``) per distinct (sparsity, round_to) of the kinds, merged into one
-    :func:`~secateur.pruners.oneshot.remove_units`.
+    :func:`decoder_groups` of the layers, or the query-head groups), one :meth:`ChannelPruner.select`
+    (``"uniform"`` allocation of ``"channels"``) per distinct (sparsity, round_to) of the kinds (query heads:
+    :func:`~secateur.llm.gqa.even_query_removal` of the same scores), one plan and one transactional
+    compaction under the float64 oracle.
 
     Args:
         model: a Hugging Face decoder (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-            ``GPT2LMHeadModel``...) or any model whose layers sit in a ``ModuleList`` (``blocks``).
+            ``Gemma3ForCausalLM``, ``GPT2LMHeadModel``...) or any model whose layers sit in a ``ModuleList``
+            (``blocks``).
         data: a few tokenised texts (:func:`~secateur.llm.calibration.calibration_batches`; LLM-Pruner uses
             10 sequences).
-        sparsity: fraction of units removed per group, in [0, 1); or ``{"heads": s1, "mlp": s2}``.
-        layers: indices of the layers to prune (default: all but the first and last).
+        sparsity: with ``target="channels"``, the fraction of units removed per group, in [0, 1), or
+            ``{"heads": s1, "mlp": s2}``; with a parameter target, one fraction of those parameters.
+        layers: indices of the layers to prune (default: all but the first and last; all with ``uniform``).
         criterion: a registered group criterion name, an instance or ``f(group, model) -> scores``
             (:func:`structural_scores`). ``"llm_pruner"`` (default; LLM-Pruner's Taylor importance),
             ``"wanda_sp"`` (Wanda-sp), ``"random"``; ``"taylor"`` is Molchanov et al.'s criterion, as
@@ -309,46 +675,69 @@ def prune_decoder(
         loss_fn: ``loss_fn(output, labels)`` for gradient criteria (default
             :func:`~secateur.llm.calibration.causal_lm_loss`, the model's own next-token loss).
         blocks: as :func:`decoder_groups`.
+        target: what ``sparsity`` is a fraction of (:data:`TARGETS`): ``"channels"`` (each group's units),
+            ``"params"`` (all parameters, embeddings included, as the driver's ``target="params"``) or
+            ``"nonembedding_params"`` (parameters outside the embeddings and LM head,
+            :func:`parameter_counts`: "20% fewer non-embedding parameters" is ``sparsity=0.2``). Embeddings
+            are never pruned here.
+        gqa: ``"kv_groups"`` or ``"query_heads"`` (above; :data:`GQA_MODES`).
+        uniform: prune every layer by the same counts and require a result plain ``transformers`` loads: the
+            rewritten config (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``; head
+            size unchanged, ``head_dim`` written where the config had none) must build the pruned shapes,
+            checked on the meta device before anything changes; ``model.save_pretrained`` then
+            ``AutoModelForCausalLM.from_pretrained`` reload it.
 
     Returns:
         ``(model, plan)``; ``plan`` is the JSON plan of :func:`secateur.compact.make_plan` (per-tensor kept
-        indices, module attributes, config changes). ``model.config`` is updated where every layer agrees
-        (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``, ``head_dim``); otherwise
-        the plan lists ``_inconsistent_<key>`` and the model must be saved with its plan
-        (:func:`secateur.save_pretrained` or :func:`secateur.save`).
+        indices, module attributes, config changes; query heads added by
+        :func:`secateur.llm.gqa.add_query_heads`). ``model.config`` is updated where every layer agrees;
+        otherwise the plan lists ``_inconsistent_<key>``, ``model.save_pretrained`` raises
+        :class:`~secateur.llm.loadable.UnloadableConfigError` naming the field, and the model is saved with
+        its plan (:func:`secateur.save_pretrained` or :func:`secateur.save`).
 
     Raises:
-        ConfigError: bad sparsity, criterion, variant, layers or kinds (the model is untouched).
+        ConfigError: bad sparsity, target, gqa, criterion, variant, layers or kinds; heads asked for where
+            there is no head unit (MQA with ``gqa="kv_groups"``) or no GQA (``gqa="query_heads"``); an
+            unreachable parameter target; ``uniform=True`` with a layer subset or on a model whose config
+            cannot express the pruned widths (names the field or tensor). The model is untouched.
         CompactionError: compaction or the oracle failed; the model is restored as it was.
 
     Transactional: scoring leaves weights, ``.grad`` fields, ``requires_grad`` and modes as they were (in
-    ``finally``), and the compaction (:func:`secateur.pruners.oneshot.remove_units`) restores the model
-    bit-identical on any exception or ``KeyboardInterrupt``, which is then re-raised.
+    ``finally``), and the compaction restores the model bit-identical on any exception or
+    ``KeyboardInterrupt``, which is then re-raised.
     """
     _check_what(what)
-    sparsities = _sparsities(sparsity, what)
+    checked = _check_target(target, sparsity, what)
+    _check_choice(gqa, GQA_MODES, "gqa")
     round_to = check_round_to(round_to)
+    if uniform:
+        layers = _uniform_layers(model, layers, blocks)
     batches = calibration_batches(data)
-    graph, selection, scores = structural_scores(
-        model, batches, criterion, layers, what, criterion_kwargs, loss_fn=loss_fn, blocks=blocks, seed=seed
-    )
-    settings: dict[tuple[float, int], list[int]] = {}
-    for gi, (_layer, kind) in sorted(selection.items()):
-        if sparsities[kind] > 0 and gi in scores:
-            settings.setdefault((sparsities[kind], round_to if kind == "mlp" else 1), []).append(gi)
-    by_name = {graph.groups[gi].name: s for gi, s in scores.items()}
-    removed: dict[int, np.ndarray] = {}
-    for (s, r), gids in settings.items():
-        selector = ChannelPruner(
-            model,
-            _example_inputs(batches),
-            schedule=s,
-            criterion=lambda group, _model: by_name[group.name],  # the scores computed above
-            allocation="uniform",
-            round_to=r,
-            graph=graph,
-            groups=gids,
-        )
-        removed.update({gi: rm for gi, rm in selector.select(s).items() if rm.size})
-    removed = dict(sorted(removed.items()))  # the plan lists groups in graph order
-    return remove_units(model, graph, removed, _example_inputs(batches), verify=verify)
+    sc = _score(model, batches, criterion, layers, what, criterion_kwargs, None, loss_fn, blocks, seed, gqa)
+    if _heads_requested(what, checked, target):
+        _require_heads(model, sc, gqa)
+    if isinstance(checked, float):
+        allowed = _loadable_heads(model, sc) if uniform else None
+        sparsities = _target_fractions(model, sc, target, checked, what, round_to, allowed)
+    else:
+        sparsities = checked
+    removed, queries = _selection(model, sc, sparsities, round_to, batches)
+    x = _example_inputs(batches)
+    plan = _full_plan(model, sc, removed, queries)
+    if uniform:
+        why = planned_config_mismatch(model, plan)
+        if why is not None:
+            raise ConfigError(
+                f"uniform=True: the config of {type(model).__name__} cannot express the pruned model: {why}. "
+                "Nothing was changed. Prune only what the config expresses (e.g. what=('mlp',)), or use "
+                "uniform=False and save with secateur.save_pretrained / secateur.save (plan alongside)"
+            )
+    if queries:
+        if verify:
+            verified_compact(model, plan, x)
+        else:
+            compact(model, plan)
+    else:  # the driver's applier: on an oracle failure it names the groups at fault
+        _, plan = remove_units(model, sc.base, removed, x, verify=verify)
+    refuse_plain_save(model, plan)
+    return model, plan
