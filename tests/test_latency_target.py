@@ -118,6 +118,19 @@ def test_search_with_rechecks_is_not_fooled_by_one_fast_outlier():
     assert min(int(naive.search(0.5, lambda v: runs_at(v, 1), 1.0) * 10 + 1e-9), 10) == 4
 
 
+def test_unreachable_is_declared_on_the_median_of_remeasurements_not_on_one_timing():
+    reads = {0: [0.55, 0.45, 0.46]}  # at hi: one slow first timing, then two that meet 0.5
+
+    def runs_at(x: float, n: int) -> float:
+        return float(np.median(reads[0][:n])) if x == 1.0 else 0.4 + 0.2 * (1 - x)
+
+    lt = LatencyTarget(tiled, tolerance=0.0, retries=2, recheck=0.0, steps=6)
+    assert 0 < lt.search(0.5, lambda v: runs_at(v, 1), 1.0, runs_at=runs_at) <= 1.0
+    reads[0] = [0.55, 0.56, 0.45]  # median 0.55: unreachable, and the message gives the median
+    with pytest.raises(ConfigError, match=r"still runs at 55\.0% of the dense"):
+        lt.search(0.5, lambda v: runs_at(v, 1), 1.0, runs_at=runs_at)
+
+
 # -- the backends ----------------------------------------------------------------------------------------
 def test_onnxruntime_backend_runs_the_same_model_and_returns_positive_ms():
     from secateur.analysis.backends import backend_latency, compare_backend, prepare_runner

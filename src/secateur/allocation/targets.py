@@ -324,9 +324,13 @@ class LatencyTarget:
         fraction, a MAC fraction along a global ranking, a shared per-class ratio or a loss budget) as a
         fraction of the dense model's, assumed non-decreasing in removal; the goal is
         ``ratio <= 1 - fraction + tolerance``. With ``runs_at(x, n)`` (the median over ``n`` measurements of
-        the same removal), probes within ``recheck`` of the goal are re-measured (:meth:`decide`). Returns
-        0.0 for ``fraction`` 0. The returned knob's measured ratio meets the goal and the one just below it
-        (to the bisection's resolution) measured above it.
+        the same removal), probes within ``recheck`` of the goal are re-measured (:meth:`decide`), and so is
+        ``hi`` whenever it fails (the target is declared unreachable on the median of ``1 + retries``
+        measurements, not on one). Returns 0.0 for ``fraction`` 0. The returned knob's measured ratio meets
+        the goal and the one just below it (to the bisection's resolution) measured above it. Bisection
+        assumes the latency falls as the removal grows; where it does not (a width off a kernel's block
+        size can run slower than a larger one), the result meets the goal but may not be the smallest
+        removal that does.
 
         Raises:
             ConfigError: even ``x = hi`` (``what``: everything the allocation may remove) measures above
@@ -344,6 +348,9 @@ class LatencyTarget:
             return self.decide(limit, lambda n: runs_at(x, n))
 
         ok, at_hi = probe(hi)
+        if not ok and runs_at is not None and self.retries:  # never give up on one unlucky timing
+            at_hi = runs_at(hi, 1 + self.retries)
+            ok = at_hi <= limit
         if not ok:
             raise ConfigError(
                 f"latency target {fraction:.4g} unreachable: {what} still runs at {at_hi:.1%} of the dense "

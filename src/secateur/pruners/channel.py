@@ -185,8 +185,9 @@ class ChannelPruner(PrunerBase):
             neurons), ``"params"`` (all parameters of the model) or ``"macs"`` (multiply-accumulates of one
             forward on ``example_inputs``, not FLOPs) or ``"latency"`` (the dense model's *measured* latency:
             the allocation's ranking is walked and compacted copies are timed, see ``latency``). Costs per
-            unit: see :class:`secateur.allocation.structured.CostModel`. With ``"uniform"`` and ``"channels"`` the
-            sparsity is each group's own fraction (``floor(sparsity · n_prunable)`` units), never unreachable.
+            unit: see :class:`secateur.allocation.structured.CostModel`. With ``"uniform"`` and
+            ``"channels"`` the sparsity is each group's own fraction (``floor(sparsity · n_prunable)`` units),
+            never unreachable.
         protect: module name patterns never pruned (fnmatch, ``"re:..."`` for a regex).
         round_to: kept unit counts are multiples of this (a group smaller than it is left alone).
         data: a batch ``(x, y)`` or an iterable of batches for data-dependent criteria when no statistics
