@@ -80,6 +80,20 @@ def test_sensitivity_prunes_the_sensitive_group_less_and_meets_the_target():
     assert count_macs(macs.finalize(), data[0][:1])["macs"] > 0  # compacts under the oracle
 
 
+def test_the_sweep_does_not_feed_a_data_dependent_criterion():
+    """Wanda-sp records input statistics in forward hooks: the sweep's forward passes on its copies must not
+    reach them (scores before and after the sweep are equal)."""
+    model, data = sensitive_a()
+    pruner = ChannelPruner(
+        model, data[0][:4], schedule=0.5, criterion="wanda_sp", allocation="sensitivity", data=data
+    )
+    before = pruner.scores()
+    pruner._sensitivity(before)
+    after = pruner.scores()
+    assert before.keys() == after.keys() and all(np.array_equal(before[g], after[g]) for g in before)
+    pruner.close()
+
+
 def test_sensitivity_needs_data():
     model, data = sensitive_a()
     with pytest.raises(ConfigError, match=r"allocation='sensitivity' needs data="):

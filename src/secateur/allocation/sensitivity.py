@@ -239,6 +239,27 @@ def calibration_loss(
     return total / n
 
 
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _without_hooks(model: nn.Module) -> nn.Module:
+    """``model`` (a private copy) with every module's forward / backward hooks dropped, in place."""
+    for mod in model.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(mod, attr, None)
+            if hooks:
+                hooks.clear()
+    return model
+
+
 def group_sensitivity(
     model: nn.Module,
     graph: DependencyGraph,
@@ -251,8 +272,10 @@ def group_sensitivity(
     """Each scored group pruned alone at each fraction, and the loss of the result (:func:`sweep_each`).
 
     The model is copied once with its masks baked in (:func:`secateur.analysis.onnx.baked_copy`; ``model``
-    is not changed); for each group ``g`` and fraction ``f`` a copy of it is compacted with ``removed`` plus
-    the :func:`~secateur.allocation.structured.uniform_removal` of ``g`` alone at ``f`` (its
+    is not changed) and without module hooks (a data-dependent criterion's recording hooks must not see the
+    sweep's forward passes; secateur's norm-mask hooks are replaced by the compaction; a user's own hooks are
+    not applied during the sweep); for each group ``g`` and fraction ``f`` a copy of it is compacted with
+    ``removed`` plus the :func:`~secateur.allocation.structured.uniform_removal` of ``g`` alone at ``f`` (its
     ``floor(f · n_prunable)`` lowest-scoring units, kept counts a multiple of ``round_to``), and
     ``loss(copy)`` is called (e.g. :func:`calibration_loss`, lower is better).
 
@@ -265,7 +288,7 @@ def group_sensitivity(
     from secateur.analysis.onnx import baked_copy
     from secateur.compact import compact, make_plan
 
-    base = baked_copy(model)
+    base = _without_hooks(baked_copy(model))
     groups = graph.groups
     prev = {gi: np.asarray(r, dtype=np.int64) for gi, r in removed.items() if len(r)}
 

@@ -288,8 +288,8 @@ class LatencyTarget:
     def ratio(self, model: nn.Module, reference: nn.Module, inputs: Any) -> float:
         """``model``'s latency as a fraction of ``reference``'s (e.g. 0.6: 40% faster).
 
-        The backend measures both in one interleaved run (:meth:`ratio_of`); an injected ``latency_fn`` is
-        called once on each. Eager timing leaves both models in eval mode.
+        The backend measures both in one interleaved run (:meth:`ratio_of`, eval mode; the models' modes are
+        restored); an injected ``latency_fn`` is called once on each.
 
         Raises:
             ConfigError: the latency function returned a non-positive or non-finite time.
@@ -297,7 +297,12 @@ class LatencyTarget:
         x = self.timed_inputs(inputs)
         if self.latency_fn is not None:
             return _positive_ms(self.latency_fn(model, x)) / _positive_ms(self.latency_fn(reference, x))
-        return self.ratio_of(self.runner(model, x), self.runner(reference, x))
+        modes = {m: m.training for net in (model, reference) for m in net.modules()}
+        try:
+            return self.ratio_of(self.runner(model, x), self.runner(reference, x))
+        finally:
+            for m, t in modes.items():
+                m.training = t
 
     def decide(self, limit: float, ratio_at: Callable[[int], float]) -> tuple[bool, float]:
         """Whether a probe meets ``limit``: ``ratio_at(n)`` is the median ratio over ``n`` measurements;
