@@ -343,6 +343,13 @@ def test_non_uniform_widths_refuse_save_pretrained_by_name(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # parameter targets
 # ---------------------------------------------------------------------------------------------------
+def _lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """The next-token loss on ``batch`` (padding ignored), in float64 on a copy."""
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        return float(copy.deepcopy(model).double()(**batch, labels=labels, use_cache=False).loss)
+
+
 def _gemma_counts(h: int, c: int, hd: int = 16) -> int:
     """Parameters a tiny Gemma 3 loses per layer with h query heads and c MLP channels removed (no biases)."""
     return h * 2 * HIDDEN * hd + c * 3 * HIDDEN
@@ -365,18 +372,30 @@ def test_nonembedding_target_is_reached_with_the_least_overshoot_and_loads(targe
     after = parameter_counts(model)
     assert after["embedding_params"] == before["embedding_params"]
     removed = before["nonembedding_params"] - after["nonembedding_params"]
-    # independent: every allowed (h query heads, c channels) pair per layer; per h the smallest c reaching the
-    # goal; the pair whose fractions h/4 and c/48 are closest (fewer heads on ties)
+    # independent: every allowed (h query heads, c channels) pair per layer, per h the smallest c reaching the
+    # goal; the one kept is the candidate whose pruned model has the lowest calibration loss
     goal = fraction * before["nonembedding_params"]
     pairs = []
     for h in (0, 2, 3):  # 3 query heads: transformers refuses a config with hidden size 32 and 3 heads
         c = next((c for c in range(INTER) if LAYERS * _gemma_counts(h, c) >= goal), None)
         if c is not None:
             pairs.append((h, c))
-    h, c = min(pairs, key=lambda p: (abs(p[0] / 4 - p[1] / INTER), p[0]))
+    h, c = 4 - model.config.num_attention_heads, INTER - model.config.intermediate_size
+    assert (h, c) in pairs and len(pairs) > 1
     assert removed == LAYERS * _gemma_counts(h, c)
     assert goal <= removed < goal + LAYERS * 3 * HIDDEN  # overshoot below one MLP channel per layer
-    assert (model.config.num_attention_heads, model.config.intermediate_size) == (4 - h, INTER - c)
+    loss = {}
+    for hh, cc in pairs:  # the same scores, each pair's counts as per-group fractions
+        other, _ = prune_decoder(
+            copy.deepcopy(dense),
+            calib(),
+            {"heads": hh / 4, "mlp": cc / INTER},
+            criterion="wanda_sp",
+            gqa="query_heads",
+            uniform=True,
+        )
+        loss[hh] = _lm_loss(other, calib())
+    assert loss[h] <= min(loss.values()) + 1e-5, loss
     assert "save_pretrained" not in model.__dict__
 
 

@@ -6,7 +6,8 @@
 ``text``: real English text (Debian fortunes) and sentence-embedding quality measures;
 ``structural``: LLM-Pruner-style removal of heads and MLP channels of decoder layers (a thin call of the
 structured driver; its criteria ``"llm_pruner"`` and ``"wanda_sp"`` live in
-:mod:`secateur.criteria.group.llm`);
+:mod:`secateur.criteria.group.llm`); ``gqa``: query heads removed evenly per KV group (GQA/MQA);
+``loadable``: whether a pruned Hugging Face model's own config describes it (``UnloadableConfigError``);
 ``moe``: expert removal in mixture-of-experts models (router-weighted activation saliency);
 ``owl``: OWL's outlier-weighted layer-wise sparsity (``allocation="owl"`` of the one-shot drivers);
 ``depth``: ShortGPT's removal of whole blocks by Block Influence;

@@ -45,6 +45,7 @@ so save with :func:`secateur.save_pretrained` (reloaded by :func:`secateur.from_
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import re
@@ -58,7 +59,7 @@ from torch import nn
 from secateur._torch import eval_mode
 from secateur._validate import check_round_to, check_sparsity
 from secateur.allocation.structured import build_cost_model
-from secateur.compact import compact, make_plan
+from secateur.compact import compact, make_plan, mask_model
 from secateur.compact.verify import verified_compact
 from secateur.criteria.group import GroupCriterion, GroupScores, head_group_ids
 from secateur.criteria.group.llm import LLMPrunerTaylor, WandaStructured
@@ -406,7 +407,7 @@ def _mlp_steps(n: int, round_to: int) -> list[int]:
     return [0] + sorted(n - round_to * j for j in range(1, n // round_to + 1) if n - round_to * j > 0)
 
 
-def _target_fractions(
+def _target_candidates(
     model: nn.Module,
     scored: Any,
     target: str,
@@ -414,22 +415,20 @@ def _target_fractions(
     what: Sequence[str],
     round_to: int = 1,
     heads_allowed: Callable[[int], bool] | None = None,
-) -> dict[str, float]:
-    """Per-kind fractions (``{"heads": s_h, "mlp": s_m}``) whose per-layer counts remove at least
-    ``sparsity`` of ``target`` (``"params"`` or ``"nonembedding_params"``, :func:`parameter_counts`) with the
-    least overshoot the granularity allows.
+) -> list[dict[str, float]]:
+    """The per-kind fractions (``{"heads": s_h, "mlp": s_m}``) of every way to remove at least ``sparsity``
+    of ``target`` (``"params"`` or ``"nonembedding_params"``, :func:`parameter_counts`) with equal counts in
+    every selected layer, fewest head units first.
 
-    Every selected layer loses the same number ``h`` of head units (KV groups, or query heads per KV group)
-    and ``c`` of MLP channels. For each ``h`` the smallest ``c`` reaching the target is found (kept counts
-    multiples of ``round_to``); among those pairs the one whose two fractions ``h / n_heads`` and ``c /
-    n_mlp`` are closest is taken (LLM-Pruner's same ratio for every group, as near as the coarse head steps
-    allow; ties: fewer heads), so the overshoot is below one MLP step of every layer. The parameters a pair
-    removes are counted by the driver's cost model (:func:`secateur.allocation.structured.build_cost_model`,
-    exact for weights and biases). The returned fractions make the driver's ``floor(s · n)`` give ``h`` and
-    ``c``.
+    Each selected layer loses ``h`` head units (KV groups, or query heads per KV group) and ``c`` MLP
+    channels. For each ``h`` (allowed by ``heads_allowed``) the smallest ``c`` reaching the target is taken
+    (kept counts multiples of ``round_to``), so the overshoot is below one MLP step of every layer; with no
+    MLP kind, the smallest ``h`` reaching it is the one candidate. The parameters a pair removes are counted
+    by the driver's cost model (:func:`secateur.allocation.structured.build_cost_model`, exact for weights and
+    biases). The fractions make the driver's ``floor(s · n)`` give ``h`` and ``c``.
 
     Args:
-        scored: what :func:`structural_scores` scored (the internal ``_Scored``; graph, selection, query
+        scored: what :func:`structural_scores` scored (the internal ``_Scored``: graph, selection, query
             heads).
         heads_allowed: ``f(h) -> bool``, whether removing ``h`` head units per layer is allowed (e.g. the
             head count must divide ``hidden_size`` for transformers to accept the config); default: all.
@@ -440,13 +439,11 @@ def _target_fractions(
     denominator = parameter_counts(model)["params" if target == "params" else "nonembedding_params"]
     kinds = {k: [gi for gi, (_, kk) in scored.selection.items() if kk == k] for k in what}
     cost = build_cost_model(model, scored.graph, sorted(scored.selection), "params", None)
-    q_mode = bool(scored.queries)
-    heads = kinds.get("heads", [])
-    if q_mode:
+    heads, mlp = kinds.get("heads", []), kinds.get("mlp", [])
+    if scored.queries:
         n_h = _common_size({scored.queries[gi].n_rep for gi in heads}, "query-head") if heads else 1
     else:
         n_h = _common_size({scored.graph.groups[gi].n_units for gi in heads}, "head") if heads else 1
-    mlp = kinds.get("mlp", [])
     n_m = _common_size({scored.graph.groups[gi].n_units for gi in mlp}, "MLP") if mlp else 1
 
     def removed(h: int, c: int) -> float:
@@ -476,16 +473,48 @@ def _target_fractions(
             f"{round_to} MLP channel(s) (and, with uniform=True, a head count its config accepts), which "
             f"removes at most {most:.4g}"
         )
-    if heads and mlp:
-        h, c = min(pairs, key=lambda p: (abs(p[0] / n_h - p[1] / n_m), p[0]))
-    else:
-        h, c = pairs[0]
-    out = {}
-    if "heads" in what:
-        out["heads"] = h / n_h if heads else 0.0
-    if "mlp" in what:
-        out["mlp"] = c / n_m if mlp else 0.0
+    if not mlp:
+        pairs = pairs[:1]
+    out = []
+    for h, c in pairs:
+        fractions = {}
+        if "heads" in what:
+            fractions["heads"] = h / n_h if heads else 0.0
+        if "mlp" in what:
+            fractions["mlp"] = c / n_m if mlp else 0.0
+        out.append(fractions)
     return out
+
+
+def _calibration_loss(model: nn.Module, plan: dict, batches: list[Batch], loss_fn: LossFn | None) -> float:
+    """Mean over the calibration batches of ``loss_fn`` (default: the model's own next-token loss) of a copy
+    of ``model`` masked by ``plan`` (what the compacted model computes), in eval mode without gradients; the
+    model is not changed. Memory: one copy of the model."""
+    masked = mask_model(copy.deepcopy(model), plan)
+    fn = loss_fn or causal_lm_loss
+    with eval_mode(masked), torch.no_grad():
+        losses = [float(fn(masked(**x), y)) for x, y in causal_lm_data(batches)]
+    return sum(losses) / len(losses)
+
+
+def _best_candidate(
+    model: nn.Module,
+    sc: Any,
+    candidates: list[dict[str, float]],
+    round_to: int,
+    batches: list[Batch],
+    loss_fn: LossFn | None,
+) -> dict[str, float]:
+    """The candidate whose pruned model has the lowest calibration loss (ties: the first, fewer heads); the
+    only one when there is one."""
+    if len(candidates) == 1:
+        return candidates[0]
+    losses = []
+    for fractions in candidates:
+        removed, queries = _selection(model, sc, fractions, round_to, batches)
+        plan = _full_plan(model, sc, removed, queries)
+        losses.append(_calibration_loss(model, plan, batches, loss_fn))
+    return candidates[min(range(len(candidates)), key=lambda i: (losses[i], i))]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -630,11 +659,12 @@ def prune_decoder(
     number is ``floor(sparsity * n)`` of each group's ``n`` units. With a parameter target, every selected
     layer loses the same ``h`` head units and ``c`` MLP channels: for each ``h`` the smallest ``c`` whose
     removal reaches ``sparsity`` of the parameters (counted by the driver's cost model, exact for weights and
-    biases; MLP steps of ``round_to``), and among those pairs the one whose fractions ``h / n_heads`` and
-    ``c / n_mlp`` are closest (LLM-Pruner's one ratio for every group, as near as the coarse head steps allow;
-    ties: fewer heads). The overshoot is below one MLP step per layer; with ``uniform=True`` only head counts
-    whose config transformers accepts are tried (it wants ``hidden_size % num_attention_heads == 0`` even
-    where ``head_dim`` is explicit).
+    biases; MLP steps of ``round_to``), so the overshoot is below one MLP step per layer; among those pairs
+    (one per head count) the one whose pruned model (masked copy) has the lowest ``loss_fn`` on ``data`` is
+    kept (a search over width combinations as Minitron's, Muralidharan et al. 2024, sec. 3, here
+    without retraining; ties: fewer heads). Cost: one masked copy of the model and one pass over ``data`` per
+    head count tried. With ``uniform=True`` only head counts whose config transformers accepts are tried (it
+    wants ``hidden_size % num_attention_heads == 0`` even where ``head_dim`` is explicit).
 
     Heads under grouped-query attention (``Hq`` query heads over ``Hkv`` KV heads, ``n_rep = Hq / Hkv``),
     always a valid ratio afterwards:
@@ -718,7 +748,8 @@ def prune_decoder(
         _require_heads(model, sc, gqa)
     if isinstance(checked, float):
         allowed = _loadable_heads(model, sc) if uniform else None
-        sparsities = _target_fractions(model, sc, target, checked, what, round_to, allowed)
+        candidates = _target_candidates(model, sc, target, checked, what, round_to, allowed)
+        sparsities = _best_candidate(model, sc, candidates, round_to, batches, loss_fn)
     else:
         sparsities = checked
     removed, queries = _selection(model, sc, sparsities, round_to, batches)
