@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--backends", nargs="+", default=["onnxruntime", "eager"], choices=LATENCY_BACKENDS)
     ap.add_argument("--target", type=float, default=0.5, help="fraction of the dense latency to remove")
-    ap.add_argument("--tolerance", type=float, default=0.0, help="LatencyTarget's (fraction of dense)")
+    ap.add_argument("--tolerance", type=float, default=0.02, help="LatencyTarget's (fraction of dense)")
     ap.add_argument("--allocation", default="global", choices=["global", "uniform", "isomorphic"])
     ap.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this")
     ap.add_argument("--batch", type=int, default=32)
