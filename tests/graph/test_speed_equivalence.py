@@ -11,6 +11,7 @@ checked against what they replace.
 from __future__ import annotations
 
 import builtins
+import copy
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -545,8 +546,21 @@ def test_plan_matches_previous_implementation(name, prune_normalized):
         removed = _removals(graph, seed)
         new = make_plan(graph, removed)
         old = old_make_plan(graph, {gi: list(rm) for gi, rm in removed.items()})
-        assert json.dumps(new, sort_keys=True) == json.dumps(old, sort_keys=True)
+        expected = json.dumps(old, sort_keys=True)
+        assert json.dumps(_without_explicit_n_inner(new, old), sort_keys=True) == expected
         assert json.dumps(make_plan(graph, {gi: list(rm) for gi, rm in removed.items()})) == json.dumps(new)
+
+
+def _without_explicit_n_inner(new: dict, old: dict) -> dict:
+    """The one intended change since the reference: GPT-2's ``n_inner=None`` (meaning ``4 * n_embd``) is
+    written explicitly when the MLP shrinks (the reference left that config stale). Checked, then removed."""
+    out = copy.deepcopy(new)
+    for ck, changes in out["config"].items():
+        if "n_inner" in changes and "n_inner" not in old["config"].get(ck, {}):
+            before, after = changes.pop("n_inner")
+            assert before is None and isinstance(after, int) and after > 0
+    out["config"] = {ck: ch for ck, ch in out["config"].items() if ch or ck in old["config"]}
+    return out
 
 
 def test_plan_errors_unchanged():
