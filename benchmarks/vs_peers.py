@@ -554,7 +554,8 @@ def docs(res: dict, path: Path, img_dir: Path) -> None:
         f"re-estimated on {cfg['bn_batches']} training batches for every method, then {cfg['ft_steps']} SGD "
         f"steps of batch {cfg['batch_size']} (lr {cfg['ft_lr']}, cosine) on the same batches. The sparse-"
         f"learning methods first train {cfg['sparse_steps']} steps with their regulariser. secateur-best: "
-        f"`{cfg['best']}`. Accuracy: mean ± std over seeds {cfg['seeds']} on the first "
+        f"`{cfg['best']}`. Accuracy: mean ± std over the seeds run so far "
+        f"({sorted({r['seed'] for r in res['rows'] if 'error' not in r})} of {cfg['seeds']}) on the first "
         f"{cfg['test_subset'] or 10000} test images; the "
         "achieved MAC reduction in brackets.",
         "",
