@@ -312,33 +312,31 @@ def depth_blocks(model: torch.nn.Module, target: float) -> int:
 
 
 def width_prune(model: torch.nn.Module, batches: list, target: float, criterion: str) -> dict[str, Any]:
-    """Width pruning hook: remove MLP channels uniformly in every layer until ``target`` of the
-    non-embedding parameters is gone, through ``secateur.llm.prune_decoder`` (the structured driver,
-    GQA-safe, uniform so that ``config.json`` describes the result).
-
-    Gemma 3 270M has one key/value head, which a layer must keep, so only MLP channels go: ``k`` channels per
-    layer with ``k`` the count closest to the target, i.e. MLP sparsity ``(k + 0.5) / intermediate_size``
-    (``floor(s · n) = k``).
+    """Width pruning: ``target`` of the non-embedding parameters removed by ``secateur.llm.prune_decoder``
+    (the structured driver): query heads evenly per KV group (Gemma 3 270M has one KV head, so MQA) and MLP
+    channels, the same counts in every layer (``uniform=True``) so that ``config.json`` describes the result
+    and plain transformers reloads it; among the (heads, MLP) splits reaching the target, the one with the
+    lowest loss on the calibration batches.
     """
     from secateur.llm import prune_decoder
 
     cfg = model.config
-    n_layers, hidden, inter = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
-    nonemb = _counts(model)["nonembedding_params"]
-    per_channel = 3 * hidden  # a gate row, an up row, a down column
-    k = round(target * nonemb / (n_layers * per_channel))
-    k = max(1, min(k, inter - 1))
+    heads, inter = cfg.num_attention_heads, cfg.intermediate_size
     t0 = time.perf_counter()
     prune_decoder(
         model,
         batches,
-        sparsity={"mlp": (k + 0.5) / inter},
-        layers=range(n_layers),
+        sparsity=target,
+        target="nonembedding_params",
+        gqa="query_heads",
+        uniform=True,
         criterion=criterion,
-        what=("mlp",),
     )
     return {
-        "mlp_channels_removed_per_layer": k,
+        "heads_kept": model.config.num_attention_heads,
+        "heads_dense": heads,
+        "intermediate_size": model.config.intermediate_size,
+        "intermediate_size_dense": inter,
         "criterion": criterion,
         "prune_seconds": time.perf_counter() - t0,
     }
