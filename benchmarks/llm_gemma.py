@@ -30,9 +30,9 @@ skips the rows already there):
 * ``depth``: Block Influence (ShortGPT, :func:`secateur.llm.block_influence`, ``prune_depth``'s rule)
   removing the number of blocks closest to 20% and 35% of the non-embedding parameters, without
   recovery and after :func:`secateur.llm.distill`;
-* ``width``: the hook :func:`width_prune` (``secateur.llm.prune_decoder``, uniform in every layer so
-  the config stays loadable; Gemma 3 270M has one key/value head, so only MLP channels can go) at the
-  same targets, without recovery and after distillation.
+* ``width``: :func:`width_prune` (``secateur.llm.prune_decoder`` with ``target="nonembedding_params"``,
+  ``gqa="query_heads"``, ``uniform=True``: query heads evenly per KV group and MLP channels, equal in
+  every layer so the config stays loadable) at the same targets, without recovery and after distillation.
 
 Every row: held-out perplexity, parameters, non-embedding parameters, and latency measured side by
 side with the dense model in the same call (interleaved, median): prefill of 1×512 tokens (the logits
