@@ -319,7 +319,7 @@ def test_prune_linears_is_a_transaction_and_names_what_it_refuses(monkeypatch):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_prune_linears_takes_keyword_batches():
+def test_prune_linears_takes_keyword_data():
     from secateur.llm import prune_linears
 
     class MLP(nn.Module):

@@ -482,7 +482,7 @@ def _fsync_tree(root: Path) -> None:
 def prune_checkpoint(
     checkpoint_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    batches: Iterable[Mapping[str, torch.Tensor]],
+    data: Iterable[Mapping[str, torch.Tensor]],
     method: str = "wanda",
     sparsity: float | None = 0.5,
     pattern: str | tuple[int, int] | Pattern = "row",
@@ -509,7 +509,7 @@ def prune_checkpoint(
         out_dir: the new checkpoint directory; must not exist, its parent must. Gets every
             top-level file of ``checkpoint_dir`` (weights in other formats and sub-directories are
             left out and listed in ``skipped_files``), with the same shards and index.
-        batches: calibration batches, each the keyword arguments of ``model(**batch)`` (e.g. from
+        data: the calibration batches, each the keyword arguments of ``model(**batch)`` (e.g. from
             :func:`~secateur.llm.calibration.tokenized_batches`); ``attention_mask`` marks real tokens.
         method, sparsity, pattern, blocks, include, block_size, damp, track_error: as
             :func:`~secateur.llm.oneshot.prune_oneshot` (``include`` sees the full module names).
@@ -552,7 +552,7 @@ def prune_checkpoint(
     if not any(per_block):
         raise ConfigError(f"no Linear selected inside {block_path} (include={include!r})")
     sp = check_oneshot_args([x for lin in per_block for x in lin], method, p, sparsity)
-    batches = list(batches)
+    batches = list(data)
     if not batches:
         raise ConfigError("no calibration batches given")
     dev = torch.device(device) if device is not None else None

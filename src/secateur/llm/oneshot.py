@@ -442,7 +442,7 @@ def _rel_error(w_old: torch.Tensor, w_new: torch.Tensor, xtx: torch.Tensor) -> f
 @torch.no_grad()
 def prune_oneshot(
     model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
+    data: Iterable[Mapping[str, torch.Tensor]],
     method: str = "wanda",
     sparsity: float | None = 0.5,
     pattern: str | tuple[int, int] | Pattern = "row",
@@ -460,7 +460,7 @@ def prune_oneshot(
 
     Args:
         model: e.g. a ``transformers`` BERT/GPT-2/LLaMA model; put in eval mode for the call.
-        batches: calibration batches, each the keyword arguments of ``model(**batch)`` (from
+        data: the calibration batches, each the keyword arguments of ``model(**batch)`` (from
             :func:`~secateur.llm.calibration.tokenized_batches`); ``attention_mask`` marks the
             real tokens, the only ones counted in the statistics.
         method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"ria"`` (Zhang et al. 2024, exponent
@@ -508,7 +508,7 @@ def prune_oneshot(
     sp = check_oneshot_args(all_linears, method, p, sparsity)
     units = [f"{block_path}.{i}" for i, lin in enumerate(per_block) if lin]
     alloc = check_allocation(allocation, p, units)
-    batches = list(batches)
+    batches = list(data)
     if not batches:
         raise ConfigError("no calibration batches given")
     dev = torch.device(device) if device is not None else None
@@ -724,10 +724,12 @@ BlockInputs = list[tuple[torch.Tensor, tuple, dict]]
 def calibration_inputs(
     model: nn.Module,
     first_block: nn.Module,
-    batches: list[Mapping[str, torch.Tensor]],
+    data: list[Mapping[str, torch.Tensor]],
     device: torch.device | None = None,
 ) -> tuple[BlockInputs, list[torch.Tensor | None], int]:
     """Inputs of ``first_block`` for each calibration batch, the batches' token masks and real-token count.
+
+    ``data`` is the calibration batches, each the keyword arguments of ``model(**batch)``.
 
     Each batch runs through ``model`` until ``first_block`` is called (a forward pre-hook stores its
     arguments and stops the pass), so only the layers before the first block need weights.
@@ -739,8 +741,8 @@ def calibration_inputs(
         ConfigError: the block is called without hidden states or with a key/value cache, or the
             model finishes its pass without calling it.
     """
-    inputs = _capture_first_block_inputs(model, first_block, batches)
-    masks = [_token_mask(b) for b in batches]
+    inputs = _capture_first_block_inputs(model, first_block, data)
+    masks = [_token_mask(b) for b in data]
     inputs = [(_to(h, device), _to(r, device), _to(k, device)) for h, r, k in inputs]
     masks = [_to(m, device) for m in masks]
     n_tokens = sum(
@@ -787,9 +789,11 @@ _NO_FORWARD = object()
 
 @torch.no_grad()
 def block_call_args(
-    model: nn.Module, block_list: Sequence[nn.Module], batches: list[Mapping[str, torch.Tensor]]
+    model: nn.Module, block_list: Sequence[nn.Module], data: list[Mapping[str, torch.Tensor]]
 ) -> tuple[list[torch.Tensor], BlockArgs]:
     """The first block's hidden states and *every* block's other call arguments, per calibration batch.
+
+    ``data`` is the calibration batches, each the keyword arguments of ``model(**batch)``.
 
     Blocks need not be called alike: Gemma 2/3 pass sliding-window blocks another attention mask and other
     rotary embeddings than full-attention blocks (chosen by ``config.layer_types``). One pass of the model
@@ -810,7 +814,7 @@ def block_call_args(
     try:
         for i, b in enumerate(block_list):
             b.forward = _Recorder(i, len(block_list) - 1, first, args)
-        for batch in batches:
+        for batch in data:
             call = dict(batch)
             if accepts_cache and "use_cache" not in call:
                 call["use_cache"] = False
@@ -851,10 +855,12 @@ def _same_args(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
 def calibration_stack_inputs(
     model: nn.Module,
     block_list: Sequence[nn.Module],
-    batches: list[Mapping[str, torch.Tensor]],
+    data: list[Mapping[str, torch.Tensor]],
     device: torch.device | None = None,
 ) -> tuple[BlockInputs, list[torch.Tensor | None], int, BlockArgs | None]:
     """:func:`calibration_inputs` of the first block plus each block's own call arguments.
+
+    ``data`` is the calibration batches, each the keyword arguments of ``model(**batch)``.
 
     Returns ``(inputs, masks, n_tokens, block_args)``; ``block_args`` is None when every block is called
     with the first block's arguments (the usual case: BERT, GPT-2, Llama), else ``block_args[i][b]`` is
@@ -866,13 +872,13 @@ def calibration_stack_inputs(
         ConfigError: as :func:`calibration_inputs`.
     """
     try:
-        first, args = block_call_args(model, block_list, batches)
+        first, args = block_call_args(model, block_list, data)
     except ConfigError:
         raise
     except Exception:  # noqa: BLE001 - fall back to the first block's arguments for every block
-        inputs, masks, n_tokens = calibration_inputs(model, block_list[0], batches, device)
+        inputs, masks, n_tokens = calibration_inputs(model, block_list[0], data, device)
         return inputs, masks, n_tokens, None
-    masks = [_to(_token_mask(b), device) for b in batches]
+    masks = [_to(_token_mask(b), device) for b in data]
     memo: dict[int, Any] = {}
     inputs = [(_to(h, device), _to_shared(r, device, memo), _to_shared(k, device, memo))
               for h, (r, k) in zip(first, args[0])]
@@ -880,7 +886,7 @@ def calibration_stack_inputs(
         int(m.sum().item()) if m is not None else h.shape[0] * h.shape[1]
         for m, (h, _, _) in zip(masks, inputs)
     )
-    if all(_same_args(args[i][b], args[0][b]) for i in range(1, len(args)) for b in range(len(batches))):
+    if all(_same_args(args[i][b], args[0][b]) for i in range(1, len(args)) for b in range(len(data))):
         return inputs, masks, n_tokens, None
     moved = [[(_to_shared(r, device, memo), _to_shared(k, device, memo)) for r, k in per] for per in args]
     return inputs, masks, n_tokens, moved
@@ -1131,7 +1137,7 @@ def _restore_linears(linears: list[tuple[str, nn.Module]], snap: dict[str, tuple
 @torch.no_grad()
 def collect_linear_inputs(
     model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
+    data: Iterable[Mapping[str, torch.Tensor]],
     include: str | Callable[[str, nn.Linear], bool] | None = None,
     stop_early: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -1139,6 +1145,7 @@ def collect_linear_inputs(
 
     This is the whole-model capture that layer-by-layer pruning avoids: it holds every Linear's
     inputs together. Used as a reference in tests and as the memory baseline of the benchmark.
+    ``data`` is the calibration batches, each the keyword arguments of ``model(**batch)``.
     ``include`` is a regex on module names or a predicate ``(name, module) -> bool``. With
     ``stop_early`` each forward pass stops once every selected Linear has run (saves the rest).
 
@@ -1172,7 +1179,7 @@ def collect_linear_inputs(
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
+        for batch in data:
             current["mask"] = _token_mask(batch)
             current["seen"] = set()
             try:
