@@ -11,9 +11,13 @@ function imports them lazily and raises ``ImportError`` naming the missing packa
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,22 @@ import torch
 from torch import nn
 
 from secateur.analysis.latency import compare_callables, time_callable
+from secateur.analysis.progress import Steps
 from secateur.errors import ConfigError
 
-__all__ = ["baked_copy", "compare_onnx_latency", "export_onnx", "onnx_latency"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "baked_copy",
+    "compare_onnx_latency",
+    "export_onnx",
+    "flatten_outputs",
+    "inputs_at_batch",
+    "onnx_latency",
+    "onnx_opset",
+    "ort_session",
+    "session_feed",
+]
 
 
 def _require(module: str) -> Any:
@@ -73,6 +90,7 @@ def export_onnx(
     *,
     opset: int | None = None,
     dynamic_batch: bool = False,
+    progress: bool | None = None,
 ) -> Path:
     """Export ``model`` (eval mode) to an ONNX file traced on ``example_inputs``.
 
@@ -83,8 +101,10 @@ def export_onnx(
     ``onnxscript``).
 
     Args:
-        opset: ONNX opset version (default: the exporter's default).
-        dynamic_batch: make the leading dimension of every input dynamic.
+        opset: ONNX opset version (default: the exporter's default; the version written is in the
+            file, :func:`onnx_opset` reads it).
+        dynamic_batch: make the leading dimension of every input dynamic (one file for every batch size).
+        progress: a progress bar on stderr while exporting (``None``: only when stderr is a terminal).
 
     Returns:
         The path written.
@@ -105,6 +125,8 @@ def export_onnx(
         export_model = baked_copy(model)
     was_training = export_model.training
     export_model.eval()
+    if dynamic_batch and _first_batch(example_inputs) == 1:
+        example_inputs = inputs_at_batch(example_inputs, 2)  # torch.export specialises a size of 1
     args, kwargs = _as_args(example_inputs)
     names = list(kwargs) if kwargs else [f"input_{i}" for i in range(len(args))]
     dynamic_shapes = None
@@ -115,7 +137,7 @@ def export_onnx(
         else:
             dynamic_shapes = tuple({0: batch} for _ in args)
     try:
-        with torch.no_grad():
+        with Steps("ONNX export", 1, progress) as bar, bar.step(path.name), _quiet_exporter():
             torch.onnx.export(
                 export_model,
                 args,
@@ -130,32 +152,138 @@ def export_onnx(
             )
     finally:
         export_model.train(was_training)
+    log.info("exported %s to %s (opset %s)", type(model).__name__, path, onnx_opset(path))
     return path
 
 
-def _session(path: Path, threads: int) -> Any:
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """No gradients; the exporter's chatter (warnings, torch.onnx's log lines, its stdout) silenced."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def onnx_opset(path: str | os.PathLike[str]) -> int | None:
+    """The default-domain (``ai.onnx``) opset version of the ONNX file at ``path``; None if it has none.
+
+    Raises:
+        ImportError: onnx is missing. ConfigError: the file is missing.
+    """
+    onnx = _require("onnx")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ONNX file not found: {path}")
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def ort_session(path: str | os.PathLike[str], threads: int = 1) -> Any:
+    """An ONNX Runtime ``InferenceSession`` of the file at ``path`` on the CPU execution provider.
+
+    ``threads`` intra-op threads, one inter-op thread; ONNX Runtime's own log is limited to errors.
+
+    Raises:
+        ImportError: onnxruntime is missing (names ``secateur[onnx]``). ConfigError: the file is missing.
+    """
     ort = _require("onnxruntime")
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ONNX file not found: {path}")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _feed(sess: Any, path: Path, example_inputs: Any) -> tuple[dict[str, Any], int | None]:
+def _numpy(v: Any) -> Any:
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+
+
+def session_feed(sess: Any, example_inputs: Any, *, source: str = "the ONNX model") -> dict[str, Any]:
+    """The ``{input name: NumPy array}`` feed of ``sess`` for ``example_inputs``.
+
+    A dict is matched to the graph's inputs by name (keys the graph does not use are ignored: the
+    exporter drops unused inputs); a tensor or a tuple is matched by position. Tensors are converted
+    to NumPy once (CPU, no gradient).
+
+    Raises:
+        ConfigError: a graph input the dict lacks, or a positional count that differs from the graph's
+            (the message names ``source`` and the graph's inputs).
+    """
+    onnx_inputs = [i.name for i in sess.get_inputs()]
+    args, kwargs = _as_args(example_inputs)
+    if kwargs:
+        missing = [n for n in onnx_inputs if n not in kwargs]
+        if missing:
+            raise ConfigError(f"{source} takes inputs {onnx_inputs}; the inputs given lack {missing}")
+        return {n: _numpy(kwargs[n]) for n in onnx_inputs}
+    if len(onnx_inputs) != len(args):
+        raise ConfigError(f"{source} takes {len(onnx_inputs)} inputs ({onnx_inputs}), got {len(args)}")
+    return {n: _numpy(v) for n, v in zip(onnx_inputs, args)}
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output in the order the ONNX exporter flattens them.
+
+    A tensor gives itself; a tuple or list its items in order; a dict (a Hugging Face ``ModelOutput``
+    included, whose ``values()`` skip ``None`` fields) its values in order; ``None`` nothing.
+    """
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if out is None:
+        return []
+    if isinstance(out, Mapping):
+        items: Any = out.values()
+    elif isinstance(out, (tuple, list)):
+        items = out
+    else:
+        return []
+    return [t for item in items for t in flatten_outputs(item)]
+
+
+def inputs_at_batch(example_inputs: Any, batch: int) -> Any:
+    """``example_inputs`` with every tensor's leading (batch) dimension set to ``batch``.
+
+    Rows are taken cyclically from the given ones (row ``i`` is row ``i mod n``), so a batch of 32
+    built from 4 examples holds real inputs; non-tensor values and 0-d tensors are passed unchanged.
+    The structure (tensor, tuple or dict) is kept.
+
+    Raises:
+        ConfigError: ``batch`` < 1, or a tensor with an empty leading dimension.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch must be an int >= 1, got {batch!r}")
+
+    def one(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return v
+        if v.shape[0] == 0:
+            raise ConfigError(f"cannot build a batch of {batch} from an input with batch dimension 0")
+        return v[torch.arange(batch) % v.shape[0]].contiguous()
+
+    args, kwargs = _as_args(example_inputs)
+    if kwargs:
+        return {k: one(v) for k, v in kwargs.items()}
+    if isinstance(example_inputs, tuple):
+        return tuple(one(v) for v in args)
+    return one(example_inputs)
+
+
+def _first_batch(example_inputs: Any) -> int | None:
     args, kwargs = _as_args(example_inputs)
     values = list(kwargs.values()) if kwargs else list(args)
-    onnx_inputs = sess.get_inputs()
-    if len(onnx_inputs) != len(values):
-        raise ConfigError(
-            f"{path.name} takes {len(onnx_inputs)} inputs ({[i.name for i in onnx_inputs]}), "
-            f"got {len(values)}"
-        )
-    feed = {i.name: v.detach().cpu().numpy() for i, v in zip(onnx_inputs, values)}
     first = values[0] if values else None
-    batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
-    return feed, batch
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
 
 
 def onnx_latency(
@@ -184,8 +312,8 @@ def onnx_latency(
     """
     path = Path(path)
     n_threads = torch.get_num_threads() if threads is None else int(threads)
-    sess = _session(path, n_threads)
-    feed, batch = _feed(sess, path, example_inputs)
+    sess = ort_session(path, n_threads)
+    feed, batch = session_feed(sess, example_inputs, source=path.name), _first_batch(example_inputs)
     outputs = sess.run(None, feed)
     res = time_callable(lambda: sess.run(None, feed), threads=n_threads, repeats=repeats, warmup=warmup,
                         block_ms=block_ms, label="onnxruntime")
@@ -217,8 +345,8 @@ def compare_onnx_latency(
     n_threads = torch.get_num_threads() if threads is None else int(threads)
     fns, batches = {}, {}
     for key, p in (("dense", Path(dense_path)), ("pruned", Path(pruned_path))):
-        sess = _session(p, n_threads)
-        feed, batches[key] = _feed(sess, p, example_inputs)
+        sess = ort_session(p, n_threads)
+        feed, batches[key] = session_feed(sess, example_inputs, source=p.name), _first_batch(example_inputs)
         sess.run(None, feed)
         fns[key] = (lambda s, f: lambda: s.run(None, f))(sess, feed)
     res: dict[str, Any] = compare_callables(fns, threads=n_threads, repeats=repeats, warmup=warmup,
