@@ -3,7 +3,13 @@
 Pruning is composed from small pieces (see docs/architecture.md): a *scope* (which parameters),
 a *criterion* (how important each unit is), an *allocation* (how much to remove where), a
 *schedule* (when), and an *applier* (masks, then physical compaction).
+
+The library reports through :mod:`logging` (one logger per module, under ``"secateur"``) and never
+prints; the ``secateur`` command line chooses what to show. In your own script,
+``logging.basicConfig(level=logging.INFO)`` shows secateur's progress messages.
 """
+
+import logging as _logging
 
 from secateur.analysis import count_macs, count_params, layer_table
 from secateur.analysis.latency import measure
@@ -31,6 +37,9 @@ from secateur.schedules import Cubic, Iterative, OneShot
 from secateur.scope import Scope
 
 __version__ = "0.1.0"
+
+# a library leaves handlers to the application (logging HOWTO, "Configuring Logging for a Library")
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "ChannelPruner",

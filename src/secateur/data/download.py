@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from secateur._files import honour_umask
 from secateur.errors import ChecksumError, ConfigError, DataError
 
 __all__ = [
@@ -160,6 +161,7 @@ def download_file(
                 f"{dest}: SHA-256 mismatch for download from {url}: expected {sha256.lower()}, "
                 f"got {digest} ({got} bytes); the file was not kept"
             )
+        honour_umask(tmp)  # mkstemp made it 0600; published under the user's umask like any open()
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -13,11 +13,16 @@ rank 0 and checked after each update, as in :mod:`secateur.train.ddp`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-
+from secateur._optional import require
 from secateur.integrations._stepping import PrunerStepping
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+# the base class must exist when this module is imported: a missing transformers names the extra to install
+TrainerCallback = require("transformers", "secateur.integrations.hf_trainer").TrainerCallback
 
 __all__ = ["PruningCallback"]
 

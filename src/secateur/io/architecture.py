@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateur._optional import require
 from secateur.errors import (
     ConfigError,
     SecateurError,
@@ -136,8 +137,7 @@ def _hf_class(path: str, base: type, trusted: frozenset[str], source: str, field
             raise _untrusted(path, source, f"class (architecture.{field})")
         cls = _import(path, "class")
     else:
-        import transformers
-
+        transformers = require("transformers", f"{source}: rebuilding a Hugging Face model")
         cls = getattr(transformers, name, None)
         if cls is None or not getattr(cls, "__module__", "").startswith("transformers."):
             try:
@@ -221,10 +221,9 @@ def architecture_builder(
                 raise SerializationError(f"{source}: architecture.record: {e}") from e
 
         return build_zoo, True
-    from transformers import PretrainedConfig, PreTrainedModel
-
-    config_cls = _hf_class(arch["config_class"], PretrainedConfig, trusted, source, "config_class")
-    model_cls = _hf_class(arch["class"], PreTrainedModel, trusted, source, "class")
+    hf = require("transformers", f"{source}: rebuilding a Hugging Face model")
+    config_cls = _hf_class(arch["config_class"], hf.PretrainedConfig, trusted, source, "config_class")
+    model_cls = _hf_class(arch["class"], hf.PreTrainedModel, trusted, source, "class")
     config = clean_hf_config(arch["config"], source)
 
     def build_hf() -> nn.Module:

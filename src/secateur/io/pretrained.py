@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from secateur._files import file_stamps, honour_umask_of_changed
 from secateur._validate import check_model
 from secateur.errors import SerializationError
 from secateur.io.architecture import (
@@ -198,6 +199,7 @@ def save_pretrained(
         # expert) that from_pretrained cannot read without transformers' own converters; the model's own
         # names load in both (transformers' loader passes them through unchanged)
         save_kwargs.setdefault("save_original_format", False)
+    before = file_stamps(directory)
     try:
         hf_save(model, directory, **save_kwargs)
     except Exception as e:  # transformers validates the config (e.g. hidden size vs head count) on save
@@ -206,6 +208,7 @@ def save_pretrained(
             "its config must divide (hidden_size by num_attention_heads) can be kept a multiple with "
             "round_to=..., or save with secateur.save, which rebuilds from the original config"
         ) from e
+    honour_umask_of_changed(directory, before)  # transformers' safetensors files come out 0600
     tmp = directory / (PLAN_FILE + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, directory / PLAN_FILE)

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from secateur._files import honour_umask
 from secateur._validate import check_model
 from secateur.errors import (
     ConfigError,
@@ -129,6 +130,7 @@ def save(
     directory.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_p = directory / (WEIGHTS_FILE + ".tmp"), directory / (PLAN_FILE + ".tmp")
     save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
+    honour_umask(tmp_w)  # safetensors creates its file 0600 whatever the umask
     tmp_p.write_text(text)
     os.replace(tmp_w, directory / WEIGHTS_FILE)
     os.replace(tmp_p, directory / PLAN_FILE)

@@ -55,6 +55,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from secateur._files import honour_umask
+from secateur._optional import require
 from secateur.compact import interrupts_deferred
 from secateur.errors import ConfigError
 from secateur.llm.oneshot import (
@@ -416,7 +418,7 @@ def materialised_bytes(model: nn.Module) -> int:
 def _resolve_class(root: Path, config, model_class: type[nn.Module] | None) -> type[nn.Module]:
     if model_class is not None:
         return model_class
-    import transformers
+    transformers = require("transformers", "streamed pruning of a Hugging Face checkpoint")
 
     archs = getattr(config, "architectures", None) or []
     for arch in archs:
@@ -535,7 +537,7 @@ def prune_checkpoint(
     (a hidden sibling ``.<out_dir name>.partial-*``) and is re-raised; only a hard kill can leave that
     hidden folder behind, never a folder named ``out_dir``. The input is opened for reading only.
     """
-    import transformers
+    transformers = require("transformers", "streamed pruning of a Hugging Face checkpoint")
 
     t0 = time.perf_counter()
     src, out = Path(checkpoint_dir), Path(out_dir)
@@ -628,6 +630,7 @@ def prune_checkpoint(
             _fsync_tree(tmp)
         if out.exists():
             raise ConfigError(f"{out} was created while pruning; the result is not moved there")
+        honour_umask(tmp)  # mkdtemp made it 0700; published under the user's umask like any mkdir
         os.rename(tmp, out)
     except BaseException:  # an error or an interrupt: no output folder, the partial one removed
         with interrupts_deferred():
