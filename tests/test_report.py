@@ -212,3 +212,107 @@ def test_table_cells_share_one_format() -> None:
                                    "1,000"]
     pt = {"method": "lamp", "compression": 8, "accuracy": 0.5, "macs": 10_000, "latency_ms": None}
     assert _sweep_cells(pt) == ["lamp", "8.00x", "0.5000", "10,000", "—", "—"]
+
+
+# -- headline, recipe, sizes, deployment, axes (issue 16) -----------------------------------------
+def test_headline_numbers_come_from_the_inputs(results: dict, tmp_path: Path) -> None:
+    from secateur.analysis.report import headline
+
+    d, p = results["dense"], results["pruned"]
+    items = dict(headline(results))
+    assert items["metric"] == (f"accuracy {d['accuracy']:.4f} → {p['accuracy']:.4f}, "
+                               f"{100 * (p['accuracy'] - d['accuracy']):+.2f} points (worse)")
+    assert f"{d['params'] / p['nonzero_params']:.2f}x fewer non-zero parameters" in items["size"]
+    # A masked model's safetensors file is as large as the dense one: the headline says so, not a saving.
+    assert f"safetensors file {d['file_bytes'] / 2**20:.2f} → {p['file_bytes'] / 2**20:.2f} MiB" in items["size"]
+    assert items["speed"].startswith(f"{d['latency_ms'] / p['latency_ms']:.2f}x")
+    assert "batch 2, 1 thread(s)" in items["speed"]
+    page = build_report(results, tmp_path)["html"].read_text()
+    head = page[page.index('<ul class="headline"'):page.index("</ul>")]
+    for text in items.values():
+        assert html_escape(text) in head
+    assert page.index('id="headline"') < page.index("<h2>Dense vs pruned</h2>")
+    md = (tmp_path / "report.md").read_text()
+    assert f"- **metric**: {items['metric']}" in md
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def test_headline_perplexity_and_missing_values() -> None:
+    from secateur.analysis.report import headline
+
+    res = {"metric_name": "perplexity", "dense": {"accuracy": 20.0, "params": 10, "nonzero_params": 10},
+           "pruned": {"accuracy": 26.0, "params": 10, "nonzero_params": 5}}
+    items = dict(headline(res))
+    assert items["metric"] == "perplexity 20.0000 → 26.0000, +30.0% (worse)"
+    assert items["size"] == "2.00x fewer non-zero parameters" and "speed" not in items
+    assert headline({"dense": {}, "pruned": {}}) == []
+
+
+def test_recipe_sizes_and_deployment_rendered(tmp_path: Path) -> None:
+    res = {
+        "dense": {"params": 100, "nonzero_params": 100, "accuracy": 0.9, "file_bytes": 3 * 2**20},
+        "pruned": {"params": 50, "nonzero_params": 50, "accuracy": 0.89, "file_bytes": 2**20},
+        "recipe": {"method": "channel", "sparsity": 0.5, "criterion": "l1 <norm>"},
+        "recipe_name": "resnet_channels",
+        "deployment": [
+            {"model": "pruned", "runtime": "onnxruntime-int8", "batch_size": 32, "median_ms": 1.25,
+             "iqr_ms": 0.05, "speedup": 2.5, "size_bytes": 2**19, "n": 5, "threads": 1,
+             "check": {"within_tolerance": True, "mean_cosine": 0.99871, "max_rel_error": 0.02}},
+            {"model": "pruned", "runtime": "onnxruntime-fp32", "batch_size": 32, "median_ms": 2.0,
+             "iqr_ms": 0.1, "speedup": 1.5625, "size_bytes": 2**20, "n": 5, "threads": 1,
+             "check": {"within_tolerance": False, "mean_cosine": 1.0, "max_rel_error": 3e-3}},
+        ],
+    }
+    out = build_report(res, tmp_path)
+    page = out["html"].read_text()
+    assert '<h2>Recipe (resnet_channels)</h2><pre id="recipe">method: channel\nsparsity: 0.5\n' in page
+    assert "criterion: l1 &lt;norm&gt;" in page
+    assert "<td>size on disk, safetensors (MiB)</td><td class=\"n\">3.00</td><td class=\"n\">1.00</td>" \
+           "<td class=\"n\">3.00x</td>" in page
+    assert "1.250 ± 0.050" in page and "2.50x" in page and "cosine 0.9987" in page
+    assert "rel. err 3.0e-03 (outside tolerance)" in page
+    md = out["md"].read_text()
+    assert "```yaml\nmethod: channel" in md and "| pruned | onnxruntime-int8 | 32 | 1.250 ± 0.050 |" in md
+
+
+def test_accuracy_axis_does_not_exaggerate_a_small_drop() -> None:
+    from secateur.analysis.plots import MIN_METRIC_SPAN, metric_axis, trajectory_points
+
+    lo, hi = metric_axis([0.885, 0.90], 0.91, fraction=True)
+    assert lo <= 0.91 - MIN_METRIC_SPAN and hi >= 0.91 and hi <= 1.0
+    assert (0.91 - 0.885) / (hi - lo) <= 0.12  # a 2.5-point drop is at most an eighth of the axis
+    lo, hi = metric_axis([0.1, 0.64], 0.66, fraction=True)  # a trajectory point near chance stays visible
+    assert lo <= 0.1 and lo >= 0.0
+    assert metric_axis([25.0], 20.0, fraction=False) == (0.0, pytest.approx(26.25))
+    history = [{"step": 0, "eval_accuracy": 0.91, "nonzero_params": 1000},
+               {"step": 5, "sparsity": 0.3},  # no evaluation: not a point
+               {"step": 9, "eval_accuracy": 0.88, "nonzero_params": 250, "phase": "prune"}]
+    pts = trajectory_points({"dense": {"params": 1000}, "history": history})
+    assert pts == [(1.0, 0.91, "0"), (4.0, 0.88, "prune")]
+    given = trajectory_points({"trajectory": [{"compression": 2.0, "accuracy": 0.9, "label": "step 1"}]})
+    assert given == [(2.0, 0.9, "step 1")]
+
+
+def test_plots_name_the_report_extra_without_matplotlib(monkeypatch) -> None:
+    from secateur.analysis.plots import plot_accuracy_vs_compression
+
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    res = {"dense": {"params": 10, "nonzero_params": 10, "accuracy": 0.9},
+           "pruned": {"params": 10, "nonzero_params": 5, "accuracy": 0.8}}
+    with pytest.raises(ImportError, match=r"secateur\[report\]"):
+        plot_accuracy_vs_compression(res)
+
+
+def test_collect_results_file_sizes_and_progress(capsys) -> None:
+    dense = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    small = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    res = collect_results(dense, small, torch.randn(2, 64), latency=False, memory=False, progress=True)
+    floats = {"dense": 64 * 64 + 64 + 64 * 4 + 4, "pruned": 64 * 16 + 16 + 16 * 4 + 4}
+    for key, n in floats.items():  # float32 payload + a JSON header of under 1 KiB
+        assert 4 * n < res[key]["file_bytes"] < 4 * n + 1024
+    assert "report" in capsys.readouterr().err  # the progress bar was drawn on stderr

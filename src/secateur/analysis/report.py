@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -22,23 +21,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
 
 from secateur._torch import eval_mode
+from secateur.analysis.plots import (
+    FRACTION_METRICS,
+    plot_accuracy_vs_compression,
+    plot_latency_vs_macs,
+    plot_layer_kept,
+)
+from secateur.analysis.progress import Steps
 from secateur.errors import ConfigError
 
 __all__ = [
     "build_report",
     "collect_results",
     "environment",
+    "headline",
     "layer_comparison",
     "plot_accuracy_vs_compression",
     "plot_latency_vs_macs",
     "plot_layer_kept",
     "render_html",
     "render_markdown",
+    "summary_rows",
 ]
 
 _FORMATS = ("html", "md")
@@ -98,68 +104,110 @@ def collect_results(
     pruned_accuracy: float | None = None,
     latency: bool = True,
     memory: bool = True,
+    sizes: bool = True,
     threads: int | None = None,
     repeats: int = 30,
     onnx_dir: str | os.PathLike[str] | None = None,
+    deployment: dict[str, Any] | None = None,
     title: str = "secateur pruning report",
+    progress: bool | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Measure two models and return the dict :func:`build_report` takes.
 
     Counts from :func:`secateur.analysis.counting.count_params`/``count_macs``; latency from
     :func:`secateur.analysis.latency.compare_latency` (both models interleaved in one run), peak
-    activation memory from :func:`secateur.analysis.latency.peak_memory`. With ``onnx_dir``, both
-    models are exported there (``dense.onnx``, ``pruned.onnx``) and timed under ONNX Runtime,
-    interleaved (:func:`secateur.analysis.onnx.compare_onnx_latency`; needs the ``onnx`` extra).
-    Accuracies are fractions in [0, 1] measured by the caller. ``extra`` keys (``sweep``,
-    ``command``, ``description``, ``history``) are copied into the result.
+    activation memory from :func:`secateur.analysis.latency.peak_memory`; with ``sizes``, each model's
+    size on disk as a safetensors file of its weights (``file_bytes``:
+    :func:`secateur.analysis.deploy.weights_file`, written to a temporary folder). With ``onnx_dir``,
+    both models are exported there (``dense.onnx``, ``pruned.onnx``) and timed under ONNX Runtime,
+    interleaved (:func:`secateur.analysis.onnx.compare_onnx_latency`; needs the ``onnx`` extra). With
+    ``deployment`` (keyword arguments of :func:`secateur.analysis.deploy.measure_deployment`, e.g.
+    ``{"batch_sizes": (1, 32)}``), both models are measured in every runtime side by side (rows under
+    ``"deployment"``). Accuracies are fractions in [0, 1] measured by the caller. ``extra`` keys
+    (``sweep``, ``trajectory``, ``history``, ``recipe``, ``metric_name``, ``command``, ``description``)
+    are copied into the result. A progress bar shows on stderr (``progress=None``: only on a terminal).
 
     Raises:
-        ImportError: ``onnx_dir`` given without onnx/onnxruntime/onnxscript installed.
+        ImportError: ``onnx_dir`` or ``deployment`` given without onnx/onnxruntime/onnxscript installed.
     """
     from secateur.analysis.counting import count_macs, count_params
-    from secateur.analysis.latency import compare_latency, peak_memory
+    from secateur.analysis.latency import peak_memory
 
+    n_steps = 3 + latency + sizes + 2 * (onnx_dir is not None) + (deployment is not None)
     res: dict[str, Any] = {"title": title}
-    for key, model, acc in (("dense", dense, dense_accuracy), ("pruned", pruned, pruned_accuracy)):
-        with eval_mode(model):
-            res[key] = {"accuracy": acc, **count_params(model), **count_macs(model, example_inputs)}
-        if memory:
-            res[key]["peak_activation_bytes"] = peak_memory(model, example_inputs)["peak_activation_bytes"]
-    if latency:
-        lat = compare_latency(dense, pruned, example_inputs, threads=threads, repeats=repeats)
-        for key in ("dense", "pruned"):
-            for out_key, in_key in (
-                ("latency_ms", "median_ms"),
-                ("latency_iqr_ms", "iqr_ms"),
-                ("latency_q1_ms", "q1_ms"),
-                ("latency_q3_ms", "q3_ms"),
-            ):
-                res[key][out_key] = lat[key][in_key]
-        res["latency"] = {
-            "threads": lat["dense"]["threads"],
-            "batch_size": lat["dense"]["batch_size"],
-            "blocks": lat["dense"]["n"],
-            "device": lat["dense"]["device"],
-        }
-    if onnx_dir is not None:
-        from secateur.analysis.onnx import compare_onnx_latency, export_onnx
+    with Steps("report", n_steps, progress) as bar:
+        for key, model, acc in (("dense", dense, dense_accuracy), ("pruned", pruned, pruned_accuracy)):
+            with bar.step(f"{key}: counts" + (", memory" if memory else "")), eval_mode(model):
+                res[key] = {"accuracy": acc, **count_params(model), **count_macs(model, example_inputs)}
+                if memory:
+                    peak = peak_memory(model, example_inputs)
+                    res[key]["peak_activation_bytes"] = peak["peak_activation_bytes"]
+        if sizes:
+            with bar.step("size on disk"):
+                _file_sizes(res, dense, pruned)
+        if latency:
+            with bar.step("latency (eager)"):
+                _eager_latency(res, dense, pruned, example_inputs, threads, repeats)
+        if onnx_dir is not None:
+            _onnx_latency(res, dense, pruned, example_inputs, Path(onnx_dir), threads, repeats, bar)
+        if deployment is not None:
+            with bar.step("deployment runtimes"):
+                from secateur.analysis.deploy import measure_deployment
 
-        paths = {
-            key: export_onnx(m, example_inputs, Path(onnx_dir) / f"{key}.onnx")
-            for key, m in (("dense", dense), ("pruned", pruned))
-        }
-        ox = compare_onnx_latency(
-            paths["dense"], paths["pruned"], example_inputs, threads=threads, repeats=repeats
-        )
-        for key in ("dense", "pruned"):
-            for stat in ("median", "iqr", "q1", "q3"):
-                out_key = "onnx_latency_ms" if stat == "median" else f"onnx_latency_{stat}_ms"
-                res[key][out_key] = ox[key][f"{stat}_ms"]
-    res["layers"] = layer_comparison(dense, pruned, example_inputs)
+                kwargs = {"threads": threads or 1, "progress": False, **deployment}
+                res["deployment"] = measure_deployment({"dense": dense, "pruned": pruned}, example_inputs,
+                                                       **kwargs)
+        with bar.step("per-layer table"):
+            res["layers"] = layer_comparison(dense, pruned, example_inputs)
     res["environment"] = environment()
     res.update(extra)
     return res
+
+
+def _file_sizes(res: dict[str, Any], dense: nn.Module, pruned: nn.Module) -> None:
+    import tempfile
+
+    from secateur.analysis.deploy import weights_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, model in (("dense", dense), ("pruned", pruned)):
+            res[key]["file_bytes"] = weights_file(model, Path(tmp) / f"{key}.safetensors").stat().st_size
+
+
+def _eager_latency(res: dict[str, Any], dense: nn.Module, pruned: nn.Module, example_inputs: Any,
+                   threads: int | None, repeats: int) -> None:
+    from secateur.analysis.latency import compare_latency
+
+    lat = compare_latency(dense, pruned, example_inputs, threads=threads, repeats=repeats)
+    for key in ("dense", "pruned"):
+        for stat in ("median", "iqr", "q1", "q3"):
+            res[key]["latency_ms" if stat == "median" else f"latency_{stat}_ms"] = lat[key][f"{stat}_ms"]
+    res["latency"] = {
+        "threads": lat["dense"]["threads"],
+        "batch_size": lat["dense"]["batch_size"],
+        "blocks": lat["dense"]["n"],
+        "device": lat["dense"]["device"],
+    }
+
+
+def _onnx_latency(res: dict[str, Any], dense: nn.Module, pruned: nn.Module, example_inputs: Any,
+                  onnx_dir: Path, threads: int | None, repeats: int, bar: Steps) -> None:
+    from secateur.analysis.onnx import compare_onnx_latency, export_onnx
+
+    with bar.step("ONNX export"):
+        paths = {
+            key: export_onnx(m, example_inputs, onnx_dir / f"{key}.onnx", progress=False)
+            for key, m in (("dense", dense), ("pruned", pruned))
+        }
+    with bar.step("latency (ONNX Runtime)"):
+        ox = compare_onnx_latency(paths["dense"], paths["pruned"], example_inputs, threads=threads,
+                                  repeats=repeats)
+    for key in ("dense", "pruned"):
+        for stat in ("median", "iqr", "q1", "q3"):
+            out_key = "onnx_latency_ms" if stat == "median" else f"onnx_latency_{stat}_ms"
+            res[key][out_key] = ox[key][f"{stat}_ms"]
+        res[key]["onnx_file_bytes"] = paths[key].stat().st_size
 
 
 def environment() -> dict[str, Any]:
@@ -172,161 +220,6 @@ def environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
-
-
-# -- plots --------------------------------------------------------------------------------------
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _compression(m: dict[str, Any]) -> float | None:
-    params, nz = m.get("params"), m.get("nonzero_params")
-    if not params or not nz:
-        return None
-    return params / nz
-
-
-def plot_accuracy_vs_compression(results: dict[str, Any]) -> bytes | None:
-    """PNG of accuracy (fraction) against compression (dense params / non-zero params, log2 axis).
-
-    Points come from ``results["sweep"]`` (grouped by their ``"method"``), plus the dense model at
-    1x and the pruned model. Returns None when no point has both values.
-    """
-    series: dict[str, list[tuple[float, float]]] = {}
-    for pt in results.get("sweep") or []:
-        if pt.get("compression") is not None and pt.get("accuracy") is not None:
-            series.setdefault(str(pt.get("method", "sweep")), []).append((pt["compression"], pt["accuracy"]))
-    d, p = results.get("dense", {}), results.get("pruned", {})
-    dense_pt = (1.0, d["accuracy"]) if d.get("accuracy") is not None else None
-    # Compression relative to the dense model: after physical removal the pruned model's own
-    # params / non-zero params is 1, which would hide the compression.
-    c = d["params"] / p["nonzero_params"] if d.get("params") and p.get("nonzero_params") else None
-    pruned_pt = (c, p["accuracy"]) if c and p.get("accuracy") is not None else None
-    if not series and not pruned_pt:
-        return None
-    fig = Figure(figsize=(7, 4.2), dpi=110)
-    ax = fig.add_subplot()
-    for name, pts in series.items():
-        pts.sort()
-        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=name)
-    if dense_pt:
-        ax.axhline(dense_pt[1], color="grey", ls="--", lw=1, label=f"dense ({dense_pt[1]:.3f})")
-        ax.plot(*dense_pt, "s", color="black")
-    if pruned_pt:
-        ax.plot(*pruned_pt, "*", ms=14, color="tab:red", label=f"this model ({pruned_pt[0]:.1f}x)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("compression (dense params / non-zero params, log2 scale)")
-    ax.set_ylabel("accuracy (fraction)")
-    ax.set_title("Accuracy vs compression")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower left")
-    return _png(fig)
-
-
-def plot_layer_kept(layers: Sequence[dict[str, Any]]) -> bytes | None:
-    """PNG of horizontal bars: fraction of each layer's dense parameters kept, dense vs pruned."""
-    rows = [r for r in layers if r.get("dense_params")]
-    if not rows:
-        return None
-    height = max(3.0, 0.32 * len(rows) + 1.4)
-    fig = Figure(figsize=(7, height), dpi=110)
-    ax = fig.add_subplot()
-    y = list(range(len(rows)))
-    dense = [r.get("dense_kept") or 0.0 for r in rows]
-    pruned = [r.get("pruned_kept") or 0.0 for r in rows]
-    ax.barh([v - 0.2 for v in y], dense, height=0.4, color="tab:grey", label="dense")
-    ax.barh([v + 0.2 for v in y], pruned, height=0.4, color="tab:green", label="pruned")
-    ax.set_yticks(y, [f"{r['name']} ({r['dense_params']:,})" for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.05)
-    ax.set_xlabel("kept fraction of the dense layer's parameters")
-    ax.set_title("Per-layer kept ratio")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return _png(fig)
-
-
-def _yerr(points: Sequence[dict[str, Any]]) -> list[list[float]]:
-    """Asymmetric error bars from the quartiles when known, else +-IQR/2 around the median."""
-    lo, hi = [], []
-    for q in points:
-        med = q["latency_ms"]
-        if q.get("latency_q1_ms") is not None and q.get("latency_q3_ms") is not None:
-            lo.append(max(0.0, med - q["latency_q1_ms"]))
-            hi.append(max(0.0, q["latency_q3_ms"] - med))
-        else:
-            half = (q.get("latency_iqr_ms") or 0.0) / 2
-            lo.append(min(half, med))
-            hi.append(half)
-    return [lo, hi]
-
-
-def plot_latency_vs_macs(results: dict[str, Any]) -> bytes | None:
-    """PNG of measured latency (median ms, IQR as error bars) against MACs executed.
-
-    Dense and pruned models are plotted at their dense-equivalent MACs (what the hardware runs),
-    with the pruned model's *sparse* MACs (what a sparse kernel could skip) as a hollow marker;
-    sweep points with ``latency_ms`` and ``macs`` are added. Returns None without latency data.
-    """
-    fig = Figure(figsize=(7, 4.2), dpi=110)
-    ax = fig.add_subplot()
-    drawn = False
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for pt in results.get("sweep") or []:
-        if pt.get("latency_ms") is not None and pt.get("macs"):
-            groups.setdefault(str(pt.get("method", "sweep")), []).append(pt)
-    for name, pts in groups.items():
-        pts = sorted(pts, key=lambda q: q["macs"])
-        ax.errorbar(
-            [q["macs"] for q in pts],
-            [q["latency_ms"] for q in pts],
-            yerr=_yerr(pts),
-            fmt="o-",
-            capsize=3,
-            label=name,
-        )
-        drawn = True
-    for key, color, marker in (("dense", "black", "s"), ("pruned", "tab:red", "*")):
-        m = results.get(key) or {}
-        if m.get("latency_ms") is None or not m.get("macs"):
-            continue
-        ax.errorbar(
-            [m["macs"]],
-            [m["latency_ms"]],
-            yerr=_yerr([m]),
-            fmt=marker,
-            ms=10 if marker == "*" else 7,
-            color=color,
-            capsize=3,
-            label=f"{key} (MACs run)",
-        )
-        sm = m.get("sparse_macs")
-        if key == "pruned" and sm and sm < m["macs"]:
-            ax.plot(
-                [sm],
-                [m["latency_ms"]],
-                marker,
-                mfc="none",
-                ms=10,
-                color=color,
-                label="pruned at its sparse MACs",
-            )
-            ax.plot([sm, m["macs"]], [m["latency_ms"]] * 2, ":", color=color, lw=1)
-        drawn = True
-    if not drawn:
-        return None
-    ax.set_xlabel("MACs per forward (multiply-accumulates)")
-    ax.set_ylabel("latency (ms, median; bars: quartiles)")
-    ax.set_title("Latency vs MACs")
-    ax.grid(alpha=0.3)
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="upper left")
-    return _png(fig)
 
 
 # -- tables -------------------------------------------------------------------------------------
@@ -349,6 +242,11 @@ def _cell(v: Any, spec: str = ".3f") -> str:
     if spec == "x":
         return f"{v:.2f}x"
     return format(v, spec)
+
+
+def _num(v: Any) -> bool:
+    """Whether ``v`` is a finite number a table can show (not None, NaN or a bool)."""
+    return _cell(v) != _MISSING
 
 
 def _ratio(d: Any, p: Any) -> str:
@@ -387,11 +285,77 @@ def _latency_row(label: str, d: dict[str, Any], p: dict[str, Any], prefix: str) 
     return (label, cell(d), cell(p), _latency_ratio(d, p, prefix))
 
 
+def _metric(results: dict[str, Any]) -> tuple[str, float | None, float | None, bool]:
+    """``(name, dense value, pruned value, higher is better)`` of the task metric (default: accuracy)."""
+    name = str(results.get("metric_name") or "accuracy")
+    d, p = results.get("dense") or {}, results.get("pruned") or {}
+
+    def value(m: dict[str, Any]) -> float | None:
+        v = m.get("accuracy")
+        return float(v) if _num(v) else None
+
+    higher = bool(results.get("higher_is_better", name not in ("perplexity", "loss")))
+    return name, value(d), value(p), higher
+
+
+def _metric_change(results: dict[str, Any]) -> str | None:
+    name, dv, pv, higher = _metric(results)
+    if dv is None or pv is None:
+        return None
+    if name in FRACTION_METRICS:
+        change = f"{100 * (pv - dv):+.2f} points"
+    else:
+        change = f"{100 * (pv - dv) / dv:+.1f}%" if dv else f"{pv - dv:+.4g}"
+    better = (pv > dv) == higher if pv != dv else None
+    verdict = "" if better is None else (" (better)" if better else " (worse)")
+    return f"{name} {dv:.4f} → {pv:.4f}, {change}{verdict}"
+
+
+def _size_change(d: dict[str, Any], p: dict[str, Any]) -> str | None:
+    parts = []
+    if _num(d.get("params")) and _num(p.get("nonzero_params")) and p["nonzero_params"]:
+        parts.append(f"{d['params'] / p['nonzero_params']:.2f}x fewer non-zero parameters")
+    if _num(d.get("macs")) and _num(p.get("macs")) and p["macs"] and d["macs"] != p["macs"]:
+        parts.append(f"{d['macs'] / p['macs']:.2f}x fewer MACs")
+    for key, what in (("file_bytes", "safetensors"), ("compressed_bytes", "compressed"),
+                      ("onnx_file_bytes", "ONNX")):
+        if _num(d.get(key)) and _num(p.get(key)):
+            parts.append(f"{what} file {d[key] / 2**20:.2f} → {p[key] / 2**20:.2f} MiB")
+            break
+    return "; ".join(parts) or None
+
+
+def _speed_change(results: dict[str, Any]) -> str | None:
+    d, p = results.get("dense") or {}, results.get("pruned") or {}
+    lat = results.get("latency") or {}
+    setting = ", ".join(x for x in (f"batch {lat['batch_size']}" if lat.get("batch_size") else "",
+                                    f"{lat['threads']} thread(s)" if lat.get("threads") else "") if x)
+    parts = []
+    for prefix, runtime in (("latency", "eager PyTorch"), ("onnx_latency", "ONNX Runtime")):
+        text = _latency_ratio(d, p, prefix)
+        if text != _MISSING:
+            parts.append(f"{text} faster in {runtime}" + (f" ({setting})" if setting else ""))
+    return "; ".join(parts) or None
+
+
+def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's headline, computed from ``results``: ``[(what, text), ...]`` for the metric change
+    (points for a fraction metric, percent otherwise), the size change (non-zero parameters, MACs, file
+    size on disk) and the speed-up (ratio of median latencies, flagged when the quartile ranges overlap);
+    an entry is left out when its inputs are missing."""
+    d, p = results.get("dense") or {}, results.get("pruned") or {}
+    items = [("metric", _metric_change(results)), ("size", _size_change(d, p)),
+             ("speed", _speed_change(results))]
+    return [(k, v) for k, v in items if v]
+
+
 def summary_rows(results: dict[str, Any]) -> list[_Row]:
     """``(quantity, dense, pruned, dense/pruned)`` rows of the side-by-side table, as strings."""
     d, p = results.get("dense") or {}, results.get("pruned") or {}
     batch = _batch_label(results)
-    acc = _compare_row("accuracy (fraction)", d, p, "accuracy", ".4f")
+    name, _, _, _ = _metric(results)
+    label = f"{name} (fraction)" if name in FRACTION_METRICS else name
+    acc = _compare_row(label, d, p, "accuracy", ".4f")
     rows = [
         (acc[0], acc[1], acc[2], ""),
         _compare_row("parameters", d, p, "params", "int"),
@@ -409,6 +373,12 @@ def summary_rows(results: dict[str, Any]) -> list[_Row]:
         rows.append(_latency_row("ONNX Runtime latency, median ± IQR (ms)", d, p, "onnx_latency"))
     if present("peak_activation_bytes"):
         rows.append(_compare_row("peak activation memory (MiB)", d, p, "peak_activation_bytes", "mib"))
+    if present("file_bytes"):
+        rows.append(_compare_row("size on disk, safetensors (MiB)", d, p, "file_bytes", "mib"))
+    if present("compressed_bytes"):
+        rows.append(_compare_row("size on disk, bitmask-compressed (MiB)", d, p, "compressed_bytes", "mib"))
+    if present("onnx_file_bytes"):
+        rows.append(_compare_row("size on disk, ONNX (MiB)", d, p, "onnx_file_bytes", "mib"))
     return rows
 
 
@@ -465,6 +435,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 .plots img{width:100%;max-width:760px;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 code,pre{background:#f6f6f6;padding:2px 4px;border-radius:3px}pre{padding:8px;overflow-x:auto}
 .muted{color:#666;font-size:.85em}
+ul.headline{list-style:none;padding:10px 14px;background:#f4f8f4;border-left:4px solid #3a7;font-size:1.05em}
 """
 
 
@@ -502,6 +473,12 @@ def _notes(results: dict[str, Any]) -> list[str]:
             "provider with the same thread count, timed the same way. Dense kernels do not skip "
             "zeros, so only compaction can make the pruned model faster there."
         )
+    if any((results.get(k) or {}).get("file_bytes") is not None for k in ("dense", "pruned")):
+        notes.append(
+            "Size on disk: the model's weights written as one safetensors file (masks applied, not stored). "
+            "safetensors is dense: zeros cost as much as other values, so element-sparse models need a "
+            "compressed format (secateur.io.compressed) to shrink on disk; compacted models are smaller."
+        )
     if any((results.get(k) or {}).get("peak_activation_bytes") is not None for k in ("dense", "pruned")):
         notes.append(
             "Peak activation memory: most bytes held at once by tensors allocated during one "
@@ -516,6 +493,47 @@ def _plot_order(keys: Iterable[str], captions: dict[str, str] | None) -> list[tu
     std = [(k, c) for k, c in _PLOTS if k in keys]
     extra = [(k, (captions or {}).get(k, k)) for k in keys if k not in dict(_PLOTS)]
     return std + extra
+
+
+def _recipe_text(results: dict[str, Any]) -> str | None:
+    """The recipe used, as text: a string as given, a mapping as YAML (keys in their order)."""
+    recipe = results.get("recipe")
+    if recipe is None:
+        return None
+    if isinstance(recipe, str):
+        return recipe
+    import yaml
+
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False).rstrip()
+
+
+_DEPLOY_HEAD = ("model", "runtime", "batch", "median ± IQR (ms)", "vs eager", "size on disk (MiB)",
+                "vs PyTorch")
+
+
+def _deploy_cells(r: dict[str, Any]) -> list[str]:
+    check = r.get("check") or {}
+    if not check:
+        verdict = _MISSING
+    elif check.get("mean_cosine") is not None and str(r.get("runtime", "")).endswith("int8"):
+        verdict = f"cosine {_cell(check['mean_cosine'], '.4f')}"
+    else:
+        verdict = f"rel. err {_cell(check.get('max_rel_error'), '.1e')}"
+    if check and not check.get("within_tolerance"):
+        verdict += " (outside tolerance)"
+    return [str(r.get("model", "")), str(r.get("runtime", "")), _cell(r.get("batch_size"), "int"),
+            f"{_cell(r.get('median_ms'))} ± {_cell(r.get('iqr_ms'))}", _cell(r.get("speedup"), "x"),
+            _cell(r.get("size_bytes"), "mib"), verdict]
+
+
+def _deploy_note(rows: Sequence[dict[str, Any]]) -> str:
+    threads = sorted({r.get("threads") for r in rows if r.get("threads") is not None})
+    blocks = sorted({r.get("n") for r in rows if r.get("n") is not None})
+    return (f"Every runtime of every model timed interleaved at each batch size ({blocks} timed blocks, "
+            f"{threads} thread(s)); vs eager: the same model's eager median / this median. Sizes are the "
+            "files on disk: safetensors weights (eager), the frozen TorchScript file, the ONNX files. "
+            "vs PyTorch: float32 runtimes' max error relative to the largest PyTorch output, int8's mean "
+            "per-example cosine similarity.")
 
 
 def render_html(
@@ -534,11 +552,24 @@ def render_html(
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
+    lines = headline(results)
+    if lines:
+        items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in lines)
+        parts.append(f'<ul class="headline" id="headline">{items}</ul>')
     if results.get("description"):
         parts.append(f"<p>{html.escape(str(results['description']))}</p>")
     parts.append("<h2>Dense vs pruned</h2>")
     parts.append(_html_table(("quantity", "dense", "pruned", "dense / pruned"), summary_rows(results)))
     parts += [f'<p class="muted">{html.escape(n)}</p>' for n in _notes(results)]
+    recipe = _recipe_text(results)
+    if recipe:
+        name = f" ({results['recipe_name']})" if results.get("recipe_name") else ""
+        parts.append(f'<h2>Recipe{html.escape(name)}</h2><pre id="recipe">{html.escape(recipe)}</pre>')
+    if results.get("deployment"):
+        parts.append("<h2>Deployment: runtimes side by side</h2>")
+        parts.append(_html_table(_DEPLOY_HEAD, [_deploy_cells(r) for r in results["deployment"]],
+                                 numeric_from=2))
+        parts.append(f'<p class="muted">{html.escape(_deploy_note(results["deployment"]))}</p>')
     if plots:
         parts.append('<h2>Plots</h2><div class="plots">')
         for key, caption in _plot_order(plots, captions):
@@ -580,6 +611,9 @@ def render_markdown(
     (extra keys captioned as in :func:`render_html`)."""
     title = str(results.get("title") or "secateur pruning report")
     lines = [f"# {title}", ""]
+    head = headline(results)
+    if head:
+        lines += [f"- **{k}**: {v}" for k, v in head] + [""]
     if results.get("description"):
         lines += [str(results["description"]), ""]
     lines += ["## Dense vs pruned", ""]
@@ -587,6 +621,14 @@ def render_markdown(
     lines.append("")
     for n in _notes(results):
         lines += [n, ""]
+    recipe = _recipe_text(results)
+    if recipe:
+        name = f" ({results['recipe_name']})" if results.get("recipe_name") else ""
+        lines += [f"## Recipe{name}", "", "```yaml", recipe, "```", ""]
+    if results.get("deployment"):
+        lines += ["## Deployment: runtimes side by side", ""]
+        lines += _md_table(_DEPLOY_HEAD, [_deploy_cells(r) for r in results["deployment"]], numeric_from=2)
+        lines += ["", _deploy_note(results["deployment"]), ""]
     if plot_files:
         lines += ["## Plots", ""]
         for key, caption in _plot_order(plot_files, captions):
@@ -611,21 +653,33 @@ def build_report(
     *,
     name: str = "report",
     extra_plots: dict[str, tuple[str, bytes]] | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Path]:
     """Write the report of ``results`` to ``out_dir``: ``<name>.html`` (self-contained),
     ``<name>.md`` (with ``<name>_<plot>.png`` files beside it) and ``<name>.json`` (the input).
 
     ``results`` keys (all optional except that ``dense`` and ``pruned`` should be present):
 
-    - ``dense``, ``pruned``: ``{"accuracy" (fraction), "params", "nonzero_params", "macs",
-      "sparse_macs", "latency_ms", "latency_iqr_ms", "latency_q1_ms", "latency_q3_ms" (median, IQR
-      and quartiles, ms), "onnx_latency_ms" (and "onnx_latency_iqr_ms", "_q1_ms", "_q3_ms"),
-      "peak_activation_bytes"}``.
+    - ``dense``, ``pruned``: ``{"accuracy" (the task metric's value; a fraction for accuracy), "params",
+      "nonzero_params", "macs", "sparse_macs", "latency_ms", "latency_iqr_ms", "latency_q1_ms",
+      "latency_q3_ms" (median, IQR and quartiles, ms), "onnx_latency_ms" (and "onnx_latency_iqr_ms",
+      "_q1_ms", "_q3_ms"), "peak_activation_bytes", "file_bytes", "compressed_bytes", "onnx_file_bytes"
+      (sizes on disk)}``.
+    - ``metric_name`` (default ``"accuracy"``; e.g. ``"perplexity"``, ``"embedding cosine"``) and
+      ``higher_is_better`` (default: True except for perplexity and loss).
     - ``layers``: rows from :func:`layer_comparison` (``name``, ``dense_params``, ``dense_kept``,
       ``pruned_kept`` fractions, MACs ...).
     - ``sweep``: points ``{"method", "compression" (x-fold: dense params / non-zero), "accuracy",
       "macs", "latency_ms", "latency_iqr_ms"}``.
+    - ``trajectory``: the pruning trajectory, points ``{"compression"`` or ``"nonzero_params",
+      "accuracy", "label"}`` in the order recorded (or ``history`` rows with ``"eval_accuracy"``:
+      :func:`secateur.analysis.plots.trajectory_points`).
+    - ``deployment``: rows of :func:`secateur.analysis.deploy.measure_deployment`.
+    - ``recipe`` (YAML text or a mapping) and ``recipe_name``.
     - ``title``, ``description``, ``command`` (to reproduce), ``environment``, ``latency`` (settings).
+
+    The report opens with a headline computed from these values (:func:`headline`): the metric change,
+    the size change and the speed-up.
 
     ``extra_plots`` maps further plot keys to ``(caption, PNG bytes)`` drawn after the standard
     plots (e.g. the demo's training curves); they are embedded in the HTML and written as PNGs
@@ -653,13 +707,17 @@ def build_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots: dict[str, bytes] = {}
-    for key, png in (
-        ("accuracy_vs_compression", plot_accuracy_vs_compression(results)),
-        ("layer_kept", plot_layer_kept(results.get("layers") or [])),
-        ("latency_vs_macs", plot_latency_vs_macs(results)),
-    ):
-        if png is not None:
-            plots[key] = png
+    drawers = {
+        "accuracy_vs_compression": lambda: plot_accuracy_vs_compression(results),
+        "layer_kept": lambda: plot_layer_kept(results.get("layers") or []),
+        "latency_vs_macs": lambda: plot_latency_vs_macs(results),
+    }
+    with Steps("report plots", len(drawers), progress) as bar:
+        for key, draw in drawers.items():
+            with bar.step(key):
+                png = draw()
+            if png is not None:
+                plots[key] = png
     captions = {}
     for key, (caption, png) in (extra_plots or {}).items():
         plots[key], captions[key] = png, str(caption)
