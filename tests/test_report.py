@@ -224,7 +224,8 @@ def test_headline_numbers_come_from_the_inputs(results: dict, tmp_path: Path) ->
                                f"{100 * (p['accuracy'] - d['accuracy']):+.2f} points (worse)")
     assert f"{d['params'] / p['nonzero_params']:.2f}x fewer non-zero parameters" in items["size"]
     # A masked model's safetensors file is as large as the dense one: the headline says so, not a saving.
-    assert f"safetensors file {d['file_bytes'] / 2**20:.2f} → {p['file_bytes'] / 2**20:.2f} MiB" in items["size"]
+    sizes = f"safetensors file {d['file_bytes'] / 2**20:.2f} → {p['file_bytes'] / 2**20:.2f} MiB"
+    assert sizes in items["size"] and d["file_bytes"] == p["file_bytes"]
     assert items["speed"].startswith(f"{d['latency_ms'] / p['latency_ms']:.2f}x")
     assert "batch 2, 1 thread(s)" in items["speed"]
     page = build_report(results, tmp_path)["html"].read_text()
