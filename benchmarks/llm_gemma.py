@@ -71,7 +71,7 @@ DOCS = ROOT / "docs" / "llm.md"
 COMMAND = (
     "nice -n 19 env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_gemma.py --resume"
 )
-STAGES = ("dense", "oneshot", "depth", "width")
+STAGES = ("dense", "oneshot", "depth", "width", "peer")
 BEGIN, END = "<!-- llm_gemma:begin -->", "<!-- llm_gemma:end -->"
 
 #: (row name, method, allocation, unstructured pattern): each paper's own comparison group.
@@ -542,6 +542,53 @@ def run_width(ctx: dict[str, Any], res: Results, args: argparse.Namespace) -> No
     _structural("width", ctx, res, args, prune)
 
 
+def run_peer(ctx: dict[str, Any], res: Results, args: argparse.Namespace) -> None:
+    """llm-compressor's SparseGPT and Wanda at 50% on the same model, windows and perplexity rule, in its
+    own environment (``benchmarks/llm_gemma_peer.py``); a missing environment or a failure is the row."""
+    from safetensors.torch import save_file
+
+    names = ("llmcompressor-sparsegpt", "llmcompressor-wanda")
+    keys = [{"kind": "oneshot", "method": m, "sparsity": 0.5, "kd_steps": 0} for m in names]
+    if all(res.has(k) for k in keys):
+        return
+    py = Path(args.peer_python)
+    if not py.is_file():
+        for k in keys:
+            res.add({**k, "status": "not run", "reason": f"no llm-compressor environment at {py}"})
+        return
+    work = Path(tempfile.mkdtemp(prefix="llm_gemma_peer_"))
+    try:
+        model_dir = CACHE / "hf"
+        if args.tiny:
+            model_dir = work / "model"
+            ctx["dense"].save_pretrained(model_dir)
+        save_file(
+            {"calibration": ctx["calib_ids"].contiguous(), "heldout": ctx["held_ids"].contiguous()},
+            work / "tokens.safetensors",
+        )
+        script = ROOT / "benchmarks" / "llm_gemma_peer.py"
+        cmd = [str(py), str(script), str(model_dir), str(work / "tokens.safetensors")]
+        cmd += [str(work / "peer.json"), str(args.threads), str(args.batch)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+        peer_file = work / "peer.json"
+        if not peer_file.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            for k in keys:
+                res.add({**k, "status": "not run", "reason": " / ".join(tail) or f"exit {proc.returncode}"})
+            return
+        peer = json.loads(peer_file.read_text())
+        env = {k: peer[k] for k in ("llmcompressor", "transformers", "torch", "dense_ppl")}
+        for row in peer["rows"]:
+            row["peer"] = env
+            row["wall_seconds"] = time.perf_counter() - t0
+            if not res.has({k: row[k] for k in ("kind", "method", "sparsity", "kd_steps")}):
+                res.add(row)
+            _log(f"peer {row['method']}: {row.get('ppl', row.get('reason'))}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def checks(data: dict[str, Any]) -> dict[str, Any]:
     """The claims of issue 15, computed from the rows (None where a row is missing)."""
     ok = {
@@ -611,6 +658,14 @@ def markdown(data: dict[str, Any]) -> str:
         if "reload" in r:
             rl = r["reload"]
             note.append(_reload_note(rl))
+        if "peer" in r:
+            p = r["peer"]
+            lines.append(
+                f"| {r['kind']} | {r['method']} | {sp} | 0 | {r['ppl']:.2f} | | | | | llm-compressor "
+                f"{p['llmcompressor']}, transformers {p['transformers']} (own environment); dense ppl there "
+                f"{p['dense_ppl']:.2f}; {r['achieved_sparsity']:.1%} of block Linears zero |"
+            )
+            continue
         lines.append(
             f"| {r['kind']} | {r['method']} | {sp} | {r['kd_steps']} | {r['ppl']:.2f} | "
             f"{r['params'] / 1e6:.1f} M | "
@@ -691,6 +746,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--progress", action="store_true", help="tqdm bars of distillation")
     ap.add_argument(
+        "--peer-python",
+        default=os.environ.get("LLMC_PYTHON", "/work/venvs/llmc/bin/python"),
+        help="python of the llm-compressor environment (see benchmarks/llm_gemma_peer.py)",
+    )
+    ap.add_argument(
         "--write-docs", action="store_true", help="rewrite docs/llm.md's table from the JSON and exit"
     )
     args = ap.parse_args()
@@ -723,6 +783,8 @@ def main() -> None:
         "width_calib": _batches(calib[: args.width_calib], args.batch),
         "kd_data": _batches(calib, args.kd_batch),
         "probe": held[:2, :32],
+        "calib_ids": calib,
+        "held_ids": held,
         "dense_counts": _counts(dense),
     }
     res = Results(out, settings_of(args, info), args.resume)
@@ -737,9 +799,13 @@ def main() -> None:
     res.save()
     for stage in stages:
         _log(f"stage {stage}")
-        {"dense": run_dense, "oneshot": run_oneshot, "depth": run_depth, "width": run_width}[stage](
-            ctx, res, args
-        )
+        {
+            "dense": run_dense,
+            "oneshot": run_oneshot,
+            "depth": run_depth,
+            "width": run_width,
+            "peer": run_peer,
+        }[stage](ctx, res, args)
     _log(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {out}")
     print(json.dumps(res.data.get("checks", {}), indent=1))
 
