@@ -342,6 +342,7 @@ def test_prune_linears_takes_keyword_data():
 #: The small model each shipped recipe runs on in the CLI test (a recipe shipped without one fails below).
 CLI_MODELS = {
     "gmp90": "zoo:lenet5",
+    "heads_ffn_20": "zoo:vit_tiny",
     "l1_filters_30": "zoo:resnet8",
     "taylor_channels_2x": "zoo:resnet8",
     "wanda_2_4": "zoo:vit_tiny",
@@ -361,6 +362,9 @@ def _check_saved(name: str, metrics: dict, model: nn.Module) -> None:
         assert metrics["sparsity"] == pytest.approx(0.9, abs=2e-3) and zeros == pytest.approx(0.9, abs=2e-3)
     elif name == "l1_filters_30":
         assert metrics["pruned"]["params"] < 0.75 * metrics["dense"]["params"] and metrics["macs_ratio"] > 1.3
+    elif name == "heads_ffn_20":  # heads and FFN neurons removed, the embedding width kept
+        assert metrics["pruned"]["params"] < 0.95 * metrics["dense"]["params"]
+        assert model.head.in_features == sc.zoo.create_model("vit_tiny").head.in_features
     elif name == "taylor_channels_2x":
         assert metrics["macs_ratio"] > 1.6  # half the MACs, within the rounding of whole channels
     elif name == "wanda_2_4":

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-import shlex
-from pathlib import Path
 
 import click
 
@@ -92,28 +91,85 @@ def _trust_option(f):
     )(f)
 
 
-@main.command()
-@click.option(
-    "--model", "model_spec", required=True, help="zoo:NAME, hf:PATH, saved:PATH or package.module:function."
+MODEL_HELP = (
+    "zoo:NAME, hf:PATH (a Hugging Face folder), saved:PATH (secateur.save) or package.module:function."
 )
+DATA_HELP = (
+    "auto (what a saved folder recorded; fashion-mnist for 28x28 one-channel models, fortunes for text "
+    "models), fashion-mnist, fortunes, an image folder (DIR/<class>/*.png), a text file or folder of .txt "
+    "files, datasets:BUILDER:PATH (csv/json/parquet/text, needs the datasets package), or none."
+)
+
+
+def _input_options(f):
+    """``--input-spec``, ``--input-shape``, ``--seq-len``: the example inputs (secateur.app.inputs)."""
+    f = click.option(
+        "--seq-len",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Tokens per example for text models (default 128, capped by the model).",
+    )(f)
+    f = click.option(
+        "--input-shape",
+        default=None,
+        metavar="N,C,H,W",
+        help="One positional float32 input of this shape.",
+    )(f)
+    return click.option(
+        "--input-spec",
+        default=None,
+        metavar="SPEC",
+        help="Example inputs, e.g. 'input_ids:int64[1,128]' or 'pixel_values:float32[1,3,224,224]' "
+        "(several: comma or semicolon separated). Default: derived from the model.",
+    )(f)
+
+
+def _data_option(f):
+    return click.option("--data", default="auto", show_default=True, help=DATA_HELP)(f)
+
+
+def _stderr(quiet: bool):
+    """The progress ``echo`` of a command: one line on stderr per stage, nothing with --quiet."""
+    if quiet:
+        return None
+    return lambda msg: click.echo(msg, err=True)
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
 @click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the model factory.")
 @click.option("--recipe", "recipe_path", required=True, help="A recipe YAML file or a shipped recipe name.")
+@_data_option
 @click.option(
-    "--data",
-    default="fashion-mnist",
-    show_default=True,
-    type=click.Choice(["fashion-mnist", "none"]),
-    help="Training/evaluation data.",
+    "--subset", type=int, default=None, help="First N images of each split, or N text blocks of each split."
 )
-@click.option("--subset", type=int, default=None, help="Use only the first N images of each split.")
+@_input_options
 @click.option("--out", "out_dir", default="runs/prune", show_default=True, help="Output folder.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @_trust_option
 def prune(
-    model_spec, model_kwargs, recipe_path, data, subset, out_dir, quiet, as_json, trust_factory
+    model_spec,
+    model_kwargs,
+    recipe_path,
+    data,
+    subset,
+    input_spec,
+    input_shape,
+    seq_len,
+    out_dir,
+    quiet,
+    as_json,
+    trust_factory,
 ) -> None:
-    """Prune a model with a recipe, fine-tune, measure, and save it (pickle-free) to OUT/model."""
+    """Prune a model with a recipe (fine-tuning if it says so), measure, and save it to OUT/model.
+
+    Any model: example inputs come from --input-spec/--input-shape or from the model (its Hugging Face
+    config, a saved folder's record, a zoo model's shape); the metric follows the model and the data:
+    accuracy (classifiers on images), perplexity (causal LMs on text), cosine of the outputs to the dense
+    model's (encoders). The saved folder (plan.json + model.safetensors, no pickle) records the inputs,
+    the data and the tokenizer, so `secateur measure/eval/report --model saved:OUT/model` need no options.
+    """
     from secateur.app.recipe import load_recipe
     from secateur.app.run import run
     from secateur.errors import SecateurError
@@ -129,71 +185,203 @@ def prune(
             progress=not quiet,
             model_kwargs=_parse_kwargs(model_kwargs),
             trust_factory=trust_factory,
+            input_spec=input_spec,
+            input_shape=input_shape,
+            seq_len=seq_len,
+            echo=_stderr(quiet or as_json),
         )
     except SecateurError as e:
         _fail(e)
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
+    click.echo(_prune_summary(m, recipe_path, out_dir))
+
+
+def _prune_summary(m: dict, recipe_name: str, out_dir: str) -> str:
+    """One screen: what ran, the dense/pruned table, what the metric means, where it is saved, next steps."""
+    from secateur.app.summary import count_rows, human_bytes, metric_row, rows_table
+
     d, p = m["dense"], m["pruned"]
-    rows = [
-        ("parameters", d["params"], p["params"]),
-        ("non-zero parameters", d["nonzero_params"], p["nonzero_params"]),
-        ("MACs", d["macs"], p["macs"]),
-        ("sparse MACs", d["sparse_macs"], p["sparse_macs"]),
+    rows = metric_row(m.get("metric"), d, p) + count_rows(d, p)
+    rows.append(("size on disk (weights + plan)", "", human_bytes(m["saved_bytes"]), ""))
+    lines = [
+        f"secateur prune: {m['model']} ({m['kind']}) with recipe {recipe_name}",
+        f"  data: {m['data']}",
+        f"  inputs: {m['input_spec']} ({m['inputs_from']}); MACs are per example (batch 1)",
+        "",
+        rows_table(rows),
+        "",
     ]
-    if "accuracy" in d:
-        click.echo(f"accuracy: dense {d['accuracy']:.4f}  pruned {p['accuracy']:.4f}")
-    for name, a, b in rows:
-        click.echo(f"{name:>20}: {a:>14,} -> {b:>14,}  ({b / max(a, 1):.3f}x)")
-    click.echo(f"saved to {out_dir}/model (plan.json + model.safetensors); metrics in {out_dir}/metrics.json")
+    metric = m.get("metric")
+    if metric:
+        note = f"{metric} of the pruned model is measured at the end"
+        if m.get("bn_batches"):
+            note += (
+                f", after re-estimating BatchNorm statistics on {m['bn_batches']} training batches "
+                "(per-epoch figures were measured before it)"
+            )
+        if metric == "cosine":
+            note += "; cosine = mean cosine similarity of the outputs to the dense model's (1 = identical)"
+        lines.append(note + ".")
+    sparse_ratio = d["sparse_macs"] / max(p["sparse_macs"], 1)
+    lines.append(
+        f"sparsity {m['sparsity']:.4f} of the recipe's target; per example {m['macs_ratio']:.2f}x fewer "
+        f"MACs, {sparse_ratio:.2f}x fewer sparse MACs (multiplications by non-zero weights)."
+    )
+    saved = m["saved"]
+    lines += [
+        f"saved to {saved} (plan.json + model.safetensors; safetensors stores zeros densely); "
+        f"metrics in {out_dir}/metrics.json",
+        f"next: secateur measure --model saved:{saved} --latency",
+        f"      secateur report --dense {m['model']} --pruned saved:{saved}",
+    ]
+    return "\n".join(lines)
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{text!r}: positive integers separated by commas, e.g. 1,32")
+    return sizes
 
 
 @main.command()
-@click.option(
-    "--model", "model_spec", required=True, help="zoo:NAME, hf:PATH, saved:PATH or package.module:function."
-)
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
 @click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the model factory.")
-@click.option("--input-shape", default="1,1,28,28", show_default=True, help="Example input shape (N,C,H,W).")
-@click.option("--latency/--no-latency", default=False, show_default=True, help="Also measure CPU latency.")
+@_input_options
+@click.option(
+    "--latency/--no-latency",
+    default=False,
+    show_default=True,
+    help="Also time it in eager PyTorch, TorchScript (torch.compile when tracing fails) and ONNX Runtime.",
+)
+@click.option("--batch", default="1", show_default=True, help="Batch sizes for latency, e.g. 1,32.")
+@click.option(
+    "--compiled",
+    type=click.Choice(["auto", "torchscript", "compile", "none"]),
+    default="auto",
+    show_default=True,
+    help="The compiled PyTorch runtime: TorchScript (auto: torch.compile if tracing fails), or none.",
+)
+@click.option("--int8/--no-int8", default=False, show_default=True, help="Also time an int8 ONNX model.")
+@click.option("--data", default="auto", show_default=True, help="Calibration data for static int8 (CNNs).")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Timed blocks.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="Threads.")
+@click.option("--quiet", is_flag=True, help="No latency table on stderr.")
 @_trust_option
-def measure(model_spec, model_kwargs, input_shape, latency, trust_factory) -> None:
-    """Count parameters, non-zero parameters, MACs and sparse MACs (JSON on stdout)."""
-    import torch
-
-    from secateur.analysis import count_macs, count_params
-    from secateur.app.models import build_model
+def measure(
+    model_spec,
+    model_kwargs,
+    input_spec,
+    input_shape,
+    seq_len,
+    latency,
+    batch,
+    compiled,
+    int8,
+    data,
+    repeats,
+    threads,
+    quiet,
+    trust_factory,
+) -> None:
+    """Parameters, non-zero parameters, MACs and sparse MACs per example, size on disk (JSON on stdout);
+    with --latency, each runtime side by side (ms per batch, median and IQR, speed-up over eager, file size;
+    ONNX outputs checked against PyTorch's), also as a table on stderr."""
+    from secateur.app.export import deployment_rows, disk_sizes
+    from secateur.app.run import open_session
     from secateur.errors import SecateurError
 
+    sizes = _batch_sizes(batch)
     try:
-        model = build_model(model_spec, trust_factory=trust_factory, **_parse_kwargs(model_kwargs)).eval()
-        shape = tuple(int(s) for s in input_shape.split(","))
-        x = torch.zeros(shape)
-        out = {**count_params(model), **count_macs(model, x), "input_shape": list(shape)}
+        s = open_session(
+            model_spec,
+            data=data if int8 else "none",
+            input_spec=input_spec,
+            input_shape=input_shape,
+            seq_len=seq_len,
+            model_kwargs=_parse_kwargs(model_kwargs),
+            trust_factory=trust_factory,
+        )
+        out = {
+            "model": model_spec,
+            "kind": s.kind.label,
+            **s.counts(),
+            "macs_per": "example (batch 1)",
+            "input_spec": s.input_spec,
+            "inputs_from": s.fields_source,
+            "input_shape": list(s.fields[0].shape),
+            **disk_sizes(model_spec, s.model),
+        }
         if latency:
-            from secateur.analysis.latency import measure_latency
+            calibration = None
+            if int8 and s.data.kind == "images":
+                calibration = [x for x, _ in itertools.islice(s.data.train, 8)]
+            rows = deployment_rows(
+                s.model,
+                s.fields,
+                batch_sizes=sizes,
+                compiled=None if compiled == "none" else compiled,
+                int8=int8,
+                calibration=calibration,
+                repeats=repeats,
+                threads=threads,
+            )
+            out["latency"] = {"unit": "ms per forward of the batch", "threads": threads, "rows": rows}
+            if not quiet:
+                from secateur.analysis.deploy import format_deployment
 
-            out["latency"] = measure_latency(model, x)
+                click.echo(format_deployment(rows), err=True)
     except SecateurError as e:
         _fail(e)
-    click.echo(json.dumps(out, indent=2))
+    click.echo(json.dumps(out, indent=2, default=str))
 
 
 @main.command(name="eval")
-@click.option("--model", "model_spec", required=True, help="zoo:NAME, saved:PATH, ... (see prune --help).")
-@click.option("--subset", type=int, default=None, help="Use only the first N test images.")
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@_data_option
+@click.option("--subset", type=int, default=None, help="First N test images, or N held-out text blocks.")
+@_input_options
+@click.option(
+    "--reference",
+    default=None,
+    help="The dense model for the cosine metric (default: the model a saved folder was pruned from).",
+)
 @_trust_option
-def evaluate(model_spec, subset, trust_factory) -> None:
-    """Top-1 accuracy on the Fashion-MNIST test set (JSON on stdout)."""
+def evaluate(model_spec, data, subset, input_spec, input_shape, seq_len, reference, trust_factory) -> None:
+    """The task's metric on held-out data (JSON on stdout): accuracy for classifiers on images, perplexity
+    for causal LMs on text, cosine of the outputs to the dense model's for encoders."""
     from secateur.app.models import build_model
-    from secateur.app.run import evaluate_accuracy
-    from secateur.data import fashion_mnist_loaders
-    from secateur.errors import SecateurError
+    from secateur.app.run import open_session
+    from secateur.errors import ConfigError, SecateurError
 
     try:
-        model = build_model(model_spec, trust_factory=trust_factory)
-        _, test = fashion_mnist_loaders(subset=subset)
-        click.echo(json.dumps({"model": model_spec, "accuracy": evaluate_accuracy(model, test)}))
+        s = open_session(
+            model_spec,
+            data=data,
+            input_spec=input_spec,
+            input_shape=input_shape,
+            seq_len=seq_len,
+            subset=subset,
+            trust_factory=trust_factory,
+        )
+        if s.evaluator is None:
+            raise ConfigError("no data to evaluate on (--data none); give --data")
+        if s.metric == "cosine":
+            ref = reference or s.metadata.get("dense_model") or s.metadata.get("model")
+            if not ref:
+                raise ConfigError("the cosine metric compares with the dense model: give --reference SPEC")
+            s.evaluator.set_reference(
+                build_model(ref, trust_factory=trust_factory if ref.startswith("saved:") else ())
+            )
+        value = s.evaluator(s.model)
+        click.echo(
+            json.dumps({"model": model_spec, "metric": s.metric, s.metric: value, "data": s.data.description})
+        )
     except SecateurError as e:
         _fail(e)
 
@@ -201,12 +389,12 @@ def evaluate(model_spec, subset, trust_factory) -> None:
 @main.command()
 @click.argument("name", required=False)
 def recipes(name) -> None:
-    """List the shipped recipes (what each does, which models it suits), or print one as YAML.
+    """List the shipped recipes (what each does, which model kinds it suits), or print one as YAML.
 
     The YAML is the whole recipe with every default written out: edit a copy and pass it to
     `secateur prune --recipe FILE`, or read it in Python with secateur.Recipe.from_yaml(FILE).
     """
-    from secateur.app.recipe import load_recipe, shipped_recipes
+    from secateur.app.recipe import load_recipe, shipped_recipes, suited_kinds
     from secateur.errors import SecateurError
 
     if name:
@@ -217,117 +405,187 @@ def recipes(name) -> None:
         return
     for n in shipped_recipes():
         r = load_recipe(n)
+        kinds, needs = suited_kinds(r)
         click.echo(f"{n}: {r.description}")
         click.echo(f"    suits: {r.suits or 'not stated'}")
+        click.echo(f"    model kinds: {', '.join(kinds)}; data: {needs}")
 
 
 @main.command()
-@click.option("--dense", "dense_spec", required=True, help="The unpruned model (zoo:NAME, saved:PATH, ...).")
-@click.option("--pruned", "pruned_spec", required=True, help="The pruned model (usually saved:RUN/model).")
 @click.option(
-    "--data", default="fashion-mnist", show_default=True, type=click.Choice(["fashion-mnist", "none"])
+    "--dense", "dense_spec", required=True, help="The unpruned model (zoo:NAME, hf:PATH, saved:PATH, ...)."
 )
-@click.option("--subset", type=int, default=None, help="Evaluate on the first N test images only.")
+@click.option("--pruned", "pruned_spec", required=True, help="The pruned model (usually saved:RUN/model).")
+@_data_option
+@click.option("--subset", type=int, default=None, help="Evaluate on the first N test images / N text blocks.")
+@_input_options
 @click.option("--batch", default=32, show_default=True, help="Batch size for latency.")
 @click.option(
     "--onnx/--no-onnx", default=False, show_default=True, help="Also time both models in ONNX Runtime."
 )
 @click.option("--out", "out_dir", default="runs/report", show_default=True, help="Output folder.")
+@click.option("--quiet", is_flag=True, help="No stage lines on stderr.")
 @_trust_option
-def report(dense_spec, pruned_spec, data, subset, batch, onnx, out_dir, trust_factory) -> None:
-    """Measure a dense and a pruned model side by side; write report.html and report.md."""
-    import torch
-
-    from secateur.analysis.report import build_report, collect_results
-    from secateur.app.models import build_model
+def report(
+    dense_spec,
+    pruned_spec,
+    data,
+    subset,
+    input_spec,
+    input_shape,
+    seq_len,
+    batch,
+    onnx,
+    out_dir,
+    quiet,
+    trust_factory,
+) -> None:
+    """Measure a dense and a pruned model side by side; write report.html, report.md and report.json."""
+    from secateur.app.reports import run_report
     from secateur.errors import SecateurError
 
     try:
-        dense, pruned = (
-            build_model(spec, trust_factory=trust_factory if spec.startswith("saved:") else ()).eval()
-            for spec in (dense_spec, pruned_spec)
-        )
-        acc = {}
-        description = "No accuracy measured (--data none)."
-        if data == "fashion-mnist":
-            from secateur.app.run import evaluate_accuracy
-            from secateur.data import fashion_mnist_loaders
-
-            _, test = fashion_mnist_loaders(subset=subset)
-            acc = {
-                "dense_accuracy": evaluate_accuracy(dense, test),
-                "pruned_accuracy": evaluate_accuracy(pruned, test),
-            }
-            which = "the full 10,000-image" if subset is None else f"the first {min(subset, 10_000):,}"
-            description = f"Accuracy on {which} Fashion-MNIST test images."
-        argv = [
-            "secateur",
-            "report",
-            "--dense",
+        res = run_report(
             dense_spec,
-            "--pruned",
             pruned_spec,
-            "--data",
-            data,
-            "--batch",
-            str(batch),
-            "--out",
-            out_dir,
-        ]
-        argv += (["--subset", str(subset)] if subset is not None else []) + (["--onnx"] if onnx else [])
-        argv += [a for name in trust_factory for a in ("--trust-factory", name)]
-        results = collect_results(
-            dense,
-            pruned,
-            torch.zeros(batch, 1, 28, 28),
-            onnx_dir=f"{out_dir}/onnx" if onnx else None,
-            command=shlex.join(argv),
-            description=f"Dense {dense_spec} vs pruned {pruned_spec}. {description}",
-            **acc,
+            data=data,
+            subset=subset,
+            input_spec=input_spec,
+            input_shape=input_shape,
+            seq_len=seq_len,
+            batch=batch,
+            onnx=onnx,
+            out_dir=out_dir,
+            trust_factory=trust_factory,
+            echo=_stderr(quiet),
         )
-        paths = build_report(results, out_dir)
     except SecateurError as e:
         _fail(e)
-    click.echo(
-        json.dumps({k: str(v) for k, v in dict(paths).items()} if isinstance(paths, dict) else str(paths))
-    )
+    click.echo(res["summary"])
 
 
 @main.command()
-@click.option("--model", "model_spec", required=True, help="zoo:NAME, saved:PATH, ... (see prune --help).")
+@click.option(
+    "--model", "model_spec", required=True, help="zoo:NAME, hf:PATH, saved:PATH, ... (see prune --help)."
+)
 @click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the model factory.")
+@_data_option
+@_input_options
 @click.option("--epochs", default=1, show_default=True)
 @click.option("--lr", default=0.05, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--subset", type=int, default=None, help="Use only the first N images of each split.")
+@click.option(
+    "--seed", default=0, show_default=True, help="Seeds the weights' start, the shuffle and training."
+)
 @click.option("--out", "out_dir", default="runs/finetune", show_default=True, help="Output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_trust_option
-def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, quiet, trust_factory) -> None:
-    """Train a model (dense or pruned; masks are kept) on Fashion-MNIST and save it to OUT/model."""
-    from secateur.app.models import build_model
-    from secateur.data import fashion_mnist_loaders
+def finetune(
+    model_spec,
+    model_kwargs,
+    data,
+    input_spec,
+    input_shape,
+    seq_len,
+    epochs,
+    lr,
+    batch_size,
+    subset,
+    seed,
+    out_dir,
+    quiet,
+    trust_factory,
+) -> None:
+    """Train a classifier (dense or pruned; masks are kept) on labelled images and save it to OUT/model.
+
+    Two runs with the same options and --seed give bit-identical weights (deterministic algorithms).
+    """
+    from secateur.app.run import finetune_model
     from secateur.errors import SecateurError
-    from secateur.io import load, save
-    from secateur.train import Trainer
 
     try:
-        model = build_model(model_spec, trust_factory=trust_factory, **_parse_kwargs(model_kwargs))
-        plan = None
-        if model_spec.startswith("saved:"):  # build_model loaded it; its plan is re-saved with it
-            from secateur.io.validate import read_plan_file
-
-            plan = read_plan_file(Path(model_spec[6:])).get("plan")
-        train, test = fashion_mnist_loaders(batch_size=batch_size, subset=subset)
-        trainer = Trainer(model, train, test, epochs=epochs, lr=lr, progress=not quiet)
-        trainer.fit()
-        acc = trainer.evaluate(test)["accuracy"]
-        save(model, Path(out_dir) / "model", plan=plan, metadata={"accuracy": acc, "epochs": epochs})
-        # fail now, not later, if it does not reload (a factory named on this command line is trusted)
-        load(Path(out_dir) / "model", trust_factory=_user_factory(model_spec) + list(trust_factory))
+        out = finetune_model(
+            model_spec,
+            data=data,
+            input_spec=input_spec,
+            input_shape=input_shape,
+            seq_len=seq_len,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            subset=subset,
+            seed=seed,
+            out_dir=out_dir,
+            progress=not quiet,
+            model_kwargs=_parse_kwargs(model_kwargs),
+            trust_factory=trust_factory,
+            user_factory=_user_factory(model_spec),
+        )
     except SecateurError as e:
         _fail(e)
-    click.echo(json.dumps({"accuracy": acc, "saved": f"{out_dir}/model"}))
+    click.echo(json.dumps(out))
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the model factory.")
+@click.option("--out", "out_path", required=True, help="The ONNX file to write (e.g. model.onnx).")
+@click.option(
+    "--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default: the exporter's)."
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    default=None,
+    help="Also write OUT with suffix .int8.onnx, quantised by ONNX Runtime (dynamic for transformers, "
+    "static with calibration data for CNNs).",
+)
+@_input_options
+@_data_option
+@click.option("--calibration-batches", default=8, show_default=True, help="Batches for static int8.")
+@click.option("--dynamic-batch/--fixed-batch", default=True, show_default=True, help="Batch axis dynamic.")
+@click.option("--quiet", is_flag=True, help="No stage lines on stderr.")
+@_trust_option
+def export(
+    model_spec,
+    model_kwargs,
+    out_path,
+    opset,
+    quantize,
+    input_spec,
+    input_shape,
+    seq_len,
+    data,
+    calibration_batches,
+    dynamic_batch,
+    quiet,
+    trust_factory,
+) -> None:
+    """Export a model to ONNX (opset stated), optionally int8-quantised; check ONNX Runtime against PyTorch
+    on the example inputs and print the files, sizes and the largest output difference (JSON)."""
+    from secateur.app.export import export_model
+    from secateur.errors import SecateurError
+
+    try:
+        out = export_model(
+            model_spec,
+            out_path,
+            opset=opset,
+            quantize=quantize,
+            input_spec=input_spec,
+            input_shape=input_shape,
+            seq_len=seq_len,
+            data=data,
+            calibration_batches=calibration_batches,
+            dynamic_batch=dynamic_batch,
+            model_kwargs=_parse_kwargs(model_kwargs),
+            trust_factory=trust_factory,
+            echo=_stderr(quiet),
+        )
+    except SecateurError as e:
+        _fail(e)
+    click.echo(json.dumps(out, indent=2))
 
 
 @main.command()
@@ -347,6 +605,13 @@ def finetune(model_spec, model_kwargs, epochs, lr, batch_size, subset, out_dir, 
     show_default=True,
     type=click.Choice(["channels", "params", "macs"]),
     help="Channel mode: what the sparsity is a fraction of.",
+)
+@click.option(
+    "--dense-epochs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Train the dense model first for N epochs (default: 1 for a fresh zoo/hf/factory model, 0 for "
+    "saved:PATH).",
 )
 @click.option("--epochs", default=1, show_default=True, help="Fine-tuning epochs (the same for every tool).")
 @click.option("--steps", type=int, default=None, help="Fine-tuning optimizer steps (overrides --epochs).")
@@ -372,6 +637,7 @@ def compare(
     mode,
     sparsity,
     target,
+    dense_epochs,
     epochs,
     steps,
     lr,
@@ -411,6 +677,7 @@ def compare(
             tools=tuple(t.strip() for t in tools.split(",") if t.strip()),
             progress=not quiet,
             trust_factory=tuple(trust_factory),
+            dense_epochs=dense_epochs,
         )
     except SecateurError as e:
         _fail(e)

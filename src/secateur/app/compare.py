@@ -65,6 +65,16 @@ def _import_torch_pruning() -> Any:
         return None
 
 
+def _version(dist: str) -> str | None:
+    """The installed version of the distribution ``dist``, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _import_torch_ao() -> Any:
     """``torch.ao.pruning``, or None when this PyTorch build lacks it."""
     try:
@@ -226,6 +236,8 @@ def compare(
     tools: tuple[str, ...] = TOOLS,
     progress: bool = False,
     trust_factory: tuple[str, ...] = (),
+    dense_epochs: int | None = None,
+    dense_lr: float = 0.05,
 ) -> dict[str, Any]:
     """Prune ``model_spec`` with every tool at one budget, fine-tune alike, measure; write table, JSON, plot.
 
@@ -248,6 +260,11 @@ def compare(
         model_kwargs: keyword arguments for the model factory. tools: which tools to run (subset of TOOLS).
         progress: show fine-tuning progress bars.
         trust_factory: user factory names a ``saved:`` folder may run (see :func:`secateur.load`).
+        dense_epochs: epochs of training of the dense model before anything is pruned (SGD, cosine from
+            ``dense_lr``, the same seed), so that the comparison starts from a trained network; default
+            (None): 1 for a freshly built model (``zoo:``, ``hf:``, a factory), 0 for ``saved:`` (trained
+            already, e.g. by ``secateur finetune``). A dense accuracy within 10 points of chance adds a
+            warning to the result and the table.
 
     Returns:
         ``{"config", "dense", "rows", "files"}``: ``dense`` and each of ``rows`` (one per tool) hold
@@ -255,7 +272,8 @@ def compare(
         ``params``, ``nonzero_params``, ``macs`` (MACs of one 28x28 image), ``sparse_macs``,
         ``weight_sparsity`` (fraction of conv/linear weights that are zero), ``mac_reduction`` and
         ``sparse_mac_reduction`` (dense MACs / pruned MACs or sparse MACs), ``latency`` (ms per batch:
-        median, IQR), ``prune_s`` and ``finetune_s`` (seconds).
+        median, IQR), ``prune_s`` and ``finetune_s`` (seconds); ``warnings``: lines for the reader (a dense
+        model near chance, a peer that is not installed).
 
     Raises:
         ConfigError: bad mode / target / sparsity / budget / tool, or an unknown model spec.
@@ -272,8 +290,12 @@ def compare(
         raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
     if not (isinstance(sparsity, (int, float)) and 0.0 < sparsity < 1.0):
         raise ConfigError(f"sparsity must be a fraction in (0, 1), got {sparsity!r}")
-    if epochs < 0 or (steps is not None and steps < 0):
-        raise ConfigError(f"epochs and steps must be >= 0, got {epochs!r}, {steps!r}")
+    if dense_epochs is None:
+        dense_epochs = 0 if model_spec.startswith("saved:") else 1
+    if epochs < 0 or dense_epochs < 0 or (steps is not None and steps < 0):
+        raise ConfigError(
+            f"epochs, dense_epochs and steps must be >= 0, got {epochs!r}, {dense_epochs!r}, {steps!r}"
+        )
     if latency_batch < 1 or latency_repeats < 0:
         raise ConfigError(
             f"latency_batch must be >= 1 and latency_repeats >= 0, got {latency_batch}, {latency_repeats}"
@@ -291,6 +313,11 @@ def compare(
     dense = build_model(model_spec, trust_factory=trust_factory, **(model_kwargs or {}))
     train, test = fashion_mnist_loaders(batch_size=batch_size, subset=subset, seed=seed)
     example = torch.zeros(EXAMPLE_SHAPE)
+    dense_training = {"epochs": dense_epochs, "lr": dense_lr, "seconds": 0.0}
+    if dense_epochs > 0:
+        t0 = time.perf_counter()
+        Trainer(dense, train, epochs=dense_epochs, lr=dense_lr, progress=progress, log_every=0).fit()
+        dense_training["seconds"] = time.perf_counter() - t0
     n_steps = steps if steps is not None else epochs * len(train)
     budget = {
         "steps": n_steps,
@@ -318,6 +345,14 @@ def compare(
         **measure(dense),
         "accuracy": _accuracy(dense, test),
     }
+    warnings_: list[str] = []
+    chance = 1.0 / 10
+    if dense_row["accuracy"] < chance + 0.1:
+        warnings_.append(
+            f"the dense model's accuracy {dense_row['accuracy']:.3f} is near chance ({chance:.2f}): pruned "
+            "accuracies say little; train it first (--dense-epochs N, or secateur finetune and "
+            "--model saved:RUN/model)"
+        )
     models: dict[str, nn.Module] = {"dense": dense}
     rows: list[dict[str, Any]] = []
     tp, ao = _import_torch_pruning(), _import_torch_ao()
@@ -333,6 +368,9 @@ def compare(
         rows.append(row)
         if tool == "torch_pruning" and tp is None:
             row.update(status="not installed", reason=INSTALL_HINT[tool])
+            warnings_.append(
+                f"Torch-Pruning is not installed, so nothing is compared with it: {INSTALL_HINT[tool]}"
+            )
             continue
         if tool == "torch_pruning" and mode == "element":
             row.update(
@@ -428,9 +466,10 @@ def compare(
         "latency_repeats": latency_repeats,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "torch_pruning": getattr(tp, "__version__", None) if tp is not None else None,
+        "torch_pruning": _version("torch-pruning") if tp is not None else None,
+        "dense_training": dense_training,
     }
-    result: dict[str, Any] = {"config": config, "dense": dense_row, "rows": rows}
+    result: dict[str, Any] = {"config": config, "dense": dense_row, "rows": rows, "warnings": warnings_}
     files = {"markdown": out / "compare.md", "json": out / "compare.json", "plot": out / "compare.png"}
     result["files"] = {k: str(v) for k, v in files.items()}
     files["markdown"].write_text(markdown(result) + "\n")
@@ -469,6 +508,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"| weight sparsity | {red_head} | latency ms | prune s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    dt = cfg.get("dense_training") or {}
+    if dt.get("epochs"):
+        head.insert(
+            3,
+            f"The dense model was trained first for {dt['epochs']} epoch(s) (SGD, cosine from lr "
+            f"{dt['lr']}), the same for every tool.",
+        )
+        head.insert(4, "")
+    for w in result.get("warnings") or []:
+        head.insert(2, f"**Warning:** {w}")
+        head.insert(3, "")
     lines = list(head)
     for r in [result["dense"], *result["rows"]]:
         if r["status"] != "ok":

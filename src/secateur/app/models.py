@@ -1,7 +1,9 @@
 """Resolve a model specification string, as the CLI and recipes write it, into a module.
 
 ``zoo:NAME`` (secateur's zoo), ``hf:PATH`` (a Hugging Face checkpoint or config folder, loaded
-offline), ``saved:PATH`` (a folder written by :func:`secateur.save`), or ``package.module:function``
+offline as the class its ``config.json`` names in ``architectures``, e.g. ``Gemma3ForCausalLM`` with its
+language-model head, or ``AutoModel`` when it names none), ``saved:PATH`` (a folder written by
+:func:`secateur.save`), or ``package.module:function``
 (a user's factory, called with ``kwargs``).
 """
 
@@ -55,12 +57,7 @@ def build_model(spec: str, *, trust_factory: Sequence[str] = (), **kwargs: Any) 
         path = Path(rest)
         if not path.is_dir():
             raise ConfigError(f"model spec {spec!r}: {path} is not a folder with a Hugging Face config")
-        import transformers
-
-        if (path / "model.safetensors").exists() or (path / "pytorch_model.bin").exists():
-            return transformers.AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        return transformers.AutoModel.from_config(config, **kwargs)
+        return _hf_model(path, kwargs)
     try:
         factory = getattr(importlib.import_module(scheme), rest)
     except (ImportError, AttributeError) as e:
@@ -70,3 +67,47 @@ def build_model(spec: str, *, trust_factory: Sequence[str] = (), **kwargs: Any) 
         raise ConfigError(f"model spec {spec!r}: factory returned {type(model).__name__}, not an nn.Module")
     model.secateur_factory = {"factory": spec, "kwargs": dict(kwargs)}  # lets save() rebuild it
     return model
+
+
+def _hf_model(path: Path, kwargs: dict[str, Any]) -> nn.Module:
+    """The model of a Hugging Face folder: the transformers class ``config.architectures[0]`` names (only a
+    class of the transformers package itself is used), else ``AutoModel``; weights when the folder has them,
+    else random initialisation from the config."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+    if any((path / f).exists() for f in HF_WEIGHT_FILES):
+        return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+    if cls is transformers.AutoModel:
+        return transformers.AutoModel.from_config(config, **kwargs)
+    return cls(config, **kwargs)
+
+
+#: Files whose presence means a Hugging Face folder holds weights (else the model is built from its config).
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def model_folder(spec: str) -> Path | None:
+    """The folder of an ``hf:`` or ``saved:`` spec (where a tokenizer or image processor may be) or None."""
+    scheme, _, rest = spec.partition(":")
+    return Path(rest) if scheme in ("hf", "saved") else None
+
+
+def saved_metadata(spec: str) -> dict[str, Any]:
+    """The ``metadata`` a ``saved:`` folder's plan.json records (input spec, dense model, data, ...); ``{}``
+    for other specs.
+
+    Raises:
+        SerializationError / UnsafePathError: the plan file is missing or malformed (as
+            :func:`secateur.io.validate.read_plan_file` says).
+    """
+    if not spec.startswith("saved:"):
+        return {}
+    from secateur.io.validate import read_plan_file
+
+    meta = read_plan_file(Path(spec[len("saved:") :])).get("metadata")
+    return dict(meta) if isinstance(meta, dict) else {}

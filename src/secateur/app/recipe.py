@@ -11,9 +11,9 @@ from importlib import resources
 from pathlib import Path
 
 from secateur.errors import ConfigError
-from secateur.pruners.recipe import Recipe, parse_yaml
+from secateur.pruners.recipe import ONESHOT_METHODS, Recipe, parse_yaml
 
-__all__ = ["load_recipe", "shipped_recipes"]
+__all__ = ["load_recipe", "shipped_recipes", "suited_kinds"]
 
 
 def shipped_recipes() -> list[str]:
@@ -41,3 +41,42 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
     text = resources.files("secateur.app.recipes").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     source = f"{name} (shipped)"
     return Recipe.from_dict(parse_yaml(text, source), source)
+
+
+def suited_kinds(recipe: Recipe) -> tuple[list[str], str]:
+    """The model kinds (:attr:`secateur.app.inputs.ModelKind.label`) ``recipe`` runs on from the command
+    line, and the data it needs, derived from its fields:
+
+    - fine-tuning (``finetune.epochs > 0``): the command line trains with cross-entropy on labelled images,
+      so image classifiers only (zoo CNNs, Hugging Face ``*ForImageClassification``), with images;
+    - Wanda / SparseGPT at N:M: models built of transformer blocks (decoder LMs, text encoders, vision
+      transformers), with calibration data (text or images);
+    - otherwise (element or channel pruning in one shot): any model that runs on its example inputs (channel
+      pruning: any model the dependency graph traces), data only for the metric.
+    """
+    if recipe.finetune.epochs > 0:
+        return ["image-classifier"], "labelled images (fashion-mnist or an image folder)"
+    if recipe.nm is not None and recipe.criterion in ONESHOT_METHODS:
+        kinds = ["causal-lm", "text-encoder", "text-classifier", "image-classifier (transformer blocks)"]
+        return kinds, f"calibration data: text or images ({recipe.data_batches} batches)"
+    if recipe.granularity == "channel" and _needs_gradients(recipe.criterion):
+        return ["image-classifier"], "labelled images (the criterion reads gradients of the loss)"
+    kinds = ["image-classifier", "text-encoder", "text-classifier", "causal-lm"]
+    if recipe.granularity == "channel" and _needs_data(recipe.criterion):
+        return kinds, f"calibration data: text or images ({recipe.data_batches} batches)"
+    return kinds, "any (--data none counts only; data gives the metric)"
+
+
+def _needs_data(criterion: str) -> bool:
+    from secateur.criteria.group.base import GROUP_CRITERIA
+
+    return bool(getattr(GROUP_CRITERIA.get(criterion), "needs_data", False))
+
+
+def _needs_gradients(criterion: str) -> bool:
+    """Whether the group criterion ``criterion`` scores from gradients of a loss (``needs_data`` and
+    ``needs_backward``: Taylor, Fisher, LLM-Pruner, Michel), which the command line computes with labels."""
+    from secateur.criteria.group.base import GROUP_CRITERIA
+
+    cls = GROUP_CRITERIA.get(criterion)
+    return bool(getattr(cls, "needs_data", False) and getattr(cls, "needs_backward", True))
