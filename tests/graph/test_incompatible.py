@@ -1,7 +1,8 @@
-"""A model whose own code derives a shape from another dimension (torchvision's Swin v1 attention computes the
-head width as C // num_heads from the *input* width C): removing whole heads breaks its reshape. secateur must
-refuse by name (group, op, module) with the model unchanged, or, when asked, leave those groups whole and
-prune the rest exactly."""
+"""Models whose own code computes a shape from another dimension. Where the trace can follow the integers
+(graph.symbolic), the graph ties the groups together or freezes them, by name; where it cannot (a literal,
+an integer it lost track of), removing whole heads breaks the model's reshape and secateur refuses by name
+(group, op, module, and the file and line) with the model unchanged, or, when asked, leaves those groups
+whole and prunes the rest exactly. A wrong op rule is caught by the oracle and named."""
 
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ from torch import nn
 
 from secateur.compact import check_equivalence, mask_model
 from secateur.errors import CompactionError, GraphError, IncompatibleGroupError
+from secateur.graph import DependencyGraph
 from secateur.pruners.oneshot import prune_channels
 
 
 class DerivedHeadWidth(nn.Module):
-    """Window attention as torchvision writes it: head width from the input width, not from qkv."""
+    """Window attention as torchvision writes it: head width from the input width, not from qkv.
+    ``untracked=True``: the input width goes through ``int()``, where the trace loses track of it."""
 
-    def __init__(self, c: int = 8, heads: int = 4, hidden: int = 16) -> None:
+    def __init__(self, c: int = 8, heads: int = 4, hidden: int = 16, untracked: bool = False) -> None:
         super().__init__()
         self.num_heads = heads
+        self.untracked = untracked
         self.qkv = nn.Linear(c, 3 * c)
         self.proj = nn.Linear(c, c)
         self.fc1 = nn.Linear(c, hidden)
@@ -31,29 +35,51 @@ class DerivedHeadWidth(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
+        if self.untracked:
+            c = int(c)
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, -1))
         return x + self.fc2(F.relu(self.fc1(x)))
 
 
-def _model() -> tuple[nn.Module, torch.Tensor]:
+def _model(untracked: bool = True) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    return nn.Sequential(DerivedHeadWidth(), nn.LayerNorm(8)).eval(), torch.randn(2, 5, 8)
+    return nn.Sequential(DerivedHeadWidth(untracked=untracked), nn.LayerNorm(8)).eval(), torch.randn(2, 5, 8)
 
 
 def _state(m: nn.Module) -> dict:
     return {k: v.clone() for k, v in m.state_dict().items()}
 
 
-def test_a_head_width_derived_from_the_input_is_a_named_refusal_and_the_model_is_unchanged():
+def test_a_head_width_derived_from_the_input_ties_the_heads_to_the_input_width():
+    """``c // self.num_heads`` with ``c`` the block's input width: the heads can only go with input channels.
+    Here the input is the model's input (no channel identity), so the graph freezes the heads and says
+    where; the MLP is pruned, exactly."""
+    model, x = _model(untracked=False)
+    graph = DependencyGraph.build(model, x)
+    heads = graph.group_of("0.qkv.weight", 0)
+    assert heads.n_units == 4 and heads.n_prunable == 0
+    assert any(
+        "op 'reshape' in module '0' (DerivedHeadWidth) at" in r and "test_incompatible.py" in r
+        for r in heads.reasons
+    ), heads.reasons
+    ref = copy.deepcopy(model)
+    _, plan = prune_channels(model, x, sparsity=0.5, criterion="random")
+    blk = model[0]
+    assert blk.num_heads == 4 and blk.qkv.out_features == 24 and blk.fc1.out_features == 8
+    check_equivalence(mask_model(ref, plan), model, x)
+
+
+def test_a_head_width_the_trace_cannot_follow_is_a_named_refusal_and_the_model_is_unchanged():
     model, x = _model()
     before = _state(model)
     with pytest.raises(IncompatibleGroupError) as ei:
         prune_channels(model, x, sparsity=0.5, criterion="random")
     msg = str(ei.value)
-    # the op and the module where the compacted forward broke, and the group at fault
+    # the op and the module where the size goes wrong, the line, the formula and the group at fault
     assert "op 'reshape' in module '0' (DerivedHeadWidth)" in msg
+    assert "test_incompatible.py:" in msg and "8 // 0.num_heads evaluates to 4" in msg
     assert "group 0.qkv" in msg
     assert "skip_incompatible=True" in msg
     # a refusal in both families of errors: graph (cannot prune this) and compaction (rolled back)

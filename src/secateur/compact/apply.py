@@ -123,7 +123,7 @@ def _apply_plan(model: nn.Module, plan: Mapping, journal: Journal) -> None:
     for path, d in plan.get("attributes", {}).items():
         mod = modules[path]
         for a, (_old, new) in d.items():
-            journal.set_attr(mod, a, new)
+            journal.set_attr(mod, a, _like_stored(getattr(mod, a, None), new))
         if any(a in HEAD_ATTRS for a in d) and hasattr(mod, "num_key_value_groups"):
             h = next(d[a][1] for a in d if a in HEAD_ATTRS)
             kv = next((d[a][1] for a in d if a in KV_HEAD_ATTRS), None)
@@ -137,6 +137,14 @@ def _apply_plan(model: nn.Module, plan: Mapping, journal: Journal) -> None:
         for k, (_old, new) in d.items():
             if not k.startswith("_inconsistent_"):
                 journal.set_attr(cfg, k, new)
+
+
+def _like_stored(current: Any, new: Any) -> Any:
+    """A plan's new value in the form of the attribute it replaces: JSON turns tuples into lists, so a
+    stored tuple (a split-size tuple) gets a tuple back."""
+    if isinstance(current, tuple) and isinstance(new, list):
+        return tuple(new)
+    return new
 
 
 def _slice(t: torch.Tensor, dim: int, kept: np.ndarray) -> torch.Tensor:
@@ -190,8 +198,14 @@ class _Changes:
 
 
 def _update_module(mod: nn.Module, journal: Journal) -> None:
-    """Refresh the size attributes of standard layers from their (new) parameter shapes."""
+    """Refresh the size attributes of standard layers from their (new) parameter shapes, and empty the
+    tensor caches of a module whose tensors were sliced (a ``dict`` attribute whose name contains "cache"
+    and whose values are tensors, such as timm's ``attention_bias_cache``: computed from the old weights,
+    recomputed on the next forward)."""
     undo = _Changes(journal)
+    for name, v in list(vars(mod).items()):  # tensors cached from the old weights (timm's attention biases)
+        if type(v) is dict and v and "cache" in name.lower() and all(torch.is_tensor(t) for t in v.values()):
+            journal.set_attr(mod, name, {})
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.modules.conv._ConvNd):
         old_shape = undo.old_shape.get(id(mod.weight))

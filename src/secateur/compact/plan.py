@@ -14,7 +14,7 @@ files are validated by :mod:`secateur.io.validate`). Applying a plan: :mod:`seca
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from torch import nn
 
 from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
+from secateur.graph.symbolic import ShapeConflictError, attribute_changes, solve
 
 from .norms import norm_plan
 
@@ -171,6 +172,7 @@ def make_plan(graph: DependencyGraph, removed: Mapping[int, Any]) -> dict:
             tensors.setdefault(m.name, {})[str(m.dim)] = kept
     index = _class_index(graph)
     attributes, events = _head_attributes(graph, kept_units, index)
+    _stored_sizes(graph, gone, attributes, {n.rpartition(".")[0] for n in tensors})
     norms = norm_plan(graph, gone)
     plan = {
         "version": PLAN_VERSION,
@@ -314,6 +316,87 @@ def _head_attributes(
                     )
                 break
     return attrs, events
+
+
+def _new_size_counter(graph: DependencyGraph, gone: Mapping[int, np.ndarray]) -> Callable[[np.ndarray], int]:
+    """``new_size(classes)``: how many indices of a dim (given by their atom classes) stay when the units
+    ``gone`` (``{group index: removed units}``) are removed; classes no group holds always stay."""
+    n = 1 + max((int(g.classes.max()) for g in graph.groups if len(g.classes)), default=-1)
+    removed = np.zeros(max(n, 0), dtype=bool)
+    for gi, rm in gone.items():
+        removed[np.asarray(graph.groups[gi].classes)[np.asarray(rm, dtype=np.int64)]] = True
+
+    def new_size(classes: np.ndarray) -> int:
+        c = np.asarray(classes)
+        inside = c[c < removed.size]
+        return int(c.size - removed[inside].sum())
+
+    return new_size
+
+
+#: Layer attributes that compaction refreshes from the sliced weights (see
+#: :func:`~secateur.compact.apply.compact`): not repeated in a plan's ``"attributes"`` when shape ops
+#: read them.
+REFRESHED_ATTRS = frozenset(
+    "nf nx in_features out_features in_channels out_channels num_features num_embeddings embedding_dim "
+    "num_channels".split()
+)
+
+
+def _stored_sizes(
+    graph: DependencyGraph, gone: Mapping[int, np.ndarray], attributes: dict, sliced: set[str]
+) -> None:
+    """Add to ``attributes`` the module attributes that the model's shape ops read (``num_heads``,
+    ``head_dim``, a stored split size or tuple: :mod:`secateur.graph.symbolic`) with their values after
+    removing ``gone``; an attribute those ops read and that must keep its value overrides a guess of
+    :func:`_head_attributes`. ``sliced``: paths of the modules with a sliced tensor (their
+    :data:`REFRESHED_ATTRS` follow the weights and are not listed).
+
+    Raises:
+        ShapeConflictError: a size the model's code computes cannot match the pruned tensors (a literal on
+            a pruned dim, a formula whose sources do not shrink with it), naming the op, module, file and
+            line, and the groups whose removal alone causes it.
+    """
+    uses = getattr(graph, "shape_uses", None)
+    if not uses or not gone:
+        return
+    solution = solve(uses, _new_size_counter(graph, gone))
+    if solution.conflicts:
+        raise _conflict_error(graph, gone, solution.conflicts)
+    for (path, name, index), (old, new) in solution.values.items():
+        if index is None and new == old and name in attributes.get(path, {}):
+            del attributes[path][name]  # the code reads it where its size does not change
+            if not attributes[path]:
+                del attributes[path]
+    for path, changes in attribute_changes(solution).items():
+        for name, change in changes.items():
+            if not (path in sliced and name in REFRESHED_ATTRS):
+                attributes.setdefault(path, {})[name] = change
+
+
+def _conflict_error(
+    graph: DependencyGraph, gone: Mapping[int, np.ndarray], conflicts: list[str]
+) -> ShapeConflictError:
+    """The error for sizes that cannot match, naming the groups whose removal alone causes a conflict
+    (each tried alone: no forward pass, only the recorded sizes)."""
+    bad: dict[int, str] = {}
+    if len(gone) == 1:
+        bad = {gi: conflicts[0] for gi in gone}
+    else:
+        for gi, rm in gone.items():
+            alone = solve(graph.shape_uses, _new_size_counter(graph, {gi: rm}))
+            if alone.conflicts:
+                bad[gi] = alone.conflicts[0]
+    if bad:
+        lines = "\n".join(f"  group {graph.groups[gi].name}: {why}" for gi, why in bad.items())
+    else:
+        lines = "\n".join(f"  {why}" for why in conflicts[:5]) + "\n  (only these groups together)"
+    return ShapeConflictError(
+        f"removing these units makes a size that the model's code computes wrong (the sizes of shape ops "
+        f"are traced to module attributes, tensor sizes and literals); the model is unchanged:\n{lines}\n"
+        f"Protect those modules, or pass skip_incompatible=True to leave these groups whole.",
+        bad,
+    )
 
 
 def hf_configs(model: nn.Module) -> dict[str, Any]:

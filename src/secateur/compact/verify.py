@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from secateur._torch import ExampleInputs, call_model, iter_tensors, op_name
 from secateur.errors import CompactionError, ConfigError
 from secateur.graph.groups import DependencyGraph
+from secateur.graph.symbolic import ShapeConflictError
 
 from .apply import compact, mask_model
 from .plan import make_plan
@@ -449,7 +450,10 @@ def _probe(
 ) -> str | None:
     """Compact ``removed`` inside a transaction that always rolls back; ``None`` if the compacted model runs
     (``tol`` None) or also equals its masked model (float64, ``tol = (atol, rtol)``), else why not."""
-    plan = make_plan(graph, removed)
+    try:
+        plan = make_plan(graph, removed)
+    except ShapeConflictError as e:  # a size the model computes cannot match: found without a forward
+        return next(iter(e.groups.values()), str(e))
     ref = masked_reference(model, plan) if tol is not None else None
 
     def probe(m: nn.Module) -> None:

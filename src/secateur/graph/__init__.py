@@ -2,7 +2,9 @@
 
 Public API: :class:`DependencyGraph` (``DependencyGraph.build(model, example_inputs)``), :class:`Group`,
 :class:`Member`, :class:`ExampleInputs` (several example inputs whose traces merge), :func:`register_rule`,
-:func:`register_module_rule`, :func:`register_norm`, :class:`OpContext`.
+:func:`register_module_rule`, :func:`register_norm`, :class:`OpContext`, :class:`ShapeUse` (a shape op whose
+sizes come from module attributes, tensor sizes or literals: :mod:`secateur.graph.symbolic`) and
+:class:`ShapeConflictError`.
 """
 
 from secateur._torch import ExampleInputs
@@ -16,6 +18,7 @@ from secateur.graph.rules import (
     register_module_rule,
     register_rule,
 )
+from secateur.graph.symbolic import ShapeConflictError, ShapeUse
 from secateur.graph.tracer import OpContext, SplitEvent
 
 __all__ = [
@@ -24,6 +27,8 @@ __all__ = [
     "Group",
     "Member",
     "OpContext",
+    "ShapeConflictError",
+    "ShapeUse",
     "SplitEvent",
     "broadcast_couple",
     "elementwise_rule",

@@ -22,6 +22,7 @@ from torch import nn
 from secateur._torch import ExampleInputs, iter_tensors
 from secateur.errors import ConfigError, UntracedModuleError, UntracedModuleWarning
 from secateur.graph.atoms import connected_labels
+from secateur.graph.symbolic import ShapeUse, render
 from secateur.graph.tracer import ParamDim, SplitEvent, run_trace
 from secateur.graph.untraced import MODES, freeze_around, holders, untraced_message, untraced_modules
 
@@ -110,12 +111,15 @@ class DependencyGraph:
         splits: list[SplitEvent],
         n_ops: int,
         prune_normalized: bool = False,
+        shape_uses: list[ShapeUse] | None = None,
     ) -> None:
         self.model = model
         self.groups = groups
         self.splits = splits
         self.n_ops = n_ops
         self.prune_normalized = prune_normalized
+        # shape ops whose sizes come from module attributes, tensor sizes or literals (graph.symbolic)
+        self.shape_uses: list[ShapeUse] = list(shape_uses or [])
 
     @classmethod
     def build(
@@ -193,13 +197,16 @@ class DependencyGraph:
             labels = atoms.solve()
             for ev in tracer.splits:
                 ev.classes = labels[ev.atoms]
+            tracer.sym.label(labels)
+            uses = tracer.sym.uses
             if isinstance(example_inputs, ExampleInputs) and len(example_inputs) > 1:
                 tracer.splits = _distinct_splits(tracer.splits)
+                uses = _distinct_uses(uses)
             groups = _make_groups(tracer.param_dims, labels, atoms.frozen, protect)
         finally:
             if gc_was_enabled:
                 gc.enable()
-        return cls(model, groups, tracer.splits, tracer.n_ops, prune_normalized)
+        return cls(model, groups, tracer.splits, tracer.n_ops, prune_normalized, uses)
 
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.n_prunable > 0]
@@ -227,6 +234,26 @@ def _distinct_splits(splits: list[SplitEvent]) -> list[SplitEvent]:
         if key not in seen:
             seen.add(key)
             out.append(ev)
+    return out
+
+
+def _distinct_uses(uses: list[ShapeUse]) -> list[ShapeUse]:
+    """One record per (op, place, sizes, formulas, classes): each trace of several inputs records the same
+    shape op again."""
+    seen: set[tuple] = set()
+    out = []
+    for u in uses:
+        key = (
+            u.where,
+            u.site,
+            tuple(
+                (p.label, p.size, render(p.expr), None if p.classes is None else p.classes.tobytes())
+                for p in u.positions
+            ),
+        )
+        if key not in seen:
+            seen.add(key)
+            out.append(u)
     return out
 
 

@@ -28,6 +28,7 @@ from secateur._validate import check_model
 from secateur.errors import GraphError, SecateurError, UnsupportedOpError
 from secateur.graph.atoms import Atoms, AtomStore
 from secateur.graph.shapes import meta_result
+from secateur.graph.symbolic import SHAPE_OPS, AttributeTracing, Size, SymbolicTrace, traced_shape
 from secateur.graph.validate import check_embedding_indices, integer_inputs
 
 Dims = list  # list[Atoms | None], one entry per tensor dimension
@@ -183,6 +184,9 @@ class _Mode(TorchFunctionMode):
         name = op_name(func)
         if name in _METADATA:  # x.dim(), x.shape...: no tensor out, nothing to record but the count
             out = func(*args, **kwargs)
+            if not tr.opaque and (name == "shape" or name == "size") and args:
+                dim = args[1] if len(args) > 1 else kwargs.get("dim")
+                out = traced_shape(tr.size_leaf, args[0], out, dim)  # sizes that know their dim
             if not tr.opaque and not isinstance(out, torch.Tensor):
                 tr.n_ops += 1
                 return out
@@ -221,6 +225,7 @@ class Tracer:
         self.aliases: dict[str, tuple[str, ...]] = {}
         self.param_dims: dict[tuple[str, int], ParamDim] = {}
         self.splits: list[SplitEvent] = []
+        self.sym = SymbolicTrace()  # where the sizes given to shape ops come from (graph.symbolic)
         self.stack: list[str] = []
         self.module_stack: list[nn.Module] = []
         self.opaque = 0
@@ -288,6 +293,10 @@ class Tracer:
             self.set_dims(t, dims)
             return dims
         return [None] * t.dim()
+
+    def size_leaf(self, t: torch.Tensor, d: int) -> Size:
+        """The symbolic size of dim ``d`` of ``t`` (its channel atoms), for ``x.shape`` reads."""
+        return self.sym.size_leaf(self, t, d)
 
     def set_dims(self, t: torch.Tensor, dims: Dims) -> None:
         self._info[id(t)] = (weakref.ref(t), dims)
@@ -408,6 +417,8 @@ class Tracer:
             for t in outs:  # fresh tensors (or outputs of ops on data only): no channel identity
                 if id(t) not in self._params:
                     self.set_dims(t, [None] * t.dim())
+            if name in SHAPE_OPS:
+                self.sym.record(self, name, args, kwargs, outs)
             return
         rule = self.rules.get(name)
         if rule is None:
@@ -417,6 +428,8 @@ class Tracer:
                 f"this module."
             )
         rule(OpContext(self, func, name, args, kwargs, out))
+        if name in SHAPE_OPS:
+            self.sym.record(self, name, args, kwargs, outs)
 
     # --- module hooks -------------------------------------------------------------------------------
     def pre_hook(self, path: str) -> Callable:
@@ -587,6 +600,7 @@ def run_trace(
         tracer.real_ints = {k: (t, t, label) for k, (t, label) in ints.items()}
     tracer.named = sub
     handles = []
+    attributes: AttributeTracing | None = None
     was_training = {m: m.training for _, m in unique_modules}
     try:
         # one global pair of hooks (cheap) names every module; modules with a module rule get their own
@@ -612,6 +626,8 @@ def run_trace(
 
         handles.append(nn.modules.module.register_module_forward_pre_hook(gpre))
         handles.append(nn.modules.module.register_module_forward_hook(gpost))
+        # int attributes of modules carry their names into the sizes they compute (graph.symbolic)
+        attributes = AttributeTracing(unique_modules, skip=tuple(module_rules))
         with torch.no_grad(), _Mode(tracer):
             if device == "meta":
                 # the meta stand-ins go into every (module, attribute) slot directly (what
@@ -641,9 +657,12 @@ def run_trace(
             raise
         raise GraphError(f"forward pass failed while tracing at {tracer.where('?')}: {e!r}") from e
     finally:
+        if attributes is not None:
+            attributes.restore()
         for h in handles:
             h.remove()
         for m, tr in was_training.items():
             if m.training is not tr:
                 m.training = tr
+    tracer.sym.finalize(tracer)
     return tracer, outs[0] if len(outs) == 1 else tuple(outs)

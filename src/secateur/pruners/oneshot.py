@@ -23,6 +23,7 @@ from secateur.compact.verify import incompatible_groups, verified_compact
 from secateur.criteria.group import GroupCriterion
 from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
+from secateur.graph.symbolic import ShapeConflictError
 from secateur.pruners.channel import ChannelPruner, GroupSelection
 
 __all__ = ["prune_channels", "remove_units"]
@@ -175,19 +176,24 @@ def remove_units(
     Raises:
         ConfigError: ``verify`` with NaN/Inf in ``example_inputs`` (the model is not touched).
         IncompatibleGroupError: ``verify`` found groups whose removal breaks the model (names each group,
-            the op and the module); the model is unchanged.
+            the op and the module); the model is unchanged. Its subclass ShapeConflictError (raised while
+            planning, with or without ``verify``): a size the model's code computes would not match the
+            pruned tensors (names the op, module, file and line).
         CompactionError: planning, slicing or verification failed; the model is unchanged.
     """
     if verify:
         require_finite_inputs(example_inputs)
-    plan = make_plan(graph, removed)
     if not verify:
+        plan = make_plan(graph, removed)
         compact(model, plan)
         return model, plan
     try:
+        plan = make_plan(graph, removed)  # ShapeConflictError: a size the model computes would not match
         verified_compact(model, plan, example_inputs)
         return model, plan
     except CompactionError as e:
+        if isinstance(e, ShapeConflictError) and not skip_incompatible:
+            raise  # already names the groups, op, module, file and line
         if isinstance(e, NonFiniteOutputError) and e.in_reference:
             raise  # the masked model itself outputs NaN/Inf on these inputs: no group is at fault
         bad = incompatible_groups(model, graph, removed, example_inputs)
