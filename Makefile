@@ -10,17 +10,21 @@ CHROMIUM := /usr/bin/chromium
 # Extra pip arguments for torch, e.g. TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
 # where plain PyPI would give the (much larger) CUDA build.
 TORCH_PIP_ARGS ?=
+# pip's verbosity: -qq shows errors only. A pip configuration listing local index folders that hold few
+# packages makes pip warn "Location ... is ignored" once per package (about 90 lines); `PIPFLAGS=-q` shows
+# warnings again. (Not named PIP_...: pip reads PIP_<OPTION> variables itself.)
+PIPFLAGS ?= -qq
 
-.PHONY: setup data browser demo test lint clean
+.PHONY: setup data browser demo test lint docs check-wheel clean
 
 setup: $(STAMP) data
 
+# torch first, pinned to the CPU wheel; the project's own requirement is a range.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, pinned to the CPU wheel; the project's own requirement is a range.
-	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install $(PIPFLAGS) --upgrade pip
+	$(PY) -m pip install $(PIPFLAGS) torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(PY) -m pip install $(PIPFLAGS) -e '.[dev]'
 	@touch $(STAMP)
 
 data:
@@ -62,8 +66,22 @@ lint: setup
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy $(MYPY_PACKAGES)
 
+# The documentation site (mkdocs-material; API reference from the docstrings by mkdocstrings) into
+# build/site, offline; --strict makes every warning an error. Open build/site/index.html.
+DOCS_STAMP := $(VENV)/.secateur-docs-installed
+$(DOCS_STAMP): pyproject.toml
+	$(PY) -m pip install $(PIPFLAGS) -e '.[docs]'
+	@touch $(DOCS_STAMP)
+docs: $(STAMP) $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet
+
+# Build the wheel, install it with only the core dependencies into a fresh venv (a temporary folder), run
+# `secateur --help`, `secateur recipes` and the README's first snippet there.
+check-wheel:
+	PYTHON=$(PYTHON) TORCH_PIP_ARGS='$(TORCH_PIP_ARGS)' PIPFLAGS='$(PIPFLAGS)' scripts/check_wheel.sh
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs build/site
 
 # The torchvision/timm model matrix in its own environment (.venv-vision); not part of `make test`.
 -include mk/vision.mk

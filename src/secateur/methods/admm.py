@@ -118,9 +118,10 @@ class ADMM:
         update_every: callback only: optimizer steps between Z/U updates.
 
     Attributes:
-        Z, U: dicts ``{target name: tensor of the weight's shape}``. history: one dict per
-        :meth:`step` with ``primal`` ``(Σ ||W - Z||_F^2)^½``, ``dual`` ``ρ (Σ ||Z - Z_prev||_F^2)^½``
-        and ``rho``.
+        Z: dict ``{target name: tensor of the weight's shape}``, the auxiliary (projected) variables.
+        U: dict ``{target name: tensor of the weight's shape}``, the scaled dual variables.
+        history: one dict per :meth:`step` with ``primal`` ``(Σ ||W - Z||_F^2)^½``, ``dual``
+            ``ρ (Σ ||Z - Z_prev||_F^2)^½`` and ``rho``.
 
     Raises:
         ConfigError: bad sparsity, rho or pattern; an N:M pattern a layer's row length cannot hold

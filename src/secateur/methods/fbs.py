@@ -346,8 +346,9 @@ class FBS:
         exclude: glob patterns (or exact paths) of convs never gated, e.g. the stem ``"conv1"``.
 
     Attributes:
-        layers: ``{conv path: FBSConv}``. bn_of: ``{conv path: BatchNorm path}``. refused: ``{conv path:
-        reason}`` for unselected convs that could not be paired.
+        layers: ``{conv path: FBSConv}``.
+        bn_of: ``{conv path: BatchNorm path}``.
+        refused: ``{conv path: reason}`` for unselected convs that could not be paired.
 
     Raises:
         ConfigError: bad density or λ, a pattern matching no module, a conv chosen by ``include`` that
@@ -552,8 +553,9 @@ class FBS:
         Returns ``(model, plan)``; afterwards this FBS is empty (as after :meth:`remove`).
 
         Raises:
-            ConfigError: bad ``sparsity``, empty ``data``; CompactionError: compaction or the oracle failed.
-            In every case the gates stay installed and the model is as it was.
+            ConfigError: bad ``sparsity``, empty ``data``. In every case the gates stay installed and the
+                model is as it was.
+            CompactionError: compaction or the oracle failed (gates and model as they were, too).
         """
         if sparsity is None:
             sparsity = 1.0 - self.density

@@ -120,9 +120,11 @@ class Trainer:
             deleted after each new one is complete); ``None`` keeps all.
 
     Attributes:
-        global_step: optimizer steps done. epoch: epochs completed. history: list of dicts with
-        ``kind`` ("step" or "epoch"), ``step``, ``epoch``, ``loss``, ``lr``, ``train_accuracy`` and,
-        for epoch entries, ``eval_accuracy``/``eval_loss`` (None without an eval loader) and timing.
+        global_step: optimizer steps done.
+        epoch: epochs completed.
+        history: list of dicts with ``kind`` ("step" or "epoch"), ``step``, ``epoch``, ``loss``, ``lr``,
+            ``train_accuracy`` and, for epoch entries, ``eval_accuracy``/``eval_loss`` (None without an
+            eval loader) and timing.
 
     Raises:
         ConfigError: a bad argument (the message names it and the allowed values).
