@@ -205,6 +205,10 @@ def _prune_summary(m: dict, recipe_name: str, out_dir: str) -> str:
     d, p = m["dense"], m["pruned"]
     rows = metric_row(m.get("metric"), d, p) + count_rows(d, p)
     rows.append(("size on disk (weights + plan)", "", human_bytes(m["saved_bytes"]), ""))
+    comp = m.get("compressed")
+    if comp:
+        ratio = f"{comp['bytes'] / max(m['saved_bytes'], 1):.3f}x"
+        rows.append((f"  {comp['format']}", "", human_bytes(comp["bytes"]), ratio))
     lines = [
         f"secateur prune: {m['model']} ({m['kind']}) with recipe {recipe_name}",
         f"  data: {m['data']}",
@@ -233,6 +237,12 @@ def _prune_summary(m: dict, recipe_name: str, out_dir: str) -> str:
     lines += [
         f"saved to {saved} (plan.json + model.safetensors; safetensors stores zeros densely); "
         f"metrics in {out_dir}/metrics.json",
+    ]
+    if comp:
+        lines.append(
+            f"compressed weights: {comp['path']} (secateur.io.compressed.load_compressed reads them back)"
+        )
+    lines += [
         f"next: secateur measure --model saved:{saved} --latency",
         f"      secateur report --dense {m['model']} --pruned saved:{saved}",
     ]
@@ -420,6 +430,7 @@ def recipes(name) -> None:
 @click.option("--subset", type=int, default=None, help="Evaluate on the first N test images / N text blocks.")
 @_input_options
 @click.option("--batch", default=32, show_default=True, help="Batch size for latency.")
+@click.option("--repeats", default=30, show_default=True, type=click.IntRange(min=1), help="Timed blocks.")
 @click.option(
     "--onnx/--no-onnx", default=False, show_default=True, help="Also time both models in ONNX Runtime."
 )
@@ -435,6 +446,7 @@ def report(
     input_shape,
     seq_len,
     batch,
+    repeats,
     onnx,
     out_dir,
     quiet,
@@ -454,6 +466,7 @@ def report(
             input_shape=input_shape,
             seq_len=seq_len,
             batch=batch,
+            repeats=repeats,
             onnx=onnx,
             out_dir=out_dir,
             trust_factory=trust_factory,

@@ -108,12 +108,12 @@ class ModelKind:
 
 
 def _split_tokens(text: str) -> list[str]:
-    """Split on ``;`` and on commas outside brackets."""
+    """Split on ``;`` and on commas outside brackets (or parentheses, so a mistyped ``(1,8)`` stays whole)."""
     tokens, depth, cur = [], 0, []
     for ch in text:
-        if ch == "[":
+        if ch in "[(":
             depth += 1
-        elif ch == "]":
+        elif ch in "])":
             depth -= 1
         if (ch == ";" or (ch == "," and depth == 0)) and depth <= 0:
             tokens.append("".join(cur).strip())

@@ -69,6 +69,7 @@ def run_report(
     input_shape: str | None = None,
     seq_len: int | None = None,
     batch: int = 32,
+    repeats: int = 30,
     onnx: bool = False,
     out_dir: str | Path = "runs/report",
     trust_factory: Sequence[str] = (),
@@ -78,7 +79,8 @@ def run_report(
 
     The inputs, data and metric are those of the pruned model's session
     (:func:`secateur.app.run.open_session`: a saved folder's record, else derived), used for both models.
-    ``trust_factory`` applies to ``saved:`` specs.
+    ``trust_factory`` applies to ``saved:`` specs. ``batch``: examples per timed forward; ``repeats``: timed
+    blocks per model.
 
     Returns:
         ``{"results": the dict given to build_report, "paths": {kind: path}, "summary": text}``.
@@ -136,6 +138,7 @@ def run_report(
             "--input-spec": input_spec,
             "--input-shape": input_shape,
             "--seq-len": seq_len,
+            "--repeats": repeats if repeats != 30 else None,
             "--trust-factory": trust,
         },
     )
@@ -147,6 +150,7 @@ def run_report(
         pruned,
         inputs,
         onnx_dir=Path(out_dir) / "onnx" if onnx else None,
+        repeats=repeats,
         command=command,
         description=f"Dense {dense_spec} vs pruned {pruned_spec}. {_sentence(what)} "
         "Parameters and MACs per example (batch 1); latency per batch.",

@@ -272,6 +272,19 @@ def _prune_oneshot_linears(model: nn.Module, recipe: Recipe, data: Any) -> float
     return report.overall_sparsity
 
 
+def _as_pairs(data: Any) -> Any:
+    """Text batches (``{"input_ids", "attention_mask"}`` dicts) as the ``(x, y)`` pairs the structured
+    driver's data collection reads (:func:`secateur.criteria.group.collect`): ``x`` the dict of keyword
+    inputs, ``y`` its token ids (unused by activation criteria such as Wanda-sp). Other data unchanged."""
+    from collections.abc import Mapping
+
+    if isinstance(data, Mapping):
+        return [(dict(data), data["input_ids"])]
+    if isinstance(data, list) and data and all(isinstance(b, Mapping) for b in data):
+        return [(dict(b), b["input_ids"]) for b in data]
+    return data
+
+
 def _has_bn(model: nn.Module) -> bool:
     bn = nn.modules.batchnorm._BatchNorm
     return any(isinstance(m, bn) and m.track_running_stats for m in model.modules())
@@ -332,6 +345,8 @@ def prune_with_recipe(
             _finetune(model, recipe, train_loader, callbacks, progress, input_name)
         detach_masks(model)
     else:
+        if recipe.granularity == "channel":
+            data = _as_pairs(data)
         pruner = recipe.build(model, example_inputs, data, total_steps=steps)
         if needs_training:
             _finetune(model, recipe, train_loader, [pruner, *callbacks], progress, input_name)
@@ -388,6 +403,17 @@ def folder_bytes(folder: str | Path, names: Sequence[str] | None = None) -> int:
     return sum(p.stat().st_size for p in files)
 
 
+def _save_compressed(model: nn.Module, recipe: Recipe, path: Path) -> dict[str, Any]:
+    """Write the element-sparse ``model``'s weights in compressed-tensors' bitmask layout
+    (:func:`secateur.io.compressed.save_compressed`: ``sparse-24-bitmask`` for a 2:4 recipe, else
+    ``sparse-bitmask``); returns ``{"path", "format", "bytes"}``."""
+    from secateur.io.compressed import save_compressed
+
+    compression = "sparse-24-bitmask" if recipe.nm == (2, 4) else "sparse-bitmask"
+    info = save_compressed(model, path, compression=compression)
+    return {"path": str(path), "format": f"compressed-tensors {compression}", "bytes": info["bytes"]}
+
+
 def _check_recipe_fits(recipe: Recipe, s: Session) -> None:
     """Refuse, before any change, a recipe the data cannot drive."""
     if recipe.finetune.epochs > 0 and s.data.kind != "images":
@@ -424,14 +450,18 @@ def run(
     a ``saved:`` folder may run); ``data``, the input options and ``subset`` as :func:`open_session` reads
     them. ``echo`` receives one line per stage (default: nothing). Writes ``out_dir/model/`` (plan.json +
     model.safetensors with the recipe, input spec, data and normalisation in its metadata, plus the
-    tokenizer for a text model) and ``out_dir/metrics.json``. Nothing is written when anything fails
+    tokenizer for a text model), ``out_dir/metrics.json`` and, for element and N:M recipes (zeros kept in
+    place, which safetensors stores densely), ``out_dir/model.compressed.safetensors`` in compressed-tensors'
+    bitmask layout (:mod:`secateur.io.compressed`). Nothing is written when anything fails
     before the save.
 
     Returns:
         ``{"model", "recipe", "kind", "data", "input_spec", "inputs_from", "metric", "macs_per": "example",
         "dense", "pruned", "sparsity", "macs_ratio", "bn_batches", "history", "saved", "saved_bytes",
-        "seconds"}``; ``dense``/``pruned`` hold params, nonzero_params, macs, sparse_macs (per example) and
-        the metric under its name (``accuracy``, ``perplexity`` or ``cosine``).
+        "compressed" (element and N:M recipes: ``{"path", "format", "bytes"}`` of
+        ``out_dir/model.compressed.safetensors``), "seconds"}``; ``dense``/``pruned`` hold params,
+        nonzero_params, macs, sparse_macs (per example) and the metric under its name (``accuracy``,
+        ``perplexity`` or ``cosine``).
 
     Raises:
         ConfigError: a recipe the data cannot drive (fine-tuning on text), and what :func:`open_session`
@@ -509,6 +539,8 @@ def run(
         s.tokenizer.save_pretrained(str(out / "model"))
     metrics["saved"] = str(out / "model")
     metrics["saved_bytes"] = folder_bytes(out / "model", ("model.safetensors", "plan.json"))
+    if recipe.granularity != "channel":  # zeros in place: safetensors stores them; a bitmask layout does not
+        metrics["compressed"] = _save_compressed(model, recipe, out / "model.compressed.safetensors")
     metrics["seconds"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
