@@ -68,12 +68,13 @@ lint: setup
 
 # The documentation site (mkdocs-material; API reference from the docstrings by mkdocstrings) into
 # build/site, offline; --strict makes every warning an error. Open build/site/index.html.
+# (NO_MKDOCS_2_WARNING: Material for MkDocs prints a banner about its successor on every build otherwise.)
 DOCS_STAMP := $(VENV)/.secateur-docs-installed
 $(DOCS_STAMP): pyproject.toml
 	$(PY) -m pip install $(PIPFLAGS) -e '.[docs]'
 	@touch $(DOCS_STAMP)
 docs: $(STAMP) $(DOCS_STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # Build the wheel, install it with only the core dependencies into a fresh venv (a temporary folder), run
 # `secateur --help`, `secateur recipes` and the README's first snippet there.

@@ -8,6 +8,7 @@
 #   PYTHON=python3.11 TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu' scripts/check_wheel.sh
 #   KEEP=1 scripts/check_wheel.sh     # keep the work folder (printed) for a look
 set -euo pipefail
+trap 'echo "check-wheel: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PYTHON=${PYTHON:-python3.11}
@@ -45,7 +46,8 @@ BIN="$WORK/venv/bin"
 step "secateur --help"
 "$BIN/secateur" --help >/dev/null
 step "secateur recipes"
-"$BIN/secateur" recipes | grep -q wanda_2_4
+"$BIN/secateur" recipes > recipes.txt
+grep wanda_2_4 recipes.txt > /dev/null || { echo "error: secateur recipes does not list wanda_2_4" >&2; exit 1; }
 where=$("$BIN/python" -c 'import secateur, pathlib; print(pathlib.Path(secateur.__file__).parent)')
 case "$where" in "$WORK/venv/"*) ;; *) echo "error: secateur imported from $where, not the wheel" >&2; exit 1;; esac
 test -f "$where/py.typed"
