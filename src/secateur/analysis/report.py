@@ -266,7 +266,10 @@ def _latency_ratio(d: dict[str, Any], p: dict[str, Any], prefix: str) -> str:
 
 
 def _batch_label(results: dict[str, Any]) -> str:
-    """Which input the MAC counts are for: they count one forward of the example inputs."""
+    """Which input the MAC counts are for: they count one forward of the example inputs (``macs_per:
+    "example"``: counted at batch 1, as ``secateur report`` does)."""
+    if results.get("macs_per") == "example":
+        return "per example"
     b = (results.get("latency") or {}).get("batch_size") or results.get("batch_size")
     return f"batch of {b}" if b else "one forward of the example inputs"
 

@@ -52,6 +52,12 @@ def demo(out_dir, dense_epochs, prune_epochs, sparsity, subset, seed, quiet, as_
     console = Console()
     console.print(table)
     paths = m["outputs"]
+    n_bn, before = m["config"].get("bn_batches", 0), m.get("pruned_accuracy_before_bn_recalibration")
+    if n_bn and isinstance(before, float):
+        click.echo(
+            f"pruned accuracy is measured after re-estimating BatchNorm statistics on {n_bn} training "
+            f"batches; the epoch lines (eval_acc) were measured before it ({before:.4f} when pruning ended)"
+        )
     click.echo(f"sparsity {m['sparsity']:.4f}; metrics: {paths['metrics']}")
     click.echo(f"report: {paths['html']} (self-contained, open in a browser), {paths['md']}")
 

@@ -197,7 +197,7 @@ def summary(results: dict[str, Any], paths: dict[str, Any]) -> str:
                 f"latency ms (batch {lat.get('batch_size') or '?'}, eager)",
                 f"{d['latency_ms']:.3f}",
                 f"{p['latency_ms']:.3f}",
-                f"{d['latency_ms'] / p['latency_ms']:.2f}x faster",
+                f"{d['latency_ms'] / p['latency_ms']:.2f}x speed-up",
             )
         )
     if d.get("onnx_latency_ms") and p.get("onnx_latency_ms"):
@@ -206,7 +206,7 @@ def summary(results: dict[str, Any], paths: dict[str, Any]) -> str:
                 "latency ms (ONNX Runtime)",
                 f"{d['onnx_latency_ms']:.3f}",
                 f"{p['onnx_latency_ms']:.3f}",
-                f"{d['onnx_latency_ms'] / p['onnx_latency_ms']:.2f}x faster",
+                f"{d['onnx_latency_ms'] / p['onnx_latency_ms']:.2f}x speed-up",
             )
         )
     if d.get("size_on_disk_bytes") or p.get("size_on_disk_bytes"):
