@@ -6,7 +6,8 @@ zeros (plain zeros, N:M, reversible masks) stay exactly where they were while th
 chunked loss and its gradients equal the unchunked ones and the loss of the full logits in float64 (Gemma 3
 with final-logit soft-capping); a run stopped after k steps and resumed from its checkpoint ends bit-exact
 with an uninterrupted one; perplexity equals the model's own next-token loss; bad input is refused by name
-before anything changes.
+before anything changes; checkpoints saved before the ``target`` / ``dropout`` settings existed resume as
+logits runs with dropout. (Encoders, ``target="embedding"``: tests/test_llm_encoder_distill.py.)
 """
 
 import copy
@@ -339,3 +340,23 @@ def test_bad_input_is_named_and_changes_nothing(tmp_path):
             resume=True,
         )
     assert_same(weights(student), state)
+
+
+def test_checkpoints_written_before_target_and_dropout_existed_still_resume(tmp_path):
+    from secateur.llm.recovery import _Run
+
+    teacher, cal = tiny_gemma(), token_batches(2, 12)
+    student = copy.deepcopy(teacher)
+    distill(student, teacher, cal, steps=1, progress=False, checkpoint_dir=tmp_path / "ck")
+    run = _Run(student, torch.optim.SGD(student.parameters(), lr=0.1), {"steps": 1, "target": "logits"})
+    old = {"kind": "secateur.llm.distill", "global_step": 1, "settings": {"steps": 1}, "history": []}
+    run.check_json_state(old)  # no "target" saved: a logits run, as every run before the setting
+    run.settings = {"steps": 1, "target": "embedding", "dropout": True}
+    with pytest.raises(ConfigError, match="saved with target='logits', this call has target='embedding'"):
+        run.check_json_state(old)
+    run.settings = {"steps": 1, "dropout": False}
+    with pytest.raises(ConfigError, match="saved with dropout=True, this call has dropout=False"):
+        run.check_json_state(old)
+    # and a real checkpoint resumes under the same settings (target resolved to logits by "auto")
+    rep = distill(student, teacher, cal, steps=1, progress=False, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert rep.start_step == 1 and rep.target == "logits"

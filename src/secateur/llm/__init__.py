@@ -11,7 +11,8 @@ structured driver; its criteria ``"llm_pruner"`` and ``"wanda_sp"`` live in
 ``moe``: expert removal in mixture-of-experts models (router-weighted activation saliency);
 ``owl``: OWL's outlier-weighted layer-wise sparsity (``allocation="owl"`` of the one-shot drivers);
 ``depth``: ShortGPT's removal of whole blocks by Block Influence;
-``recovery``: recovery of a pruned causal LM by distillation from its dense original (chunked LM heads).
+``recovery``: recovery of a pruned model by distillation from its dense original (logits through chunked
+LM heads, or sentence embeddings of encoders).
 RIA (``method="ria"``) is the element criterion :mod:`secateur.criteria.element.ria`.
 """
 
@@ -53,7 +54,15 @@ from secateur.llm.oneshot import (
     reconstruction_error,
 )
 from secateur.llm.owl import OWL, layer_outlier_ratio, outlier_ratio, owl_sparsities
-from secateur.llm.recovery import DistillReport, distill, distillation_kl, distillation_loss, perplexity
+from secateur.llm.recovery import (
+    DistillReport,
+    distill,
+    distillation_kl,
+    distillation_loss,
+    embedding_cosine,
+    mean_pooled,
+    perplexity,
+)
 from secateur.llm.sparsegpt import sparsegpt_prune
 from secateur.llm.structural import (
     LLMPrunerTaylor,
@@ -87,6 +96,8 @@ __all__ = [
     "distill",
     "distillation_kl",
     "distillation_loss",
+    "embedding_cosine",
+    "mean_pooled",
     "expert_plan",
     "expert_saliency",
     "find_moe_blocks",

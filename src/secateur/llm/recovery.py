@@ -1,17 +1,31 @@
 """Recovery of a pruned language model by knowledge distillation from its dense original.
 
 After one-shot, width or depth pruning, a short training run in which the pruned *student* matches the
-dense *teacher*'s next-token distributions recovers much of the lost quality: NVIDIA's Minitron (Muralidharan
-et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation", sec. 3.3) prunes, then
-retrains with the KL divergence of the teacher's and the student's logits, optionally plus a loss on
-intermediate hidden states; logit-only distillation was their best single choice. The loss is Hinton et
-al.'s (2015) ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (:func:`secateur.train.distill.kd_loss`), averaged over
-the real (unpadded) tokens of the calibration text.
+dense *teacher* recovers much of the lost quality. What is matched depends on the model (``target=``):
 
-Memory on CPU. A causal LM's output layer is the largest term: Gemma 3 has a 262,144-token vocabulary, so
-the logits of a 16 × 128-token batch would take 2 GiB per copy in float32, and a plain implementation holds
-four such tensors (teacher and student logits, the student's log-softmax and its gradient). Here neither
-model's full-vocabulary logits are ever built for the whole batch:
+* **logits** (causal LMs, ``*ForCausalLM``): the teacher's next-token distributions. NVIDIA's Minitron
+  (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation", sec. 3.3)
+  prunes, then retrains with the KL divergence of the teacher's and the student's logits, optionally plus a
+  loss on intermediate hidden states; logit-only distillation was their best single choice. The loss is
+  Hinton et al.'s (2015) ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (:func:`secateur.train.distill.kd_loss`),
+  averaged over the real (unpadded) tokens of the calibration text.
+* **embedding** (encoders without an LM head, e.g. ``BertModel`` such as all-MiniLM-L6-v2, whose product is
+  a sentence embedding): the teacher's sentence embeddings, the mean of the last hidden states over the real
+  tokens, L2-normalised (Sentence-BERT's MEAN pooling, Reimers & Gurevych 2019). The loss is ``1 − cos(e_s,
+  e_t)`` averaged over the sentences: the embedding-level distillation of Reimers & Gurevych (2020, "Making
+  Monolingual Sentence Embeddings Multilingual using Knowledge Distillation", who take the MSE of the
+  embeddings; on unit vectors ``‖e_s − e_t‖² = 2 (1 − cos)``, so both have the same minimiser and the
+  cosine is the measure reported). TinyBERT (Jiao et al. 2020) and MiniLM (Wang et al. 2020) add losses on
+  intermediate layers: the optional hidden-state term below is the same for both targets.
+
+The training loop, the masks, the checkpoints and the hidden-state term are one code path; only the object
+that computes "the model's product" and "the loss between two products" differs (``_Logits`` /
+``_Embedding``).
+
+Memory on CPU (logits). A causal LM's output layer is the largest term: Gemma 3 has a 262,144-token
+vocabulary, so the logits of a 16 × 128-token batch would take 2 GiB per copy in float32, and a plain
+implementation holds four such tensors (teacher and student logits, the student's log-softmax and its
+gradient). Here neither model's full-vocabulary logits are ever built for the whole batch:
 
 1. the teacher's *body* runs (a forward pre-hook on its LM head stores the head's input, the final hidden
    states ``(B, S, H)``, and stops the pass), without gradients;
@@ -28,7 +42,7 @@ the student's activations of one micro-batch, both models' final hidden states `
 temporaries of *one chunk*: about five ``chunk_size × V`` tensors (teacher and student logits, their
 log-softmaxes, the student logits' gradient): 5 × 128 × 262,144 × 4 B = 640 MiB for Gemma 3 at the default
 chunk of 128 positions, whatever the batch size. The loss is the same sum as the unchunked one (tested in
-float64); only the peak changes.
+float64); only the peak changes. The embedding target has no such term (its product is ``(B, H)``).
 
 Masks stay fixed. Weights pruned by :func:`~secateur.llm.oneshot.prune_oneshot` (reversible masks by
 default, ``weight = original * mask``) stay zero through the chain rule; weights pruned into plain zeros
@@ -55,7 +69,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -71,16 +85,25 @@ from secateur.train.trainer import SCHEDULES, lr_at_step
 
 __all__ = [
     "OPTIMIZERS",
+    "TARGETS",
     "DistillReport",
     "distill",
     "distillation_kl",
     "distillation_loss",
+    "embedding_cosine",
+    "mean_pooled",
     "perplexity",
 ]
 
 #: Optimizers :func:`distill` builds: AdamW (Loshchilov & Hutter 2019; default) or SGD with momentum 0.9.
 OPTIMIZERS = ("adamw", "sgd")
+#: What :func:`distill` matches: ``"logits"`` (next-token distributions through the LM heads),
+#: ``"embedding"`` (mean-pooled, L2-normalised last hidden states: sentence embeddings), or ``"auto"``
+#: (``"logits"`` when both models have an LM head, ``"embedding"`` when neither has one).
+TARGETS = ("auto", "logits", "embedding")
 DEFAULT_CHUNK = 128
+#: Settings of checkpoints written before the setting existed (they resume as these values).
+_LEGACY_SETTINGS: dict[str, Any] = {"target": "logits", "dropout": True}
 
 
 @dataclass
@@ -89,11 +112,12 @@ class DistillReport:
 
     ``steps``: optimizer steps done in all (resumed ones included); ``start_step``: the step this call
     started from (0, or the resumed checkpoint's); ``history``: one dict per step run in this call and in
-    the resumed run (``step``, ``loss``, ``kd``, ``hidden``, ``lr``, ``tokens``); ``trainable_params``:
-    parameters trained; ``kept_zeros``: weight entries held at zero (pruned weights);
-    ``peak_chunk_bytes``: bytes of one chunk's full-vocabulary temporaries (five ``chunk × V`` tensors, the
-    estimate of the module docstring); ``seconds``: wall time of this call; ``checkpoint``: the last
-    checkpoint folder written (or None); ``resumed_from``: the folder resumed from (or None).
+    the resumed run (``step``, ``loss``, ``kd`` (the distillation term: the KL for logits, ``1 − cos`` for
+    embeddings), ``hidden``, ``lr``, ``tokens``); ``trainable_params``: parameters trained; ``kept_zeros``:
+    weight entries held at zero (pruned weights); ``peak_chunk_bytes``: bytes of one chunk's
+    full-vocabulary temporaries (five ``chunk × V`` tensors, the estimate of the module docstring; 0 for
+    embeddings); ``seconds``: wall time of this call; ``checkpoint``: the last checkpoint folder written (or
+    None); ``resumed_from``: the folder resumed from (or None); ``target``: ``"logits"`` or ``"embedding"``.
     """
 
     steps: int
@@ -106,6 +130,7 @@ class DistillReport:
     seconds: float = 0.0
     checkpoint: str | None = None
     resumed_from: str | None = None
+    target: str = "logits"
 
     @property
     def losses(self) -> list[float]:
@@ -118,19 +143,29 @@ class DistillReport:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the model's head, and its body run up to the head
+# the model's head, and its body run up to the head (or to its last hidden states)
 # ----------------------------------------------------------------------------------------------------
+def _output_embeddings(model: nn.Module) -> Any:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _has_lm_head(model: nn.Module) -> bool:
+    head = _output_embeddings(model)
+    return isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor)
+
+
 class _Head:
     """The map from final hidden states to logits that the model applies: its output embeddings (LM head),
     then Gemma 2/3's ``final_logit_softcapping`` (``cap · tanh(logits / cap)``) when the config sets it."""
 
     def __init__(self, model: nn.Module, role: str) -> None:
-        get = getattr(model, "get_output_embeddings", None)
-        head = get() if callable(get) else None
-        if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        head = _output_embeddings(model)
+        if not _has_lm_head(model):
             raise ConfigError(
                 f"{role} ({type(model).__name__}) has no LM head (get_output_embeddings() returned "
-                f"{type(head).__name__}): distillation needs a causal language model such as *ForCausalLM"
+                f"{type(head).__name__}): logit distillation needs a causal language model such as "
+                "*ForCausalLM (an encoder's base model distils with target='embedding')"
             )
         self.module = head
         cfg = getattr(model, "config", None)
@@ -159,13 +194,31 @@ def _call_kwargs(model: nn.Module, batch: Batch) -> dict[str, Any]:
     return call
 
 
-def _body(
-    model: nn.Module, head: _Head, batch: Batch, blocks: Sequence[nn.Module] = ()
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run ``model`` on ``batch`` up to its LM head: ``(head input (B, S, H), outputs of blocks)``.
+def _last_hidden(model: nn.Module, out: Any) -> torch.Tensor:
+    """The ``last_hidden_state`` of a model's output (an encoder's or a base decoder's ``(B, S, H)``).
 
     Raises:
-        ConfigError: the pass ended without calling the head, or a hooked block output no hidden states.
+        ConfigError: the output has none (e.g. a ``*ForCausalLM`` or ``*ForMaskedLM`` head model).
+    """
+    h = getattr(out, "last_hidden_state", None)
+    if not isinstance(h, torch.Tensor):
+        raise ConfigError(
+            f"{type(model).__name__}: its output ({type(out).__name__}) has no last_hidden_state; embedding "
+            "distillation needs the base model (transformers.AutoModel, e.g. BertModel), not a model with a "
+            "task head"
+        )
+    return h
+
+
+def _body(
+    model: nn.Module, head: _Head | None, batch: Batch, blocks: Sequence[nn.Module] = ()
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run ``model`` on ``batch`` up to its LM head ``head``: ``(head input (B, S, H), outputs of blocks)``;
+    with ``head=None`` the whole model: ``(its last_hidden_state (B, S, H), outputs of blocks)``.
+
+    Raises:
+        ConfigError: the pass ended without calling the head, the output has no last hidden states, or a
+            hooked block output no hidden states.
     """
     store: dict[str, torch.Tensor] = {}
     hidden: list[torch.Tensor | None] = [None] * len(blocks)
@@ -180,14 +233,16 @@ def _body(
 
         return hook
 
-    handles = [head.module.register_forward_pre_hook(at_head)]
+    handles = [head.module.register_forward_pre_hook(at_head)] if head is not None else []
     handles += [b.register_forward_hook(at_block(k)) for k, b in enumerate(blocks)]
     try:
-        model(**_call_kwargs(model, batch))
+        out = model(**_call_kwargs(model, batch))
     except _StopAtHead:
         pass
     else:
-        raise ConfigError(f"{type(model).__name__}: the forward pass never called its LM head")
+        if head is not None:
+            raise ConfigError(f"{type(model).__name__}: the forward pass never called its LM head")
+        store["h"] = _last_hidden(model, out)
     finally:
         for h in handles:
             h.remove()
@@ -200,17 +255,11 @@ def _body(
 def _check_head(model: nn.Module, head: _Head, batch: Batch, role: str) -> None:
     """Refuse a model whose logits are not ``head(body output)`` (checked on a few tokens, eval mode)."""
     probe = {k: v[:1, :8] for k, v in batch.items()}
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(**_call_kwargs(model, probe))
-            want = getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)
-            h, _ = _body(model, head, probe)
-            got = head(h)
-    finally:
-        for m, was in modes:
-            m.training = was
+    with _modes(model, train=False), torch.no_grad():
+        out = model(**_call_kwargs(model, probe))
+        want = getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)
+        h, _ = _body(model, head, probe)
+        got = head(h)
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         raise ConfigError(
             f"{role} ({type(model).__name__}): its output has no logits of shape {tuple(got.shape)}"
@@ -223,17 +272,176 @@ def _check_head(model: nn.Module, head: _Head, batch: Batch, role: str) -> None:
         )
 
 
+def _real_tokens(batch: Batch) -> int:
+    return int(batch["attention_mask"].bool().sum())
+
+
+def _input_vocab(model: nn.Module) -> int | None:
+    """Rows of the input (token) embedding table, or None when the model does not say."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings ``(R, H)``: the mean of ``hidden`` ``(B, S, H)`` over the positions where ``mask``
+    ``(B, S)`` is nonzero, L2-normalised, for the ``R`` rows with at least one real token (all-MiniLM-L6-v2's
+    recipe: Sentence-BERT MEAN pooling, Reimers & Gurevych 2019, then normalisation;
+    :func:`secateur.data.text.sentence_embeddings` computes the same from texts). The dtype of ``hidden``.
+    """
+    m = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+    rows = mask.to(hidden.device).bool().any(dim=1)
+    pooled = (hidden * m).sum(1)[rows] / m.sum(1)[rows]
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
 # ----------------------------------------------------------------------------------------------------
-# the loss of one batch, chunked over positions
+# what is matched: a model's product on a batch, and the loss between the student's and the teacher's
+# ----------------------------------------------------------------------------------------------------
+class _Match(Protocol):
+    name: str
+    vocab: int | None
+
+    def units(self, batch: Batch) -> int:
+        """How many items of ``batch`` the loss averages over (tokens or sentences)."""
+
+    def product(
+        self, model: nn.Module, batch: Batch, blocks: Sequence[nn.Module], student: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The model's product on ``batch`` and the outputs of ``blocks``."""
+
+    def loss(
+        self, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, n_total: int, backward: bool
+    ) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+        """``(value, tensors, grads)``: the batch's loss (already weighted by ``units / n_total``) and what to
+        back-propagate into the student (``torch.autograd.backward(tensors, grads)``)."""
+
+    def check(self, student: nn.Module, teacher: nn.Module, batch: Batch) -> None:
+        """Refuse a pair of models this target cannot compare (probed on a few tokens)."""
+
+    def peak_bytes(self, batches: list[Batch]) -> int:
+        """Bytes of one chunk's temporaries (the module docstring's estimate)."""
+
+
+class _Logits:
+    """Next-token distributions: ``T² · KL`` of both LM heads' logits, run over chunks of positions."""
+
+    name = "logits"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk: int | None) -> None:
+        self.s_head, self.t_head = _Head(student, "student"), _Head(teacher, "teacher")
+        if self.s_head.vocab != self.t_head.vocab:
+            raise ConfigError(
+                f"vocabulary mismatch: the student's LM head has {self.s_head.vocab} outputs, the teacher's "
+                f"{self.t_head.vocab}; distillation compares distributions over one vocabulary"
+            )
+        self.vocab: int | None = self.s_head.vocab
+        self.temperature, self.chunk_size = float(temperature), chunk
+
+    def units(self, batch: Batch) -> int:
+        return _real_tokens(batch)
+
+    def product(
+        self, model: nn.Module, batch: Batch, blocks: Sequence[nn.Module], student: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return _body(model, self.s_head if student else self.t_head, batch, blocks)
+
+    def loss(
+        self, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, n_total: int, backward: bool
+    ) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+        with torch.set_grad_enabled(backward):
+            h_real = s[mask.to(s.device)]
+        h_t = t[mask.to(t.device)].to(h_real.device)
+        leaf = h_real.detach().requires_grad_(backward)
+        n = leaf.shape[0]
+        step = max(n if self.chunk_size is None else self.chunk_size, 1)
+        kd = 0.0
+        for i in range(0, n, step):
+            with torch.set_grad_enabled(backward):
+                s_logits = self.s_head(leaf[i : i + step])
+            with torch.no_grad():
+                t_logits = self.t_head(h_t[i : i + step]).to(s_logits.dtype)
+            with torch.set_grad_enabled(backward):
+                part = kd_loss(s_logits, t_logits, self.temperature) * (s_logits.shape[0] / n_total)
+            if backward:
+                part.backward()
+            kd += float(part.detach())
+            del s_logits, t_logits, part
+        if backward and leaf.grad is not None:
+            return kd, [h_real], [leaf.grad]
+        return kd, [], []
+
+    def check(self, student: nn.Module, teacher: nn.Module, batch: Batch) -> None:
+        _check_head(student, self.s_head, batch, "student")
+        _check_head(teacher, self.t_head, batch, "teacher")
+
+    def peak_bytes(self, batches: list[Batch]) -> int:
+        chunk = self.chunk_size or max(_real_tokens(b) for b in batches)
+        return 5 * chunk * self.s_head.vocab * self.s_head.module.weight.element_size()
+
+
+class _Embedding:
+    """Sentence embeddings: ``1 − cos`` of the mean-pooled, L2-normalised last hidden states, averaged over
+    the sentences (rows with at least one real token)."""
+
+    name = "embedding"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        s, t = _input_vocab(student), _input_vocab(teacher)
+        if s is not None and t is not None and s != t:
+            raise ConfigError(
+                f"vocabulary mismatch: the student's input embedding has {s} rows, the teacher's {t}; both "
+                "must read the same token ids (one tokenizer)"
+            )
+        self.vocab = s if s is not None else t
+
+    def units(self, batch: Batch) -> int:
+        return int(batch["attention_mask"].bool().any(dim=1).sum())
+
+    def product(
+        self, model: nn.Module, batch: Batch, blocks: Sequence[nn.Module], student: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h, hidden = _body(model, None, batch, blocks)
+        return mean_pooled(h, batch["attention_mask"]), hidden
+
+    def loss(
+        self, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, n_total: int, backward: bool
+    ) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+        with torch.set_grad_enabled(backward):
+            value = (1 - (s * t.to(s.device, s.dtype)).sum(-1)).sum() / n_total
+        if backward and value.requires_grad:
+            return float(value.detach()), [value], [torch.ones_like(value)]
+        return float(value.detach()), [], []
+
+    def check(self, student: nn.Module, teacher: nn.Module, batch: Batch) -> None:
+        probe = {k: v[:1, :8] for k, v in batch.items()}
+        widths = []
+        for role, model in (("student", student), ("teacher", teacher)):
+            with _modes(model, train=False), torch.no_grad():
+                try:
+                    h, _ = _body(model, None, probe)
+                except ConfigError as exc:
+                    raise ConfigError(f"{role}: {exc}") from None
+            widths.append(int(h.shape[-1]))
+        if widths[0] != widths[1]:
+            raise ConfigError(
+                f"embedding width mismatch: the student's last hidden states have {widths[0]} features, the "
+                f"teacher's {widths[1]}; embedding distillation compares vectors of one width"
+            )
+
+    def peak_bytes(self, batches: list[Batch]) -> int:
+        return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loss of one batch
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class _Setup:
     teacher: nn.Module
     student: nn.Module
-    t_head: _Head
-    s_head: _Head
-    temperature: float
-    chunk_size: int | None
+    match: _Match
     hidden_weight: float
     pairs: list[tuple[int, int]]
     t_blocks: list[nn.Module]
@@ -280,49 +488,53 @@ def _relative_mse(
 
 
 def _batch_loss(setup: _Setup, batch: Batch, n_total: int, backward: bool) -> tuple[float, float]:
-    """KD (and hidden) loss of one micro-batch, each weighted by its share ``n / n_total`` of the step's
-    real tokens; with ``backward`` the gradients are accumulated into the student.
+    """Distillation (and hidden) loss of one micro-batch, each weighted by its share ``units / n_total`` of
+    the step's units (real tokens for logits, sentences for embeddings); with ``backward`` the gradients are
+    accumulated into the student.
 
     Returns ``(kd, hidden)``.
     """
     mask = batch["attention_mask"].bool()
+    match, hw = setup.match, setup.hidden_weight
     with torch.no_grad():
-        h_t, hid_t = _body(setup.teacher, setup.t_head, batch, setup.t_blocks if setup.hidden_weight else ())
+        t_out, hid_t = match.product(setup.teacher, batch, setup.t_blocks if hw else (), False)
     with torch.set_grad_enabled(backward):
-        h_s, hid_s = _body(setup.student, setup.s_head, batch, setup.s_blocks if setup.hidden_weight else ())
-        h_real = h_s[mask.to(h_s.device)]
-    h_t = h_t[mask.to(h_t.device)].to(h_real.device)
-    leaf = h_real.detach().requires_grad_(backward)
-    n = leaf.shape[0]
-    step = n if setup.chunk_size is None else setup.chunk_size
-    kd = 0.0
-    for i in range(0, n, max(step, 1)):
-        with torch.set_grad_enabled(backward):
-            s_logits = setup.s_head(leaf[i : i + step])
-        with torch.no_grad():
-            t_logits = setup.t_head(h_t[i : i + step]).to(s_logits.dtype)
-        with torch.set_grad_enabled(backward):
-            part = kd_loss(s_logits, t_logits, setup.temperature) * (s_logits.shape[0] / n_total)
-        if backward:
-            part.backward()
-        kd += float(part.detach())
-        del s_logits, t_logits, part
+        s_out, hid_s = match.product(setup.student, batch, setup.s_blocks if hw else (), True)
+    kd, tensors, grads = match.loss(s_out, t_out, mask, n_total, backward)
     hidden_value = 0.0
-    tensors: list[torch.Tensor] = []
-    grads: list[torch.Tensor] = []
-    if setup.hidden_weight:
+    if hw:
         with torch.set_grad_enabled(backward):
-            hid = _relative_mse(hid_s, hid_t, mask, setup.pairs) * (n / n_total)
+            hid = _relative_mse(hid_s, hid_t, mask, setup.pairs) * (match.units(batch) / n_total)
         hidden_value = float(hid.detach())
         if backward:
-            tensors.append(hid * setup.hidden_weight)
+            tensors.append(hid * hw)
             grads.append(torch.ones((), dtype=hid.dtype, device=hid.device))
-    if backward and leaf.grad is not None:
-        tensors.append(h_real)
-        grads.append(leaf.grad)
     if backward and tensors:
         torch.autograd.backward(tensors, grads)
     return kd, hidden_value
+
+
+def _resolve_target(target: object, student: nn.Module, teacher: nn.Module) -> str:
+    """``"logits"`` or ``"embedding"``: ``target`` itself, or for ``"auto"`` what both models allow."""
+    if not isinstance(target, str) or target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}; available: {list(TARGETS)}")
+    if target != "auto":
+        return target
+    has = {"student": _has_lm_head(student), "teacher": _has_lm_head(teacher)}
+    if all(has.values()):
+        return "logits"
+    if not any(has.values()):
+        return "embedding"
+    without = "student" if not has["student"] else "teacher"
+    other = "teacher" if without == "student" else "student"
+    models = {"student": student, "teacher": teacher}
+    raise ConfigError(
+        f"{without} ({type(models[without]).__name__}) has no LM head (get_output_embeddings() returned "
+        f"{type(_output_embeddings(models[without])).__name__}) but the {other} "
+        f"({type(models[other]).__name__}) has one: target='auto' needs two causal LMs (logits) or two "
+        "models without an LM head (embedding); pass the same kind of model for both, or "
+        "target='embedding' with base models (AutoModel)"
+    )
 
 
 def _setup(
@@ -333,6 +545,7 @@ def _setup(
     chunk_size: int | None,
     hidden_weight: float,
     hidden_layers: Sequence[int] | Mapping[int, int] | None,
+    target: str = "auto",
 ) -> _Setup:
     """Validate the pair of models and the loss settings (nothing is changed)."""
     if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
@@ -354,42 +567,26 @@ def _setup(
         or not hidden_weight >= 0
     ):
         raise ConfigError(f"hidden_weight must be a number >= 0, got {hidden_weight!r}")
-    s_head, t_head = _Head(student, "student"), _Head(teacher, "teacher")
-    if s_head.vocab != t_head.vocab:
-        raise ConfigError(
-            f"vocabulary mismatch: the student's LM head has {s_head.vocab} outputs, the teacher's "
-            f"{t_head.vocab}; distillation compares distributions over one vocabulary"
-        )
+    kind = _resolve_target(target, student, teacher)
+    match: _Match
+    if kind == "logits":
+        match = _Logits(student, teacher, temperature, chunk_size)
+    else:
+        match = _Embedding(student, teacher)
     for i, b in enumerate(batches):
         ids = b["input_ids"]
-        if ids.numel() and (int(ids.max()) >= s_head.vocab or int(ids.min()) < 0):
+        if ids.numel() and match.vocab is not None and (int(ids.max()) >= match.vocab or int(ids.min()) < 0):
             raise ConfigError(
                 f"data batch {i}: token ids span [{int(ids.min())}, {int(ids.max())}], outside the "
-                f"vocabulary of {s_head.vocab}"
+                f"vocabulary of {match.vocab}"
             )
     pairs: list[tuple[int, int]] = []
     s_blocks: list[nn.Module] = []
     t_blocks: list[nn.Module] = []
     if hidden_weight:
         pairs, s_blocks, t_blocks = _hidden_pairs(student, teacher, hidden_layers)
-    _check_head(student, s_head, batches[0], "student")
-    _check_head(teacher, t_head, batches[0], "teacher")
-    return _Setup(
-        teacher,
-        student,
-        t_head,
-        s_head,
-        float(temperature),
-        chunk_size,
-        float(hidden_weight),
-        pairs,
-        t_blocks,
-        s_blocks,
-    )
-
-
-def _real_tokens(batch: Batch) -> int:
-    return int(batch["attention_mask"].bool().sum())
+    match.check(student, teacher, batches[0])
+    return _Setup(teacher, student, match, float(hidden_weight), pairs, t_blocks, s_blocks)
 
 
 def distillation_loss(
@@ -402,20 +599,23 @@ def distillation_loss(
     hidden_weight: float = 0.0,
     hidden_layers: Sequence[int] | Mapping[int, int] | None = None,
     backward: bool = False,
+    target: str = "auto",
 ) -> tuple[float, float]:
-    """The distillation loss of one batch, computed as :func:`distill` does (chunked over positions).
+    """The distillation loss of one batch, computed as :func:`distill` does.
 
-    ``kd = T² · mean over real tokens of KL(softmax(t/T) ‖ softmax(s/T))``
-    (:func:`~secateur.train.distill.kd_loss` of the logits of the ``attention_mask == 1`` positions) and
-    ``hidden`` = the mean over the layer pairs of ``Σ (h_s − h_t)² / Σ h_t²`` over the real tokens (0 when
-    ``hidden_weight`` is 0). The models' modes are used as they are. With ``backward``,
-    ``kd + hidden_weight · hidden`` is back-propagated into the student's parameters (gradients accumulate
-    in ``.grad``); otherwise nothing is recorded.
+    ``target="logits"``: ``kd = T² · mean over real tokens of KL(softmax(t/T) ‖ softmax(s/T))``
+    (:func:`~secateur.train.distill.kd_loss` of the logits of the ``attention_mask == 1`` positions, chunked
+    over positions); ``target="embedding"``: ``kd = mean over sentences of 1 − cos(e_s, e_t)`` of the
+    :func:`mean_pooled` last hidden states. ``hidden`` = the mean over the layer pairs of
+    ``Σ (h_s − h_t)² / Σ h_t²`` over the real tokens (0 when ``hidden_weight`` is 0). The models' modes are
+    used as they are. With ``backward``, ``kd + hidden_weight · hidden`` is back-propagated into the
+    student's parameters (gradients accumulate in ``.grad``); otherwise nothing is recorded.
 
     Args:
-        student, teacher: causal LMs with the same vocabulary (``*ForCausalLM``).
+        student, teacher: causal LMs with the same vocabulary (``*ForCausalLM``), or encoders' base models
+            (``BertModel``) reading the same token ids.
         batch: one batch in any form :func:`~secateur.llm.calibration.calibration_batches` accepts.
-        temperature, chunk_size, hidden_weight, hidden_layers: as :func:`distill`
+        temperature, chunk_size, hidden_weight, hidden_layers, target: as :func:`distill`
             (``chunk_size=None``: all positions at once).
 
     Returns:
@@ -425,8 +625,8 @@ def distillation_loss(
         ConfigError: as :func:`distill`.
     """
     batches = calibration_batches(batch)
-    setup = _setup(student, teacher, batches, temperature, chunk_size, hidden_weight, hidden_layers)
-    n_total = sum(_real_tokens(b) for b in batches)
+    setup = _setup(student, teacher, batches, temperature, chunk_size, hidden_weight, hidden_layers, target)
+    n_total = sum(setup.match.units(b) for b in batches)
     kd = hidden = 0.0
     for b in batches:
         k, h = _batch_loss(setup, b, max(n_total, 1), backward)
@@ -445,16 +645,35 @@ def distillation_kl(
     """``T² · KL(teacher ‖ student)`` of the next-token distributions, averaged over every real token of
     ``data`` (nats per token; at ``T = 1`` the plain KL), both models in eval mode, no gradients.
 
-    The held-out measure of :func:`distill`'s progress: 0 when the student computes the teacher's logits.
+    The held-out measure of :func:`distill`'s progress for causal LMs: 0 when the student computes the
+    teacher's logits.
 
     Raises:
         ConfigError: as :func:`distill` (vocabulary mismatch, bad data, not a causal LM).
     """
     batches = calibration_batches(data)
-    n_total = max(1, sum(_real_tokens(b) for b in batches))
     with _modes(student, train=False), _modes(teacher, train=False), torch.no_grad():
-        setup = _setup(student, teacher, batches, temperature, chunk_size, 0.0, None)
+        setup = _setup(student, teacher, batches, temperature, chunk_size, 0.0, None, "logits")
+        n_total = max(1, sum(setup.match.units(b) for b in batches))
         return sum(_batch_loss(setup, b, n_total, False)[0] for b in batches)
+
+
+def embedding_cosine(student: nn.Module, teacher: nn.Module, data: Any) -> float:
+    """Mean cosine similarity, over the sentences (rows with a real token) of ``data``, of the student's and
+    the teacher's sentence embeddings (:func:`mean_pooled` last hidden states), both models in eval mode, no
+    gradients; in [-1, 1], 1 when the student computes the teacher's embeddings.
+
+    The held-out measure of :func:`distill`'s progress for encoders (``target="embedding"``); from texts,
+    :func:`secateur.data.text.sentence_embeddings` and :func:`~secateur.data.text.mean_cosine` give the same.
+
+    Raises:
+        ConfigError: as :func:`distill` (vocabulary or width mismatch, bad data, no last hidden states).
+    """
+    batches = calibration_batches(data)
+    with _modes(student, train=False), _modes(teacher, train=False), torch.no_grad():
+        setup = _setup(student, teacher, batches, 1.0, None, 0.0, None, "embedding")
+        n_total = max(1, sum(setup.match.units(b) for b in batches))
+        return 1.0 - sum(_batch_loss(setup, b, n_total, False)[0] for b in batches)
 
 
 @torch.no_grad()
@@ -511,13 +730,18 @@ class _modes:  # noqa: N801 - used as a context manager, like torch.no_grad
 # the training loop: what is trained, the order of batches, checkpoints
 # ----------------------------------------------------------------------------------------------------
 def _trainable(student: nn.Module, train_embeddings: bool) -> list[tuple[str, nn.Parameter]]:
+    """The ``(name, parameter)`` pairs trained: those with ``requires_grad``, less (unless
+    ``train_embeddings``) the input and output embeddings and every other ``nn.Embedding`` table (position
+    and token-type tables: the embedding parameters of :func:`secateur.llm.parameter_counts`)."""
     skip: set[int] = set()
     if not train_embeddings:
+        tables = [m for m in student.modules() if isinstance(m, nn.Embedding)]
         for get in ("get_input_embeddings", "get_output_embeddings"):
             fn = getattr(student, get, None)
             emb = fn() if callable(fn) else None
             if isinstance(emb, nn.Module):
-                skip |= {id(p) for p in emb.parameters()}
+                tables.append(emb)
+        skip = {id(p) for t in tables for p in t.parameters()}
     out = [(n, p) for n, p in student.named_parameters() if p.requires_grad and id(p) not in skip]
     if not out:
         raise ConfigError(
@@ -587,7 +811,7 @@ class _Run:
     def check_json_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("kind") != "secateur.llm.distill":
             raise ConfigError(f"{self.where}: not a checkpoint of secateur.llm.distill")
-        saved = state.get("settings", {})
+        saved = {**_LEGACY_SETTINGS, **state.get("settings", {})}
         for key, value in self.settings.items():
             if saved.get(key) != value:
                 raise ConfigError(
@@ -680,6 +904,7 @@ def distill(
     *,
     steps: int,
     lr: float = 1e-4,
+    target: str = "auto",
     temperature: float = 1.0,
     hidden_weight: float = 0.0,
     hidden_layers: Sequence[int] | Mapping[int, int] | None = None,
@@ -692,6 +917,7 @@ def distill(
     max_grad_norm: float | None = None,
     train_embeddings: bool = False,
     keep_zeros: bool = True,
+    dropout: bool = True,
     shuffle: bool = True,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -700,41 +926,59 @@ def distill(
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> DistillReport:
-    """Train a pruned ``student`` to match its dense ``teacher`` on calibration text (logit distillation).
+    """Train a pruned ``student`` to match its dense ``teacher`` on calibration text (knowledge distillation).
 
     Each step draws ``grad_accum`` micro-batches of ``data`` (epochs of a permutation seeded by ``seed``),
-    computes ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` averaged over the step's real tokens, plus
-    ``hidden_weight`` times the scale-free hidden-state MSE ``Σ (h_s − h_t)² / Σ h_t²`` on the chosen block
-    outputs, and takes one optimizer step (Minitron's recovery, Muralidharan et al. 2024, sec. 3.3; the loss
-    of Hinton et al. 2015). The teacher runs in eval mode under ``torch.no_grad`` and is never changed; the
-    student trains in train mode; every module's mode and every ``requires_grad`` flag is restored at the
-    end. The LM heads run over chunks of positions: see the module docstring for the peak memory.
+    computes the distillation term ``kd``, plus ``hidden_weight`` times the scale-free hidden-state MSE
+    ``Σ (h_s − h_t)² / Σ h_t²`` on the chosen block outputs, and takes one optimizer step. ``kd`` depends on
+    ``target`` (the one difference between the two; the loop, masks and checkpoints are shared):
 
-    Works after any pruning that keeps the vocabulary: one-shot (masks or plain zeros: the zero pattern of
-    every trained weight matrix is kept exactly, ``keep_zeros``), width
-    (:func:`~secateur.llm.structural.prune_decoder`) or depth (:func:`~secateur.llm.depth.prune_depth`; give
-    ``hidden_layers`` as a student → teacher map).
+    - ``"logits"`` (causal LMs): ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` of the next-token logits averaged
+      over the step's real tokens (Minitron's recovery, Muralidharan et al. 2024, sec. 3.3; the loss of
+      Hinton et al. 2015); the LM heads run over chunks of positions (the module docstring gives the peak
+      memory);
+    - ``"embedding"`` (encoders' base models such as ``BertModel``: all-MiniLM-L6-v2 and other
+      sentence-embedding models): ``1 − cos(e_s, e_t)`` averaged over the step's sentences, ``e`` the
+      :func:`mean_pooled` last hidden states (mean over the real tokens, L2-normalised), as Reimers &
+      Gurevych (2020) distil sentence embeddings; with ``hidden_weight`` the per-layer term of TinyBERT /
+      MiniLM (Jiao et al. 2020; Wang et al. 2020) is added;
+    - ``"auto"`` (default): ``"logits"`` when both models have an LM head (``get_output_embeddings()``),
+      ``"embedding"`` when neither has one; a pair with one LM head is refused (an explicit choice is
+      needed there, and silently comparing other things would be wrong).
+
+    The teacher runs in eval mode under ``torch.no_grad`` and is never changed; the student trains in train
+    mode (eval mode with ``dropout=False``); every module's mode and every ``requires_grad`` flag is restored
+    at the end.
+
+    Works after any pruning that keeps the vocabulary (and, for embeddings, the hidden width): one-shot
+    (masks or plain zeros: the zero pattern of every trained weight matrix is kept exactly, ``keep_zeros``),
+    width (:func:`~secateur.llm.structural.prune_decoder`) or depth (:func:`~secateur.llm.depth.prune_depth`;
+    give ``hidden_layers`` as a student → teacher map).
 
     Args:
-        student: the pruned causal LM (trained in place).
-        teacher: the dense causal LM with the same vocabulary.
+        student: the pruned model (trained in place): a causal LM, or an encoder's base model.
+        teacher: the dense model of the same kind, reading the same token ids (same vocabulary).
         data: calibration batches (:func:`~secateur.llm.calibration.calibration_batches` forms); padding
             (``attention_mask == 0``) is excluded from the loss.
         steps: optimizer steps in all (a resumed run continues up to ``steps``); >= 1.
         lr: peak learning rate; ``schedule`` ``"cosine"`` (default, to 0 at ``steps``) or ``"constant"``,
             after ``warmup_steps`` linear warmup steps (:func:`secateur.train.lr_at_step`).
-        temperature: ``T > 0`` (1: the plain distributions, Minitron's choice).
+        target: ``"auto"``, ``"logits"`` or ``"embedding"`` (:data:`TARGETS`; above).
+        temperature: ``T > 0`` (1: the plain distributions, Minitron's choice); logits only.
         hidden_weight: weight of the hidden-state loss (0: logits only).
         hidden_layers: block indices compared in both models (a sequence), or ``{student block: teacher
             block}``; None: the last block of each.
         grad_accum: micro-batches per step (the loss is normalised by the step's real tokens, so this
             equals one step on their concatenation).
-        chunk_size: positions per chunk of the LM heads and the KL (None: all at once).
+        chunk_size: positions per chunk of the LM heads and the KL (None: all at once); logits only.
         optimizer: ``"adamw"`` (default) or ``"sgd"`` (momentum 0.9); ``weight_decay`` decoupled for AdamW.
         max_grad_norm: clip the gradient's global L2 norm (None: no clipping).
-        train_embeddings: also train the input embeddings and the LM head (default: frozen; pruning never
-            changes them and for Gemma 3 they are most of the parameters).
+        train_embeddings: also train the embedding tables (token, position, token-type) and the LM head
+            (default: frozen; pruning never changes them and for Gemma 3 they are most of the parameters).
         keep_zeros: hold the exact zeros of every trained weight matrix at zero (pruned weights).
+        dropout: True (default): the student trains in train mode (its dropout active); False: in eval mode,
+            so no dropout (BERT's 0.1 adds noise that a short distillation on a few hundred sentences does
+            not average out; measured on all-MiniLM-L6-v2 in docs/llm.md). Gradients flow either way.
         shuffle, seed: order of the micro-batches (a pure function of the step, for exact resume).
         checkpoint_dir: save a checkpoint (:mod:`secateur.train.checkpoint`) every ``checkpoint_every`` steps
             (default: only at the end) and after the last step. A folder holding checkpoints needs
@@ -751,11 +995,13 @@ def distill(
 
     Raises:
         ConfigError: ``steps < 1``, a bad ``lr``, ``temperature``, ``grad_accum``, ``chunk_size``,
-            ``hidden_weight`` or optimizer name; student and teacher the same object, not causal LMs,
-            with different vocabularies or logits that are not ``head(hidden)``; token ids outside the
-            vocabulary; ``hidden_layers`` out of range or of different widths; no trainable parameter; a
-            ``checkpoint_dir`` with checkpoints but ``resume=False``, or a checkpoint with other settings.
-            All raised before any weight changes.
+            ``hidden_weight``, ``target`` or optimizer name; student and teacher the same object; for
+            logits, models that are not causal LMs, with different vocabularies or logits that are not
+            ``head(hidden)``; for embeddings, outputs without ``last_hidden_state``, different input
+            vocabularies (tokenizers) or hidden widths; one model with an LM head and one without under
+            ``target="auto"``; token ids outside the vocabulary; ``hidden_layers`` out of range or of
+            different widths; no trainable parameter; a ``checkpoint_dir`` with checkpoints but
+            ``resume=False``, or a checkpoint with other settings. All raised before any weight changes.
         SerializationError: an unreadable checkpoint (from :func:`secateur.train.load_checkpoint`).
     """
     t0 = time.perf_counter()
@@ -771,13 +1017,14 @@ def distill(
         max_grad_norm,
     )
     batches = calibration_batches(data)
-    setup = _setup(student, teacher, batches, temperature, chunk_size, hidden_weight, hidden_layers)
+    setup = _setup(student, teacher, batches, temperature, chunk_size, hidden_weight, hidden_layers, target)
     params = _trainable(student, train_embeddings)
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     found = _resume_point(root, resume)
     settings = {
         "steps": steps,
         "lr": float(lr),
+        "target": setup.match.name,
         "temperature": float(temperature),
         "hidden_weight": float(hidden_weight),
         "hidden_layers": [list(p) for p in setup.pairs],
@@ -789,6 +1036,7 @@ def distill(
         "max_grad_norm": max_grad_norm,
         "train_embeddings": train_embeddings,
         "keep_zeros": keep_zeros,
+        "dropout": dropout,
         "shuffle": shuffle,
         "seed": seed,
         "data": _fingerprint(batches),
@@ -800,10 +1048,8 @@ def distill(
         steps=0,
         start_step=0,
         trainable_params=sum(p.numel() for _, p in params),
-        peak_chunk_bytes=5
-        * (chunk_size or max(_real_tokens(b) for b in batches))
-        * setup.s_head.vocab
-        * setup.s_head.module.weight.element_size(),
+        peak_chunk_bytes=setup.match.peak_bytes(batches),
+        target=setup.match.name,
     )
     if found is not None:
         run.where = str(found)
@@ -818,7 +1064,7 @@ def distill(
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in trained)
-        with _modes(student, train=True), _modes(teacher, train=False):
+        with _modes(student, train=dropout), _modes(teacher, train=False):
             while run.global_step < steps:
                 record = _train_step(run, setup, batches, params, zeros, n_batches, settings, max_grad_norm)
                 report.tokens_per_step.append(int(record["tokens"]))
@@ -866,7 +1112,7 @@ def _train_step(
         batches[_batch_order(n_batches, step * accum + j, settings["seed"], settings["shuffle"])]
         for j in range(accum)
     ]
-    n_total = max(1, sum(_real_tokens(b) for b in micro))
+    n_total = max(1, sum(setup.match.units(b) for b in micro))
     run.optimizer.zero_grad(set_to_none=True)
     kd = hidden = 0.0
     for b in micro:
