@@ -231,15 +231,17 @@ def test_recipes_lists_the_model_kinds_each_suits():
 
 
 def test_compare_trains_a_fresh_dense_model_first_and_warns_near_chance(tmp_path):
-    from secateur.app.compare import compare
+    from secateur.app.compare import DENSE_MIN_STEPS, compare
 
     common = dict(subset=64, batch_size=32, steps=1, latency_repeats=0, tools=("secateur",))
     untrained = compare("zoo:lenet5", dense_epochs=0, out_dir=tmp_path / "a", **common)
-    assert untrained["config"]["dense_training"]["epochs"] == 0
+    assert untrained["config"]["dense_training"]["steps"] == 0
     assert any("near chance" in w for w in untrained["warnings"])
     assert "near chance" in (tmp_path / "a" / "compare.md").read_text()
-    trained = compare("zoo:lenet5", out_dir=tmp_path / "b", **common)  # default: one dense epoch first
-    assert trained["config"]["dense_training"]["epochs"] == 1
+    trained = compare("zoo:lenet5", out_dir=tmp_path / "b", **common)
+    # default for a fresh model: one epoch, or DENSE_MIN_STEPS steps when an epoch is shorter (a subset)
+    assert trained["config"]["dense_training"]["steps"] == DENSE_MIN_STEPS > 2
+    assert trained["dense"]["accuracy"] > untrained["dense"]["accuracy"]
 
 
 def test_help_imports_neither_torch_nor_transformers_nor_matplotlib():

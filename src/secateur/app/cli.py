@@ -308,7 +308,7 @@ def measure(
     """Parameters, non-zero parameters, MACs and sparse MACs per example, size on disk (JSON on stdout);
     with --latency, each runtime side by side (ms per batch, median and IQR, speed-up over eager, file size;
     ONNX outputs checked against PyTorch's), also as a table on stderr."""
-    from secateur.app.export import deployment_rows, disk_sizes
+    from secateur.app.export import deployment_rows, disk_sizes, static_int8
     from secateur.app.run import open_session
     from secateur.errors import SecateurError
 
@@ -335,7 +335,7 @@ def measure(
         }
         if latency:
             calibration = None
-            if int8 and s.data.kind == "images":
+            if int8 and s.data.kind == "images" and static_int8(s.model):  # a CNN: static int8, calibrated
                 calibration = [x for x, _ in itertools.islice(s.data.train, 8)]
             rows = deployment_rows(
                 s.model,

@@ -55,6 +55,9 @@ METHODS = {
 }
 INSTALL_HINT = {"torch_pruning": "pip install torch-pruning  (or: pip install 'secateur[peers]')"}
 EXAMPLE_SHAPE = (1, 1, 28, 28)  # one Fashion-MNIST image
+#: Least optimizer steps of the default dense training of a fresh model (one epoch of the full training set
+#: is 469 steps at batch 128).
+DENSE_MIN_STEPS = 500
 
 
 def _import_torch_pruning() -> Any:
@@ -262,9 +265,10 @@ def compare(
         trust_factory: user factory names a ``saved:`` folder may run (see :func:`secateur.load`).
         dense_epochs: epochs of training of the dense model before anything is pruned (SGD, cosine from
             ``dense_lr``, the same seed), so that the comparison starts from a trained network; default
-            (None): 1 for a freshly built model (``zoo:``, ``hf:``, a factory), 0 for ``saved:`` (trained
-            already, e.g. by ``secateur finetune``). A dense accuracy within 10 points of chance adds a
-            warning to the result and the table.
+            (None): for a freshly built model (``zoo:``, ``hf:``, a factory) one epoch or
+            :data:`DENSE_MIN_STEPS` optimizer steps, whichever is more (a ``subset`` run still trains
+            enough to leave chance), for ``saved:`` none (trained already, e.g. by ``secateur finetune``).
+            A dense accuracy within 10 points of chance adds a warning to the result and the table.
 
     Returns:
         ``{"config", "dense", "rows", "files"}``: ``dense`` and each of ``rows`` (one per tool) hold
@@ -290,6 +294,7 @@ def compare(
         raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
     if not (isinstance(sparsity, (int, float)) and 0.0 < sparsity < 1.0):
         raise ConfigError(f"sparsity must be a fraction in (0, 1), got {sparsity!r}")
+    auto_dense = dense_epochs is None
     if dense_epochs is None:
         dense_epochs = 0 if model_spec.startswith("saved:") else 1
     if epochs < 0 or dense_epochs < 0 or (steps is not None and steps < 0):
@@ -313,10 +318,14 @@ def compare(
     dense = build_model(model_spec, trust_factory=trust_factory, **(model_kwargs or {}))
     train, test = fashion_mnist_loaders(batch_size=batch_size, subset=subset, seed=seed)
     example = torch.zeros(EXAMPLE_SHAPE)
-    dense_training = {"epochs": dense_epochs, "lr": dense_lr, "seconds": 0.0}
-    if dense_epochs > 0:
+    dense_steps = dense_epochs * len(train)
+    if auto_dense and dense_epochs:
+        dense_steps = max(dense_steps, DENSE_MIN_STEPS)
+    dense_training = {"steps": dense_steps, "lr": dense_lr, "seconds": 0.0}
+    if dense_steps > 0:
         t0 = time.perf_counter()
-        Trainer(dense, train, epochs=dense_epochs, lr=dense_lr, progress=progress, log_every=0).fit()
+        dense_loader = StepLoader(train, dense_steps)
+        Trainer(dense, dense_loader, epochs=1, lr=dense_lr, progress=progress, log_every=0).fit()
         dense_training["seconds"] = time.perf_counter() - t0
     n_steps = steps if steps is not None else epochs * len(train)
     budget = {
@@ -509,11 +518,11 @@ def markdown(result: dict[str, Any]) -> str:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     dt = cfg.get("dense_training") or {}
-    if dt.get("epochs"):
+    if dt.get("steps"):
         head.insert(
             3,
-            f"The dense model was trained first for {dt['epochs']} epoch(s) (SGD, cosine from lr "
-            f"{dt['lr']}), the same for every tool.",
+            f"The dense model was trained first for {dt['steps']} SGD steps (cosine from lr {dt['lr']}); "
+            "every tool starts from it.",
         )
         head.insert(4, "")
     for w in result.get("warnings") or []:

@@ -21,6 +21,7 @@ from secateur.errors import ConfigError
 __all__ = [
     "FirstOutput",
     "compressed_size",
+    "static_int8",
     "deployment_rows",
     "disk_sizes",
     "export_model",
@@ -176,6 +177,20 @@ def deployment_rows(
 
 
 # ------------------------------------------------------------------------------------------------- export
+def static_int8(model: nn.Module) -> bool:
+    """Whether ``model`` is a CNN, whose int8 model ONNX Runtime's documentation recommends to quantise
+    statically (activation ranges calibrated): it has convolutions and no attention (a module whose class
+    name contains ``Attention``, ``attn`` by name, or a Hugging Face config with ``num_attention_heads``).
+    Transformers, a ViT with its patch-embedding convolution included, get dynamic int8."""
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    config = getattr(model, "config", None)
+    attention = getattr(config, "num_attention_heads", None) is not None or any(
+        "attention" in type(m).__name__.lower() or name.rsplit(".", 1)[-1] in ("attn", "attention")
+        for name, m in model.named_modules()
+    )
+    return has_conv and not attention
+
+
 def _calibration(s: Any, batches: int) -> list[Any]:
     """The first ``batches`` training batches of the session's data, as model inputs."""
     out = []
@@ -216,8 +231,9 @@ def export_model(
     ``max|onnx - torch| <= 1e-4 * max|torch| + 1e-5``). int8
     (:func:`secateur.analysis.quantize.quantize_onnx`): dynamic for models without convolutions
     (transformers), static (QDQ) with ``calibration_batches`` batches of ``data`` for CNNs, as ONNX
-    Runtime's documentation recommends; its outputs are compared too (mean cosine >= 0.98 stated, not
-    enforced: the figures are returned).
+    Runtime's documentation recommends (:func:`static_int8` decides: a ViT's patch-embedding convolution
+    does not make it a CNN); its outputs are compared too (mean cosine >= 0.98 stated, not enforced: the
+    figures are returned).
 
     Returns:
         ``{"onnx", "opset", "bytes", "input_spec", "dynamic_batch", "check", "int8": {"onnx", "mode", "bytes",
@@ -251,7 +267,7 @@ def export_model(
         trust_factory=trust_factory,
     )
     if quantize:
-        static = any(isinstance(m, nn.modules.conv._ConvNd) for m in s.model.modules())
+        static = static_int8(s.model)
         if static:
             s = open_session(
                 model_spec,
