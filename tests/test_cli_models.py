@@ -145,8 +145,7 @@ def test_tiny_gemma3_wanda_2_4_on_text(tmp_path):
 def _image_folder(root: Path, per_class: int = 4) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """``per_class`` Fashion-MNIST test images of each class as PNGs in ``root/<label>_<name>/``; returns
     the folder and the images (uint8) and labels written, in folder order."""
-    from PIL import Image
-
+    Image = pytest.importorskip("PIL.Image")
     from secateur.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     x, y = load_fashion_mnist("test")

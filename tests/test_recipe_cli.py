@@ -218,6 +218,8 @@ def test_cli_finetune_prune_report_chain(tmp_path):
             "200",
             "--batch",
             "4",
+            "--repeats",
+            "3",
             "--out",
             str(tmp_path / "r"),
         ],
@@ -234,6 +236,7 @@ def test_cli_finetune_prune_report_chain(tmp_path):
     assert opts == {
         "--dense": f"saved:{tmp_path / 'ft' / 'model'}", "--pruned": f"saved:{tmp_path / 'p' / 'model'}",
         "--data": "fashion-mnist", "--batch": "4", "--out": str(tmp_path / "r"), "--subset": "200",
+        "--repeats": "3",
     }
     assert "first 200 Fashion-MNIST test images" in report["description"]
 

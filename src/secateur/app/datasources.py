@@ -287,7 +287,11 @@ def _decode(path: Path, channels: int, size: tuple[int, int]) -> Any:
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as e:
-        raise ImportError("--data with an image folder needs Pillow: pip install 'secateur[vision]'") from e
+        raise ImportError(
+            "--data with an image folder needs Pillow: pip install pillow (matplotlib, secateur[report], "
+            "brings it too)",
+            name="PIL",
+        ) from e
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ConfigError(f"image folders feed models of 1 or 3 input channels; this model takes {channels}")
