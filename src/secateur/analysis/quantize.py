@@ -3,9 +3,11 @@
 :func:`quantize_onnx` wraps ONNX Runtime's quantisation tools (``onnxruntime.quantization``) in the two
 modes its documentation recommends:
 
-- ``"dynamic"`` (``quantize_dynamic``): weights stored as int8 (per tensor by default), activations
-  quantised at run time from each batch's own range. No calibration data. The mode ONNX Runtime
-  recommends for transformers and other MatMul/Gemm-heavy models.
+- ``"dynamic"`` (``quantize_dynamic``): weights stored as int8 (per output channel by default: ONNX
+  Runtime's own default is per tensor, which measured 0.956 mean embedding cosine to float32 on
+  all-MiniLM-L6-v2 against 0.992 per channel, at the same file size), activations quantised at run time
+  from each batch's own range. No calibration data. The mode ONNX Runtime recommends for transformers and
+  other MatMul/Gemm-heavy models.
 - ``"static"`` (``quantize_static``): weights (per output channel by default) and activations int8
   (signed, "S8S8"), activation ranges calibrated beforehand on ``calibration`` batches (MinMax by
   default), written in the QDQ format (QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into
@@ -177,8 +179,8 @@ def quantize_onnx(
         calibration: for ``"static"``: an iterable of input batches, each a tensor or NumPy array, a tuple
             (cut to the model's input count, so ``(x, y)`` batches work) or a dict by input name, with the
             batch size the file accepts. Ignored by ``"dynamic"``.
-        per_channel: per-output-channel weight scales (default: True for static, False for dynamic,
-            ONNX Runtime's defaults).
+        per_channel: per-output-channel weight scales (default True in both modes; False: one scale per
+            weight tensor).
         max_batches: at most this many calibration batches are read.
         calibrate_method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (static only).
         preprocess: run ``quant_pre_process`` first.
@@ -238,7 +240,7 @@ def _run_quantizer(
     if mode == "dynamic":
         q.quantize_dynamic(
             str(model_in), str(out), weight_type=q.QuantType.QInt8,
-            per_channel=bool(per_channel) if per_channel is not None else False,
+            per_channel=True if per_channel is None else bool(per_channel),
             op_types_to_quantize=op_types,
         )
         return
