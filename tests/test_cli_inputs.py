@@ -181,7 +181,7 @@ def test_unknown_data_and_missing_datasets_are_named(tmp_path, monkeypatch):
         load_task_data("nowhere", fields)
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ImportError, match="needs Hugging Face datasets: pip install datasets"):
+    with pytest.raises(ImportError, match=r"needs Hugging Face datasets: pip install 'secateur\[data\]'"):
         load_task_data(f"datasets:json:{tmp_path / 'd.jsonl'}", fields, tokenizer=_WordTokenizer())
 
 

@@ -23,7 +23,8 @@ EXTRAS: dict[str, str] = {
     "onnxscript": "onnx",
     "torch_pruning": "peers",
     "lightning": "lightning",
-    "PIL": "vision",
+    "PIL": "images",
+    "datasets": "data",
     "torchvision": "vision",
     "timm": "vision",
 }

@@ -225,7 +225,7 @@ def _datasets_texts(spec: str) -> tuple[list[str], str]:
         import datasets
     except ImportError as e:
         raise ImportError(
-            "--data datasets:... needs Hugging Face datasets: pip install datasets", name="datasets"
+            "--data datasets:... needs Hugging Face datasets: pip install 'secateur[data]'", name="datasets"
         ) from e
     ds = datasets.load_dataset(builder, data_files=path, split="train")
     columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
@@ -288,8 +288,8 @@ def _decode(path: Path, channels: int, size: tuple[int, int]) -> Any:
         from PIL import Image, UnidentifiedImageError
     except ImportError as e:
         raise ImportError(
-            "--data with an image folder needs Pillow: pip install pillow (matplotlib, secateur[report], "
-            "brings it too)",
+            "--data with an image folder needs Pillow: pip install 'secateur[images]' (matplotlib, "
+            "secateur[report], brings it too)",
             name="PIL",
         ) from e
     mode = {1: "L", 3: "RGB"}.get(channels)
