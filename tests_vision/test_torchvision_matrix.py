@@ -27,16 +27,11 @@ SIZE: dict[str, int] = {
 
 REFUSALS: dict[str, tuple[type, str]] = {}
 
-# Removing some groups breaks the model's own code: torchvision's Swin v1 computes the head width as
-# C // num_heads from the block's input width C, MaxViT reshapes to the input width. The default raises
-# IncompatibleGroupError naming the op and module (asserted); skip_incompatible=True leaves those groups
-# (the attention heads) whole and prunes the rest exactly.
-PARTIAL: dict[str, str] = {
-    "swin_t": r"op 'reshape' in module 'features\.\d\.\d\.attn' \(ShiftedWindowAttention\)",
-    "swin_s": r"op 'reshape' in module 'features\.\d\.\d+\.attn' \(ShiftedWindowAttention\)",
-    "swin_b": r"op 'reshape' in module 'features\.\d\.\d+\.attn' \(ShiftedWindowAttention\)",
-    "maxvit_t": r"op 'reshape' in module 'blocks\.\d\.layers\.\d\.layers\.(window|grid)_attention",
-}
+# Removing some groups breaks the model's own code: the default raises IncompatibleGroupError naming the op
+# and module (asserted); skip_incompatible=True leaves those groups whole and prunes the rest exactly. None
+# since issue 17: Swin v1's C // num_heads and MaxViT's reshape to the input width are traced (the heads go
+# with the input width, which is frozen unless prune_normalized=True; graph/symbolic.py).
+PARTIAL: dict[str, str] = {}
 
 # Auxiliary classifiers that run only in train mode (`if self.training`): the default eval-mode trace never
 # reaches them, so UntracedModuleError names them (asserted: pattern). The graph traced in train mode on

@@ -22,7 +22,7 @@ from torch import nn
 
 from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
-from secateur.graph.symbolic import ShapeConflictError, attribute_changes, solve
+from secateur.graph.symbolic import ShapeConflictError, attribute_changes, read_attributes, solve
 
 from .norms import norm_plan
 
@@ -271,6 +271,8 @@ def _head_attributes(
     events: list[tuple[str, int, int]] = []
     modules = ModuleLookup(graph.model)
     values: dict[tuple[str, str], Any] = {}  # (module path, attribute) -> value, each read once
+    # attributes the shape ops read: their values are solved from what the code does (_stored_sizes)
+    traced = read_attributes(getattr(graph, "shape_uses", ()))
 
     def read(path: str, a: str) -> Any:
         if (path, a) not in values:
@@ -308,7 +310,7 @@ def _head_attributes(
                     if isinstance(v, int) and not isinstance(v, bool) and v == ev.n_outer * ev.inner:
                         attrs.setdefault(path, {})[a] = [v, n_new * ev.inner]
                 hd = read(path, "head_dim")
-                if isinstance(hd, int) and hd != ev.inner:
+                if isinstance(hd, int) and hd != ev.inner and (path, "head_dim") not in traced:
                     cls = type(modules[path]).__name__
                     raise IncompatibleGroupError(
                         f"module {path} ({cls}): its head_dim {hd} differs from the head size "

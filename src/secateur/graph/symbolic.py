@@ -69,6 +69,7 @@ __all__ = [
     "SymbolicTrace",
     "TracedInt",
     "expr_of",
+    "read_attributes",
     "render",
     "solve",
 ]
@@ -782,6 +783,17 @@ def solve(uses: Sequence[ShapeUse], new_size: Callable[[np.ndarray], int]) -> So
         if new <= 0:
             conflicts.append(f"attribute {render(Attr(k[0], k[1], 0, k[2]))} would become {new}")
     return Solution(values, list(dict.fromkeys(conflicts)), whole)
+
+
+def read_attributes(uses: Sequence[ShapeUse]) -> set[tuple[str, str]]:
+    """``(module path, attribute name)`` of every attribute the recorded shape ops read."""
+    return {
+        (leaf.path, leaf.name)
+        for use in uses
+        for p in use.positions
+        for leaf in leaves(p.expr)
+        if isinstance(leaf, Attr)
+    }
 
 
 def attribute_changes(solution: Solution) -> dict[str, dict[str, list]]:
