@@ -283,6 +283,36 @@ def test_a_literal_head_count_is_refused_naming_the_file_and_line():
     check_equivalence(mask_model(ref, plan), model, x)
 
 
+class PackedHeads(nn.Module):
+    """lowformer's conv attention: each head's q, k and v packed together (``3 * head_dim`` per head), the
+    output width stored as ``self.inner``."""
+
+    def __init__(self, c: int = 8, heads: int = 4, head_dim: int = 2) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.inner = heads, head_dim, heads * head_dim
+        self.qkv = nn.Conv2d(c, 3 * heads * head_dim, 1)
+        self.proj = nn.Conv2d(self.inner, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        qkv = self.qkv(x).reshape(B, self.num_heads, 3 * self.head_dim, H * W).permute(0, 1, 3, 2)
+        q, k, v = qkv.chunk(3, dim=3)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.permute(0, 1, 3, 2).reshape(B, self.inner, H, W))
+
+
+def test_a_head_dim_the_code_reads_is_solved_not_compared_with_the_packed_head_size():
+    """The trace sees heads of 6 (q, k and v of one head together) while ``head_dim`` is 2: the code reads
+    ``head_dim`` only as ``3 * self.head_dim``, so it stays 2 and ``inner`` becomes 2 heads x 2."""
+    torch.manual_seed(0)
+    model, x = PackedHeads().eval(), torch.randn(2, 8, 3, 3)
+    ref = copy.deepcopy(model)
+    _, plan = prune_channels(model, x, sparsity=0.5, criterion="l1")
+    assert (model.num_heads, model.head_dim, model.inner) == (2, 2, 4)
+    assert plan["attributes"][""] == {"num_heads": [4, 2], "inner": [8, 4]}
+    check_equivalence(mask_model(ref, plan), model, x)
+
+
 # ------------------------------------------------------------------------------------------------------
 # stored split sizes
 # ------------------------------------------------------------------------------------------------------
