@@ -24,6 +24,7 @@ from secateur.errors import CompactionError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.graph.symbolic import ShapeConflictError, attribute_changes, read_attributes, solve
 
+from .hf_configs import family_config_changes
 from .norms import norm_plan
 
 __all__ = [
@@ -551,7 +552,8 @@ def _config_changes(
             heads = next((h for h in counts if isinstance(h, int) and not isinstance(h, bool)), None)
             if heads:
                 d["head_dim"] = [None, hidden // heads]
-    return changes
+    # --- issue 17 hook (owner: HF config writers, secateur.compact.hf_configs): family-specific forms ---
+    return family_config_changes(cfgs, changes)
 
 
 def _norm_groups(graph: DependencyGraph, index: tuple | None = None) -> set[int]:

@@ -51,12 +51,14 @@ def refuse_pickle(path: Path) -> None:
     """Raise if ``path`` (a regular file the caller has confined) is a pickle or a torch.save archive."""
     try:
         with path.open("rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError as e:
         raise SerializationError(f"{path}: cannot read: {e}") from e
+    if head[8:9] == b"{":  # safetensors: u64 header length, then JSON (length 0x0580 starts \x80\x05)
+        return
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise SerializationError(f"{path}: is a pickle file; secateur never unpickles (it can run code)")
-    if head == b"PK\x03\x04":
+    if head[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(path) as z:
                 if any(n.endswith(".pkl") for n in z.namelist()):

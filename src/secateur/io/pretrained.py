@@ -63,7 +63,20 @@ from secateur.io.validate import folder_file, read_json, safetensors_shapes, val
 LAYOUT = "huggingface"
 INDEX_FILE = "model.safetensors.index.json"
 
-__all__ = ["read_pretrained", "save_pretrained", "transformers_loadable"]
+__all__ = [
+    "UnloadableConfigError",
+    "read_pretrained",
+    "save_pretrained",
+    "transformers_load_problems",
+    "transformers_loadable",
+]
+
+
+class UnloadableConfigError(SerializationError):
+    """``save_pretrained`` of a pruned Hugging Face model whose ``config.json`` cannot describe it (layers
+    pruned to different widths, or a family that derives a pruned width from another field): plain
+    ``from_pretrained`` would build other shapes. The message names the config field and how to reach a
+    loadable shape; nothing was written. (Also exported as ``secateur.llm.UnloadableConfigError``.)"""
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -120,12 +133,70 @@ def transformers_loadable(model: nn.Module, plan: dict | None = None) -> bool:
     return _shape_diff(_shapes(ref), _shapes(model)) is None and _attributes_match(ref, plan)
 
 
+def transformers_load_problems(model: nn.Module, plan: dict | None = None) -> list[str]:
+    """Why plain ``transformers`` ``from_pretrained`` would not rebuild the pruned ``model`` from its own
+    config, one sentence per config field at fault with how to reach a loadable shape; ``[]`` when
+    :func:`transformers_loadable` holds.
+
+    The family knowledge (head size derived as ``hidden / heads``, Bloom's and MPT's MLP of ``4 x hidden``)
+    is :func:`secateur.compact.hf_configs.unexpressible_fields`; fields that layers disagree on
+    (``_inconsistent_`` keys of the plan) and configs transformers itself rejects are named too; otherwise
+    the first tensor whose shape differs.
+
+    Args:
+        model: a Hugging Face ``PreTrainedModel`` after the plan was applied.
+        plan: the plan applied to it (its ``"config"`` section names the fields); optional.
+    """
+    if transformers_loadable(model, plan):
+        return []
+    from secateur.compact.hf_configs import unexpressible_fields
+
+    out: list[str] = []
+    cfg = model.config
+    shapes = _shapes(model)
+    planned_config = dict((plan or {}).get("config") or {})
+    planned_config.setdefault("", {})  # a family may lack a field for what was pruned: no change recorded
+    for ck, changes in planned_config.items():
+        sub = cfg if ck == "" else getattr(cfg, ck, None)
+        if sub is None:
+            continue
+        for k, (_old, new) in changes.items():
+            if k.startswith("_inconsistent_"):
+                out.append(
+                    f"{k.removeprefix('_inconsistent_')}: the layers now have "
+                    f"{' or '.join(map(str, new))}, a config holds one value for every layer; prune every "
+                    "layer alike (uniform per-layer ratios, e.g. secateur.llm.prune_decoder(..., "
+                    "uniform=True), round_to=...)"
+                )
+        dense = {k: old for k, (old, _new) in changes.items() if not k.startswith("_inconsistent_")}
+        before = copy.copy(sub)
+        for k, old in dense.items():
+            try:
+                setattr(before, k, old)
+            except (AttributeError, TypeError):
+                pass
+        planned = {k: v for k, v in changes.items() if not k.startswith("_inconsistent_")}
+        out += unexpressible_fields(getattr(sub, "model_type", None), before, planned, shapes)
+    if not out:
+        try:
+            ref = _meta_build(model, cfg.to_dict())
+        except Exception as e:  # transformers rejects the config itself (e.g. hidden_size % heads != 0)
+            return [
+                f"transformers rejects the pruned config: {e}; keep widths multiples of the head count "
+                "(round_to=...) or leave the heads whole"
+            ]
+        diff = _shape_diff(_shapes(ref), shapes)
+        out.append(f"config.json builds other shapes ({diff or 'head attributes differ'})")
+    return out
+
+
 def save_pretrained(
     model: nn.Module,
     directory: str | os.PathLike[str],
     plan: dict | None = None,
     *,
     metadata: dict | None = None,
+    require_loadable: bool = False,
     **save_kwargs: Any,
 ) -> Path:
     """Save a (pruned) Hugging Face model in the Hugging Face layout plus secateur's ``plan.json``.
@@ -142,6 +213,9 @@ def save_pretrained(
         plan: the structural plan applied to the model (``prune_channels`` returns it,
             ``ChannelPruner.plan`` after ``finalize()``).
         metadata: extra JSON-able data stored in plan.json.
+        require_loadable: raise :class:`UnloadableConfigError` (naming the config fields,
+            :func:`transformers_load_problems`) instead of writing a folder that plain ``transformers``
+            cannot load (``secateur.from_pretrained`` always can).
         save_kwargs: passed to ``model.save_pretrained`` (e.g. ``max_shard_size="200MB"``).
 
     Returns the folder path.
@@ -151,6 +225,7 @@ def save_pretrained(
             module); the plan does not turn the original architecture into ``model``'s shapes (names the
             first differing tensor, also when a compacted model comes without its plan); metadata is not
             JSON-serialisable. Nothing is written then.
+        UnloadableConfigError: ``require_loadable=True`` and plain transformers could not load the folder.
     """
     if not (hasattr(model, "save_pretrained") and hasattr(getattr(model, "config", None), "to_dict")):
         raise SerializationError(
@@ -178,6 +253,13 @@ def save_pretrained(
             f"{diff}{hint}"
         )
     loadable = transformers_loadable(model, plan)
+    if require_loadable and not loadable:
+        raise UnloadableConfigError(
+            f"{type(model).__name__}'s config.json cannot describe the pruned model, so plain transformers "
+            f"from_pretrained would fail: {'; '.join(transformers_load_problems(model, plan))}. Nothing was "
+            "written; secateur.save_pretrained without require_loadable writes a folder "
+            "secateur.from_pretrained rebuilds"
+        )
     doc = {
         "format": FORMAT,
         "version": VERSION,

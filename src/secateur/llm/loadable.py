@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.errors import SerializationError
-from secateur.io import transformers_loadable
+from secateur.io.pretrained import UnloadableConfigError, transformers_load_problems, transformers_loadable
 
 __all__ = ["PlainSaveRefusal", "UnloadableConfigError", "planned_config_mismatch", "refuse_plain_save"]
 
@@ -36,13 +35,6 @@ _HOW = (
     "secateur.save_pretrained / secateur.save, which write the plan beside the weights "
     "(secateur.from_pretrained / secateur.load rebuild the model)"
 )
-
-
-class UnloadableConfigError(SerializationError):
-    """``save_pretrained`` of a pruned Hugging Face model whose ``config.json`` cannot describe it (layers
-    pruned to different widths, or a class that derives a pruned width from another field): plain
-    ``from_pretrained`` would build other shapes. The message names the config field and how to reach a
-    loadable shape; nothing was written."""
 
 
 def _rewritten_config(model: nn.Module, plan: Mapping) -> Any:
@@ -157,10 +149,11 @@ def refuse_plain_save(model: nn.Module, plan: Mapping) -> bool:
     if transformers_loadable(model, dict(plan)):
         return False
     bad = _inconsistent(plan)
+    fields = transformers_load_problems(model, dict(plan))
     why = (
         f"a config holds one value for every layer, of {'; '.join(bad)}"
         if bad
-        else f"its config ({_changed_fields(plan)}) does not describe the pruned shapes"
+        else f"its config ({_changed_fields(plan)}) does not describe the pruned shapes: {'; '.join(fields)}"
     )
     message = (
         f"{type(model).__name__} was pruned to a shape its config.json cannot describe: {why}, so plain "
