@@ -39,8 +39,8 @@ MLP_REFUSED = {"bloom": "hidden_size", "mpt": "d_model"}
 HEADS_LOAD = ("llama", "mistral", "qwen2", "gemma3", "qwen3")
 #: Families whose heads the dependency graph leaves whole today (named GraphError: nothing to prune).
 HEADS_FROZEN = ("falcon", "bloom", "mpt", "phi3", "olmo2")
-#: Families whose head pruning the config cannot express, without a family rule naming the field.
-HEADS_UNNAMED = ("falcon_gqa",)
+#: Fused QKV losing whole KV groups with their query heads; the head size derives from the hidden size.
+HEADS_WITH_KV_GROUPS = ("falcon_gqa",)
 
 _ATTENTION = ["*attn*", "*attention*", "*pooler*", "*classifier*"]
 _MLP = ["*mlp*", "*intermediate*", "*ffn*", "*feed_forward*", "*pooler*", "*classifier*"]
@@ -109,10 +109,8 @@ def test_head_pruning_reloads_where_the_config_reads_head_dim_else_names_the_fie
         assert heads[1] == heads[0] // 2
         _assert_plain_reload(name, pruned, plan, x, tmp_path)
         return
-    if name in HEADS_UNNAMED:
-        _assert_refused(
-            pruned, plan, x, tmp_path, "from_pretrained would fail: config.json builds other shapes"
-        )
+    if name in HEADS_WITH_KV_GROUPS:
+        _assert_refused(pruned, plan, x, tmp_path, r"num_attention_heads: num_key_value_heads went 2 -> 1")
         return
     _assert_refused(
         pruned, plan, x, tmp_path, r"num_attention_heads \(4 -> 2\): \S+ derives the head size as"

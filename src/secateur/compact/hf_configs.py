@@ -144,6 +144,14 @@ def unexpressible_fields(
                 f"{k} ({old_heads} -> {heads}): {mt} derives the head size as {hidden_key} / {k} "
                 f"({hidden} / {heads}), but the pruned heads keep size {size}; {_HEADS_FIX}"
             )
+    kv_changed = [k for k, (old, new) in planned.items() if k in _KV_KEYS and old != new]
+    if keys is not None and kv_changed and not heads_changed:
+        k = kv_changed[0]
+        out.append(
+            f"{keys[1]}: {k} went {planned[k][0]} -> {planned[k][1]} with the query heads reading the "
+            f"removed key/value heads, but {mt} derives the head size as {keys[0]} / {keys[1]}, so no "
+            f"head count describes the pruned attention; {_HEADS_FIX}"
+        )
     mlp = MLP_FROM_HIDDEN.get(mt)
     if mlp is not None:
         hidden_key, factor = mlp
@@ -159,6 +167,7 @@ def unexpressible_fields(
 
 
 _HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads")
+_KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 _MLP_IN = {"bloom": "mlp.dense_h_to_4h.weight", "mpt": "ffn.up_proj.weight"}
 
 
