@@ -552,13 +552,23 @@ def test_plan_matches_previous_implementation(name, prune_normalized):
 
 
 def _without_explicit_n_inner(new: dict, old: dict) -> dict:
-    """The one intended change since the reference: GPT-2's ``n_inner=None`` (meaning ``4 * n_embd``) is
-    written explicitly when the MLP shrinks (the reference left that config stale). Checked, then removed."""
+    """The intended changes since the reference, checked, then undone on a copy of the new plan:
+
+    - GPT-2's ``n_inner=None`` (meaning ``4 * n_embd``) is written explicitly when the MLP shrinks (the
+      reference left that config stale);
+    - GPT-2's config has no ``head_dim`` field (the model derives ``n_embd // n_head``): the reference wrote
+      a ``head_dim`` key that transformers ignores; the family's config writer (compact/hf_configs.py) no
+      longer does, so the reference's value must equal the derived one.
+    """
     out = copy.deepcopy(new)
     for ck, changes in out["config"].items():
         if "n_inner" in changes and "n_inner" not in old["config"].get(ck, {}):
             before, after = changes.pop("n_inner")
             assert before is None and isinstance(after, int) and after > 0
+        ref = old["config"].get(ck, {})
+        if "head_dim" in ref and "head_dim" not in changes and "n_embd" in changes and "n_head" in changes:
+            assert ref["head_dim"][1] == changes["n_embd"][1] // changes["n_head"][1]
+            changes["head_dim"] = ref["head_dim"]
     out["config"] = {ck: ch for ck, ch in out["config"].items() if ch or ck in old["config"]}
     return out
 
