@@ -17,6 +17,7 @@ from secateur.app.cli import main
 from secateur.app.inputs import (
     InputField,
     derive_fields,
+    fields_from_shape,
     format_input_spec,
     make_inputs,
     parse_input_spec,
@@ -288,3 +289,40 @@ def test_export_writes_onnx_and_int8_within_the_stated_tolerance(tmp_path):
     assert q["mode"] == "static" and q["calibration_batches"] == 2  # a CNN: static, calibrated
     assert q["bytes"] < r["bytes"] and q["checked_on"].endswith("held-out images")
     assert 0.9 < q["check"]["mean_cosine"] <= 1.0 + 1e-9
+
+
+def test_a_bad_input_shape_is_blamed_on_input_shape():
+    with pytest.raises(ConfigError, match=r"--input-shape '1x1x28x28': dimension '1x1x28x28'"):
+        fields_from_shape("1x1x28x28")
+    with pytest.raises(ConfigError, match=r"--input-shape '1,0,28,28': dimension '0'"):
+        fields_from_shape("1,0,28,28")
+    (field,) = fields_from_shape("1,3,8,8")
+    assert field.spec() == "float32[1,3,8,8]"
+
+
+def _summary_metrics(dense_acc: float, chance: float | None) -> dict:
+    counts = {"params": 100, "nonzero_params": 100, "macs": 1000, "sparse_macs": 1000}
+    return {
+        "model": "zoo:lenet5",
+        "kind": "image classifier",
+        "data": "d",
+        "input_spec": "float32[1,1,28,28]",
+        "inputs_from": "zoo",
+        "metric": "accuracy",
+        "chance": chance,
+        "bn_batches": 0,
+        "sparsity": 0.3,
+        "macs_ratio": 2.0,
+        "saved": "runs/x/model",
+        "saved_bytes": 1000,
+        "dense": {**counts, "accuracy": dense_acc},
+        "pruned": {**counts, "accuracy": 0.5},
+    }
+
+
+def test_prune_summary_warns_when_the_dense_model_is_near_chance():
+    from secateur.app.cli import _prune_summary
+
+    assert "near chance (0.10)" in _prune_summary(_summary_metrics(0.1015, 0.1), "l1_filters_30", "runs/x")
+    assert "near chance" not in _prune_summary(_summary_metrics(0.85, 0.1), "l1_filters_30", "runs/x")
+    assert "near chance" not in _prune_summary(_summary_metrics(0.1, None), "l1_filters_30", "runs/x")

@@ -234,10 +234,18 @@ def _prune_summary(m: dict, recipe_name: str, out_dir: str) -> str:
         if metric == "cosine":
             note += "; cosine = mean cosine similarity of the outputs to the dense model's (1 = identical)"
         lines.append(note + ".")
+    chance = m.get("chance")
+    if metric == "accuracy" and chance is not None and d.get("accuracy", 1.0) < chance + 0.1:
+        lines.append(
+            f"WARNING: the dense model's accuracy {d['accuracy']:.4f} is near chance ({chance:.2f}): it "
+            "looks untrained, so the pruned figures say little. Train it first "
+            "(secateur finetune --model ... --out runs/dense) and prune saved:runs/dense/model."
+        )
     sparse_ratio = d["sparse_macs"] / max(p["sparse_macs"], 1)
     lines.append(
-        f"sparsity {m['sparsity']:.4f} of the recipe's target; per example {m['macs_ratio']:.2f}x fewer "
-        f"MACs, {sparse_ratio:.2f}x fewer sparse MACs (multiplications by non-zero weights)."
+        f"sparsity reached {m['sparsity']:.4f} (the fraction the recipe removes); per example "
+        f"{m['macs_ratio']:.2f}x fewer MACs, {sparse_ratio:.2f}x fewer sparse MACs (multiplications by "
+        "non-zero weights)."
     )
     saved = m["saved"]
     lines += [

@@ -183,6 +183,13 @@ def fields_from_shape(text: str) -> tuple[InputField, ...]:
     Raises:
         ConfigError: a dimension that is not a positive integer (named).
     """
+    dims = [d.strip() for d in text.split(",")]
+    bad = [d for d in dims if not (d.isdigit() and int(d) > 0)]
+    if bad:
+        raise ConfigError(
+            f"--input-shape {text!r}: dimension {bad[0]!r} is not a positive integer; write the shape as "
+            "comma-separated positive integers, e.g. 1,3,224,224"
+        )
     return (_parse_field(f"float32[{text}]"),)
 
 

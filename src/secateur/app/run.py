@@ -371,6 +371,14 @@ def _recalibrate(model: nn.Module, recipe: Recipe, train_loader: Any) -> int:
     return recalibrate_bn(model, train_loader, num_batches=n)
 
 
+
+def _chance(data: Any) -> float | None:
+    """Accuracy of guessing, ``1 / classes``, for class-labelled image data (None when unknown)."""
+    if data.classes:
+        return 1.0 / len(data.classes)
+    return 0.1 if data.form == "fashion-mnist" else None
+
+
 def load_data(data: str, recipe: Recipe, subset: int | None = None) -> tuple[Any, Any, torch.Tensor]:
     """Fashion-MNIST as ``secateur prune --data fashion-mnist`` reads it for a zoo CNN:
     ``(train loader, test loader, example inputs)``.
@@ -520,6 +528,7 @@ def run(
         "inputs_from": s.fields_source,
         "metric": s.metric,
         "macs_per": "example",
+        "chance": _chance(s.data),
         "dense": dense,
         "pruned": pruned,
         "sparsity": result["sparsity"],
