@@ -326,3 +326,13 @@ def test_prune_summary_warns_when_the_dense_model_is_near_chance():
     assert "near chance (0.10)" in _prune_summary(_summary_metrics(0.1015, 0.1), "l1_filters_30", "runs/x")
     assert "near chance" not in _prune_summary(_summary_metrics(0.85, 0.1), "l1_filters_30", "runs/x")
     assert "near chance" not in _prune_summary(_summary_metrics(0.1, None), "l1_filters_30", "runs/x")
+
+
+def test_summary_counts_read_as_the_report_does():
+    from secateur.app.summary import count_rows
+
+    rows = count_rows(
+        {"params": 200, "nonzero_params": 200, "macs": 1000, "sparse_macs": 1000},
+        {"params": 100, "nonzero_params": 50, "macs": 1000, "sparse_macs": 2000},
+    )
+    assert [r[3] for r in rows] == ["2.00x fewer", "4.00x fewer", "1.00x fewer", "2.00x more"]

@@ -32,7 +32,8 @@ def rows_table(rows: list[Row]) -> str:
 
 
 def count_rows(dense: dict, pruned: dict) -> list[Row]:
-    """Parameters, non-zero parameters, MACs and sparse MACs per example, with the pruned/dense ratio."""
+    """Parameters, non-zero parameters, MACs and sparse MACs per example, with the change written as the
+    report writes it: ``dense / pruned`` "x fewer" (or ``pruned / dense`` "x more")."""
     rows = []
     for label, key in (
         ("parameters", "params"),
@@ -41,7 +42,8 @@ def count_rows(dense: dict, pruned: dict) -> list[Row]:
         ("sparse MACs per example", "sparse_macs"),
     ):
         a, b = dense[key], pruned[key]
-        rows.append((label, f"{a:,}", f"{b:,}", f"{b / max(a, 1):.3f}x"))
+        change = f"{a / max(b, 1):.2f}x fewer" if b <= a else f"{b / max(a, 1):.2f}x more"
+        rows.append((label, f"{a:,}", f"{b:,}", change))
     return rows
 
 
