@@ -336,3 +336,19 @@ def test_summary_counts_read_as_the_report_does():
         {"params": 100, "nonzero_params": 50, "macs": 1000, "sparse_macs": 2000},
     )
     assert [r[3] for r in rows] == ["2.00x fewer", "4.00x fewer", "1.00x fewer", "2.00x more"]
+
+
+def test_a_recipe_whose_scope_selects_nothing_is_refused_before_any_work():
+    from types import SimpleNamespace
+
+    from secateur.app.recipe import load_recipe
+    from secateur.app.run import _check_recipe_fits
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    session = SimpleNamespace(
+        model=model, data=SimpleNamespace(kind="images"), kind=SimpleNamespace(task="classifier", label="x")
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"wanda_2_4 does not suit Sequential.*exclude_last.*recipes"):
+        _check_recipe_fits(load_recipe("wanda_2_4"), session)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -435,6 +435,19 @@ def _check_recipe_fits(recipe: Recipe, s: Session) -> None:
             f"recipe {recipe.name or '(file)'} fine-tunes with cross-entropy on labels, which needs a "
             f"classifier; {type(s.model).__name__} is a {s.kind.label}"
         )
+    if recipe.granularity != "channel":
+        from secateur.errors import ScopeError
+
+        try:
+            recipe.to_scope().resolve(s.model)
+        except ScopeError as e:
+            sc = recipe.scope
+            raise ConfigError(
+                f"recipe {recipe.name or '(file)'} does not suit {type(s.model).__name__}: {e}"
+                + (" after exclude_first/exclude_last" if sc.exclude_first or sc.exclude_last else "")
+                + "; `secateur recipes` lists the model kinds each recipe suits (or edit scope.types / "
+                "scope.exclude_last in a copy: secateur recipes NAME > r.yaml)"
+            ) from e
 
 
 def run(
