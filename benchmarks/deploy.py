@@ -367,7 +367,9 @@ def model_table(res: dict[str, Any], quality_key: str, quality_name: str) -> lis
         if not chk:
             cells.append("")
         elif runtime.endswith("int8"):
-            top1 = f", top-1 {chk['top1_agreement']:.3f}" if chk.get("top1_agreement") is not None else ""
+            classifier_logits = quality_key == "accuracy"  # a top-1 of embeddings would mean nothing
+            top1 = chk.get("top1_agreement")
+            top1 = f", top-1 {top1:.3f}" if classifier_logits and top1 is not None else ""
             cells.append(f"cosine {chk['mean_cosine']:.4f}{top1}")
         else:
             cells.append(f"rel. err {chk['max_rel_error']:.1e}")

@@ -330,8 +330,8 @@ def compare_onnx_outputs(
 
     Tolerance (stated, per output): ``"fp32"``: max absolute error <= :data:`FP32_RTOL` × max |PyTorch
     output| + :data:`FP32_ATOL`; ``"int8"``: mean per-example cosine similarity >= :data:`INT8_MIN_COSINE`
-    (top-1 agreement is reported for 2-D outputs but not gated: on a small batch one flip is a large
-    fraction).
+    (top-1 agreement is reported for the first 2-D output, meaningful when it holds classification logits,
+    but not gated: on a small batch one flip is a large fraction).
 
     Returns:
         ``{"precision", "tolerance" (text), "within_tolerance" (all outputs), "batch_size", "max_abs_error",
