@@ -173,4 +173,10 @@ def test_demo_small_run_writes_metrics_report_and_plots(tmp_path):
     assert printed["sparsity"] == m["sparsity"]
     assert printed["outputs"]["html"] == str(out / "report.html")
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and f">{m['pruned']['nonzero_params']:,}<" in page
+    # training curves, layer sparsity, per-layer comparison and the accuracy-vs-compression trajectory
+    assert page.count("data:image/png;base64,") == 4 and f">{m['pruned']['nonzero_params']:,}<" in page
+    traj = m["trajectory"]
+    assert traj and traj[-1]["label"] == "after BN re-estimation"
+    assert traj[-1]["accuracy"] == m["pruned_accuracy"] and traj[-1]["nonzero_params"] >= m["nonzero_params"]
+    assert all(a["nonzero_params"] >= b["nonzero_params"] for a, b in zip(traj, traj[1:]))
+    assert m["latency"]["dense"]["median"] > 0 and m["latency"]["pruned"]["median"] > 0

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from secateur.analysis import count_macs, count_params, layer_table
+from secateur.analysis.latency import compare_latency
 from secateur.analysis.plots import plot_layer_sparsity, plot_training_curves
 from secateur.analysis.report import build_report, environment, layer_comparison
 from secateur.data import fashion_mnist_loaders
@@ -120,10 +121,13 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
         pruned_acc = finetune.evaluate(test_loader)["accuracy"]
     prune_seconds = time.perf_counter() - t1
     sparsity = pruner.sparsity()
+    scoped = sum(m.numel() for m in pruner.masks().values())  # the weights the sparsity is a fraction of
     pruner.finalize()  # bake masks: plain weights with exact zeros
     pruned_counts = {**count_params(model), **count_macs(model, example)}
     layers = [r.as_dict() for r in layer_table(model, example)]
     comparison = layer_comparison(dense_model, model, example)
+    # Unstructured zeros run through the same dense kernels: measured, so the report says it plainly.
+    latency = compare_latency(dense_model, model, example, threads=1, repeats=15, block_ms=5.0)
     del dense_model
 
     history = _shift(dense.history, 0, "dense") + [
@@ -152,6 +156,8 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
         "layers": layers,
         "layer_comparison": comparison,
         "history": history,
+        "trajectory": _trajectory(history, dense_counts["params"], scoped),
+        "latency": {k: {q: latency[k][f"{q}_ms"] for q in ("median", "q1", "q3")} for k in MODELS},
         "environment": environment(),
     }
     metrics["outputs"] = {k: str(v) for k, v in write_outputs(metrics, out).items()}
@@ -237,6 +243,24 @@ def _bn_note(m: dict[str, Any]) -> str:
             f"(adaptive BN, Li et al. 2020){was}.")
 
 
+MODELS = ("dense", "pruned")
+
+
+def _trajectory(history: list[dict], dense_params: int, scoped: int) -> list[dict]:
+    """Evaluations while pruning as report points: each ``eval_accuracy`` row of the fine-tuning phase with
+    the non-zero parameters at that step (``dense_params - sparsity * scoped``, the sparsity last recorded
+    at or before it; ``scoped``: the weights the global sparsity is a fraction of)."""
+    points, sparsity = [], 0.0
+    for h in history:
+        if "sparsity" in h:
+            sparsity = h["sparsity"]
+        if "eval_accuracy" in h and h.get("phase") in ("prune", "bn_recalibrated"):
+            nonzero = dense_params - round(sparsity * scoped)
+            label = "after BN re-estimation" if h["phase"] == "bn_recalibrated" else f"step {h['step']}"
+            points.append({"nonzero_params": nonzero, "accuracy": h["eval_accuracy"], "label": label})
+    return points
+
+
 def report_results(m: dict[str, Any]) -> dict[str, Any]:
     """The demo's metrics as the results dict of :func:`secateur.analysis.report.build_report`.
 
@@ -260,6 +284,12 @@ def report_results(m: dict[str, Any]) -> dict[str, Any]:
         "batch_size": 1,
         "command": _command(cfg),
     }
+    if m.get("trajectory"):
+        results["trajectory"] = m["trajectory"]
+    for k, lat in (m.get("latency") or {}).items():
+        results[k].update(latency_ms=lat["median"], latency_q1_ms=lat["q1"], latency_q3_ms=lat["q3"])
+    if m.get("latency"):
+        results["latency"] = {"threads": 1, "batch_size": 1, "device": "cpu"}
     if m.get("layer_comparison"):
         results["layers"] = m["layer_comparison"]
     if m.get("environment"):
