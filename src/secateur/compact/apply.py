@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from secateur.errors import CompactionError
+from secateur.graph.rules_recurrent import GATES
 from secateur.graph.tracer import walk_model
 
 from .norms import remove_norm_masks, set_norm_masks
@@ -243,6 +244,23 @@ def _update_module(mod: nn.Module, journal: Journal) -> None:
         undo.set_attr(mod, "nf", w.shape[1])
         if hasattr(mod, "nx"):
             undo.set_attr(mod, "nx", w.shape[0])
+    elif isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
+        _update_recurrent(mod, undo)
+
+
+def _update_recurrent(mod: nn.Module, undo: _Changes) -> None:
+    """``input_size``, ``hidden_size`` (and an LSTM's ``proj_size``) of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``
+    and their cells from the sliced weights: ``weight_ih`` is ``(gates * hidden, input)``, ``weight_hr``
+    ``(proj, hidden)``. The module's flat weight list holds the same parameters (sliced in place)."""
+    if isinstance(mod, nn.RNNCellBase):
+        undo.set_attr(mod, "input_size", mod.weight_ih.shape[1])
+        undo.set_attr(mod, "hidden_size", mod.weight_hh.shape[1])
+        return
+    w_ih = mod.weight_ih_l0
+    undo.set_attr(mod, "input_size", w_ih.shape[1])
+    undo.set_attr(mod, "hidden_size", w_ih.shape[0] // GATES[mod.mode])
+    if getattr(mod, "proj_size", 0):
+        undo.set_attr(mod, "proj_size", mod.weight_hr_l0.shape[0])
 
 
 def _update_norm_width(mod: nn.Module, k: int, undo: Journal) -> None:

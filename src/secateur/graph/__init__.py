@@ -8,6 +8,7 @@ sizes come from module attributes, tensor sizes or literals: :mod:`secateur.grap
 """
 
 from secateur._torch import ExampleInputs
+from secateur.graph import rules_recurrent  # noqa: F401  (registers the recurrent-layer rules)
 from secateur.graph.groups import DependencyGraph, Group, Member
 from secateur.graph.norms import probe_norm, register_norm
 from secateur.graph.rules import (
