@@ -20,6 +20,14 @@ graph); :func:`even_query_removal` picks the ``r`` lowest of each KV group and :
 writes the removal into a plan (kept indices, the module's ``num_key_value_groups``, the config's head count),
 which the transactional compaction applies under the float64 oracle.
 
+Fused query/key/value projections (Falcon: one ``query_key_value`` Linear; ``multi_query=True`` outputs
+``Hq`` query heads, then the key and the value head, split ``[Hq, 1, 1]``; the new decoder architecture
+outputs ``(Hkv, n_rep + 2, head_dim)``, each KV group's queries then its key and value) trace as a split into
+``Hq + 2 Hkv`` heads. The module's own head count and query-per-KV attribute (``num_heads``,
+``num_key_value_groups``) say so; the query slots are matched to the output projection's query heads by
+atom class, and the group gets ``Hq`` prunable units (the query heads) plus one frozen unit per key/value
+slot, so the fused rows of the keys and values are never sliced.
+
 The structure is read from the trace, not from module names: the head splits (``view`` of a channel dim into
 ``(heads, head_dim)``) recorded in the attention module give ``Hq``, ``Hkv`` and ``head_dim``; the graph's
 group holding the query channels gives the members, and every query-side index is checked to belong to the
@@ -64,7 +72,9 @@ class QueryHeads:
         kv_of: ``(Hq,)`` int64, the KV head each query head reads.
         group: a group of ``Hq`` units, one per query head, whose members are the query-side dims (query
             projection rows and bias, output projection columns) with ``unit_of = index // head_dim``; it is
-            not one of the traced graph's groups (see :func:`with_query_groups`).
+            not one of the traced graph's groups (see :func:`with_query_groups`). Under a fused QKV
+            projection it has ``Hq + 2 Hkv`` units: units ``0..Hq-1`` are the query heads, the rest (the
+            fused key and value rows) are frozen (``prunable`` False) and never removed.
     """
 
     attention: str
@@ -158,7 +168,11 @@ def _one_attention(graph: DependencyGraph, path: str, layer: int, splits: list) 
     """The :class:`QueryHeads` of the attention module at ``path``, or None when every query head has its own
     KV head (multi-head attention)."""
     counts = sorted({ev.n_outer for ev in splits})
-    n_heads, n_kv = counts[-1], _kv_heads(graph.model.get_submodule(path), path, counts)
+    module = graph.model.get_submodule(path)
+    fused = _fused_query_heads(module, counts)
+    if fused is not None:
+        return _fused_attention(graph, path, layer, splits, *fused)
+    n_heads, n_kv = counts[-1], _kv_heads(module, path, counts)
     dims = {ev.inner for ev in splits}
     if n_heads == n_kv:
         return None
@@ -183,6 +197,111 @@ def _one_attention(graph: DependencyGraph, path: str, layer: int, splits: list) 
         classes=np.zeros(n_heads, dtype=np.int64),  # set by with_query_groups (labels no traced atom has)
     )
     return QueryHeads(path, layer, n_heads, n_kv, head_dim, _kv_of(splits, q_ev, n_heads, n_kv), group)
+
+
+def _int_attr(module: nn.Module, names: Sequence[str]) -> int | None:
+    """The first of ``names`` that ``module`` holds as an int (not a bool), else None."""
+    for a in names:
+        v = module.__dict__.get(a)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _fused_query_heads(module: nn.Module, counts: list[int]) -> tuple[int, int] | None:
+    """``(Hq, Hkv)`` when the trace split one fused projection into ``Hq + 2 Hkv`` heads (the module's head
+    count ``Hq`` and query-per-KV ``n_rep``): with one KV head that is the only split (multi-query attention),
+    with several the KV-group split ``Hkv`` is traced too (Falcon's ``(Hkv, n_rep + 2, head_dim)``); else
+    None."""
+    n_heads, rep = _int_attr(module, HEAD_ATTRS), _int_attr(module, KV_GROUP_ATTRS)
+    if n_heads is None or rep is None or rep < 2 or n_heads % rep:
+        return None
+    n_kv = n_heads // rep
+    slots = n_heads + 2 * n_kv
+    if counts == [slots] and n_kv == 1 or counts == [n_kv, slots] and n_kv > 1:
+        return n_heads, n_kv
+    return None
+
+
+def _fused_attention(
+    graph: DependencyGraph, path: str, layer: int, splits: list, n_heads: int, n_kv: int
+) -> QueryHeads:
+    """The :class:`QueryHeads` of a fused query/key/value projection traced as a split into ``n_heads +
+    2 n_kv`` slots. The output projection (a member of ``n_heads · head_dim`` indices) gives the atom class of
+    each query head; each slot of the fused projection with that class is one of its query heads, in order
+    (under MQA every query slot has a class of its own; under Falcon's grouped layout a KV group's slots
+    share one, its ``n_rep`` query slots first, then its key and value). The remaining slots become frozen
+    units ``n_heads..`` (the key and value rows stay whole). The float64 oracle of the compaction checks the
+    result."""
+    slots = n_heads + 2 * n_kv
+    ev = next(e for e in splits if e.n_outer == slots)
+    head_dim = ev.inner
+    g = _group_holding(graph, path, ev.classes)
+    if g is None:
+        raise ConfigError(f"{path}: no group of the graph holds its fused query/key/value heads")
+    q_classes = None
+    members = []
+    for m in g.members:
+        if not m.name.startswith(path + "."):
+            raise ConfigError(
+                f"the query heads of {path} are coupled to {m.name} (dim {m.dim}) outside the attention "
+                "module: they cannot be removed on their own; use gqa='kv_groups'"
+            )
+        size, idx = m.unit_of.size, np.arange(m.unit_of.size)
+        cls = g.classes[m.unit_of]
+        if size == n_heads * head_dim:  # the output projection's columns: one query head per head_dim
+            heads = cls[::head_dim]
+            if not np.array_equal(cls, heads[idx // head_dim]):
+                raise ConfigError(f"{m.name} dim {m.dim}: not laid out as ({n_heads} query heads, head_dim)")
+            if q_classes is not None and not np.array_equal(heads, q_classes):
+                raise ConfigError(f"{m.name} dim {m.dim}: its query heads are in another order than {path}'s")
+            q_classes = heads
+            members.append((m, idx // head_dim))
+        elif size == slots * head_dim:  # the fused projection's rows
+            if not np.array_equal(cls, ev.classes[idx // head_dim]):
+                raise ConfigError(f"{m.name} dim {m.dim}: not laid out as {path}'s head split")
+            members.append((m, None))
+        else:
+            raise ConfigError(
+                f"{m.name} dim {m.dim} has {size} indices, neither {n_heads} query heads nor the {slots} "
+                f"fused query/key/value heads of size {head_dim} in {path}"
+            )
+    if q_classes is None:
+        raise ConfigError(f"{path}: no output projection reads its query heads")
+    slot_unit = np.full(slots, -1, dtype=np.int64)
+    for h, c in enumerate(q_classes.tolist()):
+        free = np.flatnonzero((ev.classes == c) & (slot_unit < 0))
+        if not free.size:
+            raise ConfigError(f"{path}: query head {h} has no slot of its own in the fused projection")
+        slot_unit[free[0]] = h
+    slot_unit[slot_unit < 0] = np.arange(n_heads, slots)
+    kv_ev = next((e for e in splits if e.n_outer == n_kv), None)
+    kv_of = (
+        np.zeros(n_heads, dtype=np.int64)
+        if kv_ev is None
+        else np.array([int(np.flatnonzero(kv_ev.classes == c)[0]) for c in q_classes], dtype=np.int64)
+    )
+    if not (np.bincount(kv_of, minlength=n_kv) == n_heads // n_kv).all():
+        raise ConfigError(f"{path}: the query heads do not read their KV heads {n_heads // n_kv} each")
+    out = [
+        Member(
+            m.name,
+            m.dim,
+            heads if heads is not None else slot_unit[np.arange(m.unit_of.size) // head_dim],
+            m.aliases,
+            m.is_buffer,
+        )
+        for m, heads in members
+    ]
+    group = Group(
+        name=f"{out[0].name}:{out[0].dim}[query heads]",
+        n_units=slots,
+        members=out,
+        prunable=np.arange(slots) < n_heads,
+        reasons=[f"{path}: units {n_heads}..{slots - 1} are the fused key/value heads (kept whole)"],
+        classes=np.zeros(slots, dtype=np.int64),  # set by with_query_groups
+    )
+    return QueryHeads(path, layer, n_heads, n_kv, head_dim, kv_of, group)
 
 
 def query_head_groups(
@@ -241,8 +360,9 @@ def with_query_groups(
     top = max((int(g.classes.max()) for g in graph.groups if g.classes.size), default=-1) + 1
     added = []
     for q in heads:
-        g = dataclasses.replace(q.group, classes=np.arange(top, top + q.n_heads, dtype=np.int64))
-        top += q.n_heads
+        n = q.group.n_units  # Hq, plus the frozen key/value units of a fused projection
+        g = dataclasses.replace(q.group, classes=np.arange(top, top + n, dtype=np.int64))
+        top += n
         q.group = g
         added.append(g)
     derived = DependencyGraph(
@@ -256,12 +376,15 @@ def even_query_removal(heads: QueryHeads, scores: np.ndarray, per_kv: int) -> np
     """The ``per_kv`` lowest-scoring query heads of every KV group (ties: lower index first), sorted int64.
 
     Args:
-        scores: ``(Hq,)``, higher = keep. per_kv: query heads removed per KV head, ``0 <= per_kv < n_rep``.
+        scores: ``(Hq,)``, higher = keep (or one per unit of ``heads.group``: the first ``Hq`` are the query
+            heads). per_kv: query heads removed per KV head, ``0 <= per_kv < n_rep``.
 
     Raises:
         ConfigError: ``per_kv`` outside ``[0, n_rep)`` or scores of another shape.
     """
     scores = np.asarray(scores, dtype=float)
+    if scores.shape == (heads.group.n_units,):
+        scores = scores[: heads.n_heads]
     if scores.shape != (heads.n_heads,):
         raise ConfigError(f"{heads.attention}: {scores.shape} scores for {heads.n_heads} query heads")
     if not 0 <= per_kv < heads.n_rep:
@@ -334,7 +457,7 @@ def add_query_heads(
                     f"the plan already slices {m.name} dim {m.dim}: prune KV groups or query heads"
                 )
             dims[str(m.dim)] = np.flatnonzero(~np.isin(m.unit_of, rm)).tolist()
-        plan["groups"].append({"group": q.group.name, "n_units": q.n_heads, "removed": rm.tolist()})
+        plan["groups"].append({"group": q.group.name, "n_units": q.group.n_units, "removed": rm.tolist()})
         attrs = _attribute_changes(model.get_submodule(q.attention), q, kept)
         if attrs:
             plan.setdefault("attributes", {}).setdefault(q.attention, {}).update(attrs)

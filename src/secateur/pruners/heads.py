@@ -31,7 +31,7 @@ def prune_heads(
     sparsity: float,
     *,
     criterion: str | GroupCriterion | Callable[[Group, nn.Module], Any] = "michel",
-    allocation: str = "global",
+    allocation: str | None = None,
     data: Any = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     protect: Sequence[str] = (),
@@ -42,6 +42,7 @@ def prune_heads(
     verify: bool = True,
     graph: DependencyGraph | None = None,
     skip_incompatible: bool = False,
+    loadable: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Remove a fraction ``sparsity`` of the model's prunable attention heads and compact it in place.
 
@@ -61,13 +62,21 @@ def prune_heads(
             one key/value head with the query heads sharing it.
         allocation: ``"global"`` (one ranking over all layers, as Michel et al. prune; scores are compared
             as the criterion makes them comparable, see :class:`ChannelPruner`) or ``"uniform"`` (the same
-            number from every layer).
+            number from every layer). Default: ``"global"``, or ``"uniform"`` with ``loadable=True``.
         data, loss_fn: calibration batches ``(x, y)`` (``x`` may be a dict of keyword inputs) and
             ``loss_fn(output, y)`` for data-dependent criteria.
         protect: module name patterns whose heads are kept.
         round_to, seed, untraced, graph, skip_incompatible: as :func:`prune_channels`.
         criterion_kwargs: passed to the criterion (e.g. ``{"per_example": False}``).
         verify: run the masked-equals-compacted oracle inside the compaction transaction.
+        loadable: a Hugging Face model only: require a result its own ``config.json`` describes (the same
+            number of heads from every layer, checked on the meta device before anything changes), so that
+            ``model.save_pretrained`` then plain ``transformers`` ``from_pretrained`` reload it (see
+            :func:`prune_channels`). Under grouped-query attention a unit is one KV head with its query
+            heads, so ``num_attention_heads / num_key_value_heads`` stays whole; families that derive the
+            head size as ``hidden / heads`` (BERT, GPT-2, Falcon, ...) are refused naming
+            ``num_attention_heads``. Multi-query attention (one KV head) has no such unit: prune its query
+            heads with ``secateur.llm.prune_decoder(..., gqa="query_heads")``.
 
     Returns ``(model, plan)``; pass ``plan`` to :func:`secateur.save_pretrained` / :func:`secateur.save`.
 
@@ -79,6 +88,8 @@ def prune_heads(
         ConfigError: bad sparsity / criterion / allocation, no attention heads found, a data-dependent
             criterion without ``data``, or ``verify`` with NaN/Inf in ``example_inputs``. The model is
             untouched then.
+        UnloadableShapeError: ``loadable=True`` and the config cannot express the pruned heads (names the
+            field, e.g. ``num_attention_heads``, and how to reach a loadable shape); the model is untouched.
         CompactionError: compaction or verification failed (rolled back).
     """
     return prune_channels(
@@ -86,7 +97,7 @@ def prune_heads(
         example_inputs,
         sparsity,
         criterion=criterion,
-        allocation=allocation,
+        allocation=allocation if allocation is not None else ("uniform" if loadable else "global"),
         target="channels",
         protect=protect,
         round_to=round_to,
@@ -99,4 +110,5 @@ def prune_heads(
         graph=graph,
         skip_incompatible=skip_incompatible,
         granularity="head",
+        loadable=loadable,
     )

@@ -21,9 +21,10 @@ from secateur._validate import check_model, check_name_patterns, check_round_to,
 from secateur.compact import NonFiniteOutputError, compact, make_plan, require_finite_inputs
 from secateur.compact.verify import incompatible_groups, verified_compact
 from secateur.criteria.group import GroupCriterion
-from secateur.errors import CompactionError, IncompatibleGroupError
+from secateur.errors import CompactionError, ConfigError, IncompatibleGroupError
 from secateur.graph.groups import DependencyGraph, Group
 from secateur.graph.symbolic import ShapeConflictError
+from secateur.io.loadable import UnloadableShapeError, is_hf_model, planned_load_problems, refuse_plain_save
 from secateur.pruners.channel import ChannelPruner, GroupSelection
 
 __all__ = ["prune_channels", "remove_units"]
@@ -40,7 +41,7 @@ def prune_channels(
     allocation: str = "uniform",
     target: str = "channels",
     protect: Sequence[str] = (),
-    round_to: int = 1,
+    round_to: int | None = None,
     seed: int = 0,
     prune_outputs: bool = False,
     prune_normalized: bool = False,
@@ -54,6 +55,7 @@ def prune_channels(
     granularity: str = "channel",
     groups: GroupSelection | None = None,
     normalize: str = "auto",
+    loadable: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Remove ``sparsity`` of the prunable units (channels, features, heads) and compact ``model`` in place.
 
@@ -75,7 +77,10 @@ def prune_channels(
             groups, scores normalised as :class:`~secateur.pruners.channel.ChannelPruner` says).
         target: ``"channels"``, ``"params"``, ``"macs"`` or ``"latency"``: what ``sparsity`` is a fraction of.
         protect: module name patterns never pruned (fnmatch; ``"re:..."`` for a regex).
-        round_to: kept unit counts are multiples of this.
+        round_to: kept unit counts are multiples of this (a group smaller than it is left whole). Default
+            1; with ``loadable=True`` and ``granularity="channel"``, 8 (MLP and hidden widths multiples of 8,
+            as tensor cores and SIMD kernels want; head groups of fewer than 8 units then stay whole: pass
+            ``round_to=1`` or use :func:`~secateur.pruners.heads.prune_heads` for heads).
         seed: seed of the ``"random"`` criterion.
         prune_outputs: allow pruning dims that reach the model's outputs.
         prune_normalized: also prune dims that normalisation modules (LayerNorm, RMSNorm, ...) normalise,
@@ -99,6 +104,17 @@ def prune_channels(
         groups: only these group indices (or ``f(graph) -> indices``) may be pruned; default all.
         normalize: how ``"global"`` allocation rescales each group's scores (``"auto"``, ``"mean"``,
             ``"max"``, ``"none"``; see :class:`~secateur.pruners.channel.ChannelPruner`).
+        loadable: a Hugging Face model only: require a result whose own ``config.json`` describes it, so that
+            ``model.save_pretrained`` then plain ``transformers`` ``from_pretrained`` reload it. Needs
+            ``allocation="uniform"`` (the same count from every layer's group) and no ``skip_incompatible``;
+            the plan's rewritten config is built on the meta device and compared with the pruned shapes
+            *before* anything changes (:func:`secateur.io.loadable.planned_load_problems`). Under
+            grouped-query attention a head unit is one KV head with its query heads, so the query-per-KV
+            ratio stays whole.
+
+    Whatever ``loadable`` says, a Hugging Face model whose config cannot describe the pruned shapes gets a
+    ``save_pretrained`` that raises :class:`~secateur.io.pretrained.UnloadableConfigError` naming the field
+    (:func:`secateur.io.loadable.refuse_plain_save`; save with :func:`secateur.save_pretrained` instead).
 
     Returns ``(model, plan)``; ``plan`` is plain JSON-serialisable data (:func:`secateur.compact.make_plan`).
 
@@ -108,16 +124,22 @@ def prune_channels(
     Raises:
         InvalidModelError: ``model`` is not an ``nn.Module`` or has meta tensors.
         ConfigError: bad sparsity (a string such as ``"0.5"`` included), ``round_to``, ``protect``,
-            criterion, allocation or target; a data-dependent criterion without ``data``; ``verify`` with
-            NaN/Inf in ``example_inputs`` (all before anything is traced or changed).
+            criterion, allocation or target; ``loadable=True`` on a model that is not a Hugging Face model,
+            with ``allocation="global"`` or ``skip_incompatible``; a data-dependent criterion without
+            ``data``; ``verify`` with NaN/Inf in ``example_inputs`` (all before anything is traced or
+            changed).
         GraphError: every group is frozen (names the most common reasons); from tracing.
         UnsupportedOpError / UntracedModuleError: from tracing.
         IncompatibleGroupError: removing some groups breaks the model (named with the op and module).
+        UnloadableShapeError: ``loadable=True`` and the selected removal is not expressible by the config
+            (names each config field and how to reach a loadable shape); the model is unchanged.
         CompactionError: compaction (or verification) failed; the model is unchanged.
     """
     check_model(model)
     sparsity = check_sparsity(sparsity)
-    round_to = check_round_to(round_to)
+    round_to = check_round_to(_default_round_to(round_to, loadable, granularity))
+    if loadable:
+        _check_loadable_request(model, allocation, skip_incompatible)
     protect = check_name_patterns(protect)
     if verify:
         require_finite_inputs(example_inputs)
@@ -147,9 +169,45 @@ def prune_channels(
     finally:
         pruner.close()
     removed = {gi: rm for gi, rm in removed.items() if rm.size}
-    return remove_units(
+    if loadable:
+        problems = planned_load_problems(model, make_plan(pruner.graph, removed))
+        if problems:
+            raise UnloadableShapeError(
+                f"loadable=True: {type(model).__name__}'s config.json cannot describe the pruned model: "
+                f"{'; '.join(problems)}. Nothing was changed"
+            )
+    model, plan = remove_units(
         model, pruner.graph, removed, example_inputs, verify=verify, skip_incompatible=skip_incompatible
     )
+    refuse_plain_save(model, plan)
+    return model, plan
+
+
+def _default_round_to(round_to: int | None, loadable: bool, granularity: str) -> int:
+    """``round_to`` as given; when None, 8 for ``loadable=True`` channel pruning (hardware-friendly widths),
+    else 1 (heads are counted in units, never rounded by default)."""
+    if round_to is not None:
+        return round_to
+    return 8 if loadable and granularity == "channel" else 1
+
+
+def _check_loadable_request(model: nn.Module, allocation: str, skip_incompatible: bool) -> None:
+    """Refuse ``loadable=True`` where it cannot hold by construction (before anything is traced)."""
+    if not is_hf_model(model):
+        raise ConfigError(
+            f"loadable=True asks for a result plain transformers reloads from its config.json, but "
+            f"{type(model).__name__} is not a Hugging Face PreTrainedModel (no config / save_pretrained)"
+        )
+    if allocation != "uniform":
+        raise ConfigError(
+            f"loadable=True needs allocation='uniform' (a config holds one head count and one MLP width for "
+            f"every layer; allocation={allocation!r} gives layers different counts)"
+        )
+    if skip_incompatible:
+        raise ConfigError(
+            "loadable=True with skip_incompatible=True: groups left whole in some layers would give layers "
+            "different widths; protect the incompatible modules instead"
+        )
 
 
 def remove_units(
