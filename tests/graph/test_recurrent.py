@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import secateur.compact.apply as apply_mod
 from secateur import prune_channels
@@ -157,6 +158,30 @@ def test_final_states_consumed_downstream_are_sliced_with_the_hidden_units():
     pruned, _ = _prune_and_oracle(model, x)
     h = HID - int(0.4 * HID)
     assert pruned.rnn.hidden_size == h and pruned.head.in_features == 3 * h
+
+
+class Packed(nn.Module):
+    """Variable-length sequences through pack_padded_sequence / pad_packed_sequence (unsorted lengths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, EMB)
+        self.rnn = nn.GRU(EMB, HID, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * HID, TAGS)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        p = pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
+        y, _ = pad_packed_sequence(self.rnn(p)[0], batch_first=True, padding_value=-1.0)
+        return self.head(y)
+
+
+def test_packed_sequences_are_pruned():
+    torch.manual_seed(0)
+    model, x = Packed().eval(), (_ids(), torch.tensor([7, 3, 5]))
+    pruned, _ = _prune_and_oracle(model, x)
+    h = HID - int(0.4 * HID)
+    assert (pruned.rnn.hidden_size, pruned.rnn.input_size) == (h, EMB - int(0.4 * EMB))
+    assert pruned(*x).shape == (3, 7, TAGS)
 
 
 class GivenState(nn.Module):

@@ -25,7 +25,8 @@ The modules are handled by module rules (:func:`recurrent_module_rule`): their d
 is built from ``hidden_size`` and shrinks with it. A user-given ``hx`` is coupled to the hidden/output units,
 and one without channel identity (a model input, a constant) freezes them. Called directly, the ``_VF`` ops
 (:func:`recurrent_op_rule`, :func:`recurrent_cell_rule`) see their state as a tensor: one built from a
-constant size is frozen the same way.
+constant size is frozen the same way. ``pack_padded_sequence`` / ``pad_packed_sequence`` pass the feature
+dims through (:func:`pack_padded_rule`, :func:`pad_packed_rule`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,16 @@ from secateur.graph.atoms import Atoms
 from secateur.graph.rules import register_module_rule, register_rule
 from secateur.graph.tracer import OpContext
 
-__all__ = ["GATES", "recurrent_cell_rule", "recurrent_module_rule", "recurrent_op_rule"]
+__all__ = [
+    "GATES",
+    "couple_recurrent",
+    "pack_padded_rule",
+    "pad_packed_rule",
+    "recurrent_cell_module_rule",
+    "recurrent_cell_rule",
+    "recurrent_module_rule",
+    "recurrent_op_rule",
+]
 
 #: Gate blocks stacked along the rows of ``weight_ih`` / ``weight_hh``, by ``_VF`` op or ``RNNBase.mode``.
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -207,6 +217,31 @@ def recurrent_cell_module_rule(ctx: OpContext, mod: nn.Module, args: tuple, kwar
         _set_last(ctx, t, h)
 
 
+def pack_padded_rule(ctx: OpContext) -> None:
+    """``_pack_padded_sequence(input (T, B, *F) or (B, T, *F), lengths, batch_first)`` -> ``(data (sum T,
+    *F), batch_sizes)``: the feature dims pass through; channels on the time/batch dims are frozen (they are
+    merged into the packed dim)."""
+    dims = ctx.dims(ctx.args[0])
+    for d in dims[:2]:
+        ctx.freeze(d, "time/batch dim packed into a PackedSequence")
+    data, sizes = list(ctx.out)[:2]
+    ctx.set_dims(data, [None] + list(dims[2:]))
+    ctx.set_dims(sizes, [None] * sizes.dim())
+
+
+def pad_packed_rule(ctx: OpContext) -> None:
+    """``_pad_packed_sequence(data (sum T, *F), batch_sizes, batch_first, padding_value, total_length)`` ->
+    ``(padded (T, B, *F) or (B, T, *F), lengths)``: the feature dims pass through (padding is per position, a
+    constant in every channel: a pruned channel's padding is never read)."""
+    dims = ctx.dims(ctx.args[0])
+    ctx.freeze(dims[0] if dims else None, "packed time/batch dim of a PackedSequence")
+    padded, lengths = list(ctx.out)[:2]
+    ctx.set_dims(padded, [None, None] + list(dims[1:]))
+    ctx.set_dims(lengths, [None] * lengths.dim())
+
+
+register_rule("pack_padded_sequence", pack_padded_rule)
+register_rule("pad_packed_sequence", pad_packed_rule)
 register_rule(["lstm", "gru", "rnn_tanh", "rnn_relu"], recurrent_op_rule)
 register_rule(list(_CELL_GATES), recurrent_cell_rule)
 for _cls in (nn.LSTM, nn.GRU, nn.RNN):
