@@ -12,6 +12,10 @@ For every decoder LM and text encoder of the matrix (hf_models.DECODER_LMS, ENCO
   GraphError), never skipped.
 - ``secateur.from_pretrained`` rebuilds every refused model bit-exactly.
 
+- ``prune_channels(..., loadable=True)``: the loadability predicted from the plan before pruning holds after
+  it, for every family; Bloom, MPT (MLP of ``4 x hidden``) and DeBERTa-v2 (relative-position projections of
+  hidden width) are refused naming the field, the model untouched.
+
 Plus the architectures whose ops have no coupling rule yet (hf_models.HF_PENDING_RULES), and BERT's hidden
 size pruned in proportion to its heads (a consistent config) vs not (refused naming the field).
 """
@@ -28,7 +32,9 @@ from hf_models import DECODER_LMS, ENCODERS, HF_MODELS, HF_PENDING_RULES, HIDDEN
 import secateur as sc
 from secateur._torch import call_model
 from secateur.errors import GraphError, UnsupportedOpError
+from secateur.io import transformers_loadable
 from secateur.llm import UnloadableConfigError
+from secateur.llm.loadable import UnloadableShapeError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -115,6 +121,34 @@ def test_head_pruning_reloads_where_the_config_reads_head_dim_else_names_the_fie
     _assert_refused(
         pruned, plan, x, tmp_path, r"num_attention_heads \(4 -> 2\): \S+ derives the head size as"
     )
+
+
+#: Families whose loadable=True request (every group, MLP rounded to 8) is refused, and the field named.
+LOADABLE_REFUSED = {
+    "bloom": r"hidden_size \(32\): bloom builds its MLP",
+    "mpt": r"d_model \(32\): mpt builds its MLP",
+    "deberta_v2": r"sets the pruned width of deberta\.encoder\.layer\.0\.attention\.self\.pos_key_proj",
+}
+
+
+@pytest.mark.parametrize("name", DECODER_LMS + ENCODERS)
+def test_loadable_true_gives_a_config_that_describes_the_model_or_names_the_field(name):
+    """prune_channels(loadable=True) predicts loadability from the plan on the meta device before changing
+    anything; the prediction must hold afterwards (transformers_loadable of the compacted model, no
+    save_pretrained refusal installed), and a refusal must leave the model untouched."""
+    torch.manual_seed(0)
+    model, x = HF_MODELS[name]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    protect = ["*pooler*", "*classifier*"]
+    if name in LOADABLE_REFUSED:
+        with pytest.raises(UnloadableShapeError, match=LOADABLE_REFUSED[name]):
+            sc.prune_channels(model.eval(), x, 0.5, criterion="l1", protect=protect, loadable=True)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
+    pruned, plan = sc.prune_channels(model.eval(), x, 0.5, criterion="l1", protect=protect, loadable=True)
+    assert plan["groups"], f"{name}: nothing was pruned"
+    assert transformers_loadable(pruned, plan)
+    assert "save_pretrained" not in pruned.__dict__
 
 
 def test_bert_hidden_size_pruned_with_its_heads_gives_a_consistent_config(tmp_path):
