@@ -138,6 +138,39 @@ def test_lstm_projection_units_are_a_second_group():
     assert sum(t.numel() for t in pruned.rnn.parameters()) == _rnn_params(4, i, h, 2, 2, proj=p)
 
 
+class Wrap(nn.Module):
+    """Linear -> recurrent layer -> Linear on its output (time-major or unbatched input)."""
+
+    def __init__(self, rnn: nn.Module, out: int) -> None:
+        super().__init__()
+        self.inp, self.rnn, self.head = nn.Linear(6, EMB), rnn, nn.Linear(out, TAGS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(torch.tanh(self.inp(x)))[0])
+
+
+@pytest.mark.parametrize(
+    "make, out, sizes",
+    [
+        (lambda: nn.LSTM(EMB, 10, num_layers=3, bias=False, proj_size=4), 4, (6, 3)),
+        (lambda: nn.LSTM(EMB, 10, bias=False, proj_size=4, bidirectional=True), 8, (6, 3)),
+        (lambda: nn.GRU(EMB, 10, num_layers=3), 10, (6, 0)),
+        (lambda: nn.RNN(EMB, 10, nonlinearity="relu", bidirectional=True), 20, (6, 0)),
+        (lambda: SubclassedLSTM(EMB, 10, proj_size=4, bidirectional=True), 8, (10, 4)),  # the _VF op rule
+    ],
+    ids=["lstm-3-layers-no-bias-proj", "lstm-bidir-no-bias-proj", "gru-3-layers", "rnn-relu-bidir", "vf-op"],
+)
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_layouts(make, out, sizes, unbatched):
+    """bias=False, proj_size (weights w_ih, w_hh, w_hr per layer), 3 layers, relu, time-major and unbatched
+    inputs, and the op rule's layout inference: pruned at 40% under prune_channels' oracle."""
+    torch.manual_seed(0)
+    model = Wrap(make(), out).eval()
+    x = torch.randn(5, 6) if unbatched else torch.randn(5, 2, 6)
+    pruned, _ = prune_channels(model, x, 0.4)
+    assert (pruned.rnn.input_size, pruned.rnn.hidden_size, pruned.rnn.proj_size) == (EMB - 6, *sizes)
+
+
 class FinalState(nn.Module):
     """Classifies a sequence from h_n and c_n (time-major, one direction, 2 layers) beside the outputs."""
 
