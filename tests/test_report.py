@@ -222,7 +222,10 @@ def test_headline_numbers_come_from_the_inputs(results: dict, tmp_path: Path) ->
     items = dict(headline(results))
     assert items["metric"] == (f"accuracy {d['accuracy']:.4f} → {p['accuracy']:.4f}, "
                                f"{100 * (p['accuracy'] - d['accuracy']):+.2f} points (worse)")
-    assert f"{d['params'] / p['nonzero_params']:.2f}x fewer non-zero parameters" in items["size"]
+    assert d["params"] == p["params"] and f"parameters {d['params']:,} (unchanged)" in items["size"]
+    nonzero = f"{d['nonzero_params'] / p['nonzero_params']:.2f}x"
+    nz = f"non-zero parameters {d['nonzero_params']:,} → {p['nonzero_params']:,} ({nonzero} fewer)"
+    assert nz in items["size"]
     # A masked model's safetensors file is as large as the dense one: the headline says so, not a saving.
     sizes = f"safetensors file {d['file_bytes'] / 2**20:.2f} → {p['file_bytes'] / 2**20:.2f} MiB"
     assert sizes in items["size"] and d["file_bytes"] == p["file_bytes"]
@@ -250,7 +253,8 @@ def test_headline_perplexity_and_missing_values() -> None:
            "pruned": {"accuracy": 26.0, "params": 10, "nonzero_params": 5}}
     items = dict(headline(res))
     assert items["metric"] == "perplexity 20.0000 → 26.0000, +30.0% (worse)"
-    assert items["size"] == "2.00x fewer non-zero parameters" and "speed" not in items
+    assert items["size"] == "parameters 10 (unchanged); non-zero parameters 10 → 5 (2.00x fewer)"
+    assert "speed" not in items
     assert headline({"dense": {}, "pruned": {}}) == []
 
 

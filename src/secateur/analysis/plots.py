@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "FRACTION_METRICS",
     "MIN_METRIC_SPAN",
+    "POINT_METRICS",
     "metric_axis",
     "plot_accuracy_vs_compression",
     "plot_latency_vs_macs",
@@ -28,8 +29,11 @@ __all__ = [
     "trajectory_points",
 ]
 
-#: Metrics that are fractions in [0, 1] (higher is better): their changes are reported in points.
+#: Metrics bounded by 1 whose y axis spans at least MIN_METRIC_SPAN (higher is better).
 FRACTION_METRICS = ("accuracy", "top-1 accuracy", "embedding cosine", "cosine", "f1", "exact match")
+#: Fraction metrics read as percentages: their changes are given in percentage points (a cosine's is
+#: given as the absolute change of the cosine).
+POINT_METRICS = ("accuracy", "top-1 accuracy", "f1", "exact match")
 #: The smallest y span of the accuracy-vs-compression plot below the dense value, for fraction metrics.
 MIN_METRIC_SPAN = 0.2
 
@@ -135,7 +139,8 @@ def plot_accuracy_vs_compression(results: dict[str, Any]) -> bytes | None:
         drop = ""
         if dense_y is not None:
             delta = pruned_pt[1] - dense_y
-            drop = f", {100 * delta:+.1f} pt" if fraction else f", {pruned_pt[1]:.3g}"
+            drop = (f", {100 * delta:+.1f} pt" if name in POINT_METRICS
+                    else f", {delta:+.3f}" if fraction else f", {pruned_pt[1]:.3g}")
         ax.plot(*pruned_pt, "*", ms=14, color="tab:red", label=f"this model ({pruned_pt[0]:.2f}x{drop})")
     values = [y for pts in series.values() for _, y in pts] + [t[1] for t in traj]
     values += [pruned_pt[1]] if pruned_pt else []

@@ -26,6 +26,7 @@ from torch import nn
 from secateur._torch import eval_mode
 from secateur.analysis.plots import (
     FRACTION_METRICS,
+    POINT_METRICS,
     plot_accuracy_vs_compression,
     plot_latency_vs_macs,
     plot_layer_kept,
@@ -39,6 +40,7 @@ __all__ = [
     "environment",
     "headline",
     "layer_comparison",
+    "metric_change_text",
     "plot_accuracy_vs_compression",
     "plot_latency_vs_macs",
     "plot_layer_kept",
@@ -301,31 +303,55 @@ def _metric(results: dict[str, Any]) -> tuple[str, float | None, float | None, b
     return name, value(d), value(p), higher
 
 
+def metric_change_text(name: str, dense: float, pruned: float) -> str:
+    """The change of a metric from ``dense`` to ``pruned`` in its own unit: percentage points for an
+    accuracy-like metric (:data:`~secateur.analysis.plots.POINT_METRICS`, fractions in [0, 1] read as
+    percentages), the absolute difference for a cosine (a value in [-1, 1], not a percentage), percent of
+    the dense value for any other metric (perplexity, loss)."""
+    if name in POINT_METRICS:
+        return f"{100 * (pruned - dense):+.2f} points"
+    if name in FRACTION_METRICS:
+        return f"{pruned - dense:+.4f}"
+    return f"{100 * (pruned - dense) / dense:+.1f}%" if dense else f"{pruned - dense:+.4g}"
+
+
 def _metric_change(results: dict[str, Any]) -> str | None:
     name, dv, pv, higher = _metric(results)
     if dv is None or pv is None:
         return None
-    if name in FRACTION_METRICS:
-        change = f"{100 * (pv - dv):+.2f} points"
-    else:
-        change = f"{100 * (pv - dv) / dv:+.1f}%" if dv else f"{pv - dv:+.4g}"
+    change = metric_change_text(name, dv, pv)
     better = (pv > dv) == higher if pv != dv else None
     verdict = "" if better is None else (" (better)" if better else " (worse)")
-    return f"{name} {dv:.4f} → {pv:.4f}, {change}{verdict}"
+    text = f"{name} {dv:.4f} → {pv:.4f}, {change}{verdict}"
+    chance = results.get("chance")
+    if name in POINT_METRICS and _num(chance) and dv < chance + 0.1:
+        text += (f"; the dense model is near chance ({chance:.2f}): untrained? train it first "
+                 "(secateur finetune), or the comparison says little")
+    return text
+
+
+def _count_change(label: str, d: Any, p: Any) -> str | None:
+    """``"<label> 1,000 → 500 (2.00x fewer)"``: the same quantity in both models and their ratio as the
+    table's dense / pruned column gives it (None when either count is missing)."""
+    if not (_num(d) and _num(p)):
+        return None
+    if d == p:
+        return f"{label} {int(d):,} (unchanged)"
+    ratio = _ratio(d, p)
+    return f"{label} {int(d):,} → {int(p):,} ({ratio} fewer)" if p < d else f"{label} {int(d):,} → {int(p):,}"
 
 
 def _size_change(d: dict[str, Any], p: dict[str, Any]) -> str | None:
-    parts = []
-    if _num(d.get("params")) and _num(p.get("nonzero_params")) and p["nonzero_params"]:
-        parts.append(f"{d['params'] / p['nonzero_params']:.2f}x fewer non-zero parameters")
+    parts = [_count_change("parameters", d.get("params"), p.get("params")),
+             _count_change("non-zero parameters", d.get("nonzero_params"), p.get("nonzero_params"))]
     if _num(d.get("macs")) and _num(p.get("macs")) and p["macs"] and d["macs"] != p["macs"]:
-        parts.append(f"{d['macs'] / p['macs']:.2f}x fewer MACs")
+        parts.append(f"{_ratio(d['macs'], p['macs'])} fewer MACs")
     for key, what in (("file_bytes", "safetensors"), ("compressed_bytes", "compressed"),
                       ("onnx_file_bytes", "ONNX")):
         if _num(d.get(key)) and _num(p.get(key)):
             parts.append(f"{what} file {d[key] / 2**20:.2f} → {p[key] / 2**20:.2f} MiB")
             break
-    return "; ".join(parts) or None
+    return "; ".join(x for x in parts if x) or None
 
 
 def _speed_change(results: dict[str, Any]) -> str | None:
@@ -343,9 +369,11 @@ def _speed_change(results: dict[str, Any]) -> str | None:
 
 def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
     """The report's headline, computed from ``results``: ``[(what, text), ...]`` for the metric change
-    (points for a fraction metric, percent otherwise), the size change (non-zero parameters, MACs, file
-    size on disk) and the speed-up (ratio of median latencies, flagged when the quartile ranges overlap);
-    an entry is left out when its inputs are missing."""
+    (:func:`metric_change_text`: points for accuracy, the absolute change of a cosine, percent otherwise;
+    a dense accuracy within 10 points of ``results["chance"]`` is flagged), the size change (parameters
+    and non-zero parameters each dense → pruned with the table's dense / pruned ratio, MACs, file size on
+    disk in MiB) and the speed-up (ratio of median latencies, flagged when the quartile ranges overlap); an
+    entry is left out when its inputs are missing."""
     d, p = results.get("dense") or {}, results.get("pruned") or {}
     items = [("metric", _metric_change(results)), ("size", _size_change(d, p)),
              ("speed", _speed_change(results))]
@@ -490,10 +518,15 @@ def _notes(results: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _plot_order(keys: Iterable[str], captions: dict[str, str] | None) -> list[tuple[str, str]]:
-    """``(key, caption)`` of the plots present: the standard ones in their order, then the extra ones."""
+def _plot_order(
+    keys: Iterable[str], captions: dict[str, str] | None, results: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """``(key, caption)`` of the plots present: the standard ones in their order (the metric plot named
+    after the task's metric), then the extra ones."""
     keys = list(keys)
-    std = [(k, c) for k, c in _PLOTS if k in keys]
+    name = _metric(results)[0]
+    own = {"accuracy_vs_compression": f"{name[:1].upper()}{name[1:]} vs compression"}
+    std = [(k, own.get(k, c)) for k, c in _PLOTS if k in keys]
     extra = [(k, (captions or {}).get(k, k)) for k in keys if k not in dict(_PLOTS)]
     return std + extra
 
@@ -575,7 +608,7 @@ def render_html(
         parts.append(f'<p class="muted">{html.escape(_deploy_note(results["deployment"]))}</p>')
     if plots:
         parts.append('<h2>Plots</h2><div class="plots">')
-        for key, caption in _plot_order(plots, captions):
+        for key, caption in _plot_order(plots, captions, results):
             b64 = base64.b64encode(plots[key]).decode("ascii")
             parts.append(
                 f'<figure id="plot-{html.escape(key)}"><img alt="{html.escape(caption)}" '
@@ -634,7 +667,7 @@ def render_markdown(
         lines += ["", _deploy_note(results["deployment"]), ""]
     if plot_files:
         lines += ["## Plots", ""]
-        for key, caption in _plot_order(plot_files, captions):
+        for key, caption in _plot_order(plot_files, captions, results):
             lines += [f"![{caption}]({plot_files[key]})", ""]
     if results.get("sweep"):
         lines += ["## Sweep", ""]

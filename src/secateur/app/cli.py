@@ -243,15 +243,12 @@ def _prune_summary(m: dict, recipe_name: str, out_dir: str) -> str:
         )
     sparse_ratio = d["sparse_macs"] / max(p["sparse_macs"], 1)
     lines.append(
-        f"sparsity reached {m['sparsity']:.4f} (the fraction the recipe removes); per example "
-        f"{m['macs_ratio']:.2f}x fewer MACs, {sparse_ratio:.2f}x fewer sparse MACs (multiplications by "
-        "non-zero weights)."
+        f"{_removed_sentence(m)}; per example {m['macs_ratio']:.2f}x fewer MACs, {sparse_ratio:.2f}x fewer "
+        "sparse MACs (multiplications by non-zero weights)."
     )
     saved = m["saved"]
-    lines += [
-        f"saved to {saved} (plan.json + model.safetensors; safetensors stores zeros densely); "
-        f"metrics in {out_dir}/metrics.json",
-    ]
+    stored = "; safetensors stores the zeros densely" if comp else ": removed channels are gone from it"
+    lines += [f"saved to {saved} (plan.json + model.safetensors{stored}); metrics in {out_dir}/metrics.json"]
     if comp:
         lines.append(
             f"compressed weights: {comp['path']} (secateur.io.compressed.load_compressed reads them back)"
@@ -261,6 +258,25 @@ def _prune_summary(m: dict, recipe_name: str, out_dir: str) -> str:
         f"      secateur report --dense {m['model']} --pruned saved:{saved}",
     ]
     return "\n".join(lines)
+
+
+#: What a channel recipe's ``target`` counts, as the prune summary names it.
+_TARGETS = {
+    "channels": "the channels", "params": "the parameters", "macs": "the MACs", "latency": "the latency"
+}
+
+
+def _removed_sentence(m: dict) -> str:
+    """``"removed 28.6% of the channels (recipe: 30%)"``: the achieved fraction of the recipe's target
+    quantity (channels of each group, weights in scope, ...) beside the fraction the recipe asks for."""
+    recipe = m.get("recipe") or {}
+    if recipe.get("granularity") == "channel":
+        what = _TARGETS.get(recipe.get("target"), f"the {recipe.get('target')}")
+    else:
+        what = "the weights in scope"
+    asked = recipe.get("sparsity")
+    asked_text = f" (recipe: {100 * asked:.3g}%)" if isinstance(asked, (int, float)) else ""
+    return f"removed {100 * m['sparsity']:.1f}% of {what}{asked_text}"
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:

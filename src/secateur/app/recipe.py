@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from secateur.errors import ConfigError
+from secateur.errors import ConfigError, did_you_mean
 from secateur.pruners.recipe import ONESHOT_METHODS, Recipe, parse_yaml
 
 __all__ = ["load_recipe", "shipped_recipes", "suited_kinds"]
@@ -26,17 +26,20 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
     """A recipe from a YAML file (:meth:`Recipe.from_yaml`), or a shipped recipe by name (``"gmp90"``).
 
     Raises:
-        ConfigError: neither an existing file nor a shipped name (the shipped ones are listed), or
+        ConfigError: neither an existing file nor a shipped name (the closest shipped name by
+            difflib's similarity is suggested, :func:`secateur.errors.did_you_mean`, and every shipped
+            one is listed), or
             whatever :meth:`Recipe.from_yaml` raises (the file and the fields at fault are named).
     """
     p = Path(path_or_name)
     if p.exists():
         return Recipe.from_yaml(p)
     name = str(path_or_name).removesuffix(".yaml")
-    if name not in shipped_recipes():
+    shipped = shipped_recipes()
+    if name not in shipped:
         raise ConfigError(
-            f"recipe {str(path_or_name)!r} is neither a file nor a shipped recipe; "
-            f"shipped: {shipped_recipes()}"
+            f"recipe {str(path_or_name)!r} is neither a file nor a shipped recipe"
+            f"{did_you_mean(name, shipped)}; shipped: {shipped} (secateur recipes describes each)"
         )
     text = resources.files("secateur.app.recipes").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     source = f"{name} (shipped)"

@@ -94,7 +94,7 @@ def run_report(
     from secateur.analysis.report import build_report, collect_results, layer_comparison
     from secateur.app.inputs import make_inputs
     from secateur.app.models import build_model
-    from secateur.app.run import check_forward, open_session
+    from secateur.app.run import chance_accuracy, check_forward, open_session
 
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch}")
@@ -121,8 +121,12 @@ def run_report(
         metric = {"name": s.metric, "dense": s.evaluator(dense), "pruned": s.evaluator(pruned)}
     else:
         stage("")
-    stage(f"counting and timing both models (latency: batch of {batch}, interleaved)")
     inputs = make_inputs(s.fields, dense, batch=batch)
+    stage(
+        f"counting both models and timing them: eager latency of a batch of {batch}, {repeats} timed blocks "
+        f"per model, dense and pruned interleaved ({_latency_estimate(dense, pruned, inputs, repeats)}; "
+        "--batch 1 --repeats 3 makes it quick)"
+    )
     acc = {}
     if metric:  # analysis.report reads the task metric's values under "accuracy", its name in metric_name
         acc = {"dense_accuracy": metric["dense"], "pruned_accuracy": metric["pruned"]}
@@ -151,6 +155,7 @@ def run_report(
         inputs,
         onnx_dir=Path(out_dir) / "onnx" if onnx else None,
         repeats=repeats,
+        progress=None if echo is not None else False,
         command=command,
         description=f"Dense {dense_spec} vs pruned {pruned_spec}. {_sentence(what)} "
         "Parameters and MACs per example (batch 1); latency per batch.",
@@ -165,6 +170,8 @@ def run_report(
     results["kind"] = s.kind.label
     if metric:
         results["metric"] = metric
+        if metric["name"] == "accuracy":
+            results["chance"] = chance_accuracy(s.data)
         results["metric_name"] = _REPORT_NAMES.get(metric["name"], metric["name"])
         results["higher_is_better"] = metric["name"] != "perplexity"
         results["dense"][metric["name"]] = metric["dense"]
@@ -181,6 +188,28 @@ def run_report(
     return {"results": results, "paths": paths, "summary": summary(results, paths)}
 
 
+def _latency_estimate(dense: Any, pruned: Any, inputs: Any, repeats: int, warmup: int = 3) -> str:
+    """How long the latency stage will take, from one timed forward of each model on ``inputs`` after one
+    untimed call: ``(repeats + warmup + 1) x (dense + pruned)`` seconds (blocks hold one call at least)."""
+    import torch
+
+    def call(model: Any) -> Any:
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+    seconds = []
+    with torch.no_grad():
+        for model in (dense, pruned):
+            call(model)
+            t = time.perf_counter()
+            call(model)
+            seconds.append(time.perf_counter() - t)
+    total = (repeats + warmup + 1) * sum(seconds)
+    return (f"one forward takes {1e3 * seconds[0]:.0f} ms dense, {1e3 * seconds[1]:.0f} ms pruned: about "
+            f"{total:.0f} s at least")
+
+
 #: The task metric's name in the HTML report.
 _REPORT_NAMES = {"cosine": "embedding cosine"}
 
@@ -192,7 +221,7 @@ def _sentence(text: str) -> str:
 
 def summary(results: dict[str, Any], paths: dict[str, Any]) -> str:
     """One screen: the metric, parameters, MACs per example, latency, size on disk, and the files written."""
-    from secateur.app.summary import count_rows, human_bytes, metric_row, rows_table
+    from secateur.app.summary import count_rows, human_bytes, metric_row, rows_table, size_change
 
     d, p = results["dense"], results["pruned"]
     rows = metric_row(results.get("metric", {}).get("name"), d, p) + count_rows(d, p)
@@ -217,7 +246,7 @@ def summary(results: dict[str, Any], paths: dict[str, Any]) -> str:
         )
     if d.get("size_on_disk_bytes") or p.get("size_on_disk_bytes"):
         sd, sp = d.get("size_on_disk_bytes"), p.get("size_on_disk_bytes")
-        change = f"{sp / sd:.3f}x" if sd and sp else ""
+        change = size_change(sd, sp) if sd and sp else ""
         rows.append(("size on disk", human_bytes(sd) if sd else "-", human_bytes(sp) if sp else "-", change))
     recipe = results.get("recipe") or {}
     lines = [

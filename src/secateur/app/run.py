@@ -29,6 +29,7 @@ from secateur.pruners.recipe import Recipe
 
 __all__ = [
     "Session",
+    "chance_accuracy",
     "check_forward",
     "evaluate_accuracy",
     "finetune_model",
@@ -372,7 +373,7 @@ def _recalibrate(model: nn.Module, recipe: Recipe, train_loader: Any) -> int:
 
 
 
-def _chance(data: Any) -> float | None:
+def chance_accuracy(data: Any) -> float | None:
     """Accuracy of guessing, ``1 / classes``, for class-labelled image data (None when unknown)."""
     if data.classes:
         return 1.0 / len(data.classes)
@@ -541,7 +542,7 @@ def run(
         "inputs_from": s.fields_source,
         "metric": s.metric,
         "macs_per": "example",
-        "chance": _chance(s.data),
+        "chance": chance_accuracy(s.data),
         "dense": dense,
         "pruned": pruned,
         "sparsity": result["sparsity"],

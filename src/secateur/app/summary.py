@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["count_rows", "fmt_metric", "human_bytes", "metric_row", "rows_table"]
+__all__ = ["count_rows", "fmt_metric", "human_bytes", "metric_row", "rows_table", "size_change"]
 
 Row = tuple[str, str, str, str]
 
@@ -13,12 +13,22 @@ def fmt_metric(name: str, value: float) -> str:
 
 
 def human_bytes(n: float) -> str:
-    """``n`` bytes in decimal units (``1.2 MB``)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} GB"
+    """``n`` bytes in binary units, as every report and doc of secateur gives sizes: ``"86.66 MiB"``
+    (1 KiB = 1024 B, 1 MiB = 2**20 B, 1 GiB = 2**30 B; two decimals, whole bytes below 1 KiB)."""
+    if n < 1024:
+        return f"{n:,.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:,.2f} {unit}"
+    return f"{n / 1024:,.2f} GiB"
+
+
+def size_change(dense: float, pruned: float) -> str:
+    """The change of a size on disk written as counts are: ``dense / pruned`` "x smaller" (or "x larger")."""
+    if pruned <= dense:
+        return f"{dense / max(pruned, 1):.2f}x smaller"
+    return f"{pruned / max(dense, 1):.2f}x larger"
 
 
 def rows_table(rows: list[Row]) -> str:

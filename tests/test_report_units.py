@@ -1,0 +1,152 @@
+"""Report and CLI summaries say each quantity in its own unit (issue 16, new-user findings of session 5).
+
+- the headline states parameters and non-zero parameters separately, each dense → pruned with the ratio
+  of like to like, equal to the table's dense / pruned cell;
+- a cosine's change is its absolute change, an accuracy's is in points; the metric plot is named after it;
+- sizes are in MiB (2**20 bytes) everywhere, console included;
+- a dense accuracy near chance is flagged in the report headline;
+- an unknown recipe name gets a "did you mean" and nothing is written;
+- ``collect_results(deployment=...)`` measures both models in every runtime and the report renders it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from secateur.analysis.report import build_report, collect_results, headline, metric_change_text, summary_rows
+from secateur.app.cli import main
+
+
+def _results(dense: dict, pruned: dict, **extra) -> dict:
+    return {"dense": dense, "pruned": pruned, **extra}
+
+
+def _table(res: dict) -> dict[str, str]:
+    return {row[0]: row[3] for row in summary_rows(res)}
+
+
+def test_headline_ratios_compare_like_with_like_and_match_the_table() -> None:
+    # A compacted model whose dense twin already holds zeros (BatchNorm biases start at 0).
+    res = _results({"params": 77_754, "nonzero_params": 77_418, "macs": 1000},
+                   {"params": 39_736, "nonzero_params": 39_736, "macs": 500})
+    size = dict(headline(res))["size"]
+    table = _table(res)
+    assert table["parameters"] == f"{77_754 / 39_736:.2f}x" == "1.96x"
+    assert table["non-zero parameters"] == f"{77_418 / 39_736:.2f}x" == "1.95x"
+    assert f"parameters 77,754 → 39,736 ({table['parameters']} fewer)" in size
+    assert f"non-zero parameters 77,418 → 39,736 ({table['non-zero parameters']} fewer)" in size
+    assert "2.00x fewer MACs" in size
+    # A masked model: same parameter count, fewer non-zeros; the headline does not divide across them.
+    res = _results({"params": 1000, "nonzero_params": 1000}, {"params": 1000, "nonzero_params": 125})
+    size = dict(headline(res))["size"]
+    assert size == "parameters 1,000 (unchanged); non-zero parameters 1,000 → 125 (8.00x fewer)"
+
+
+def test_metric_changes_in_their_own_unit() -> None:
+    assert metric_change_text("accuracy", 0.095, 0.173) == "+7.80 points"
+    assert metric_change_text("embedding cosine", 1.0, 0.7213) == "-0.2787"
+    assert metric_change_text("cosine", 0.9, 0.95) == "+0.0500"
+    assert metric_change_text("perplexity", 20.0, 26.0) == "+30.0%"
+    res = _results({"accuracy": 1.0, "params": 10, "nonzero_params": 10},
+                   {"accuracy": 0.7213, "params": 8, "nonzero_params": 8}, metric_name="embedding cosine")
+    assert dict(headline(res))["metric"] == "embedding cosine 1.0000 → 0.7213, -0.2787 (worse)"
+
+
+def test_report_flags_a_dense_model_near_chance_and_names_the_plot_after_the_metric(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    res = _results({"accuracy": 0.095, "params": 100, "nonzero_params": 100},
+                   {"accuracy": 0.173, "params": 50, "nonzero_params": 50}, chance=0.1)
+    metric = dict(headline(res))["metric"]
+    assert metric.startswith("accuracy 0.0950 → 0.1730, +7.80 points (better); "
+                             "the dense model is near chance (0.10)")
+    res["dense"]["accuracy"] = 0.85  # a trained model: no flag
+    assert "near chance" not in dict(headline(res))["metric"]
+    res = _results({"accuracy": 1.0, "params": 100, "nonzero_params": 100},
+                   {"accuracy": 0.72, "params": 50, "nonzero_params": 50}, metric_name="embedding cosine")
+    md = build_report(res, tmp_path)["md"].read_text()
+    assert "![Embedding cosine vs compression](report_accuracy_vs_compression.png)" in md
+    assert "Accuracy vs compression" not in md and "points" not in md
+
+
+def test_sizes_are_binary_units_everywhere() -> None:
+    from secateur.app.summary import human_bytes, size_change
+
+    assert human_bytes(90_870_000) == f"{90_870_000 / 2**20:.2f} MiB" == "86.66 MiB"
+    assert human_bytes(512) == "512 B" and human_bytes(2048) == "2.00 KiB"
+    assert human_bytes(3 * 2**30) == "3.00 GiB"
+    assert size_change(4 * 2**20, 2**20) == "4.00x smaller" and size_change(1, 2) == "2.00x larger"
+    res = _results({"file_bytes": 90_870_000}, {"file_bytes": 83_220_000})
+    assert _table(res)["size on disk, safetensors (MiB)"] == f"{90_870_000 / 83_220_000:.2f}x"
+    assert "safetensors file 86.66 → 79.36 MiB" in dict(headline(res))["size"]
+
+
+def test_prune_summary_says_what_was_removed_against_what_was_asked() -> None:
+    from secateur.app.cli import _removed_sentence
+
+    m = {"sparsity": 0.2857, "recipe": {"granularity": "channel", "target": "channels", "sparsity": 0.3}}
+    assert _removed_sentence(m) == "removed 28.6% of the channels (recipe: 30%)"
+    m = {"sparsity": 0.9, "recipe": {"granularity": "element", "target": "weights", "sparsity": 0.9}}
+    assert _removed_sentence(m) == "removed 90.0% of the weights in scope (recipe: 90%)"
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_unknown_recipe_name_gets_did_you_mean_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("the user's file")
+    before = _tree_digest(tmp_path)
+    res = CliRunner().invoke(main, ["prune", "--model", "zoo:lenet5", "--recipe", "gmp9",
+                                    "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1
+    assert "recipe 'gmp9' is neither a file nor a shipped recipe (did you mean 'gmp90'?)" in res.output
+    assert "'l1_filters_30'" in res.output  # every shipped name is listed too
+    assert _tree_digest(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_collect_results_with_deployment_measures_both_models_in_every_runtime(tmp_path: Path) -> None:
+    for mod in ("onnx", "onnxscript", "onnxruntime", "matplotlib"):
+        pytest.importorskip(mod)
+    from secateur.analysis.deploy import weights_file
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).train()
+    pruned = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).train()
+    before = copy.deepcopy(dense.state_dict())
+    res = collect_results(
+        dense, pruned, torch.randn(3, 16), latency=False, memory=False, sizes=False, progress=False,
+        deployment={"batch_sizes": (2,), "repeats": 2, "warmup": 1, "block_ms": 1.0, "compiled": None},
+    )
+    assert dense.training and pruned.training  # modes restored
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())
+    rows = res["deployment"]
+    runtimes = ("eager", "onnxruntime-fp32", "onnxruntime-int8")
+    assert [(r["model"], r["runtime"], r["batch_size"]) for r in rows] == [
+        (m, rt, 2) for m in ("dense", "pruned") for rt in runtimes
+    ]
+    for r in rows:
+        assert r["n"] == 2 and r["threads"] == 1 and r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
+        if r["runtime"] == "onnxruntime-fp32":
+            assert r["check"]["within_tolerance"], r
+    int8 = [r for r in rows if r["runtime"] == "onnxruntime-int8"]
+    assert {r["quantization"] for r in int8} == {"dynamic"}  # no convolution, no calibration: dynamic
+    eager = {r["model"]: r["size_bytes"] for r in rows if r["runtime"] == "eager"}
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        assert eager[name] == weights_file(model, tmp_path / f"{name}.safetensors").stat().st_size
+    assert eager["pruned"] < eager["dense"]
+    out = build_report(res, tmp_path / "report")
+    md = out["md"].read_text()
+    assert "## Deployment: runtimes side by side" in md
+    for r in rows:
+        line = (f"| {r['model']} | {r['runtime']} | {r['batch_size']} | {r['median_ms']:.3f} ± "
+                f"{r['iqr_ms']:.3f} | {r['speedup']:.2f}x | {r['size_bytes'] / 2**20:.2f} |")
+        assert line in md
+    assert "<h2>Deployment: runtimes side by side</h2>" in out["html"].read_text()
