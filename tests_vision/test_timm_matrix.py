@@ -157,7 +157,6 @@ REFUSALS: dict[str, tuple[type, str]] = {
     "halonet_h1": (GraphError, r"op 'unfold' in module 'stages\.0\.0\.self_attn'"),
     "mobilenetv5_base": (GraphError, r"op 'mean' in module 'conv_stem\.bn'"),
     "sam2_hiera_tiny": (UnsupportedOpError, r"op 'tile' in module '<root>'"),
-    "sequencer2d_s": (UnsupportedOpError, r"op 'lstm' in module 'stages\.0\.blocks\.0\.rnn_tokens\.rnn_v'"),
     "volo_d1_224": (UnsupportedOpError, r"op 'fold' in module 'network\.0\.0\.attn'"),
 }
 
