@@ -150,3 +150,34 @@ def test_collect_results_with_deployment_measures_both_models_in_every_runtime(t
                 f"{r['iqr_ms']:.3f} | {r['speedup']:.2f}x | {r['size_bytes'] / 2**20:.2f} |")
         assert line in md
     assert "<h2>Deployment: runtimes side by side</h2>" in out["html"].read_text()
+
+
+def test_prune_summary_sizes_dense_and_pruned_in_mib() -> None:
+    from secateur.app.cli import _prune_summary
+
+    counts = {"params": 100, "nonzero_params": 100, "macs": 1000, "sparse_macs": 1000}
+    m = {"model": "hf:/m", "kind": "text encoder", "data": "d", "input_spec": "int64[1,8]",
+         "inputs_from": "x", "metric": "cosine", "chance": None, "bn_batches": 0, "sparsity": 0.5,
+         "macs_ratio": 1.0,
+         "saved": "runs/x/model", "saved_bytes": 2 * 2**20, "dense_bytes": 8 * 2**20,
+         "recipe": {"granularity": "2:4", "target": "weights"},
+         "compressed": {"format": "sparse-24-bitmask", "bytes": 2**20, "path": "runs/x/c.safetensors"},
+         "dense": {**counts, "cosine": 1.0}, "pruned": {**counts, "cosine": 0.9}}
+    text = _prune_summary(m, "wanda_2_4", "runs/x")
+    size = next(line for line in text.splitlines() if line.startswith("size on disk"))
+    assert size.split()[-6:] == ["8.00", "MiB", "2.00", "MiB", "4.00x", "smaller"]
+    comp = next(line for line in text.splitlines() if "sparse-24-bitmask" in line and "MiB" in line)
+    assert comp.rstrip().endswith("1.00 MiB  2.00x smaller than saved")
+    assert "removed 50.0% of the weights in scope" in text and "stores the zeros densely" in text
+    assert " MB" not in text
+
+
+def test_fashion_mnist_subset_says_how_many_images_of_each_split() -> None:
+    from secateur.app.datasources import load_task_data
+    from secateur.app.inputs import parse_input_spec
+
+    data = load_task_data("fashion-mnist", parse_input_spec("float32[1,1,28,28]"), subset=300)
+    assert sum(len(y) for _, y in data.test) == sum(len(y) for _, y in data.train) == 300
+    assert data.description == (
+        "the first 300 Fashion-MNIST test images (and the first 300 training images)"
+    )

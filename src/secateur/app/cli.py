@@ -206,14 +206,22 @@ def prune(
 
 def _prune_summary(m: dict, recipe_name: str, out_dir: str) -> str:
     """One screen: what ran, the dense/pruned table, what the metric means, where it is saved, next steps."""
-    from secateur.app.summary import count_rows, human_bytes, metric_row, rows_table
+    from secateur.app.summary import count_rows, human_bytes, metric_row, rows_table, size_change
 
     d, p = m["dense"], m["pruned"]
     rows = metric_row(m.get("metric"), d, p) + count_rows(d, p)
-    rows.append(("size on disk (weights + plan)", "", human_bytes(m["saved_bytes"]), ""))
+    dense_bytes = m.get("dense_bytes")
+    rows.append(
+        (
+            "size on disk (weights + plan)",
+            human_bytes(dense_bytes) if dense_bytes else "-",
+            human_bytes(m["saved_bytes"]),
+            size_change(dense_bytes, m["saved_bytes"]) if dense_bytes else "",
+        )
+    )
     comp = m.get("compressed")
     if comp:
-        ratio = f"{comp['bytes'] / max(m['saved_bytes'], 1):.3f}x"
+        ratio = size_change(m["saved_bytes"], comp["bytes"]) + " than saved"
         rows.append((f"  {comp['format']}", "", human_bytes(comp["bytes"]), ratio))
     lines = [
         f"secateur prune: {m['model']} ({m['kind']}) with recipe {recipe_name}",

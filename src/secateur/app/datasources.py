@@ -457,7 +457,10 @@ def load_task_data(
             n_train = train.num_examples
             desc = f"the {test.num_examples:,} Fashion-MNIST test images ({n_train:,} training images)"
         else:
-            desc = f"the first {test.num_examples:,} Fashion-MNIST test images (and training images)"
+            desc = (
+                f"the first {test.num_examples:,} Fashion-MNIST test images (and the first "
+                f"{train.num_examples:,} training images)"
+            )
         return TaskData(
             "images",
             desc,
