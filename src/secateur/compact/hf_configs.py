@@ -11,7 +11,9 @@ them differs, and decides whether plain ``transformers`` ``from_pretrained`` can
   heads are expressible only when the hidden size shrinks in the same proportion (e.g. ``prune_normalized
   =True`` with 4 -> 3 heads and hidden 32 -> 24); otherwise the config field at fault is
   ``num_attention_heads``. Llama, Mistral, Qwen2/3, Gemma 3, Phi-3, OLMo-2, ViT, DeiT, BEiT, DINOv2 read
-  ``head_dim``; T5 reads ``d_kv``: their uniform head counts are expressible.
+  ``head_dim``; T5 reads ``d_kv``: their uniform head counts are expressible. Falcon's query heads
+  (multi-query and grouped fused QKV, :mod:`secateur.llm.gqa`) fall under the first case: fewer query heads
+  with the hidden size whole are named at ``num_attention_heads``.
 - **MLP width hard-coded**: Bloom and MPT build their MLP as ``4 * hidden_size`` (MPT's ``expansion_ratio``
   is not read): a pruned MLP is never expressible; the field at fault is ``hidden_size`` (the MLP width is
   derived from it).
@@ -67,9 +69,11 @@ HEAD_SIZE_FROM_HIDDEN: dict[str, tuple[str, str]] = {
 MLP_FROM_HIDDEN: dict[str, tuple[str, int]] = {"bloom": ("hidden_size", 4), "mpt": ("d_model", 4)}
 
 _HEADS_FIX = (
-    "leave the attention heads whole (prune the MLP only), or prune the hidden size in the same proportion "
-    "as the heads (prune_normalized=True, round_to=<head count>: hidden_size = heads x head size), "
-    "or save with secateur.save_pretrained (secateur.from_pretrained rebuilds any pruned shape)"
+    "leave the attention heads whole (prune the MLP only: protect the attention modules, or "
+    "prune_channels(..., loadable=True), whose default round_to=8 leaves head groups of fewer than 8 heads "
+    "whole), or prune the hidden size to exactly heads x head size (prune_normalized=True, e.g. 4 -> 3 heads "
+    "of size 8 with hidden 32 -> 24), or save with secateur.save_pretrained (secateur.from_pretrained "
+    "rebuilds any pruned shape)"
 )
 _MLP_FIX = (
     "leave the MLP whole (protect=[...mlp modules]) and prune heads and hidden size only, or save with "
