@@ -198,6 +198,11 @@ def prune(
         )
     except SecateurError as e:
         _fail(e)
+    from secateur.app.export import disk_sizes
+
+    dense_files = disk_sizes(model_spec)  # hf: / saved: specs; a zoo or factory model has no file
+    if dense_files:
+        m["dense_bytes"] = dense_files["size_on_disk_bytes"]
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return

@@ -480,7 +480,6 @@ def run(
     Returns:
         ``{"model", "recipe", "kind", "data", "input_spec", "inputs_from", "metric", "macs_per": "example",
         "dense", "pruned", "sparsity", "macs_ratio", "bn_batches", "history", "saved", "saved_bytes",
-        "dense_bytes" (the dense model's weight files on disk, for ``hf:`` and ``saved:`` specs),
         "compressed" (element and N:M recipes: ``{"path", "format", "bytes"}`` of
         ``out_dir/model.compressed.safetensors``), "seconds"}``; ``dense``/``pruned`` hold params,
         nonzero_params, macs, sparse_macs (per example) and the metric under its name (``accuracy``,
@@ -490,7 +489,6 @@ def run(
         ConfigError: a recipe the data cannot drive (fine-tuning on text), and what :func:`open_session`
             and :func:`prune_with_recipe` raise.
     """
-    from secateur.app.export import disk_sizes
     from secateur.io import save
     from secateur.train import seed_everything
 
@@ -564,9 +562,6 @@ def run(
         s.tokenizer.save_pretrained(str(out / "model"))
     metrics["saved"] = str(out / "model")
     metrics["saved_bytes"] = folder_bytes(out / "model", ("model.safetensors", "plan.json"))
-    dense_files = disk_sizes(model_spec)  # hf: / saved: specs; a zoo or factory model has no file
-    if dense_files:
-        metrics["dense_bytes"] = dense_files["size_on_disk_bytes"]
     if recipe.granularity != "channel":  # zeros in place: safetensors stores them; a bitmask layout does not
         metrics["compressed"] = _save_compressed(model, recipe, out / "model.compressed.safetensors")
     metrics["seconds"] = time.perf_counter() - t0
