@@ -176,6 +176,11 @@ def planned_load_problems(model: nn.Module, plan: Mapping) -> list[str]:
             continue
         planned = {k: v for k, v in changes.items() if not k.startswith("_inconsistent_")}
         out += unexpressible_fields(getattr(sub, "model_type", None), sub, planned, shapes)
+    if not out and why.startswith("transformers rejects"):
+        why += (
+            "; choose counts transformers accepts (a head count that divides the hidden size: another "
+            "sparsity or round_to), or leave the heads whole"
+        )
     return out or [_unwritable_tensors(model, plan, shapes) or why]
 
 
