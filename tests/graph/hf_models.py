@@ -773,6 +773,8 @@ HF_MODELS: dict[str, Callable] = {
         electra,
         xlm_roberta,
         poolformer,
+        fnet,
+        convnextv2,
         levit,
         mobilevit,
         segformer,
@@ -781,11 +783,9 @@ HF_MODELS: dict[str, Callable] = {
 }
 #: Architectures whose structure the dependency graph refuses today, with the op it names: builder name ->
 #: (builder, op). tests/graph/test_hf_reload.py asserts the named refusal while no rule is registered for the
-#: op, and the full matrix check once one is.
-HF_PENDING_RULES: dict[str, tuple[Callable, str]] = {
-    "fnet": (_reinitialised(fnet), "fft_fftn"),
-    "convnextv2": (_reinitialised(convnextv2), "linalg_vector_norm"),
-}
+#: op, and the full matrix check once one is. Empty since issue 17: FNet (``fft_fftn``) and ConvNeXt-V2
+#: (``linalg_vector_norm``) moved to HF_MODELS (secateur.graph.rules_ops).
+HF_PENDING_RULES: dict[str, tuple[Callable, str]] = {}
 #: Decoder LMs and text encoders of the matrix (the save_pretrained -> plain transformers reload tests).
 DECODER_LMS = (
     "gpt2",

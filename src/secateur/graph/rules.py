@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from secateur._torch import iter_tensors, op_name
+from secateur.graph.rules_ops import op_rules
 from secateur.graph.tracer import ModuleRule, OpContext, Rule
 
 RULES: dict[str, Rule] = {}
@@ -632,7 +633,8 @@ register_rule("expand expand_as broadcast_to".split(), expand_rule)
 
 
 def repeat_rule(ctx: OpContext) -> None:
-    """repeat (tile) and repeat_interleave: repeated channel dims map each copy to the same atoms."""
+    """repeat and repeat_interleave: repeated channel dims map each copy to the same atoms (``tile``:
+    :func:`secateur.graph.rules_ops.tile_rule`)."""
     x = ctx.args[0]
     out = _first_out(ctx)
     dims = ctx.dims(x)
@@ -901,15 +903,27 @@ register_rule(
 )
 
 
+def _n_spatial(name: str, ndim: int) -> int:
+    """Spatial dims of a pooling / interpolation op: the digit in its name (``max_pool2d``: 2), else all but
+    batch and channels (``interpolate``)."""
+    for k in (1, 2, 3):
+        if f"{k}d" in name:
+            return min(k, ndim)
+    return max(ndim - 2, 0)
+
+
 def spatial_rule(ctx: OpContext) -> None:
-    """Pooling/interpolation/unfold over spatial dims: channels (dim 1, or dim 0 unbatched) pass through."""
+    """Pooling/interpolation over the last 1-3 (spatial) dims: the channel dim before them (dim 1, or dim 0
+    unbatched) and the batch dim pass through; the spatial dims are resampled, so atoms there (a position
+    embedding's grid, channels pooled by mistake) are frozen."""
     x = ctx.args[0]
-    dims = ctx.dims(x)
+    dims = list(ctx.dims(x))
+    ns = _n_spatial(ctx.name, len(dims))
+    for d in dims[len(dims) - ns :]:
+        ctx.freeze(d, f"'{ctx.name}' pools or resamples over this dim")
+    kept = dims[: len(dims) - ns] + [None] * ns
     for out in iter_tensors(ctx.out):
-        if out.dim() == x.dim():
-            ctx.set_dims(out, [dims[0], dims[1]] + [None] * (out.dim() - 2) if x.dim() >= 2 else dims)
-        else:
-            ctx.set_dims(out, [None] * out.dim())
+        ctx.set_dims(out, kept if out.dim() == x.dim() else [None] * out.dim())
 
 
 register_rule(
@@ -922,16 +936,10 @@ register_rule(
 )
 
 
-def unfold_rule(ctx: OpContext) -> None:
-    """F.unfold (im2col): (B, C, H, W) -> (B, C*k*k, L), each channel repeated k*k times."""
-    x = ctx.args[0]
-    out = _first_out(ctx)
-    c = ctx.dims(x)[1]
-    res = [ctx.dims(x)[0], None if c is None else np.repeat(c, out.shape[1] // x.shape[1]), None]
-    ctx.set_dims(out, res)
-
-
-register_rule("unfold", unfold_rule)
+# tile, Tensor.unfold / F.unfold (im2col), F.fold (col2im), linalg norms, torch.fft, complex views: the
+# dims each couples, passes or mixes are tabled in secateur.graph.rules_ops
+for _name, _rule in op_rules().items():
+    register_rule(_name, _rule)
 
 
 def pixel_shuffle_rule(ctx: OpContext) -> None:
