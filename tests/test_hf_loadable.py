@@ -202,3 +202,22 @@ def test_falcon_fused_qkv_loses_query_heads_evenly_per_kv_group(tmp_path, name, 
         pruned.save_pretrained(tmp_path / "plain")
     sc.save_pretrained(pruned, tmp_path / "sc", plan)
     assert torch.equal(_logits(sc.from_pretrained(tmp_path / "sc"), x), _logits(pruned, x))
+
+
+def test_falcon_fused_multi_head_attention_has_no_query_heads_to_remove_evenly():
+    """Falcon's new decoder architecture with as many KV heads as query heads (n_rep 1) is multi-head
+    attention: gqa='query_heads' names that instead of misreading the fused layout."""
+    cfg = transformers.FalconConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=4,
+        new_decoder_architecture=True,
+        ffn_hidden_size=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(cfg).eval()
+    ids = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="gqa='query_heads': no grouped-query attention"):
+        prune_decoder(model, [ids], {"heads": 0.5}, what=("heads",), layers=[0, 1], gqa="query_heads")

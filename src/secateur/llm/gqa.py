@@ -170,8 +170,8 @@ def _one_attention(graph: DependencyGraph, path: str, layer: int, splits: list) 
     counts = sorted({ev.n_outer for ev in splits})
     module = graph.model.get_submodule(path)
     fused = _fused_query_heads(module, counts)
-    if fused is not None:
-        return _fused_attention(graph, path, layer, splits, *fused)
+    if fused is not None:  # one query head per KV head (n_rep 1) is multi-head attention: nothing to do
+        return None if fused[0] == fused[1] else _fused_attention(graph, path, layer, splits, *fused)
     n_heads, n_kv = counts[-1], _kv_heads(module, path, counts)
     dims = {ev.inner for ev in splits}
     if n_heads == n_kv:
@@ -210,15 +210,15 @@ def _int_attr(module: nn.Module, names: Sequence[str]) -> int | None:
 
 def _fused_query_heads(module: nn.Module, counts: list[int]) -> tuple[int, int] | None:
     """``(Hq, Hkv)`` when the trace split one fused projection into ``Hq + 2 Hkv`` heads (the module's head
-    count ``Hq`` and query-per-KV ``n_rep``): with one KV head that is the only split (multi-query attention),
+    count ``Hq`` and query-per-KV ``n_rep >= 1``): with one KV head that is the only split (multi-query),
     with several the KV-group split ``Hkv`` is traced too (Falcon's ``(Hkv, n_rep + 2, head_dim)``); else
     None."""
     n_heads, rep = _int_attr(module, HEAD_ATTRS), _int_attr(module, KV_GROUP_ATTRS)
-    if n_heads is None or rep is None or rep < 2 or n_heads % rep:
+    if n_heads is None or rep is None or rep < 1 or n_heads % rep:
         return None
     n_kv = n_heads // rep
     slots = n_heads + 2 * n_kv
-    if counts == [slots] and n_kv == 1 or counts == [n_kv, slots] and n_kv > 1:
+    if (counts == [slots] and n_kv == 1) or (counts == [n_kv, slots] and n_kv > 1):
         return n_heads, n_kv
     return None
 
