@@ -37,6 +37,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,8 @@ def run(label: str, names: list[str] | None, resume: bool, normalized: bool) -> 
     path = CACHE / f"vision_removed_{label}.json"
     data = load(path) if (resume or names) else {}
     data.setdefault("models", {})
+    for rec in data["models"].values():  # each record keeps the commit it was measured with
+        rec.setdefault("commit", data.get("source", {}).get("commit", "?"))
     data["source"] = secateur_source()
     data["torch"], data["timm"], data["threads"] = (
         torch.__version__,
@@ -164,7 +167,12 @@ def run(label: str, names: list[str] | None, resume: bool, normalized: bool) -> 
         model = timm.create_model(name, pretrained=False).eval()
         s = sizes.get(name, 64)
         x = torch.randn(1, 3, s, s)
-        rec = {"family": fam, "input": s, "load": round(os.getloadavg()[0], 2)}
+        rec = {
+            "family": fam,
+            "input": s,
+            "load": round(os.getloadavg()[0], 2),
+            "commit": data["source"]["commit"],
+        }
         rec.update(prune_record(model, x, prune_and_check, ratio=RATIO, skip_incompatible=True))
         if normalized:
             rec["normalized"] = prune_record(
@@ -234,6 +242,19 @@ def table(before: dict[str, dict], after: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
+def commits(models: dict[str, dict], source: dict[str, Any]) -> str:
+    """The commits the records were measured with: `abc1234` for one, else each with its models (the
+    most common commit with its count only)."""
+    by: dict[str, list[str]] = {}
+    for n, r in sorted(models.items()):
+        by.setdefault(r.get("commit", source.get("commit", "?"))[:7], []).append(n)
+    ranked = sorted(by.items(), key=lambda kv: -len(kv[1]))
+    if len(ranked) == 1:
+        return f"`{ranked[0][0]}`"
+    head = f"`{ranked[0][0]}` for {len(ranked[0][1])} models"
+    return "; ".join([head, *(f"`{k}` for {', '.join(v)}" for k, v in ranked[1:])])
+
+
 def render() -> None:
     """Combine the caches into the results JSON and write the docs section (text around it is kept)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -245,7 +266,7 @@ def render() -> None:
     result["versions"] = {
         label: {k: r.get(k) for k in ("torch", "timm", "threads")} for label, r in runs.items()
     }
-    result["command"] = __doc__.split("\n\n")[1].strip() if __doc__ else ""
+    result["command"] = textwrap.dedent(__doc__.split("\n\n")[1]).strip() if __doc__ else ""
     result["platform"] = platform.platform()
     save(RESULTS, result)
     loads = [r["load"] for label in ("before", "after") for r in result[label].values()]
@@ -254,8 +275,8 @@ def render() -> None:
         "Every timm matrix model up to 100M parameters, pruned by the matrix's own call (30% of every group, "
         "seeded random criterion, float64 oracle, `skip_incompatible=True` so that groups the model's code "
         "breaks are left whole and the rest is removed), with secateur just before the symbolic sizes "
-        f"(`{c['before'].get('commit', '?')[:7]}`, the parent of `2f6d743`) and after "
-        f"(`{c['after'].get('commit', '?')[:7]}`). Removed = 1 - after/before of the parameters and of "
+        f"({commits(result['before'], c['before'])}, the parent of `2f6d743`) and after "
+        f"({commits(result['after'], c['after'])}). Removed = 1 - after/before of the parameters and of "
         "`count_macs` (dense MACs of one forward on the matrix's input); a refused or failed model counts "
         "as 0 removed. Rows: the models where the outcome or a count changed.",
         "### Default graph (the matrix's: widths normalised by LayerNorm frozen)",
@@ -271,7 +292,7 @@ def render() -> None:
             table(*norm),
         ]
     notes = [
-        f"- {label} {n}: {r['outcome']}: {r['error']}"
+        f"- {label} {n}: {r['outcome']}: {r['error'][:110]}"
         for label in ("before", "after")
         for n, r in sorted(result[label].items())
         if r["outcome"] in ("refused", "failed")

@@ -163,3 +163,12 @@ def test_the_table_lists_only_changed_models_and_counts_and_medians_over_all(ben
     assert "| median per model | 10.0% | 30.0% |" in text
     assert "| pooled (sum) | 10.0% | 30.0% |" in text
     assert "outcomes before: partial 1, pass 1, refused 1" in text and "outcomes after: pass 3" in text
+
+
+def test_each_record_is_credited_to_the_commit_it_was_measured_with(bench):
+    mod, _ = bench
+    models = {n: {"commit": "a" * 40} for n in ("m1", "m2", "m3")}
+    assert mod.commits(models, {}) == "`aaaaaaa`"
+    models["m2"]["commit"] = "b" * 40
+    del models["m3"]["commit"]  # measured before per-record commits: the run's source
+    assert mod.commits(models, {"commit": "a" * 40}) == "`aaaaaaa` for 2 models; `bbbbbbb` for m2"
