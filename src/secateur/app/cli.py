@@ -473,7 +473,13 @@ def recipes(name) -> None:
 @click.option("--subset", type=int, default=None, help="Evaluate on the first N test images / N text blocks.")
 @_input_options
 @click.option("--batch", default=32, show_default=True, help="Batch size for latency.")
-@click.option("--repeats", default=30, show_default=True, type=click.IntRange(min=1), help="Timed blocks.")
+@click.option(
+    "--repeats",
+    default=30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed blocks per model; timing is the longest stage: --batch 1 --repeats 3 makes it quick.",
+)
 @click.option(
     "--onnx/--no-onnx", default=False, show_default=True, help="Also time both models in ONNX Runtime."
 )

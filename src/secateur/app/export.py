@@ -305,11 +305,14 @@ def export_model(
         say(f"quantising to int8 ({mode}) -> {q_path} ...")
         calib = _calibration(s, calibration_batches) if static else None
         quantize_onnx(out_path, q_path, mode=mode, calibration=calib)
-        # checked on held-out images when there are some (static: the data is loaded), else the examples
+        # checked on held-out data when there is some (images: loaded for static; text: loaded now), else on
+        # the example inputs
         q_inputs, on = inputs, "the example inputs"
         if s.data.kind == "images":
             x = next(iter(s.data.test))[0][:32]
             q_inputs, on = ({s.input_name: x} if s.input_name else x), f"{len(x)} held-out images"
+        else:
+            q_inputs, on = _heldout_text(s, model_spec, data, inputs, on, trust_factory, model_kwargs)
         q_check = compare_onnx_outputs(model, q_path, q_inputs, precision="int8")
         result["int8"] = {
             "onnx": str(q_path),
@@ -320,3 +323,40 @@ def export_model(
             "checked_on": on,
         }
     return result
+
+
+def _heldout_text(
+    s: Any,
+    model_spec: str,
+    data: str,
+    inputs: Any,
+    on: str,
+    trust_factory: Sequence[str],
+    model_kwargs: dict[str, Any] | None,
+) -> tuple[Any, str]:
+    """Held-out text blocks for the int8 check of a text model (``input_ids`` among its inputs): the first
+    batch of ``data`` (``"auto"``: the text a saved folder recorded, else the default), each input the
+    blocks do not hold (``token_type_ids``) taken as zeros. Returns ``(inputs, what they are)``; the example
+    inputs as given when the model takes no text, ``data`` is ``"none"``, or ``"auto"`` data cannot be read.
+    """
+    import torch
+
+    from secateur.app.run import open_session
+    from secateur.errors import SecateurError
+
+    names = [f.name for f in s.fields]
+    if "input_ids" not in names or data == "none" or not isinstance(inputs, dict):
+        return inputs, on
+    try:
+        t = open_session(model_spec, data=data, input_spec=s.input_spec, subset=16, model=s.model,
+                         trust_factory=trust_factory, model_kwargs=model_kwargs)
+    except SecateurError:
+        if data != "auto":
+            raise
+        return inputs, on
+    if t.data.kind != "text":
+        return inputs, on
+    batch = next(iter(t.data.test))
+    ids = batch["input_ids"]
+    held = {n: batch[n] if n in batch else torch.zeros_like(ids, dtype=inputs[n].dtype) for n in names}
+    return held, f"{ids.shape[0]} held-out text blocks of {ids.shape[1]} tokens ({t.data.form})"
