@@ -221,3 +221,22 @@ def test_falcon_fused_multi_head_attention_has_no_query_heads_to_remove_evenly()
     ids = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match="gqa='query_heads': no grouped-query attention"):
         prune_decoder(model, [ids], {"heads": 0.5}, what=("heads",), layers=[0, 1], gqa="query_heads")
+
+
+def test_channel_pruner_finalize_refuses_a_plain_save_its_config_cannot_describe(tmp_path):
+    """ChannelPruner's global allocation leaves GPT-2's MLP layers at different widths, which one
+    ``n_inner`` cannot describe: after finalize, transformers' own save_pretrained refuses and writes nothing,
+    while secateur.save_pretrained / from_pretrained round-trip bit-exactly."""
+    from secateur.pruners.channel import ChannelPruner
+
+    model, x = _build("gpt2")
+    pruner = ChannelPruner(model, x, schedule=0.4, criterion="l1", protect=["*attn*"], allocation="global")
+    pruner.prune_to(0.4)
+    pruned = pruner.finalize()
+    widths = {m.c_fc.weight.shape[1] for m in pruned.transformer.h.modules() if hasattr(m, "c_fc")}
+    assert len(widths) > 1, widths  # the case under test: per-layer widths one config value cannot hold
+    with pytest.raises(UnloadableConfigError, match="Nothing was written"):
+        pruned.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    sc.save_pretrained(pruned, tmp_path / "sc", pruner.plan)
+    assert torch.equal(_logits(sc.from_pretrained(tmp_path / "sc"), x), _logits(pruned, x))

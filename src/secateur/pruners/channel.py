@@ -83,6 +83,7 @@ from secateur.criteria.group import (
 )
 from secateur.errors import ConfigError, GraphError
 from secateur.graph.groups import DependencyGraph, Group
+from secateur.io.loadable import refuse_plain_save
 from secateur.masks import get_mask, has_mask, set_mask
 from secateur.masks.element import element_mask
 from secateur.pruners.base import PrunerBase, check_schedule
@@ -719,7 +720,9 @@ class ChannelPruner(PrunerBase):
         every member. With ``verify`` the oracle (:func:`~secateur.compact.verify.verified_compact`: float64,
         per output ``max|a - b| <= atol + rtol * magnitude``, NaN/Inf never equal) compares the compacted
         model with the masked one inside the transaction. Returns the model (changed in place); afterwards
-        the pruner is finished (its hooks are removed).
+        the pruner is finished (its hooks are removed). On a Hugging Face model whose ``config.json`` cannot
+        describe the pruned shapes, the model's own ``save_pretrained`` then raises ``UnloadableConfigError``
+        (:func:`secateur.io.loadable.refuse_plain_save`); :func:`secateur.save_pretrained` still saves it.
 
         Transactional under any ``BaseException``: the stored weights, masks and buffers of the pruned
         groups are copied first (:class:`MaskRestorePoint`; memory: one copy of those tensors) and put back
@@ -748,6 +751,7 @@ class ChannelPruner(PrunerBase):
         self.criterion.detach()
         self.plan = plan
         self.compacted = True
+        refuse_plain_save(self.model, plan)  # a config.json that cannot describe the result is never written
         self._masked = {}
         return self.model
 
