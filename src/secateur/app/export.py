@@ -335,9 +335,10 @@ def _heldout_text(
     model_kwargs: dict[str, Any] | None,
 ) -> tuple[Any, str]:
     """Held-out text blocks for the int8 check of a text model (``input_ids`` among its inputs): the first
-    batch of ``data`` (``"auto"``: the text a saved folder recorded, else the default), each input the
-    blocks do not hold (``token_type_ids``) taken as zeros. Returns ``(inputs, what they are)``; the example
-    inputs as given when the model takes no text, ``data`` is ``"none"``, or ``"auto"`` data cannot be read.
+    batch (:data:`~secateur.app.datasources.TEXT_BATCH` blocks) of the held-out split of ``data``
+    (``"auto"``: the text a saved folder recorded, else the default), each input the blocks do not hold
+    (``token_type_ids``) taken as zeros. Returns ``(inputs, what they are)``; the example inputs as given
+    when the model takes no text, ``data`` is ``"none"``, or ``"auto"`` data cannot be read.
     """
     import torch
 
