@@ -74,6 +74,14 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def uptime() -> dict[str, Any]:
+    """The machine's load averages now (what `uptime` prints: 1, 5 and 15 minutes) and the UTC time."""
+    return {
+        "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "load_1_5_15": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
 def timed_rows(
     models: dict[str, nn.Module], x: Any, a: argparse.Namespace, out_dir: Path, loads: list, **kwargs: Any
 ) -> list[dict[str, Any]]:
@@ -436,6 +444,16 @@ def markdown(res: dict[str, Any]) -> str:
         f"{max(loads):.1f} during timing: absolute times are noisy, the side-by-side ratios less so. "
         f"torch {env['torch']}, onnxruntime {env['onnxruntime']}."
     )
+    if "uptime_before" in res and "uptime_after" in res:
+        b, e = res["uptime_before"], res["uptime_after"]
+        lines += [
+            "",
+            f"Load average (`uptime`: 1, 5, 15 minutes) at the start, {b['utc']} UTC: "
+            f"{', '.join(f'{v:.2f}' for v in b['load_1_5_15'])}; at the end, {e['utc']} UTC: "
+            f"{', '.join(f'{v:.2f}' for v in e['load_1_5_15'])}"
+            + (f" ({res['machine_note']})" if res.get("machine_note") else "")
+            + f". Wall time {res['wall_s'] / 60:.0f} min.",
+        ]
     return "\n".join(lines)
 
 
@@ -469,6 +487,9 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=50)
     ap.add_argument("--heldout", type=int, default=256)
     ap.add_argument(
+        "--machine-note", default="", help="what else ran on the machine, written beside the load averages"
+    )
+    ap.add_argument(
         "--from-json", default=None, help="only render the table (and docs) from this results file"
     )
     a = ap.parse_args()
@@ -485,6 +506,8 @@ def main() -> None:
         "settings": vars(a),
         "environment": environment(),
         "load_at_start": load1(),
+        "uptime_before": uptime(),
+        "machine_note": a.machine_note,
     }
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -496,6 +519,7 @@ def main() -> None:
         if "minilm" in a.models:
             res["minilm"] = minilm(a, Path(tmp))
     res["load_at_end"] = load1()
+    res["uptime_after"] = uptime()
     res["wall_s"] = time.perf_counter() - t0
     for k in ("resnet20", "minilm"):
         for r in res.get(k, {}).get("rows", []):
