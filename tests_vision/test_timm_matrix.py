@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import LARGE_PARAMS, RUN_ALL, run_expecting
-from secateur.errors import GraphError, UnsupportedOpError
+from secateur.errors import GraphError
 
 timm = pytest.importorskip("timm")
 
@@ -154,10 +154,7 @@ SIZE: dict[str, int] = {
 
 REFUSALS: dict[str, tuple[type, str]] = {
     "gmlp_ti16_224": (GraphError, r"op 'layer_norm' in module 'blocks\.0\.norm'"),
-    "halonet_h1": (GraphError, r"op 'unfold' in module 'stages\.0\.0\.self_attn'"),
     "mobilenetv5_base": (GraphError, r"op 'mean' in module 'conv_stem\.bn'"),
-    "sam2_hiera_tiny": (UnsupportedOpError, r"op 'tile' in module '<root>'"),
-    "volo_d1_224": (UnsupportedOpError, r"op 'fold' in module 'network\.0\.0\.attn'"),
 }
 
 # Removing some groups breaks the model (here: the compacted outputs differ from the masked ones; sizes the
