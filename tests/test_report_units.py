@@ -181,3 +181,31 @@ def test_fashion_mnist_subset_says_how_many_images_of_each_split() -> None:
     assert data.description == (
         "the first 300 Fashion-MNIST test images (and the first 300 training images)"
     )
+
+
+class _Sleeper(nn.Module):
+    """A forward that takes at least ``seconds`` (sleeps), for the latency estimate."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.seconds)
+        return x
+
+
+def test_report_latency_stage_estimates_its_duration() -> None:
+    import re
+
+    from secateur.app.reports import _latency_estimate
+
+    x = torch.zeros(1, 2)
+    text = _latency_estimate(_Sleeper(0.02), _Sleeper(0.01), x, repeats=30)
+    at_least = int(re.search(r"at least (\d+) s", text).group(1))
+    assert at_least >= int((30 + 3 + 1) * 0.03) and "makes it quick" not in text
+    assert re.match(r"one forward takes (\d+) ms dense, (\d+) ms pruned", text)
+    assert "--batch 1 --repeats 3 makes it quick" in _latency_estimate(_Sleeper(0.02), _Sleeper(0.02), x, 800)
+    assert _latency_estimate(nn.Identity(), nn.Identity(), x, 3) == "under a second"
