@@ -1,9 +1,12 @@
 """What users can prune on the timm matrix: parameters and MACs removed at ratio 0.3, per model.
 
-    # one run per secateur version: PYTHONPATH picks the secateur imported (its commit is recorded); here
-    # git worktrees of 2f6d743^ (before) and of main (after); OMP_NUM_THREADS=1 nice -n 10 in front of each
+    # one run per secateur version: PYTHONPATH picks the secateur imported (its commit is recorded): git
+    # worktrees of 2f6d743^ (wt_before) and of main (wt_after: checked out at 894b64e for the symbolic run,
+    # then at 9826d40); OMP_NUM_THREADS=1 nice -n 10 in front of each
     PYTHONPATH=/tmp/wt_before/src .venv-vision/bin/python benchmarks/vision_removed.py \\
         --label before --normalized --resume
+    PYTHONPATH=/tmp/wt_after/src .venv-vision/bin/python benchmarks/vision_removed.py \\
+        --label symbolic --normalized --resume
     PYTHONPATH=/tmp/wt_after/src .venv-vision/bin/python benchmarks/vision_removed.py \\
         --label after --normalized --resume
     .venv-vision/bin/python benchmarks/vision_removed.py --render  # results JSON + docs/vision_matrix.md
@@ -195,49 +198,65 @@ def summary(models: dict[str, dict], names: list[str], key: str = "params") -> d
     return {"median": statistics.median(fr), "mean": statistics.mean(fr), "pooled": removed_fraction(b, a)}
 
 
-def table(before: dict[str, dict], after: dict[str, dict]) -> str:
-    """The Markdown section body: per-model rows where anything changed, then totals over the models both
-    runs measured."""
-    names = sorted(set(before) & set(after), key=lambda n: (before[n]["family"], n))
+def _outcome(r: dict) -> str:
+    """``"pass"``, ``"partial (n left whole)"``, ``"refused"`` or ``"failed"``."""
+    return r["outcome"] + (f" ({r['skipped']} left whole)" if r["outcome"] == "partial" else "")
+
+
+def table(runs: dict[str, dict[str, dict]]) -> str:
+    """The Markdown tables comparing ``{label: {model: record}}`` (the first label is the reference): one row
+    per model where an outcome or a count differs between the runs, the number of models each later run
+    prunes more/fewer parameters of than the reference, then the median, mean and pooled removed
+    fractions and the outcome counts, over the models every run measured."""
+    labels = list(runs)
+    ref = runs[labels[0]]
+    names = sorted(set.intersection(*(set(r) for r in runs.values())), key=lambda n: (ref[n]["family"], n))
     rows = [
-        "| family: model | outcome before | outcome after | params removed before | after"
-        " | MACs removed before | after |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| family: model | outcome "
+        + " → ".join(labels)
+        + " | params removed "
+        + " | ".join(labels)
+        + " | MACs removed "
+        + " | ".join(labels)
+        + " |",
+        "| --- | --- |" + " ---: |" * (2 * len(labels)),
     ]
-    more = same = less = 0
     for n in names:
-        b, a = before[n], after[n]
-        pb, pa = removed_fraction(*b["params"]), removed_fraction(*a["params"])
-        mb, ma = removed_fraction(*b["macs"]), removed_fraction(*a["macs"])
-        more += pa > pb + 1e-9
-        less += pa < pb - 1e-9
-        same += abs(pa - pb) <= 1e-9
-        if b["outcome"] == a["outcome"] and b["params"] == a["params"] and b["macs"] == a["macs"]:
+        recs = [runs[label][n] for label in labels]
+        if all(
+            (r["outcome"], r["params"], r["macs"]) == (ref[n]["outcome"], ref[n]["params"], ref[n]["macs"])
+            for r in recs
+        ):
             continue
-
-        def outc(r: dict) -> str:
-            return r["outcome"] + (f" ({r['skipped']} left whole)" if r["outcome"] == "partial" else "")
-
+        p = " | ".join(f"{removed_fraction(*r['params']):.1%}" for r in recs)
+        m = " | ".join(f"{removed_fraction(*r['macs']):.1%}" for r in recs)
         rows.append(
-            f"| {b['family']}: {n} | {outc(b)} | {outc(a)} | {pb:.1%} | {pa:.1%} | {mb:.1%} | {ma:.1%} |"
+            f"| {ref[n]['family']}: {n} | " + " → ".join(_outcome(r) for r in recs) + f" | {p} | {m} |"
         )
-    out = [*rows, ""]
-    out.append(
-        f"Models measured by both runs: {len(names)}; prune more params after: {more}, the same: {same}, "
-        f"less: {less}."
-    )
-    out.append("")
-    out.append("| over all models | params removed before | after | MACs removed before | after |")
-    out.append("| --- | ---: | ---: | ---: | ---: |")
-    sp = [summary(before, names), summary(after, names)]
-    sm = [summary(before, names, "macs"), summary(after, names, "macs")]
+    out = [*rows, "", f"Models measured by every run: {len(names)}."]
+    for label in labels[1:]:
+        d = [removed_fraction(*runs[label][n]["params"]) - removed_fraction(*ref[n]["params"]) for n in names]
+        out.append(
+            f"{label} vs {labels[0]}: {sum(x > 1e-9 for x in d)} models prune more parameters, "
+            f"{sum(abs(x) <= 1e-9 for x in d)} the same, {sum(x < -1e-9 for x in d)} fewer."
+        )
+    out += [
+        "",
+        "| over all models | params removed "
+        + " | ".join(labels)
+        + " | MACs removed "
+        + " | ".join(labels)
+        + " |",
+        "| --- |" + " ---: |" * (2 * len(labels)),
+    ]
     for k, what in (("median", "median per model"), ("mean", "mean per model"), ("pooled", "pooled (sum)")):
-        out.append(f"| {what} | {sp[0][k]:.1%} | {sp[1][k]:.1%} | {sm[0][k]:.1%} | {sm[1][k]:.1%} |")
+        cells = [summary(runs[label], names, key)[k] for key in ("params", "macs") for label in labels]
+        out.append(f"| {what} | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
     out.append("")
-    for label, res in (("before", before), ("after", after)):
+    for label in labels:
         counts: dict[str, int] = {}
         for n in names:
-            counts[res[n]["outcome"]] = counts.get(res[n]["outcome"], 0) + 1
+            counts[runs[label][n]["outcome"]] = counts.get(runs[label][n]["outcome"], 0) + 1
         out.append(f"- outcomes {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(out)
 
@@ -255,54 +274,68 @@ def commits(models: dict[str, dict], source: dict[str, Any]) -> str:
     return "; ".join([head, *(f"`{k}` for {', '.join(v)}" for k, v in ranked[1:])])
 
 
+#: the runs, in the tables' order: before = 2f6d743^; symbolic = main with the symbolic sizes (2f6d743 and
+#: its slice 2, 6970dae); after = main HEAD (later rules too). A label without a cache is left out.
+LABELS = ("before", "symbolic", "after")
+
+
 def render() -> None:
     """Combine the caches into the results JSON and write the docs section (text around it is kept)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _docs import write_block
 
-    runs = {label: load(CACHE / f"vision_removed_{label}.json") for label in ("before", "after")}
-    result = {label: r.get("models", {}) for label, r in runs.items()}
-    result["commits"] = {label: r.get("source", {}) for label, r in runs.items()}
+    caches = {label: load(CACHE / f"vision_removed_{label}.json") for label in LABELS}
+    caches = {label: c for label, c in caches.items() if c.get("models")}
+    result: dict[str, Any] = {label: c["models"] for label, c in caches.items()}
+    result["commits"] = {label: c.get("source", {}) for label, c in caches.items()}
     result["versions"] = {
-        label: {k: r.get(k) for k in ("torch", "timm", "threads")} for label, r in runs.items()
+        label: {k: c.get(k) for k in ("torch", "timm", "threads")} for label, c in caches.items()
     }
     result["command"] = textwrap.dedent(__doc__.split("\n\n")[1]).strip() if __doc__ else ""
     result["platform"] = platform.platform()
     save(RESULTS, result)
-    loads = [r["load"] for label in ("before", "after") for r in result[label].values()]
-    c, v = result["commits"], result["versions"]["after"]
+    loads = [r["load"] for label in caches for r in result[label].values()]
+    v = result["versions"][list(caches)[-1]]
+    which = "; ".join(f"{label}: {commits(result[label], result['commits'][label])}" for label in caches)
     parts = [
         "Every timm matrix model up to 100M parameters, pruned by the matrix's own call (30% of every group, "
         "seeded random criterion, float64 oracle, `skip_incompatible=True` so that groups the model's code "
-        "breaks are left whole and the rest is removed), with secateur just before the symbolic sizes "
-        f"({commits(result['before'], c['before'])}, the parent of `2f6d743`) and after "
-        f"({commits(result['after'], c['after'])}). Removed = 1 - after/before of the parameters and of "
-        "`count_macs` (dense MACs of one forward on the matrix's input); a refused or failed model counts "
-        "as 0 removed. Rows: the models where the outcome or a count changed.",
+        "breaks are left whole and the rest is removed). Runs: **before** = secateur at the parent of "
+        "`2f6d743` (no symbolic sizes); **symbolic** = main with the symbolic sizes (`2f6d743` and its slice "
+        "2, `6970dae`; no other graph or compaction change for timm in between); **after** = main HEAD, with "
+        f"the later graph rules as well (lstm/gru `5d520ac`, tile/fold/unfold/pooling `8da7733`). Commits: "
+        f"{which}. Removed = 1 - after/before of the parameters and of `count_macs` (dense MACs of one "
+        "forward on the matrix's input); a refused or failed model counts as 0 removed. Rows: the models "
+        "whose outcome or counts differ between the runs.",
         "### Default graph (the matrix's: widths normalised by LayerNorm frozen)",
-        table(result["before"], result["after"]),
+        table({label: result[label] for label in caches}),
     ]
-    norm = [
-        {n: {**r["normalized"], "family": r["family"]} for n, r in result[k].items() if "normalized" in r}
-        for k in ("before", "after")
-    ]
-    if norm[0] and norm[1]:
+    norm = {
+        label: {
+            n: {**r["normalized"], "family": r["family"]}
+            for n, r in result[label].items()
+            if "normalized" in r
+        }
+        for label in caches
+    }
+    if all(norm.values()):
         parts += [
             "### `prune_normalized=True` (the residual width and the heads tied to it prunable too)",
-            table(*norm),
+            table(norm),
         ]
-    notes = [
-        f"- {label} {n}: {r['outcome']}: {r['error'][:110]}"
-        for label in ("before", "after")
-        for n, r in sorted(result[label].items())
-        if r["outcome"] in ("refused", "failed")
-    ]
-    if notes:
-        parts += ["Refused or failed (error head; counted as 0 removed):", "\n".join(notes)]
+    refused: dict[tuple[str, str], list[str]] = {}
+    for label in caches:
+        for n, r in sorted(result[label].items()):
+            if r["outcome"] in ("refused", "failed"):
+                refused.setdefault((n, f"{r['outcome']}: {r['error'][:110]}"), []).append(label)
+    if refused:
+        notes = [f"- {n} ({', '.join(labels)}): {why}" for (n, why), labels in sorted(refused.items())]
+        parts += ["Refused or failed by default (error head; counted as 0 removed):", "\n".join(notes)]
     parts.append(
-        f"timm {v['timm']}, torch {v['torch']}, {v['threads']} thread(s), `nice -n 10`; load average (1 min) "
-        f"at the models' starts {min(loads):.2f}-{max(loads):.2f} (a shared 2-core machine; seconds are in "
-        f"the JSON, `benchmarks/results/vision_removed.json`). Commands:\n\n```\n{result['command']}\n```"
+        f"timm {v['timm']}, torch {v['torch']}, {v['threads']} thread(s), `OMP_NUM_THREADS=1 nice -n 10`; "
+        f"load average (1 min) at the models' starts {min(loads):.2f}-{max(loads):.2f} (a shared 2-core "
+        "machine; seconds per model in `benchmarks/results/vision_removed.json`). Commands:\n\n```\n"
+        f"{result['command']}\n```"
     )
     body = "\n\n".join(parts)
     write_block(DOC, BEGIN, END, body, HEADING)
@@ -311,7 +344,7 @@ def render() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--label", choices=("before", "after"), help="which cache the run writes")
+    ap.add_argument("--label", choices=LABELS, help="which cache the run writes")
     ap.add_argument("--models", nargs="*", help="only these models (merged into the cache)")
     ap.add_argument("--resume", action="store_true", help="skip the models already in the cache")
     ap.add_argument("--normalized", action="store_true", help="also prune with prune_normalized=True")

@@ -147,22 +147,30 @@ def test_the_table_lists_only_changed_models_and_counts_and_medians_over_all(ben
         "a": _rec("fa", "pass", [100, 80], [1000, 700]),
         "b": _rec("fb", "partial", [100, 90], [1000, 900], skipped=3),
         "c": _rec("fc", "refused", [100, 100], [1000, 1000]),
+        "e": _rec("fe", "pass", [100, 50], [1000, 500]),
     }
+    mid = {**before, "b": _rec("fb", "pass", [100, 70], [1000, 600])}
     after = {
-        "a": _rec("fa", "pass", [100, 80], [1000, 700]),
-        "b": _rec("fb", "pass", [100, 70], [1000, 600]),
+        **mid,
         "c": _rec("fc", "pass", [100, 60], [1000, 500]),
-        "d": _rec("fd", "pass", [100, 50], [1000, 500]),  # only in one run: not compared
+        "e": _rec("fe", "pass", [100, 56], [1000, 500]),
+        "d": _rec("fd", "pass", [100, 50], [1000, 500]),  # not in every run: not compared
     }
-    text = mod.table(before, after)
-    rows = [line for line in text.splitlines() if line.startswith(("| fa:", "| fb:", "| fc:", "| fd:"))]
-    assert [r.split("|")[1].strip() for r in rows] == ["fb: b", "fc: c"]
-    assert "| partial (3 left whole) | pass | 10.0% | 30.0% | 10.0% | 40.0% |" in rows[0]
-    assert "prune more params after: 2, the same: 1, less: 0" in text
-    # params removed: before 20/10/0 -> median 10%, after 20/30/40 -> median 30%; pooled 30/300 and 90/300
-    assert "| median per model | 10.0% | 30.0% |" in text
-    assert "| pooled (sum) | 10.0% | 30.0% |" in text
-    assert "outcomes before: partial 1, pass 1, refused 1" in text and "outcomes after: pass 3" in text
+    text = mod.table({"before": before, "mid": mid, "after": after})
+    rows = [
+        line for line in text.splitlines() if line.startswith(("| fa:", "| fb:", "| fc:", "| fd:", "| fe:"))
+    ]
+    assert [r.split("|")[1].strip() for r in rows] == ["fb: b", "fc: c", "fe: e"]
+    assert (
+        "| partial (3 left whole) → pass → pass | 10.0% | 30.0% | 30.0% | 10.0% | 40.0% | 40.0% |" in rows[0]
+    )
+    assert "mid vs before: 1 models prune more parameters, 3 the same, 0 fewer." in text
+    assert "after vs before: 2 models prune more parameters, 1 the same, 1 fewer." in text
+    # params removed: before 20/10/0/50 -> median 15%, mid 20/30/0/50 -> 25%, after 20/30/40/44 -> 35%;
+    # pooled 80/400, 100/400, 134/400
+    assert "| median per model | 15.0% | 25.0% | 35.0% |" in text
+    assert "| pooled (sum) | 20.0% | 25.0% | 33.5% |" in text
+    assert "outcomes before: partial 1, pass 2, refused 1" in text and "outcomes after: pass 4" in text
 
 
 def test_each_record_is_credited_to_the_commit_it_was_measured_with(bench):
