@@ -161,7 +161,6 @@ REFUSALS: dict[str, tuple[type, str]] = {
 # model's code computes are traced since issue 17): the default raises IncompatibleGroupError naming the
 # group (asserted); with skip_incompatible=True those groups are left whole and the rest passes every check.
 PARTIAL: dict[str, str] = {
-    "naflexvit_base_patch16_parfac_gap": r"group embeds\.pos_embed_y:1: compacted output differs",
     "test_nfnet": r"group \S+: compacted output differs from masked output",
 }
 
