@@ -1,6 +1,7 @@
 """``secateur export --quantize int8`` on a channel-pruned ResNet-20 (issue 16's must-show): the float32
 ONNX model within the stated tolerance of PyTorch (max |onnx - torch| <= 1e-4 max |torch| + 1e-5), static
-int8 calibrated on training images and checked on held-out ones (mean cosine >= 0.98, the stated bar).
+int8 calibrated on training images and checked on held-out ones (mean cosine >= 0.98, the stated bar), by
+`export` and by `measure --latency --int8`.
 The pruned all-MiniLM-L6-v2 counterpart is in tests/test_cli_models.py (dynamic int8 on held-out text).
 """
 
@@ -40,3 +41,10 @@ def test_pruned_resnet20_exports_to_onnx_and_static_int8_within_tolerance(tmp_pa
     assert q["checked_on"] == "32 held-out images"  # the data the saved folder recorded
     assert q["check"]["mean_cosine"] >= 0.98 and q["bytes"] < r["bytes"] / 2
     assert Path(q["onnx"]).stat().st_size == q["bytes"]
+    # measure --int8 compares the int8 model with PyTorch on held-out images too, not on random noise (where
+    # a model calibrated on real images looks worse than it is)
+    ms = _invoke(["measure", "--model", f"saved:{run / 'model'}", "--latency", "--int8", "--repeats", "1",
+                  "--quiet"])
+    assert ms["latency"]["checked_on"] == "32 held-out images"
+    int8_rows = [row for row in ms["latency"]["rows"] if row["runtime"] == "onnxruntime-int8"]
+    assert int8_rows and all(row["check"]["mean_cosine"] >= 0.98 for row in int8_rows)

@@ -96,6 +96,31 @@ def test_a_bad_input_spec_fails_before_anything_is_built_or_written(tmp_path):
     assert not out.exists()
 
 
+def test_a_model_path_that_is_missing_or_a_file_is_named_and_nothing_is_written(tmp_path):
+    import secateur as sc
+    from secateur.zoo import create_model
+
+    saved = tmp_path / "saved"
+    sc.save(create_model("lenet5"), saved)
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    out = tmp_path / "run"
+    runner = CliRunner()
+    cases = (
+        (f"saved:{saved / 'plan.json'}",
+         f"is a file; give the folder secateur.save wrote (did you mean 'saved:{saved}'?)"),
+        (f"saved:{tmp_path / 'nowhere'}", f"no such folder {tmp_path / 'nowhere'}"),
+        (f"hf:{saved / 'model.safetensors'}", "is a file; give the folder with a Hugging Face config.json"),
+        (f"hf:{saved}", "is not a folder with a Hugging Face config"),
+    )
+    for spec, message in cases:
+        for cmd in (["prune", "--recipe", "gmp90", "--out", str(out)], ["measure"]):
+            res = runner.invoke(main, [*cmd, "--model", spec])
+            assert res.exit_code == 1 and f"model spec {spec!r}" in res.output, res.output
+            assert message in res.output, res.output
+            assert "Traceback" not in res.output
+    assert not out.exists() and {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
 def test_inputs_derived_from_the_model():
     transformers = pytest.importorskip("transformers")
     from secateur.zoo import create_model
@@ -178,7 +203,7 @@ def test_unknown_data_and_missing_datasets_are_named(tmp_path, monkeypatch):
     from secateur.app.datasources import load_task_data
 
     fields = (InputField("input_ids", "int64", (1, 8)),)
-    with pytest.raises(ConfigError, match="--data 'nowhere': not 'fashion-mnist'"):
+    with pytest.raises(ConfigError, match=r"--data 'nowhere' \(no such file or folder\): not 'fashion-mn"):
         load_task_data("nowhere", fields)
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
     monkeypatch.setitem(sys.modules, "datasets", None)
@@ -335,7 +360,7 @@ def test_summary_counts_read_as_the_report_does():
         {"params": 200, "nonzero_params": 200, "macs": 1000, "sparse_macs": 1000},
         {"params": 100, "nonzero_params": 50, "macs": 1000, "sparse_macs": 2000},
     )
-    assert [r[3] for r in rows] == ["2.00x fewer", "4.00x fewer", "1.00x fewer", "2.00x more"]
+    assert [r[3] for r in rows] == ["2.00x fewer", "4.00x fewer", "same", "2.00x more"]
 
 
 def test_a_recipe_whose_scope_selects_nothing_is_refused_before_any_work():

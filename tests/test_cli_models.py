@@ -57,7 +57,11 @@ def _measure_and_report(dense: str, saved: Path, tmp: Path, pruned_macs: int, su
         + [*subset, "--out", str(tmp / "report"), "--quiet"]
     )
     assert "report: " in out and "MACs per example" in out
-    return json.loads((tmp / "report" / "report.json").read_text())
+    report = json.loads((tmp / "report" / "report.json").read_text())
+    # report trains and calibrates nothing: it names only the held-out split it evaluated on
+    assert "held-out" in report["description"]
+    assert "training" not in report["description"] and "calibration" not in report["description"]
+    return report
 
 
 # ------------------------------------------------------------------------------------------------ MiniLM
@@ -155,6 +159,31 @@ def test_tiny_gemma3_wanda_2_4_on_text(tmp_path):
     report = _measure_and_report(f"hf:{folder}", out / "model", tmp_path, m["pruned"]["macs"], SUBSET_8)
     assert report["metric"]["name"] == "perplexity" and report["kind"] == "causal-lm"
     assert report["pruned"]["sparse_macs"] < report["dense"]["sparse_macs"]
+
+
+def test_tiny_gemma3_heads_ffn_20_on_text(tmp_path):
+    """``heads_ffn_20`` lists causal LMs among its model kinds: on a decoder it removes FFN neurons (4 heads
+    at 20% keep every head), keeps the hidden size, and the saved model still gives next-token logits."""
+    from secateur.app.recipe import load_recipe, suited_kinds
+
+    recipe = load_recipe("heads_ffn_20")
+    assert "causal-lm" in suited_kinds(recipe)[0] and "causal LM" in recipe.suits
+    folder = _tiny_gemma_folder(tmp_path / "gemma")
+    text = _text_file(tmp_path / "text.txt")
+    out = tmp_path / "run"
+    args = ["prune", "--model", f"hf:{folder}", "--recipe", "heads_ffn_20", "--data", str(text)]
+    args += ["--seq-len", "32", "--subset", "8", "--quiet", "--json", "--out", str(out)]
+    m = json.loads(_invoke(args))
+    assert m["kind"] == "causal-lm" and m["metric"] == "perplexity"
+    assert all(math.isfinite(m[k]["perplexity"]) for k in ("dense", "pruned"))
+    assert m["pruned"]["macs"] < m["dense"]["macs"]
+    model = sc.load(out / "model").eval()
+    assert model.config.hidden_size == 32
+    widths = {layer.mlp.up_proj.out_features for layer in model.model.layers}
+    assert max(widths) < 64  # FFN neurons removed from every layer
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape == (1, 12, model.config.vocab_size)
 
 
 # ------------------------------------------------------------------------------------------ image folder

@@ -82,6 +82,11 @@ def test_sizes_are_binary_units_everywhere() -> None:
     assert human_bytes(512) == "512 B" and human_bytes(2048) == "2.00 KiB"
     assert human_bytes(3 * 2**30) == "3.00 GiB"
     assert size_change(4 * 2**20, 2**20) == "4.00x smaller" and size_change(1, 2) == "2.00x larger"
+    # equal or nearly equal sizes (a 2:4 model saved densely: the plan grows a little) are not "1.00x larger"
+    assert size_change(5, 5) == "same" and size_change(15_928_000, 15_929_000) == "about the same"
+    # two sizes side by side share the larger one's unit
+    assert human_bytes(336_802, like=1_111_000) == f"{336_802 / 2**20:.2f} MiB" == "0.32 MiB"
+    assert human_bytes(336_802, like=336_802) == "328.91 KiB"
     res = _results({"file_bytes": 90_870_000}, {"file_bytes": 83_220_000})
     assert _table(res)["size on disk, safetensors (MiB)"] == f"{90_870_000 / 83_220_000:.2f}x"
     assert "safetensors file 86.66 → 79.36 MiB" in dict(headline(res))["size"]
@@ -181,6 +186,7 @@ def test_fashion_mnist_subset_says_how_many_images_of_each_split() -> None:
     assert data.description == (
         "the first 300 Fashion-MNIST test images (and the first 300 training images)"
     )
+    assert data.evaluated_on == "the first 300 Fashion-MNIST test images"  # what report and eval measure on
 
 
 class _Sleeper(nn.Module):

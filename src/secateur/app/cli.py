@@ -216,18 +216,19 @@ def _prune_summary(m: dict, recipe_name: str, out_dir: str) -> str:
     d, p = m["dense"], m["pruned"]
     rows = metric_row(m.get("metric"), d, p) + count_rows(d, p)
     dense_bytes = m.get("dense_bytes")
+    like = max(dense_bytes or 0, m["saved_bytes"])  # one unit for the row
     rows.append(
         (
             "size on disk (weights + plan)",
-            human_bytes(dense_bytes) if dense_bytes else "-",
-            human_bytes(m["saved_bytes"]),
+            human_bytes(dense_bytes, like) if dense_bytes else "-",
+            human_bytes(m["saved_bytes"], like),
             size_change(dense_bytes, m["saved_bytes"]) if dense_bytes else "",
         )
     )
     comp = m.get("compressed")
     if comp:
         ratio = size_change(m["saved_bytes"], comp["bytes"]) + " than saved"
-        rows.append((f"  {comp['format']}", "", human_bytes(comp["bytes"]), ratio))
+        rows.append((f"  {comp['format']}", "", human_bytes(comp["bytes"], like=m["saved_bytes"]), ratio))
     lines = [
         f"secateur prune: {m['model']} ({m['kind']}) with recipe {recipe_name}",
         f"  data: {m['data']}",
@@ -241,7 +242,8 @@ def _prune_summary(m: dict, recipe_name: str, out_dir: str) -> str:
         note = f"{metric} of the pruned model is measured at the end"
         if m.get("bn_batches"):
             note += (
-                f", after re-estimating BatchNorm statistics on {m['bn_batches']} training batches "
+                f", after re-estimating BatchNorm statistics on {m['bn_batches']} training "
+                f"batch{'es' if m['bn_batches'] != 1 else ''} "
                 "(per-epoch figures were measured before it)"
             )
         if metric == "cosine":
@@ -345,7 +347,7 @@ def measure(
     """Parameters, non-zero parameters, MACs and sparse MACs per example, size on disk (JSON on stdout);
     with --latency, each runtime side by side (ms per batch, median and IQR, speed-up over eager, file size;
     ONNX outputs checked against PyTorch's), also as a table on stderr."""
-    from secateur.app.export import deployment_rows, disk_sizes, static_int8
+    from secateur.app.export import deployment_rows, disk_sizes, heldout_example, static_int8
     from secateur.app.run import open_session
     from secateur.errors import SecateurError
 
@@ -374,6 +376,9 @@ def measure(
             calibration = None
             if int8 and s.data.kind == "images" and static_int8(s.model):  # a CNN: static int8, calibrated
                 calibration = [x for x, _ in itertools.islice(s.data.train, 8)]
+            # ONNX outputs are checked on held-out data when it is loaded (int8), else on synthetic inputs
+            held = heldout_example(s) if int8 else None
+            example, checked_on = held if held is not None else (None, "synthetic example inputs")
             rows = deployment_rows(
                 s.model,
                 s.fields,
@@ -383,12 +388,19 @@ def measure(
                 calibration=calibration,
                 repeats=repeats,
                 threads=threads,
+                example=example,
             )
-            out["latency"] = {"unit": "ms per forward of the batch", "threads": threads, "rows": rows}
+            out["latency"] = {
+                "unit": "ms per forward of the batch",
+                "threads": threads,
+                "checked_on": checked_on,
+                "rows": rows,
+            }
             if not quiet:
                 from secateur.analysis.deploy import format_deployment
 
                 click.echo(format_deployment(rows), err=True)
+                click.echo(f"ONNX outputs compared with PyTorch's on {checked_on}.", err=True)
     except SecateurError as e:
         _fail(e)
     click.echo(json.dumps(out, indent=2, default=str))
@@ -433,7 +445,9 @@ def evaluate(model_spec, data, subset, input_spec, input_shape, seq_len, referen
             )
         value = s.evaluator(s.model)
         click.echo(
-            json.dumps({"model": model_spec, "metric": s.metric, s.metric: value, "data": s.data.description})
+            json.dumps(
+                {"model": model_spec, "metric": s.metric, s.metric: value, "data": s.data.evaluated_on}
+            )
         )
     except SecateurError as e:
         _fail(e)

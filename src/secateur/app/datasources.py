@@ -61,7 +61,8 @@ class TaskData:
 
     ``kind``: ``"images"`` (``(x, y)`` batches, ``y`` class indices), ``"text"`` (``{"input_ids",
     "attention_mask"}`` batches) or ``"none"``. ``train``: the calibration / fine-tuning loader (shuffled
-    for images); ``test``: the held-out loader. ``description``: one line for the output.
+    for images); ``test``: the held-out loader. ``description``: one line for the output (both splits).
+    ``heldout``: the held-out split alone, for outputs that only evaluate (``secateur report``, ``eval``).
     ``normalize``: the per-channel ``(mean, std)`` applied to images (recorded with a saved model).
     ``form``: the ``--data`` value that gives this data again.
     """
@@ -73,6 +74,12 @@ class TaskData:
     test: Any = None
     classes: list[str] = field(default_factory=list)
     normalize: dict[str, list[float]] | None = None
+    heldout: str = ""
+
+    @property
+    def evaluated_on(self) -> str:
+        """What a metric measured on ``test`` was measured on: :attr:`heldout`, else :attr:`description`."""
+        return self.heldout or self.description
 
 
 class BlockLoader:
@@ -262,7 +269,8 @@ def _text_data(
         f"{source}: {train.num_examples} calibration and {test.num_examples} held-out blocks of "
         f"{seq_len} tokens (disjoint text)"
     )
-    return TaskData("text", desc, data, train, test)
+    held_desc = f"{source}: {test.num_examples} held-out blocks of {seq_len} tokens"
+    return TaskData("text", desc, data, train, test, heldout=held_desc)
 
 
 # -------------------------------------------------------------------------------------------- images
@@ -380,7 +388,8 @@ def _image_data(
         f"{root}: {len(classes)} classes, {len(y_tr)} training and {len(y_te)} held-out images resized to "
         f"{shape[2]}x{shape[3]}, normalised by {normalize.get('source', 'the recorded mean/std')}"
     )
-    return TaskData("images", desc, str(root), train, test, classes, normalize)
+    held_desc = f"{root}: {len(y_te)} held-out images of {len(classes)} classes"
+    return TaskData("images", desc, str(root), train, test, classes, normalize, heldout=held_desc)
 
 
 def image_normalization(folder: str | Path | None) -> dict[str, Any] | None:
@@ -453,14 +462,9 @@ def load_task_data(
         from secateur.data import fashion_mnist_loaders
 
         train, test = fashion_mnist_loaders(batch_size=batch_size, subset=subset, seed=seed)
-        if subset is None:
-            n_train = train.num_examples
-            desc = f"the {test.num_examples:,} Fashion-MNIST test images ({n_train:,} training images)"
-        else:
-            desc = (
-                f"the first {test.num_examples:,} Fashion-MNIST test images (and the first "
-                f"{train.num_examples:,} training images)"
-            )
+        first = "" if subset is None else "first "
+        held_desc = f"the {first}{test.num_examples:,} Fashion-MNIST test images"
+        desc = f"{held_desc} (and the {first}{train.num_examples:,} training images)"
         return TaskData(
             "images",
             desc,
@@ -468,6 +472,7 @@ def load_task_data(
             train,
             test,
             [str(i) for i in range(10)],
+            heldout=held_desc,
         )
     token = next((f for f in fields if f.name == "input_ids"), None)
     path = Path(data)
@@ -480,7 +485,8 @@ def load_task_data(
                 "(no input_ids)"
             )
         return _text_data(data, tokenizer, token.shape[-1], calib_blocks, subset, seed)
+    missing = "" if path.exists() else " (no such file or folder)"
     raise ConfigError(
-        f"--data {data!r}: not 'fashion-mnist', 'fortunes', 'none', 'datasets:BUILDER:PATH' or an existing "
-        "image folder / text file / folder of .txt files"
+        f"--data {data!r}{missing}: not 'fashion-mnist', 'fortunes', 'none', 'datasets:BUILDER:PATH' or an "
+        "existing image folder / text file / folder of .txt files"
     )

@@ -25,6 +25,7 @@ __all__ = [
     "deployment_rows",
     "disk_sizes",
     "export_model",
+    "heldout_example",
     "serving_module",
 ]
 
@@ -145,11 +146,14 @@ def deployment_rows(
     repeats: int = 20,
     threads: int = 1,
     out_dir: str | Path | None = None,
+    example: Any = None,
 ) -> list[dict[str, Any]]:
     """Latency and size on disk of ``model`` in eager PyTorch, TorchScript (or torch.compile), ONNX Runtime
     float32 and, with ``int8``, ONNX Runtime int8, side by side at each batch size
     (:func:`secateur.analysis.deploy.measure_deployment` on :func:`serving_module`; every ONNX row's outputs
-    checked against PyTorch's).
+    checked against PyTorch's on ``example``: real inputs such as :func:`heldout_example` gives, rows repeated
+    to each batch size; default: :func:`secateur.app.inputs.make_inputs`' synthetic ones, on which an int8
+    model calibrated on real data can look worse than it is).
 
     Returns:
         ``measure_deployment``'s rows (``runtime``, ``batch_size``, ``median_ms``, ``iqr_ms``, ``size_bytes``,
@@ -162,7 +166,8 @@ def deployment_rows(
     from secateur.app.inputs import make_inputs
 
     serving = serving_module(model, fields)
-    example = make_inputs(fields, model)
+    if example is None:
+        example = make_inputs(fields, model)
     return measure_deployment(
         serving,
         example,
@@ -174,6 +179,27 @@ def deployment_rows(
         threads=threads,
         repeats=repeats,
     )
+
+
+def heldout_example(s: Any, n: int = 32) -> tuple[Any, str] | None:
+    """Up to ``n`` held-out examples of a session's loaded data as model inputs, and what they are: images
+    ``(B, C, H, W)`` (``"32 held-out images"``), or text blocks ``{"input_ids": (B, L), ...}`` with each input
+    the blocks do not hold (``token_type_ids``) as zeros; None when the session has no held-out data."""
+    import torch
+
+    data = getattr(s, "data", None)
+    if data is None or data.test is None or data.kind not in ("images", "text"):
+        return None
+    batch = next(iter(data.test), None)
+    if batch is None:
+        return None
+    if data.kind == "images":
+        x = batch[0][:n]
+        return ({s.input_name: x} if s.input_name else x), f"{len(x)} held-out images"
+    ids = batch["input_ids"][:n]
+    dtypes = {f.name: getattr(torch, f.dtype) for f in s.fields}
+    held = {k: batch[k][:n] if k in batch else torch.zeros_like(ids, dtype=dt) for k, dt in dtypes.items()}
+    return held, f"{ids.shape[0]} held-out text blocks of {ids.shape[1]} tokens ({data.form})"
 
 
 # ------------------------------------------------------------------------------------------------- export

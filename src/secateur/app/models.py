@@ -27,7 +27,8 @@ def build_model(spec: str, *, trust_factory: Sequence[str] = (), **kwargs: Any) 
     ``kwargs`` go to a zoo, Hugging Face or user factory.
 
     Raises:
-        ConfigError: an unknown scheme, a missing folder, a factory that cannot be imported, or
+        ConfigError: an unknown scheme, a missing folder or a file given as one (:func:`require_folder`),
+            a factory that cannot be imported, or
             ``trust_factory`` given for a spec that is not ``saved:``.
         UntrustedCodeError: a ``saved:`` folder built by a user factory that ``trust_factory`` does not name.
     """
@@ -52,10 +53,10 @@ def build_model(spec: str, *, trust_factory: Sequence[str] = (), **kwargs: Any) 
     if scheme == "saved":
         from secateur.io import load
 
-        return load(rest, trust_factory=list(trust_factory))
+        return load(require_folder(spec), trust_factory=list(trust_factory))
     if scheme == "hf":
-        path = Path(rest)
-        if not path.is_dir():
+        path = require_folder(spec)
+        if not (path / "config.json").is_file():
             raise ConfigError(f"model spec {spec!r}: {path} is not a folder with a Hugging Face config")
         return _hf_model(path, kwargs)
     try:
@@ -91,6 +92,26 @@ def _hf_model(path: Path, kwargs: dict[str, Any]) -> nn.Module:
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
+def require_folder(spec: str) -> Path:
+    """The folder of an ``hf:`` or ``saved:`` spec, checked to be an existing folder.
+
+    Raises:
+        ConfigError: the path does not exist, or is a file (naming the folder to give instead when the file
+            sits in a model folder, e.g. ``saved:run/model/plan.json`` -> ``saved:run/model``).
+    """
+    scheme, _, rest = spec.partition(":")
+    path = Path(rest)
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise ConfigError(f"model spec {spec!r}: no such folder {path}")
+    hint = ""
+    if any((path.parent / f).is_file() for f in ("plan.json", "config.json")):
+        hint = f" (did you mean '{scheme}:{path.parent}'?)"
+    kind = "secateur.save wrote" if scheme == "saved" else "with a Hugging Face config.json"
+    raise ConfigError(f"model spec {spec!r}: {path} is a file; give the folder {kind}{hint}")
+
+
 def model_folder(spec: str) -> Path | None:
     """The folder of an ``hf:`` or ``saved:`` spec (where a tokenizer or image processor may be) or None."""
     scheme, _, rest = spec.partition(":")
@@ -102,6 +123,7 @@ def saved_metadata(spec: str) -> dict[str, Any]:
     for other specs.
 
     Raises:
+        ConfigError: the path is missing or a file (:func:`require_folder`).
         SerializationError / UnsafePathError: the plan file is missing or malformed (as
             :func:`secateur.io.validate.read_plan_file` says).
     """
@@ -109,5 +131,5 @@ def saved_metadata(spec: str) -> dict[str, Any]:
         return {}
     from secateur.io.validate import read_plan_file
 
-    meta = read_plan_file(Path(spec[len("saved:") :])).get("metadata")
+    meta = read_plan_file(require_folder(spec)).get("metadata")
     return dict(meta) if isinstance(meta, dict) else {}

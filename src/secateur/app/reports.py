@@ -115,7 +115,7 @@ def run_report(
     check_forward(dense, s.example, s.fields)
     metric: dict[str, Any] = {}
     if s.evaluator is not None:
-        stage(f"evaluating {s.metric} on {s.data.description}")
+        stage(f"evaluating {s.metric} on {s.data.evaluated_on}")
         if s.metric == "cosine":
             s.evaluator.set_reference(dense)
         metric = {"name": s.metric, "dense": s.evaluator(dense), "pruned": s.evaluator(pruned)}
@@ -145,7 +145,7 @@ def run_report(
             "--trust-factory": trust,
         },
     )
-    what = f"{metric['name']} on {s.data.description}" if metric else "No metric measured (--data none)."
+    what = f"{metric['name']} on {s.data.evaluated_on}" if metric else "No metric measured (--data none)."
     if onnx:
         stage("exporting both models to ONNX and timing them in ONNX Runtime")
     results = collect_results(
@@ -248,7 +248,11 @@ def summary(results: dict[str, Any], paths: dict[str, Any]) -> str:
     if d.get("size_on_disk_bytes") or p.get("size_on_disk_bytes"):
         sd, sp = d.get("size_on_disk_bytes"), p.get("size_on_disk_bytes")
         change = size_change(sd, sp) if sd and sp else ""
-        rows.append(("size on disk", human_bytes(sd) if sd else "-", human_bytes(sp) if sp else "-", change))
+        like = max(sd or 0, sp or 0)
+        rows.append(
+            ("size on disk", human_bytes(sd, like) if sd else "-", human_bytes(sp, like) if sp else "-",
+             change)
+        )
     recipe = results.get("recipe") or {}
     lines = [
         f"secateur report: {results.get('description', '')}",
