@@ -233,3 +233,21 @@ def test_zoo_cnn_on_an_image_folder_then_measure_eval_report(tmp_path):
     assert ev["metric"] == "accuracy" and ev["accuracy"] == m["pruned"]["accuracy"]
     report = _measure_and_report("zoo:lenet5", out / "model", tmp_path, m["pruned"]["macs"])
     assert report["pruned"]["accuracy"] == m["pruned"]["accuracy"]
+
+
+def test_a_zoo_model_gets_one_output_per_class_of_an_image_folder(tmp_path):
+    """A fresh ``zoo:`` model trained or pruned on a folder of 3 classes has 3 outputs (not the zoo's default
+    10), the saved folder reloads with them, and ``--model-kwargs '{"num_classes": N}'`` still wins."""
+    root, _, _ = _image_folder(tmp_path / "img", per_class=5)
+    for extra in sorted(root.iterdir())[3:]:
+        shutil.rmtree(extra)
+    run = tmp_path / "dense"
+    r = json.loads(_invoke(["finetune", "--model", "zoo:lenet5", "--data", str(root), "--epochs", "1",
+                            "--quiet", "--out", str(run)]))
+    model = sc.load(r["saved"])
+    assert model.secateur_zoo["num_classes"] == 3 and model(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+    out = tmp_path / "run"
+    args = ["prune", "--model", "zoo:lenet5", "--recipe", "l1_filters_30", "--data", str(root)]
+    args += ["--model-kwargs", '{"num_classes": 5}', "--quiet", "--json", "--out", str(out)]
+    m = json.loads(_invoke(args))
+    assert "3 classes" in m["data"] and sc.load(out / "model").secateur_zoo["num_classes"] == 5

@@ -94,7 +94,7 @@ def run_report(
     from secateur.analysis.report import build_report, collect_results, layer_comparison
     from secateur.app.inputs import make_inputs
     from secateur.app.models import build_model
-    from secateur.app.run import chance_accuracy, check_forward, open_session
+    from secateur.app.run import chance_accuracy, check_forward, open_session, zoo_for_classes
 
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch}")
@@ -110,7 +110,8 @@ def run_report(
         subset=subset,
         trust_factory=trust if pruned_spec.startswith("saved:") else (),
     )
-    dense = build_model(dense_spec, trust_factory=trust if dense_spec.startswith("saved:") else ()).eval()
+    dense = build_model(dense_spec, trust_factory=trust if dense_spec.startswith("saved:") else ())
+    dense = zoo_for_classes(dense_spec, dense, s.data).eval()  # a zoo dense model: the data's classes
     pruned = s.model.eval()
     check_forward(dense, s.example, s.fields)
     metric: dict[str, Any] = {}

@@ -38,6 +38,7 @@ __all__ = [
     "open_session",
     "prune_with_recipe",
     "run",
+    "zoo_for_classes",
 ]
 
 Echo = Callable[[str], None]
@@ -134,6 +135,7 @@ def open_session(
     if input_spec:
         parse_input_spec(input_spec)  # fail before the (slow) model build
     meta = saved_metadata(spec)
+    built_here = model is None
     if model is None:
         model = build_model(spec, trust_factory=trust_factory, **(model_kwargs or {}))
     fields, source = resolve_fields(
@@ -160,6 +162,8 @@ def open_session(
         calib_blocks=calib_blocks,
         normalize=normalize,
     )
+    if built_here:
+        model = zoo_for_classes(spec, model, task, model_kwargs)
     kind = model_kind(model)
     metric = choose_metric(kind, task.kind)
     input_name = _input_name(model, fields)
@@ -167,6 +171,29 @@ def open_session(
     return Session(
         spec, model, kind, fields, source, example, tokenizer, task, metric, evaluator, input_name, meta
     )
+
+
+def zoo_for_classes(
+    spec: str, model: nn.Module, task: Any, model_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """A fresh ``zoo:`` model rebuilt with one output per class of its image data (an image folder with 3
+    class sub-folders gives ``num_classes=3``; the zoo's default is 10), unless ``model_kwargs`` sets
+    ``num_classes``; ``model`` itself for any other spec, data or a model that already fits. The input
+    shape is unchanged (``model_kwargs`` are passed again).
+
+    Raises:
+        ConfigError: as :func:`secateur.zoo.create_model`.
+    """
+    from secateur.app.models import build_model
+
+    kwargs = dict(model_kwargs or {})
+    n = len(getattr(task, "classes", None) or [])
+    record = getattr(model, "secateur_zoo", None)
+    if not spec.startswith("zoo:") or getattr(task, "kind", None) != "images" or n < 1:
+        return model
+    if "num_classes" in kwargs or not isinstance(record, dict) or record.get("num_classes") == n:
+        return model
+    return build_model(spec, **kwargs, num_classes=n)
 
 
 @torch.no_grad()
