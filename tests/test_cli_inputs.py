@@ -377,3 +377,8 @@ def test_a_recipe_whose_scope_selects_nothing_is_refused_before_any_work():
     with pytest.raises(ConfigError, match=r"wanda_2_4 does not suit Sequential.*exclude_last.*recipes"):
         _check_recipe_fits(load_recipe("wanda_2_4"), session)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_bad_batch_list_names_the_option():
+    res = CliRunner().invoke(main, ["measure", "--model", "zoo:lenet5", "--latency", "--batch", "1,0"])
+    assert res.exit_code == 2 and "Invalid value for --batch: '1,0': positive integers" in res.output

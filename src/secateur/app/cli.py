@@ -300,7 +300,9 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"{text!r}: positive integers separated by commas, e.g. 1,32")
+        raise click.BadParameter(
+            f"{text!r}: positive integers separated by commas, e.g. 1,32", param_hint="--batch"
+        )
     return sizes
 
 

@@ -510,8 +510,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Fine-tuning, identical for every tool: {ft['steps']} SGD steps of batch {ft['batch_size']} "
         f"(momentum 0.9, weight decay 5e-4, cosine from lr {ft['lr']}), the same batches (seed "
         f"{ft['seed']}). Accuracy on {cfg['test_images']} Fashion-MNIST test images. MACs of one 28x28 "
-        f"image. Latency: ms per batch of {cfg['latency_batch']} on CPU ({cfg['threads']} threads), all "
-        "models interleaved in one run, median (IQR).",
+        f"image. Latency: ms per batch of {cfg['latency_batch']} on CPU ({cfg['threads']} "
+        f"thread{'s' if cfg['threads'] != 1 else ''}), all models interleaved in one run, median (IQR).",
         "",
         "| tool | method | status | accuracy % (one-shot) | params | non-zero params | MACs "
         f"| weight sparsity | {red_head} | latency ms | prune s |",
