@@ -215,3 +215,38 @@ def test_report_latency_stage_estimates_its_duration() -> None:
     assert re.match(r"one forward takes (\d+) ms dense, (\d+) ms pruned", text)
     assert "--batch 1 --repeats 3 makes it quick" in _latency_estimate(_Sleeper(0.02), _Sleeper(0.02), x, 800)
     assert _latency_estimate(nn.Identity(), nn.Identity(), x, 3) == "under a second"
+
+
+def test_report_builds_a_fresh_dense_model_as_prune_built_it(tmp_path, monkeypatch) -> None:
+    """``secateur prune --model zoo:lenet5`` then ``report --dense zoo:lenet5``: the report's dense model is
+    built under the recipe's recorded seed, so it has the initial weights of the model prune started from
+    (not another random draw), and its accuracy is the dense accuracy prune printed."""
+    import json
+
+    import secateur.app.models as models
+    from secateur.train import seed_everything
+    from secateur.zoo import create_model
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(main, ["prune", "--model", "zoo:lenet5", "--recipe", "l1_filters_30", "--subset",
+                                    "64", "--quiet", "--json", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    built: dict[str, nn.Module] = {}
+    real_build = models.build_model
+
+    def spy(spec: str, **kwargs):
+        built[spec] = real_build(spec, **kwargs)
+        return built[spec]
+
+    monkeypatch.setattr(models, "build_model", spy)
+    res = CliRunner().invoke(main, ["report", "--dense", "zoo:lenet5", "--pruned", f"saved:{run / 'model'}",
+                                    "--subset", "64", "--batch", "1", "--repeats", "1", "--quiet",
+                                    "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    seed_everything(0, deterministic=False)  # l1_filters_30's seed
+    expected = create_model("lenet5").state_dict()
+    got = built["zoo:lenet5"].state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["metric"]["dense"] == m["dense"]["accuracy"]

@@ -80,7 +80,9 @@ def run_report(
     The inputs, data and metric are those of the pruned model's session
     (:func:`secateur.app.run.open_session`: a saved folder's record, else derived), used for both models.
     ``trust_factory`` applies to ``saved:`` specs. ``batch``: examples per timed forward; ``repeats``: timed
-    blocks per model.
+    blocks per model. A dense model built afresh (``zoo:``, a factory, an ``hf:`` folder without weights)
+    that the pruned folder records as its origin is built under the recipe's seed, as ``secateur prune``
+    built it: the same initial weights, so the comparison is with the model that was pruned.
 
     Returns:
         ``{"results": the dict given to build_report, "paths": {kind: path}, "summary": text}``.
@@ -110,6 +112,12 @@ def run_report(
         subset=subset,
         trust_factory=trust if pruned_spec.startswith("saved:") else (),
     )
+    recipe = s.metadata.get("recipe")
+    recorded_seed = recipe.get("seed") if isinstance(recipe, dict) else None
+    if s.metadata.get("model") == dense_spec and isinstance(recorded_seed, int):
+        from secateur.train import seed_everything
+
+        seed_everything(recorded_seed, deterministic=False)  # as prune seeded it before building the model
     dense = build_model(dense_spec, trust_factory=trust if dense_spec.startswith("saved:") else ())
     dense = zoo_for_classes(dense_spec, dense, s.data).eval()  # a zoo dense model: the data's classes
     pruned = s.model.eval()
