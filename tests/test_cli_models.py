@@ -251,3 +251,27 @@ def test_a_zoo_model_gets_one_output_per_class_of_an_image_folder(tmp_path):
     args += ["--model-kwargs", '{"num_classes": 5}', "--quiet", "--json", "--out", str(out)]
     m = json.loads(_invoke(args))
     assert "3 classes" in m["data"] and sc.load(out / "model").secateur_zoo["num_classes"] == 5
+
+
+def test_a_relative_data_path_is_recorded_so_eval_finds_it_from_anywhere(tmp_path, monkeypatch):
+    root, _, _ = _image_folder(tmp_path / "img", per_class=5)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    args = ["prune", "--model", "zoo:lenet5", "--recipe", "l1_filters_30", "--data", "img"]
+    m = json.loads(_invoke([*args, "--quiet", "--json", "--out", str(out)]))
+    meta = json.loads((out / "model" / "plan.json").read_text())["metadata"]
+    assert meta["data"] == str(root.absolute())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ev = json.loads(_invoke(["eval", "--model", f"saved:{out / 'model'}"]))
+    assert ev["accuracy"] == m["pruned"]["accuracy"]
+
+
+def test_an_image_folder_too_small_to_hold_out_images_says_how_many_it_needs(tmp_path):
+    from secateur.app.datasources import image_folder_tensors
+    from secateur.errors import DataError
+
+    root, _, _ = _image_folder(tmp_path / "img", per_class=2)
+    with pytest.raises(DataError, match="no test images .*a class needs 5 images at least; or give train/"):
+        image_folder_tensors(root, 1, (28, 28))

@@ -64,7 +64,7 @@ class TaskData:
     for images); ``test``: the held-out loader. ``description``: one line for the output (both splits).
     ``heldout``: the held-out split alone, for outputs that only evaluate (``secateur report``, ``eval``).
     ``normalize``: the per-channel ``(mean, std)`` applied to images (recorded with a saved model).
-    ``form``: the ``--data`` value that gives this data again.
+    ``form``: the ``--data`` value that gives this data again (a file or folder as an absolute path).
     """
 
     kind: str
@@ -270,7 +270,8 @@ def _text_data(
         f"{seq_len} tokens (disjoint text)"
     )
     held_desc = f"{source}: {test.num_examples} held-out blocks of {seq_len} tokens"
-    return TaskData("text", desc, data, train, test, heldout=held_desc)
+    form = data if data == "fortunes" or data.startswith("datasets:") else str(Path(data).absolute())
+    return TaskData("text", desc, form, train, test, heldout=held_desc)
 
 
 # -------------------------------------------------------------------------------------------- images
@@ -355,7 +356,8 @@ def image_folder_tensors(
     for key in ("train", "test"):
         items = parts[key][:subset] if subset else parts[key]
         if not items:
-            raise DataError(f"{root}: no {key} images (need two per class at least, or train/ and test/)")
+            why = "every fifth image of a class is held out, so a class needs 5 images at least"
+            raise DataError(f"{root}: no {key} images ({why}; or give train/ and test/ sub-folders)")
         x = torch.from_numpy(np.stack([_decode(f, channels, size) for f, _ in items])).float().div_(255.0)
         out += [x, torch.tensor([k for _, k in items], dtype=torch.long)]
     return out[0], out[1], out[2], out[3], classes
@@ -389,7 +391,8 @@ def _image_data(
         f"{shape[2]}x{shape[3]}, normalised by {normalize.get('source', 'the recorded mean/std')}"
     )
     held_desc = f"{root}: {len(y_te)} held-out images of {len(classes)} classes"
-    return TaskData("images", desc, str(root), train, test, classes, normalize, heldout=held_desc)
+    form = str(Path(root).absolute())  # recorded in a saved folder: found again from any working directory
+    return TaskData("images", desc, form, train, test, classes, normalize, heldout=held_desc)
 
 
 def image_normalization(folder: str | Path | None) -> dict[str, Any] | None:
