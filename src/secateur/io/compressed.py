@@ -20,6 +20,9 @@ For a compressed weight ``<module>.weight`` of dense shape ``S``, viewed row-maj
 
 Other tensors are stored as they are. The file's metadata says ``"format": "secateur-compressed"``, the
 encoding (``"compression"``) and the names of the compressed weights (``"compressed_weights"``, JSON).
+A tied tensor (one storage under several names, e.g. a language model's LM head and embedding) is stored
+once, under its first name; ``"tied"`` (JSON ``{alias: stored name}``, only when there is one) records the
+others, and :func:`load_compressed` returns the stored tensor under every name (the same tensor object).
 For 2-D weights (Linear layers) this is exactly compressed-tensors' layout; weights of more dimensions
 (convolutions) are flattened to ``(S[0], prod(S[1:]))`` as above, an extension of secateur's.
 
@@ -48,7 +51,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateur.errors import ConfigError, DataError, did_you_mean
+from secateur.errors import ConfigError, DataError, SerializationError, did_you_mean
+from secateur.io.tied import check_tied_file, tied_aliases
+from secateur.io.validate import validate_tied
 
 __all__ = ["COMPRESSIONS", "FORMAT_NAME", "load_compressed", "save_compressed"]
 
@@ -154,7 +159,8 @@ def save_compressed(
 
     Returns:
         ``{"path", "compression", "compressed_weights" (names), "dense_weights" (candidates stored dense),
-        "bytes" (file size on disk), "dense_bytes" (the tensors' dense size, header excluded)}``.
+        "bytes" (file size on disk), "dense_bytes" (the stored tensors' dense size, a tied tensor counted
+        once, header excluded)}``.
 
     Raises:
         ConfigError: an unknown ``compression``, ``model`` neither a module nor a dict of tensors, or a
@@ -173,6 +179,8 @@ def save_compressed(
         raise ConfigError(
             f"save_compressed: model must be an nn.Module or a dict of tensors, got {type(model).__name__}"
         )
+    tied = tied_aliases(state)  # a tied weight (lm_head is the embedding) is stored once
+    state = {k: v for k, v in state.items() if k not in tied}
     out: dict[str, torch.Tensor] = {}
     encoded, dense = [], []
     for name, t in state.items():
@@ -188,6 +196,8 @@ def save_compressed(
                 raise ConfigError(f"save_compressed: tensor name {key!r} (from {name!r}) is used twice")
             out[key] = value
     metadata = {"format": FORMAT_NAME, "compression": compression, "compressed_weights": json.dumps(encoded)}
+    if tied:
+        metadata["tied"] = json.dumps(tied)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -267,4 +277,25 @@ def load_compressed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         out[name] = _decode(path, name, {p: tensors[k] for p, k in keys.items()}, compression)
         used.update(keys.values())
     out.update({k: v for k, v in tensors.items() if k not in used})
+    out.update(_tied_entries(path, meta.get("tied"), out))
     return out
+
+
+def _tied_entries(path: Path, text: str | None, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{alias: the stored tensor}`` for the file's ``"tied"`` metadata (absent: none).
+
+    Raises:
+        DataError: the metadata is not a JSON object of names, an alias is stored too, or a target is not.
+    """
+    if text is None:
+        return {}
+    try:
+        tied = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: metadata tied is not JSON ({exc})") from exc
+    try:
+        validate_tied(tied, str(path), "metadata tied")
+        check_tied_file(tied, state, str(path), "metadata tied")
+    except SerializationError as exc:  # the same checks as plan.json's "tied", reported as bad data
+        raise DataError(str(exc)) from exc
+    return {alias: state[target] for alias, target in tied.items()}

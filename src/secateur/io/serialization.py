@@ -6,7 +6,9 @@ A saved model is a folder with two files:
   a user factory ``"module:function"`` with JSON keyword arguments), the structural pruning plan
   (kept indices per tensor, see :func:`secateur.compact.make_plan`) and the names of element masks;
 - ``model.safetensors``: the weights as the model computes with them (masks applied), plus each
-  element mask as a bool tensor under ``"__mask__/<module>.<param>"``.
+  element mask as a bool tensor under ``"__mask__/<module>.<param>"``. A tied tensor (``lm_head.weight``
+  *is* ``transformer.wte.weight``) is written once, under its first name; plan.json's ``"tied"`` records
+  ``{alias: stored name}`` (absent in folders written before, which store both names and still load).
 
 Loading rebuilds the *original* architecture, re-applies the plan with the same transactional
 compaction that pruned it, loads the weights strictly and re-attaches masks, so outputs are
@@ -52,6 +54,7 @@ from secateur.io.folder import (
     read_safetensors,
     weights_path,
 )
+from secateur.io.tied import check_tied_file, tied_aliases
 from secateur.io.validate import (
     safetensors_shapes,
     validate_plan,
@@ -80,8 +83,22 @@ def _weights_and_masks(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[
             if m is not None:
                 out[MASK_PREFIX + full] = m.mask
                 masks.append(full)
-    # safetensors needs contiguous tensors that share no memory (tied weights are stored twice).
-    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}, masks
+    return out, masks
+
+
+def _stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """What ``save`` writes: each storage once (tied aliases dropped), the masked names and the aliases.
+
+    A tied weight (``lm_head.weight`` is ``transformer.wte.weight``) appears under both names in the state
+    dict, sharing storage: it is written under its first name and recorded as ``{alias: first}``. A masked
+    weight's effective tensor is computed afresh, so it never aliases anything: a tied weight masked under
+    one name (or both) is stored under each name, as before. Element masks are always stored.
+    """
+    tensors, masks = _weights_and_masks(model)
+    tied = tied_aliases(tensors, skip_prefix=MASK_PREFIX)
+    # safetensors needs contiguous tensors that share no memory: one CPU copy per stored name.
+    kept = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items() if k not in tied}
+    return kept, masks, tied
 
 
 def save(
@@ -103,7 +120,10 @@ def save(
             Hugging Face model.
         metadata: extra JSON-able data stored in plan.json (e.g. accuracy, recipe).
 
-    Returns the folder path.
+    Returns the folder path. A tensor tied under several names (the same storage, offset, shape and stride,
+    e.g. ``lm_head.weight`` *is* ``transformer.wte.weight``) is written once, under its first state-dict name,
+    and plan.json's ``"tied"`` records ``{alias: stored name}`` (:mod:`secateur.io.tied`); a masked tied
+    weight is computed afresh, so it is stored under each name as before.
 
     Raises:
         InvalidModelError: ``model`` is not an ``nn.Module`` or has tensors on the meta device.
@@ -117,7 +137,7 @@ def save(
     if plan is not None:
         validate_plan(plan, "plan")  # a plan load() would refuse is refused now, before anything is written
     arch = architecture_of(model, plan, factory, factory_kwargs)
-    tensors, masks = _weights_and_masks(model)
+    tensors, masks, tied = _stored_tensors(model)
     doc = {
         "format": FORMAT,
         "version": VERSION,
@@ -126,6 +146,8 @@ def save(
         "masks": masks,
         "metadata": metadata or {},
     }
+    if tied:
+        doc["tied"] = tied
     text = plan_text(doc)
     directory.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_p = directory / (WEIGHTS_FILE + ".tmp"), directory / (PLAN_FILE + ".tmp")
@@ -135,6 +157,39 @@ def save(
     os.replace(tmp_w, directory / WEIGHTS_FILE)
     os.replace(tmp_p, directory / PLAN_FILE)
     return directory
+
+
+def _alias_values(
+    model: nn.Module, tied: dict[str, str], weights: dict[str, torch.Tensor], source: str, wpath: Path
+) -> dict[str, torch.Tensor]:
+    """``{alias: its stored tensor}`` for each alias plan.json records (checked against the file already).
+
+    An alias the rebuilt ``model`` ties to its target (the same ``Parameter``) needs nothing more; one it
+    does not tie gets the target's values (a copy, by ``load_state_dict``) so no tensor stays at its random
+    initialisation.
+
+    Raises:
+        SerializationError: an alias or target that is no tensor of the model (naming plan.json and
+            ``tied[alias]``), or an untied alias whose shape differs from the stored tensor's (naming the
+            weights file and the key).
+    """
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    out: dict[str, torch.Tensor] = {}
+    for alias, target in tied.items():
+        for name in (alias, target):
+            if name not in named:
+                raise SerializationError(
+                    f"{source}: tied[{alias!r}]: the rebuilt model has no tensor {name!r}"
+                )
+        tied_in_model = named[alias] is named[target]
+        if not tied_in_model and tuple(named[alias].shape) != tuple(weights[target].shape):
+            raise SerializationError(
+                f"{wpath}: {alias!r} is recorded as an alias of {target!r} ({tuple(weights[target].shape)}) "
+                f"but the rebuilt model does not tie them and its {alias!r} is {tuple(named[alias].shape)}"
+            )
+        out[alias] = weights[target]
+    return out
 
 
 def read_saved(
@@ -161,11 +216,14 @@ def read_saved(
             raise SerializationError(
                 f"{wpath}: mask for {full!r} has shape {shape}, its weight {plain.get(full, 'is absent')}"
             )
-    check_before_build(build, meta_ok, arch, plan, plain, source, str(wpath))
+    tied = doc.get("tied") or {}
+    check_tied_file(tied, plain, source)
+    check_before_build(build, meta_ok, arch, plan, plain, source, str(wpath), allow_missing=bool(tied))
     tensors = read_safetensors(wpath)
     model = build()
     apply_plan(model, plan, f"{source}: the plan does not fit the model")
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
+    weights.update(_alias_values(model, tied, weights, source, wpath))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

@@ -53,6 +53,7 @@ __all__ = [
     "validate_architecture",
     "validate_document",
     "validate_plan",
+    "validate_tied",
 ]
 
 #: Deepest nesting of arrays/objects accepted in a JSON file a folder holds (plans and configs nest < 10).
@@ -237,7 +238,8 @@ def validate_document(doc: object, source: str, *, fmt: str, version: int) -> di
     Raises:
         SerializationError: the document is not a JSON object (e.g. a list), its format or version is not the
             expected one, or a field has the wrong type (``architecture`` not an object, ``masks`` no list of
-            names, ``metadata`` not an object, ``plan`` invalid: see :func:`validate_plan`).
+            names, ``metadata`` not an object, ``plan`` invalid: see :func:`validate_plan`, ``tied``
+            invalid: see :func:`validate_tied`).
     """
     if not isinstance(doc, dict):
         raise SerializationError(f"{source}: a plan must be a JSON object, got {_json_type(doc)}")
@@ -257,7 +259,33 @@ def validate_document(doc: object, source: str, *, fmt: str, version: int) -> di
         raise _fail(source, "layout", f"unknown layout {doc['layout']!r} (expected 'huggingface' or none)")
     if doc.get("plan") is not None:
         validate_plan(doc["plan"], source)
+    if doc.get("tied") is not None:
+        validate_tied(doc["tied"], source)
     return doc
+
+
+def validate_tied(tied: object, source: str, field: str = "tied") -> None:
+    """Check a record of tied tensors ``{alias: stored name}`` as data (see :mod:`secateur.io.tied`).
+
+    Keys and values are non-empty tensor names (strings); an alias never names itself and never names
+    another alias (the writer records the first name of each storage, so chains and cycles cannot be
+    genuine). Whether the names are tensors of the file and of the model is checked later, on them.
+
+    Raises:
+        SerializationError: naming ``source`` and the field (``tied['lm_head.weight']``).
+    """
+    for alias, target in _check_mapping(tied, source, field).items():
+        if not isinstance(alias, str) or not alias:
+            raise _fail(source, field, f"an alias must be a tensor name, got {alias!r:.80}")
+        where = f"{field}[{alias!r}]"
+        if not isinstance(target, str) or not target:
+            raise _fail(source, where, f"expected the name of a stored tensor, got {_json_type(target)}")
+        if target == alias:
+            raise _fail(source, where, "a tensor cannot be an alias of itself")
+        if target in tied:
+            raise _fail(
+                source, where, f"names {target!r}, itself an alias (chains and cycles are not written)"
+            )
 
 
 def _check_indices(kept: object, source: str, field: str, size: int | None = None) -> None:
