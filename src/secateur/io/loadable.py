@@ -25,12 +25,15 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from secateur.compact.hf_configs import unexpressible_fields
 from secateur.errors import ConfigError
-from secateur.io.pretrained import UnloadableConfigError, transformers_load_problems, transformers_loadable
+from secateur.io.pretrained import (
+    UnloadableConfigError,
+    meta_build,
+    transformers_load_problems,
+)
 
 __all__ = [
     "HOW_TO_LOAD",
@@ -126,8 +129,7 @@ def planned_config_mismatch(model: nn.Module, plan: Mapping) -> str | None:
     if bad:
         return f"a config holds one value for every layer, of {'; '.join(bad)}"
     try:
-        with torch.device("meta"):
-            ref = type(model)(_rewritten_config(model, plan))
+        ref = meta_build(type(model), _rewritten_config(model, plan))
     except Exception as e:  # transformers rejects the rewritten config itself
         return f"transformers rejects the rewritten config ({_changed_fields(plan)}): {e}"
     want, got = _planned_shapes(model, plan), {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -189,8 +191,7 @@ def _unwritable_tensors(model: nn.Module, plan: Mapping, shapes: Mapping[str, tu
     them dense, e.g. BERT's pooler) and the ``protect=`` that leaves their modules whole; None if the
     rewritten config cannot be built or every shape matches."""
     try:
-        with torch.device("meta"):
-            ref = type(model)(_rewritten_config(model, plan))
+        ref = meta_build(type(model), _rewritten_config(model, plan))
     except Exception:  # named by planned_config_mismatch
         return None
     got = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -235,10 +236,10 @@ def refuse_plain_save(model: nn.Module, plan: Mapping) -> bool:
         return False
     if isinstance(model.__dict__.get("save_pretrained"), PlainSaveRefusal):
         del model.__dict__["save_pretrained"]
-    if transformers_loadable(model, dict(plan)):
+    fields = transformers_load_problems(model, dict(plan))  # [] exactly when from_pretrained rebuilds it
+    if not fields:
         return False
     bad = _inconsistent(plan)
-    fields = transformers_load_problems(model, dict(plan))
     why = (
         f"a config holds one value for every layer, of {'; '.join(bad)}"
         if bad
