@@ -26,7 +26,7 @@ import secateur as sc
 from secateur._torch import call_model
 from secateur.errors import ConfigError
 from secateur.llm import UnloadableConfigError, prune_decoder
-from secateur.llm.loadable import UnloadableShapeError
+from secateur.llm.loadable import UnloadableShapeError, plain_save_problems
 from secateur.pruners.heads import prune_heads
 
 transformers = pytest.importorskip("transformers")
@@ -82,7 +82,7 @@ def test_prune_channels_loadable_reloads_in_plain_transformers_with_widths_multi
     ]
     assert shrunk, f"{name}: nothing was pruned"
     assert all(n % 8 == 0 for _, _, n, _ in shrunk), shrunk  # round_to=8 by default with loadable=True
-    assert "save_pretrained" not in pruned.__dict__  # no refusal: its config describes it
+    assert not plain_save_problems(pruned)  # its config describes it: plain save allowed
     _plain_reload(pruned, x, tmp_path)
 
 
@@ -172,7 +172,13 @@ def test_plain_save_of_an_unexpressible_prune_is_refused_and_secateur_save_reloa
     # a shape the config describes (MLP only) gets no refusal: transformers' own save_pretrained stays
     fresh, x = _build("gpt2")
     fresh, _ = sc.prune_channels(fresh, x, 0.5, criterion="l1", protect=["*attn*"])
-    assert "save_pretrained" not in fresh.__dict__
+    assert not plain_save_problems(fresh)
+    # the guard checks at save time and then saves with the class's own method; a deep copy guards itself
+    twin = copy.deepcopy(fresh)
+    assert twin.__dict__["save_pretrained"].model is twin
+    twin.save_pretrained(tmp_path / "plain_ok")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain_ok")
+    assert torch.equal(_logits(again, x), _logits(fresh, x))
 
 
 @pytest.mark.parametrize(("name", "kv"), [("falcon", 1), ("falcon_gqa", 2)])

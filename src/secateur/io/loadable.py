@@ -42,6 +42,7 @@ __all__ = [
     "is_hf_model",
     "planned_config_mismatch",
     "planned_load_problems",
+    "plain_save_problems",
     "refuse_plain_save",
 ]
 
@@ -208,47 +209,72 @@ def _unwritable_tensors(model: nn.Module, plan: Mapping, shapes: Mapping[str, tu
 
 
 class PlainSaveRefusal:
-    """Stands in for a pruned model's own ``save_pretrained`` when its config cannot describe it: calling it
-    raises :class:`~secateur.io.pretrained.UnloadableConfigError` with ``message`` before anything is written.
-    Installed and removed by :func:`refuse_plain_save`; picklable and deep-copyable (it holds only the
-    message)."""
+    """Stands in for a pruned Hugging Face model's own ``save_pretrained``: when called, it checks whether
+    plain ``from_pretrained`` of the model's ``config.json`` would rebuild the model as it is now
+    (:func:`~secateur.io.pretrained.transformers_load_problems`, one meta-device build) and either raises
+    :class:`~secateur.io.pretrained.UnloadableConfigError` naming the config fields at fault, before anything
+    is written, or calls the class's own ``save_pretrained``.
 
-    def __init__(self, message: str) -> None:
-        self.message = message
+    The check runs at save time, not after every pruning call: pruning stays free of it, and it sees the
+    model as it is saved. Installed by :func:`refuse_plain_save`. It holds the model itself (a reference
+    cycle), so ``copy.deepcopy`` and pickling give a guard of the copy, not of the original."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        """Raise :class:`~secateur.io.pretrained.UnloadableConfigError` (nothing is written)."""
-        raise UnloadableConfigError(self.message)
+    def __init__(self, model: nn.Module, plan: Mapping) -> None:
+        self.model = model
+        self.plan = dict(plan)
+
+    def problems(self) -> list[str]:
+        """One sentence per config field that cannot describe the model as it is now; ``[]`` if plain
+        ``from_pretrained`` rebuilds it."""
+        return transformers_load_problems(self.model, self.plan)
+
+    def message(self) -> str | None:
+        """The refusal :meth:`__call__` raises, or None when the config describes the model."""
+        fields = self.problems()
+        if not fields:
+            return None
+        bad = _inconsistent(self.plan)
+        why = (
+            f"a config holds one value for every layer, of {'; '.join(bad)}"
+            if bad
+            else f"its config ({_changed_fields(self.plan)}) does not describe the pruned shapes: "
+            f"{'; '.join(fields)}"
+        )
+        return (
+            f"{type(self.model).__name__} was pruned to a shape its config.json cannot describe: {why}, so "
+            f"plain transformers from_pretrained would build other shapes. Nothing was written. To get a "
+            f"folder plain transformers loads, {HOW_TO_LOAD}"
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Save with the class's own ``save_pretrained``, or raise
+        :class:`~secateur.io.pretrained.UnloadableConfigError` (nothing written)."""
+        message = self.message()
+        if message is not None:
+            raise UnloadableConfigError(message)
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
 
 
 def refuse_plain_save(model: nn.Module, plan: Mapping) -> bool:
-    """After a structural plan was applied to a Hugging Face model: make ``model.save_pretrained`` raise
-    :class:`~secateur.io.pretrained.UnloadableConfigError` if plain ``from_pretrained`` of its
-    ``config.json`` would not rebuild it (:func:`secateur.io.transformers_loadable`), else remove such a
-    refusal left by an earlier pruning. Models that are not Hugging Face models are left alone.
+    """After a structural plan was applied to a Hugging Face model: guard ``model.save_pretrained`` so that
+    it raises :class:`~secateur.io.pretrained.UnloadableConfigError` whenever plain ``from_pretrained`` of
+    its ``config.json`` would not rebuild the model (:class:`PlainSaveRefusal`; the check runs when
+    ``save_pretrained`` is called, so pruning pays nothing for it). Models that are not Hugging Face models
+    are left alone; a guard left by an earlier pruning is replaced (it checks against the latest ``plan``).
 
-    The refusal is an instance attribute (:class:`PlainSaveRefusal`) shadowing the class's method (nothing in
-    ``transformers`` is patched); :func:`secateur.save_pretrained` calls the class's method and writes the
-    plan beside the weights, so it (and :func:`secateur.save`) still save the model. Cost: one meta-device
-    build of the model from its config. Returns True when the refusal is installed.
+    The guard is an instance attribute shadowing the class's method (nothing in ``transformers`` is
+    patched); :func:`secateur.save_pretrained` calls the class's method and writes the plan beside the
+    weights, so it (and :func:`secateur.save`) still save the model. Returns True when a guard is installed.
     """
     if not is_hf_model(model):
         return False
-    if isinstance(model.__dict__.get("save_pretrained"), PlainSaveRefusal):
-        del model.__dict__["save_pretrained"]
-    fields = transformers_load_problems(model, dict(plan))  # [] exactly when from_pretrained rebuilds it
-    if not fields:
-        return False
-    bad = _inconsistent(plan)
-    why = (
-        f"a config holds one value for every layer, of {'; '.join(bad)}"
-        if bad
-        else f"its config ({_changed_fields(plan)}) does not describe the pruned shapes: {'; '.join(fields)}"
-    )
-    message = (
-        f"{type(model).__name__} was pruned to a shape its config.json cannot describe: {why}, so plain "
-        f"transformers from_pretrained would build other shapes. Nothing was written. To get a folder plain "
-        f"transformers loads, {HOW_TO_LOAD}"
-    )
-    model.__dict__["save_pretrained"] = PlainSaveRefusal(message)
+    model.__dict__["save_pretrained"] = PlainSaveRefusal(model, plan)
     return True
+
+
+def plain_save_problems(model: nn.Module) -> list[str]:
+    """Why the model's own ``save_pretrained`` would refuse (one sentence per config field at fault), ``[]``
+    when it would save: no guard installed (:func:`refuse_plain_save`) or a config that describes the
+    model. Costs one meta-device build when a guard is installed."""
+    guard = model.__dict__.get("save_pretrained")
+    return guard.problems() if isinstance(guard, PlainSaveRefusal) else []

@@ -24,6 +24,7 @@ from __future__ import annotations
 from secateur.io.loadable import (
     PlainSaveRefusal,
     UnloadableShapeError,
+    plain_save_problems,
     planned_config_mismatch,
     planned_load_problems,
     refuse_plain_save,
@@ -35,6 +36,7 @@ __all__ = [
     "UnloadableConfigError",
     "UnloadableShapeError",
     "planned_config_mismatch",
+    "plain_save_problems",
     "planned_load_problems",
     "refuse_plain_save",
 ]

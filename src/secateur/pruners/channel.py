@@ -720,9 +720,10 @@ class ChannelPruner(PrunerBase):
         every member. With ``verify`` the oracle (:func:`~secateur.compact.verify.verified_compact`: float64,
         per output ``max|a - b| <= atol + rtol * magnitude``, NaN/Inf never equal) compares the compacted
         model with the masked one inside the transaction. Returns the model (changed in place); afterwards
-        the pruner is finished (its hooks are removed). On a Hugging Face model whose ``config.json`` cannot
-        describe the pruned shapes, the model's own ``save_pretrained`` then raises ``UnloadableConfigError``
-        (:func:`secateur.io.loadable.refuse_plain_save`); :func:`secateur.save_pretrained` still saves it.
+        the pruner is finished (its hooks are removed). On a Hugging Face model, the model's own
+        ``save_pretrained`` is then guarded: it raises ``UnloadableConfigError`` when ``config.json`` cannot
+        describe the pruned shapes (:func:`secateur.io.loadable.refuse_plain_save`, checked when called);
+        :func:`secateur.save_pretrained` still saves it.
 
         Transactional under any ``BaseException``: the stored weights, masks and buffers of the pruned
         groups are copied first (:class:`MaskRestorePoint`; memory: one copy of those tensors) and put back
@@ -751,7 +752,7 @@ class ChannelPruner(PrunerBase):
         self.criterion.detach()
         self.plan = plan
         self.compacted = True
-        refuse_plain_save(self.model, plan)  # a config.json that cannot describe the result is never written
+        refuse_plain_save(self.model, plan)  # plain save_pretrained checks its config.json when called
         self._masked = {}
         return self.model
 

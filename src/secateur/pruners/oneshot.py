@@ -112,9 +112,10 @@ def prune_channels(
             grouped-query attention a head unit is one KV head with its query heads, so the query-per-KV
             ratio stays whole.
 
-    Whatever ``loadable`` says, a Hugging Face model whose config cannot describe the pruned shapes gets a
-    ``save_pretrained`` that raises :class:`~secateur.io.pretrained.UnloadableConfigError` naming the field
-    (:func:`secateur.io.loadable.refuse_plain_save`; save with :func:`secateur.save_pretrained` instead).
+    Whatever ``loadable`` says, a pruned Hugging Face model's own ``save_pretrained`` is guarded: it raises
+    :class:`~secateur.io.pretrained.UnloadableConfigError` naming the field when the config cannot describe
+    the model (checked when called: :func:`secateur.io.loadable.refuse_plain_save`; save with
+    :func:`secateur.save_pretrained` instead).
 
     Returns ``(model, plan)``; ``plan`` is plain JSON-serialisable data (:func:`secateur.compact.make_plan`).
 
