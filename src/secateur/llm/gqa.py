@@ -109,17 +109,26 @@ def _group_holding(graph: DependencyGraph, path: str, classes: np.ndarray) -> Gr
     return None
 
 
+def _check_inside(m: Member, path: str) -> None:
+    """Query heads coupled to a member outside the attention module ``path`` cannot go on their own.
+
+    Raises:
+        ConfigError: naming the member and dim, and ``gqa='kv_groups'`` as the way in.
+    """
+    if not m.name.startswith(path + "."):
+        raise ConfigError(
+            f"the query heads of {path} are coupled to {m.name} (dim {m.dim}) outside the attention "
+            "module: they cannot be removed on their own; use gqa='kv_groups'"
+        )
+
+
 def _query_members(
     g: Group, path: str, n_heads: int, n_kv: int, head_dim: int, q_classes: np.ndarray
 ) -> list:
     """Members of ``g`` on the query side (dim size ``Hq · head_dim``), each checked against the split."""
     out = []
     for m in g.members:
-        if not m.name.startswith(path + "."):
-            raise ConfigError(
-                f"the query heads of {path} are coupled to {m.name} (dim {m.dim}) outside the attention "
-                "module: they cannot be removed on their own; use gqa='kv_groups'"
-            )
+        _check_inside(m, path)
         size = m.unit_of.size
         if size == n_kv * head_dim:
             continue  # a key/value dim: kept whole
@@ -242,11 +251,7 @@ def _fused_attention(
     q_classes = None
     members = []
     for m in g.members:
-        if not m.name.startswith(path + "."):
-            raise ConfigError(
-                f"the query heads of {path} are coupled to {m.name} (dim {m.dim}) outside the attention "
-                "module: they cannot be removed on their own; use gqa='kv_groups'"
-            )
+        _check_inside(m, path)
         size, idx = m.unit_of.size, np.arange(m.unit_of.size)
         cls = g.classes[m.unit_of]
         if size == n_heads * head_dim:  # the output projection's columns: one query head per head_dim
