@@ -14,9 +14,9 @@ op                     dims
 ``Tensor.unfold``      ``unfold(d, size, step)``: dim ``d`` becomes the window index (mixed: frozen
                        if it carries channels), a new last dim of ``size`` positions; others pass
 ``F.unfold`` (im2col)  ``(B, C, H, W) -> (B, C*k, L)``: each channel copied over its ``k`` kernel
-                       positions (channel-major); spatial dims become ``L``
+                       positions (channel-major); spatial dims become ``L`` (frozen)
 ``F.fold`` (col2im)    ``(B, C*k, L) -> (B, C, H, W)``: the ``k`` entries of channel ``c`` sum into
-                       output channel ``c``: merged into one unit
+                       output channel ``c``: merged into one unit; ``L`` frozen
 ``linalg_*norm``       reduced dims (``dim``; all dims when ``None``; matrix norms the last two) are
                        mixed; the others pass (``keepdim`` keeps size-1 dims without channels)
 ``fft_*``              transformed dims (``dim``/``s``, as torch.fft defaults them) are mixed; the
@@ -111,13 +111,16 @@ def tensor_unfold_rule(ctx: OpContext) -> None:
 def im2col_rule(ctx: OpContext) -> None:
     """``F.unfold`` (im2col): ``(B, C, H, W) -> (B, C*k, L)`` (or unbatched ``(C, H, W) -> (C*k, L)``), ``k``
     the kernel positions; output index ``c*k + j`` holds channel ``c``, so each channel's atoms repeat ``k``
-    times (channel-major); the spatial dims become the ``L`` block positions (no channel identity)."""
+    times (channel-major); the spatial dims become the ``L`` block positions (no channel identity; a channel
+    dim there is frozen: the block count follows its size)."""
     x = ctx.args[0]
     out = _out(ctx)
     dims = list(ctx.dims(x))
     cd = x.dim() - 3
     c = dims[cd]
     k = out.shape[cd] // x.shape[cd] if x.shape[cd] else 1
+    for d in dims[cd + 1 :]:  # the block count L follows the spatial sizes: a channel dim there is frozen
+        ctx.freeze(d, "'unfold' (im2col) slides blocks over a channel dim")
     ctx.set_dims(out, dims[:cd] + [None if c is None else np.repeat(c, k), None])
 
 
@@ -133,7 +136,8 @@ def unfold_rule(ctx: OpContext) -> None:
 def fold_rule(ctx: OpContext) -> None:
     """``F.fold`` (col2im): ``(B, C*k, L) -> (B, C, H, W)`` (or unbatched ``(C*k, L) -> (C, H, W)``): the
     ``k`` entries ``c*k .. c*k + k - 1`` are summed (over overlapping blocks) into output channel ``c``, so
-    they become one unit (removed whole) and the output channel carries it. An input whose channel-major
+    they become one unit (removed whole) and the output channel carries it. A channel dim on ``L`` (the block
+    positions, whose count ``output_size`` fixes) is frozen. An input whose channel-major
     layout differs (``(k, C)`` flattened) merges more channels into a unit: coarser, never wrong."""
     x = ctx.args[0]
     out = _out(ctx)
@@ -141,6 +145,8 @@ def fold_rule(ctx: OpContext) -> None:
     cd = x.dim() - 2
     c = dims[cd]
     n_out = out.shape[cd]
+    # the L block positions are summed into the spatial output (L is fixed by output_size): frozen
+    ctx.freeze(dims[cd + 1], "'fold' (col2im) sums the block dim into spatial positions")
     o = None
     if c is not None and n_out:
         rows = c.reshape(n_out, -1)
@@ -170,6 +176,8 @@ def linalg_norm_rule(ctx: OpContext) -> None:
     x = ctx.args[0]
     pos, default = NORM_OPS[ctx.name]
     dim = ctx.arg(pos, "dim", default)
+    if isinstance(dim, bool):  # nuclear_norm(x, keepdim): the overload without dim
+        dim = default
     dims = list(ctx.dims(x))
     red = set(range(len(dims))) if dim is None else set(_norm_dims(dim, len(dims)))
     for d in sorted(red):

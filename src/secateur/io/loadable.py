@@ -22,6 +22,7 @@ family derives instead).
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -216,12 +217,30 @@ class PlainSaveRefusal:
     is written, or calls the class's own ``save_pretrained``.
 
     The check runs at save time, not after every pruning call: pruning stays free of it, and it sees the
-    model as it is saved. Installed by :func:`refuse_plain_save`. It holds the model itself (a reference
-    cycle), so ``copy.deepcopy`` and pickling give a guard of the copy, not of the original."""
+    model as it is saved. Installed by :func:`refuse_plain_save`. It holds a weak reference to the model
+    (a strong one would make a reference cycle: a deleted model, GPU memory included, would wait for the
+    cyclic garbage collector); ``copy.deepcopy`` and pickling give a guard of the copy, not of the
+    original."""
 
     def __init__(self, model: nn.Module, plan: Mapping) -> None:
-        self.model = model
+        self._model = weakref.ref(model)
         self.plan = dict(plan)
+
+    @property
+    def model(self) -> nn.Module:
+        """The guarded model; ``ReferenceError`` once it no longer exists."""
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the model whose save_pretrained this was no longer exists")
+        return model
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The model itself (copied or pickled with it: the copy's guard guards the copy) and the plan."""
+        return {"model": self.model, "plan": self.plan}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._model = weakref.ref(state["model"])
+        self.plan = state["plan"]
 
     def problems(self) -> list[str]:
         """One sentence per config field that cannot describe the model as it is now; ``[]`` if plain

@@ -192,6 +192,39 @@ def _alias_values(
     return out
 
 
+def _retie(
+    model: nn.Module, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], wpath: Path
+) -> None:
+    """Make the values of every pair of names the rebuilt ``model`` ties (one tensor) agree, in ``weights``.
+
+    A tied weight masked under one name only is stored under both (the masked name holds ``raw * mask``,
+    the other the raw tensor, which may differ at masked positions, e.g. an embedding trained under a
+    masked LM head): the raw values are loaded under both names (the mask is attached again after). Any
+    other pair must hold equal values: loading would keep whichever name comes last and silently drop the
+    other (a model saved untied, rebuilt by a factory or config that ties).
+
+    Raises:
+        SerializationError: two different tensors under names the rebuilt model ties, naming the weights
+            file and both names.
+    """
+    for alias, target in tied_aliases(model.state_dict()).items():
+        a, t = weights.get(alias), weights.get(target)
+        if a is None or t is None or a is t:
+            continue
+        if a.shape == t.shape and a.dtype == t.dtype:
+            if torch.equal(a, t):
+                continue
+            if (alias in masks) != (target in masks):
+                masked, raw = (alias, target) if alias in masks else (target, alias)
+                if torch.equal(weights[masked], weights[raw] * masks[masked]):
+                    weights[masked] = weights[raw]
+                    continue
+        raise SerializationError(
+            f"{wpath}: the rebuilt model ties {alias!r} to {target!r} (one tensor) but the file stores "
+            "different values under the two names; rebuild with a factory or config that does not tie them"
+        )
+
+
 def read_saved(
     directory: Path,
     doc: dict[str, Any],
@@ -224,6 +257,7 @@ def read_saved(
     apply_plan(model, plan, f"{source}: the plan does not fit the model")
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     weights.update(_alias_values(model, tied, weights, source, wpath))
+    _retie(model, weights, {k: tensors[MASK_PREFIX + k] for k in masks}, wpath)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
