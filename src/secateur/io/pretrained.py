@@ -108,7 +108,12 @@ def meta_build(cls: type, config: Any) -> nn.Module:
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
     with torch.device("meta"), no_init_weights():
-        return cls(config)
+        model = cls(config)
+    tie = getattr(model, "tie_weights", None)  # no_init_weights also skips init_weights, which ties them
+    if callable(tie):
+        with torch.device("meta"):
+            tie()
+    return model
 
 
 def _attributes_match(model: nn.Module, plan: dict | None) -> bool:
