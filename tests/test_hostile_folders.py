@@ -115,7 +115,7 @@ def test_read_spy_sees_reads_outside_the_folder(tmp_path, monkeypatch):
     assert spy.outside(folder) == [str(outside)] * 2
 
 
-def _expect(
+def _assert_refused(
     exc: type[SecateurError],
     match: str,
     folder: Path,
@@ -190,7 +190,7 @@ def test_factory_named_by_a_folder_never_runs(tmp_path, monkeypatch):
         factory=f"{HERE}:write_marker",
         factory_kwargs={"marker": str(marker)},
     )
-    err = _expect(UntrustedCodeError, "write_marker", folder, lambda: load(folder), monkeypatch)
+    err = _assert_refused(UntrustedCodeError, "write_marker", folder, lambda: load(folder), monkeypatch)
     msg = str(err)
     assert "plan.json" in msg and "factory=" in msg and "trust_factory=" in msg
     assert not marker.exists()
@@ -206,8 +206,8 @@ def test_os_system_in_plan_json_runs_nothing(tmp_path, monkeypatch, target):
     doc = _doc(folder)
     doc["architecture"] = {"kind": "factory", "factory": target, "kwargs": {"command": f"touch {marker}"}}
     _write_doc(folder, doc)
-    _expect(UntrustedCodeError, target, folder, lambda: load(folder), monkeypatch)
-    _expect(UntrustedCodeError, target, folder, lambda: from_pretrained(folder), monkeypatch)
+    _assert_refused(UntrustedCodeError, target, folder, lambda: load(folder), monkeypatch)
+    _assert_refused(UntrustedCodeError, target, folder, lambda: from_pretrained(folder), monkeypatch)
     assert not marker.exists()
 
 
@@ -219,7 +219,7 @@ def test_factory_module_in_the_folder_is_not_imported(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     folder = save(nn.Linear(3, 3), tmp_path / "f", factory="evil_factory_mod:build")
-    _expect(UntrustedCodeError, "evil_factory_mod:build", folder, lambda: load(folder), monkeypatch)
+    _assert_refused(UntrustedCodeError, "evil_factory_mod:build", folder, lambda: load(folder), monkeypatch)
     assert not marker.exists() and "evil_factory_mod" not in sys.modules
 
 
@@ -251,13 +251,15 @@ def test_huggingface_class_outside_transformers_is_refused(bert_folders, tmp_pat
         doc["architecture"][field] = value
         doc["architecture"]["config"]["command"] = f"touch {marker}"
         _write_doc(folder, doc)
-        _expect(UntrustedCodeError, f"architecture.{field}", folder, lambda f=folder: load(f), monkeypatch)
+        _assert_refused(
+            UntrustedCodeError, f"architecture.{field}", folder, lambda f=folder: load(f), monkeypatch
+        )
     # A name under transformers that is not a model class (a module attribute) is refused too.
     folder = Path(shutil.copytree(bert_folders[0], tmp_path / "attr"))
     doc = _doc(folder)
     doc["architecture"]["class"] = "transformers.models.bert.modeling_bert:torch"
     _write_doc(folder, doc)
-    _expect(
+    _assert_refused(
         SerializationError, "not a transformers PreTrainedModel", folder, lambda: load(folder), monkeypatch
     )
     assert not marker.exists()
@@ -277,7 +279,7 @@ def test_auto_map_and_hub_kernels_in_a_config_are_ignored_or_refused(bert_folder
     assert "modeling_evil" not in sys.modules
     doc["architecture"]["config"]["attn_implementation"] = "kernels-community/evil"
     _write_doc(folder, doc)
-    _expect(SerializationError, "attn_implementation", folder, lambda: load(folder), monkeypatch)
+    _assert_refused(SerializationError, "attn_implementation", folder, lambda: load(folder), monkeypatch)
 
 
 # -------------------------------------------------------------------------------------- files and paths
@@ -293,7 +295,9 @@ def test_sharded_index_entry_outside_the_folder(bert_folders, tmp_path, monkeypa
     doc["weight_map"] = {k: (entry if v == shard else v) for k, v in doc["weight_map"].items()}
     index.write_text(json.dumps(doc))
     what = "absolute path" if os.path.isabs(entry) else "outside the folder"
-    err = _expect(UnsafePathError, what, folder, lambda: from_pretrained(folder), monkeypatch, (outside,))
+    err = _assert_refused(
+        UnsafePathError, what, folder, lambda: from_pretrained(folder), monkeypatch, (outside,)
+    )
     assert "model.safetensors.index.json" in str(err)
 
 
@@ -304,7 +308,7 @@ def test_symlinks_leaving_the_folder_are_refused(lenet, tmp_path, monkeypatch):
         folder = Path(shutil.copytree(lenet, tmp_path / f"link_{name}"))
         shutil.move(folder / name, outside / name)  # a valid file, one level up
         (folder / name).symlink_to(outside / name)
-        _expect(
+        _assert_refused(
             UnsafePathError, "through a symlink", folder, lambda f=folder: load(f), monkeypatch, (outside,)
         )
         shutil.move(outside / name, tmp_path / f"kept_{name}")
@@ -321,7 +325,7 @@ def test_fifo_is_refused_without_blocking(lenet, monkeypatch, name):
     (lenet / name).unlink()
     os.mkfifo(lenet / name)
     t0 = time.perf_counter()
-    _expect(
+    _assert_refused(
         UnsafePathError, f"{name}: not a regular file \\(a FIFO\\)", lenet, lambda: load(lenet), monkeypatch
     )
     assert time.perf_counter() - t0 < 10
@@ -335,7 +339,7 @@ def test_fifo_shard_and_fifo_path_argument(bert_folders, tmp_path, monkeypatch):
     )[0]
     (folder / shard).unlink()
     os.mkfifo(folder / shard)
-    _expect(UnsafePathError, "FIFO", folder, lambda: from_pretrained(folder), monkeypatch)
+    _assert_refused(UnsafePathError, "FIFO", folder, lambda: from_pretrained(folder), monkeypatch)
     os.mkfifo(tmp_path / "given.fifo")  # a FIFO passed as the path itself: not opened either
     with pytest.raises(SerializationError, match="not a folder"):
         load(tmp_path / "given.fifo")
@@ -367,7 +371,7 @@ def test_bad_kept_indices_are_named(lenet, monkeypatch, tamper, match):
     name, dim, kept = _tensor_with_dim(doc)
     doc["plan"]["tensors"][name][dim] = tamper(kept)
     _write_doc(lenet, doc)
-    err = _expect(SerializationError, match, lenet, lambda: load(lenet), monkeypatch)
+    err = _assert_refused(SerializationError, match, lenet, lambda: load(lenet), monkeypatch)
     assert "plan.json" in str(err) and f"plan.tensors[{name!r}][{dim!r}]" in str(err)
 
 
@@ -376,7 +380,7 @@ def test_plan_nested_200000_deep_is_refused_without_recursion_error(lenet, monke
     text = (lenet / "plan.json").read_text()
     deep = "[" * depth + "]" * depth
     (lenet / "plan.json").write_text(text.rstrip()[:-1] + f', "metadata": {{"x": {deep}}}}}')
-    _expect(
+    _assert_refused(
         SerializationError,
         f"plan.json: plan nests {depth + 2} levels deep",
         lenet,
@@ -384,7 +388,7 @@ def test_plan_nested_200000_deep_is_refused_without_recursion_error(lenet, monke
         monkeypatch,
     )
     (lenet / "plan.json").write_text(deep)
-    _expect(SerializationError, "levels deep", lenet, lambda: load(lenet), monkeypatch)
+    _assert_refused(SerializationError, "levels deep", lenet, lambda: load(lenet), monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -399,14 +403,14 @@ def test_plan_nested_200000_deep_is_refused_without_recursion_error(lenet, monke
 )
 def test_plan_of_the_wrong_shape_is_named(lenet, monkeypatch, doc, match):
     _write_doc(lenet, doc)
-    _expect(SerializationError, match, lenet, lambda: load(lenet), monkeypatch)
+    _assert_refused(SerializationError, match, lenet, lambda: load(lenet), monkeypatch)
 
 
 def test_plan_cannot_set_private_attributes(lenet, monkeypatch):
     doc = _doc(lenet)
     doc["plan"]["attributes"] = {"": {"__class__": ["Module", "Evil"]}}
     _write_doc(lenet, doc)
-    _expect(
+    _assert_refused(
         SerializationError,
         r"plan\.attributes\[''\]\['__class__'\]: not a plain attribute name",
         lenet,
@@ -415,7 +419,7 @@ def test_plan_cannot_set_private_attributes(lenet, monkeypatch):
     )
     doc["plan"]["attributes"] = {"no.such.module": {"out_features": [1, 2]}}
     _write_doc(lenet, doc)
-    _expect(
+    _assert_refused(
         SerializationError,
         "the plan does not fit the model.*no such module",
         lenet,
@@ -440,7 +444,7 @@ def test_absurd_sizes_in_a_zoo_record(lenet, monkeypatch, value, match):
     doc = _doc(lenet)
     doc["architecture"]["record"]["num_classes"] = value
     _write_doc(lenet, doc)
-    _expect(SerializationError, match, lenet, lambda: load(lenet), monkeypatch)
+    _assert_refused(SerializationError, match, lenet, lambda: load(lenet), monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -457,13 +461,13 @@ def test_absurd_sizes_in_a_huggingface_config(bert_folders, tmp_path, monkeypatc
         doc = _doc(folder)
         doc["architecture"]["config"][key] = value
         _write_doc(folder, doc)
-        _expect(SerializationError, match, folder, lambda f=folder, ld=loader: ld(f), monkeypatch)
+        _assert_refused(SerializationError, match, folder, lambda f=folder, ld=loader: ld(f), monkeypatch)
 
 
 def test_huge_integer_literal_is_named(lenet, monkeypatch):
     text = (lenet / "plan.json").read_text()
     (lenet / "plan.json").write_text(text.replace('"num_classes": 10', '"num_classes": 1' + "0" * 5000))
-    _expect(
+    _assert_refused(
         SerializationError,
         "plan.json: plan holds a value Python cannot read",
         lenet,
@@ -480,7 +484,9 @@ def test_mask_of_the_wrong_shape_is_named(tmp_path, monkeypatch):
     name = next(k for k in tensors if k.startswith("__mask__/"))
     tensors[name] = tensors[name][:1]
     safetensors.torch.save_file(tensors, folder / "model.safetensors")
-    _expect(SerializationError, f"mask for '{name[9:]}' has shape", folder, lambda: load(folder), monkeypatch)
+    _assert_refused(
+        SerializationError, f"mask for '{name[9:]}' has shape", folder, lambda: load(folder), monkeypatch
+    )
 
 
 def test_untampered_folders_still_load_exactly(lenet, bert_folders):

@@ -14,7 +14,7 @@ from secateur.errors import DataError, SerializationError
 from secateur.io import load, save
 from secateur.io.compressed import load_compressed, save_compressed
 from secateur.io.validate import validate_tied
-from test_hostile_folders import _expect
+from test_hostile_folders import _assert_refused
 from test_io_tied import tied_lm
 
 HERE = "tests.test_io_tied"
@@ -49,7 +49,7 @@ def test_hostile_tied_record_is_refused_by_name(tmp_path, monkeypatch, case):
     doc = json.loads((folder / "plan.json").read_text())
     doc["tied"] = tied
     (folder / "plan.json").write_text(json.dumps(doc))
-    _expect(SerializationError, match, folder, lambda: load(folder, factory=tied_lm), monkeypatch)
+    _assert_refused(SerializationError, match, folder, lambda: load(folder, factory=tied_lm), monkeypatch)
 
 
 def test_alias_of_another_shape_the_model_does_not_tie_is_refused(tmp_path, monkeypatch):
@@ -61,7 +61,7 @@ def test_alias_of_another_shape_the_model_does_not_tie_is_refused(tmp_path, monk
     doc["tied"]["body.weight"] = "emb.weight"
     (folder / "plan.json").write_text(json.dumps(doc))
     match = r"model\.safetensors: 'body\.weight' is recorded as an alias of 'emb\.weight' \(\(512, 32\)\)"
-    _expect(SerializationError, match, folder, lambda: load(folder, factory=tied_lm), monkeypatch)
+    _assert_refused(SerializationError, match, folder, lambda: load(folder, factory=tied_lm), monkeypatch)
 
 
 def test_non_string_alias_key_is_refused():

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent / "graph"))
 from hf_models import HF_MODELS  # noqa: E402
 
 
-def _frozen_by(model: nn.Module, x: torch.Tensor, param: str, reason: str) -> None:
+def _assert_frozen_by(model: nn.Module, x: torch.Tensor, param: str, reason: str) -> None:
     """``param``'s output channels form no prunable group, for a reason naming ``reason``."""
     g = DependencyGraph.build(model.eval(), x).group_of(param, 0)
     assert g is not None
@@ -80,16 +80,16 @@ class NuclearNormKeepdim(nn.Module):
 
 
 def test_im2col_over_a_channel_dim_freezes_it():
-    _frozen_by(Im2colOverChannels(), torch.randn(2, 2, 4, 5), "lin.weight", "'unfold'")
+    _assert_frozen_by(Im2colOverChannels(), torch.randn(2, 2, 4, 5), "lin.weight", "'unfold'")
 
 
 def test_fold_over_a_channel_dim_freezes_it():
-    _frozen_by(FoldOverChannels(), torch.randn(2, 4, 5), "lin.weight", "'fold'")
+    _assert_frozen_by(FoldOverChannels(), torch.randn(2, 4, 5), "lin.weight", "'fold'")
 
 
 @pytest.mark.filterwarnings("ignore:.*nuclear_norm is deprecated")
 def test_nuclear_norm_positional_keepdim_is_not_a_dim():
-    _frozen_by(NuclearNormKeepdim(), torch.randn(2, 4, 5), "lin.weight", "'nuclear_norm' reduces")
+    _assert_frozen_by(NuclearNormKeepdim(), torch.randn(2, 4, 5), "lin.weight", "'nuclear_norm' reduces")
 
 
 # ---------------------------------------------------------------------------------------- tied on load
