@@ -167,33 +167,40 @@ def test_sigkill_at_random_moments_always_leaves_a_complete_checkpoint(tmp_path:
     restored: list[tuple[int, dict[str, torch.Tensor]]] = []
     kinds: dict[str, int] = {}
     aimed_mid_write = 0
-    for kill in range(KILLS):
-        frozen = ctx.Event()
-        freeze = (rng.choice((2, 3)), rng.randrange(len(OPS))) if kill % 2 == 0 else None
-        delay = rng.uniform(0.02, 0.6)
-        child = ctx.Process(target=_child, args=(str(root), freeze, frozen), daemon=True)
-        child.start()
-        if freeze is not None:
-            deadline = time.monotonic() + 60
-            while not frozen.wait(0.02):
-                assert child.is_alive() and time.monotonic() < deadline, (
-                    f"the child died or never reached {OPS[freeze[1]]} of save {freeze[0]}"
-                )
-            aimed_mid_write += freeze[1] < MID_WRITE_OPS
-        else:
-            time.sleep(delay)
-        child.kill()  # SIGKILL
-        child.join(10)
-        assert child.exitcode == -9, child.exitcode
-        kind = _check_folder(root)
-        kinds[kind] = kinds.get(kind, 0) + 1
-        trainer = _trainer(None)
-        trainer.resume(root)  # always succeeds, from the newest complete checkpoint
-        step = trainer.global_step
-        assert not restored or step >= restored[-1][0]  # never loses a completed save
-        marker = json.loads((latest_checkpoint(root) / ck.MARKER_FILE).read_text())
-        assert marker["global_step"] == step
-        restored.append((step, _snapshot(trainer)))
+    children: list = []  # killed whatever fails: a frozen forked child must not outlive the test
+    try:
+        for kill in range(KILLS):
+            frozen = ctx.Event()
+            freeze = (rng.choice((2, 3)), rng.randrange(len(OPS))) if kill % 2 == 0 else None
+            delay = rng.uniform(0.02, 0.6)
+            child = ctx.Process(target=_child, args=(str(root), freeze, frozen), daemon=True)
+            child.start()
+            children.append(child)
+            if freeze is not None:
+                deadline = time.monotonic() + 60
+                while not frozen.wait(0.02):
+                    assert child.is_alive() and time.monotonic() < deadline, (
+                        f"the child died or never reached {OPS[freeze[1]]} of save {freeze[0]}"
+                    )
+                aimed_mid_write += freeze[1] < MID_WRITE_OPS
+            else:
+                time.sleep(delay)
+            child.kill()  # SIGKILL
+            child.join(10)
+            assert child.exitcode == -9, child.exitcode
+            kind = _check_folder(root)
+            kinds[kind] = kinds.get(kind, 0) + 1
+            trainer = _trainer(None)
+            trainer.resume(root)  # always succeeds, from the newest complete checkpoint
+            step = trainer.global_step
+            assert not restored or step >= restored[-1][0]  # never loses a completed save
+            marker = json.loads((latest_checkpoint(root) / ck.MARKER_FILE).read_text())
+            assert marker["global_step"] == step
+            restored.append((step, _snapshot(trainer)))
+    finally:
+        for c in children:
+            if c.is_alive():
+                c.kill()
     # The uninterrupted run, recorded after every step, equals every restored checkpoint bit for bit.
     last = restored[-1][0]
     assert last >= 10, restored  # the children did make progress
