@@ -4,9 +4,9 @@ The kill test forks a child that trains a small MLP with a checkpoint after ever
 batch per epoch) and resumes from the same folder; the parent SIGKILLs it 20 times (seeded). Half
 of the kills are aimed: the child freezes just before a randomly chosen file operation of a save
 (a file write, a directory fsync, the publishing rename, the deletion of an old checkpoint) and is
-killed there. The other half land after a random delay. After every kill the newest complete
-checkpoint must load and equal, bit for bit, the uninterrupted run at its step; every ``ckpt-*``
-folder must verify; an unfinished folder is never picked.
+killed there. The other half land at a random delay after the child's first save began. After every
+kill the newest complete checkpoint must load and equal, bit for bit, the uninterrupted run at its
+step; every ``ckpt-*`` folder must verify; an unfinished folder is never picked.
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ OPS = (
 MID_WRITE_OPS = 7  # ops 0-6 are before the publishing rename: the save is still a .partial folder
 
 
-def _freeze_before(save_no: int, op_no: int, frozen: Any) -> None:
-    """In the child: stop just before operation ``op_no`` of its ``save_no``-th save, and signal."""
+def _instrument(freeze: tuple[int, int] | None, frozen: Any, saving: Any) -> None:
+    """In the child: signal ``saving`` at the first file operation of the first save; with ``freeze =
+    (save_no, op_no)``, stop just before operation ``op_no`` of the ``save_no``-th save, and signal."""
     count = {"save": 0, "op": -1}
 
     def wrap(fn: Any) -> Any:
@@ -114,7 +115,8 @@ def _freeze_before(save_no: int, op_no: int, frozen: Any) -> None:
             if fn.__name__ == "_write_file" and Path(args[0]).name == ck.MODEL_FILE:
                 count["save"], count["op"] = count["save"] + 1, -1
             count["op"] += 1
-            if (count["save"], count["op"]) == (save_no, op_no):
+            saving.set()
+            if (count["save"], count["op"]) == freeze:
                 frozen.set()
                 time.sleep(120)  # killed here
             return fn(*args, **kwargs)
@@ -125,10 +127,9 @@ def _freeze_before(save_no: int, op_no: int, frozen: Any) -> None:
         setattr(ck, name, wrap(getattr(ck, name)))
 
 
-def _child(root: str, freeze: tuple[int, int] | None, frozen: Any) -> None:
+def _child(root: str, freeze: tuple[int, int] | None, frozen: Any, saving: Any) -> None:
     torch.set_num_threads(1)
-    if freeze is not None:
-        _freeze_before(*freeze, frozen)
+    _instrument(freeze, frozen, saving)
     _trainer(Path(root)).fit(resume_from=root)
 
 
@@ -157,12 +158,17 @@ def _check_folder(root: Path) -> str:
     return "between"
 
 
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
+@pytest.mark.skipif("forkserver" not in mp.get_all_start_methods(), reason="needs forkserver")
 def test_sigkill_at_random_moments_always_leaves_a_complete_checkpoint(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     root = tmp_path / "ckpts"
     _trainer(None).save_checkpoint(root)  # step 0
-    ctx = mp.get_context("fork")
+    # Children fork from a fresh single-threaded server, not from pytest: a plain fork copies whatever
+    # locks the suite's other threads (e.g. tqdm's monitor) hold at that moment, and shares tqdm's
+    # multiprocessing lock with the parent. The server imports this module and torch._dynamo (which
+    # the first optimizer step imports, 1.3 s) once, so a child starts in ~35 ms.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, "torch._dynamo"])
     rng = random.Random(12)
     restored: list[tuple[int, dict[str, torch.Tensor]]] = []
     kinds: dict[str, int] = {}
@@ -170,21 +176,24 @@ def test_sigkill_at_random_moments_always_leaves_a_complete_checkpoint(tmp_path:
     children: list = []  # killed whatever fails: a frozen forked child must not outlive the test
     try:
         for kill in range(KILLS):
-            frozen = ctx.Event()
+            frozen, saving = ctx.Event(), ctx.Event()
             freeze = (rng.choice((2, 3)), rng.randrange(len(OPS))) if kill % 2 == 0 else None
             delay = rng.uniform(0.02, 0.6)
-            child = ctx.Process(target=_child, args=(str(root), freeze, frozen), daemon=True)
+            child = ctx.Process(target=_child, args=(str(root), freeze, frozen, saving), daemon=True)
             child.start()
             children.append(child)
-            if freeze is not None:
-                deadline = time.monotonic() + 60
-                while not frozen.wait(0.02):
-                    assert child.is_alive() and time.monotonic() < deadline, (
-                        f"the child died or never reached {OPS[freeze[1]]} of save {freeze[0]}"
-                    )
-                aimed_mid_write += freeze[1] < MID_WRITE_OPS
+            deadline = time.monotonic() + 60
+            awaited = saving if freeze is None else frozen
+            while not awaited.wait(0.02):
+                assert child.is_alive() and time.monotonic() < deadline, (
+                    "the child died or never began a save"
+                    if freeze is None
+                    else f"the child died or never reached {OPS[freeze[1]]} of save {freeze[0]}"
+                )
+            if freeze is None:  # a random moment once training runs (start-up and resume take longer
+                time.sleep(delay)  # on a loaded machine, and a kill there only interrupts reads)
             else:
-                time.sleep(delay)
+                aimed_mid_write += freeze[1] < MID_WRITE_OPS
             child.kill()  # SIGKILL
             child.join(10)
             assert child.exitcode == -9, child.exitcode

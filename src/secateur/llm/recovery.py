@@ -1060,7 +1060,8 @@ def distill(
     trained = {id(p) for _, p in params}
     flags = [(p, p.requires_grad) for p in student.parameters()]
     n_batches = len(batches)
-    bar = tqdm(total=steps, initial=run.global_step, desc="distill", disable=not progress, dynamic_ncols=True)
+    # no tqdm object when off: even a disabled bar takes tqdm's lock, shared with a forking parent
+    bar = tqdm(total=steps, initial=run.global_step, desc="distill", dynamic_ncols=True) if progress else None
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in trained)
@@ -1072,12 +1073,14 @@ def distill(
                     run.global_step == steps or (checkpoint_every and run.global_step % checkpoint_every == 0)
                 ):
                     report.checkpoint = str(save_checkpoint(run, root))
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 if on_step is not None:
                     on_step(run.global_step, record)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         for p, was in flags:
             p.requires_grad_(was)
         opt.zero_grad(set_to_none=True)

@@ -288,15 +288,21 @@ class Trainer:
         win_loss = win_correct = win_seen = 0.0
         start = time.perf_counter()
         self._in_epoch = True
-        bar = tqdm(
-            self.train_loader,
-            total=self.steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{self.epochs}",
-            disable=not self.progress,
-            leave=False,
-            dynamic_ncols=True,
+        # No tqdm object at all when the bar is off: even a disabled bar takes tqdm's lock, a
+        # multiprocessing semaphore shared with a forking parent. A training child SIGKILLed while holding
+        # it leaves the parent's next bar waiting forever (seen in tests/test_checkpoint_crash.py).
+        bar = (
+            tqdm(
+                self.train_loader,
+                total=self.steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{self.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
+            if self.progress
+            else None
         )
-        for x, y in bar:
+        for x, y in self.train_loader if bar is None else bar:
             x, y = self._to_device(x, y)
             lr = self.lr_at(self.global_step)
             for group in self.optimizer.param_groups:
@@ -336,9 +342,10 @@ class Trainer:
                     }
                 )
                 win_loss = win_correct = win_seen = 0.0
-            if self.progress:
+            if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", lr=f"{lr:.3g}")
-        bar.close()
+        if bar is not None:
+            bar.close()
         self._in_epoch = False
         train_time = time.perf_counter() - start
         self.epoch = epoch + 1
