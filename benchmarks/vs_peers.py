@@ -35,6 +35,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -349,8 +350,36 @@ def secateur_sparse(
 
 
 # ------------------------------------------------------------------------------------------- run
+def _partial_file(cfg: dict[str, Any], spec: str, seed: int) -> Path:
+    """Where a (model, seed) task appends each row as soon as it is done (a JSON line, flushed and fsynced):
+    a run stopped mid-task resumes at row granularity (``--resume`` merges these files), not task."""
+    safe = "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec)
+    return Path(cfg["cache_dir"]) / "vs_peers_partial" / f"{safe}-s{seed}.jsonl"
+
+
+def _append_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _partial_rows(cfg: dict[str, Any]) -> list[dict]:
+    """Rows of unfinished tasks, from :func:`_partial_file` (a torn last line, from a kill, is skipped)."""
+    rows = []
+    for path in sorted((Path(cfg["cache_dir"]) / "vs_peers_partial").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
 def _task(args: tuple[dict, str, int, list[tuple[str, float]], dict[float, float]]) -> list[dict]:
     cfg, spec, seed, todo, prior = args
+    partial = _partial_file(cfg, spec, seed)
     torch.set_num_threads(cfg["threads"])
     bench = Bench(cfg)
     dense, dinfo = bench.dense(spec, seed)
@@ -377,6 +406,7 @@ def _task(args: tuple[dict, str, int, list[tuple[str, float]], dict[float, float
                 f"{spec} s{seed} {method:17s} {reduction:g}x -> {row['achieved_macs_x']:.2f}x: "
                 f"{row['accuracy_before_finetune']:.4f} -> {row['accuracy']:.4f}"
             )
+            _append_row(partial, row)
         rows.append(row)
     return rows
 
@@ -412,8 +442,16 @@ def run(cfg: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
     res: dict[str, Any] = {"rows": []}
     if resume and out.exists():
         res = json.loads(out.read_text())
-    done = {(r["model"], r["seed"], r["method"], r["target_macs_x"]) for r in res["rows"] if "error" not in r}
     res["rows"] = [r for r in res["rows"] if "error" not in r]
+    key = lambda r: (r["model"], r["seed"], r["method"], r["target_macs_x"])  # noqa: E731
+    done = {key(r) for r in res["rows"]}
+    if resume:  # rows of tasks a stopped run had not finished
+        for r in _partial_rows(cfg):
+            if key(r) not in done:
+                res["rows"].append(r)
+                done.add(key(r))
+    else:
+        shutil.rmtree(Path(cfg["cache_dir"]) / "vs_peers_partial", ignore_errors=True)
     res["config"] = {k: v for k, v in cfg.items() if k != "command"}
     res.setdefault("commands", []).append(cfg["command"])
     res["environment"] = {
@@ -437,18 +475,24 @@ def run(cfg: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, out)
 
+    def merge(task: tuple, rows: list[dict]) -> None:
+        res["rows"] += rows
+        save()  # the rows are in the JSON now: the task's row file is no longer needed
+        _partial_file(cfg, task[1], task[2]).unlink(missing_ok=True)
+
+    save()
     t0 = time.perf_counter()
     if cfg["jobs"] > 1:
         with ProcessPoolExecutor(cfg["jobs"]) as pool:
-            for rows in pool.map(_task, tasks):
-                res["rows"] += rows
-                save()
+            for t, rows in zip(tasks, pool.map(_task, tasks)):
+                merge(t, rows)
     else:
         for t in tasks:
-            res["rows"] += _task(t)
-            save()
+            merge(t, _task(t))
     res["wall_s"] = res.get("wall_s", 0.0) + time.perf_counter() - t0
     if cfg["speed"]:
         res["speed"] = graph_speed(cfg["speed"])
