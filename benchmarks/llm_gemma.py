@@ -3,7 +3,7 @@
 Run by hand, in stages (the machine is a shared 2-core box; the full real run takes hours at 1 thread):
 
     nice -n 19 env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_gemma.py --resume
-    ... --only dense,oneshot --resume    # some stages of: dense, oneshot, depth, width
+    ... --only dense,oneshot --resume    # some stages of: dense, oneshot, depth, width, peer, latency
     ... --tiny                            # a random tiny Gemma 3, byte tokens: every code path in ~2 min
     ... --write-docs                      # rewrite the table in docs/llm.md from the JSON; runs nothing
 
@@ -32,7 +32,10 @@ skips the rows already there):
   recovery and after :func:`secateur.llm.distill`;
 * ``width``: :func:`width_prune` (``secateur.llm.prune_decoder`` with ``target="nonembedding_params"``,
   ``gqa="query_heads"``, ``uniform=True``: query heads evenly per KV group and MLP channels, equal in
-  every layer so the config stays loadable) at the same targets, without recovery and after distillation.
+  every layer so the config stays loadable) at the same targets, without recovery and after distillation;
+* ``latency`` (stored apart, under ``"latency"``): the speed of each structural shape, width with its MLP
+  widths as found and rounded to multiples of 8, timed in one window against dense (run it alone, on a
+  quiet machine: ``--only latency``).
 
 Every row: held-out perplexity, parameters, non-embedding parameters, and latency measured side by
 side with the dense model in the same call (interleaved, median): prefill of 1×512 tokens (the logits
@@ -71,7 +74,7 @@ DOCS = ROOT / "docs" / "llm.md"
 COMMAND = (
     "nice -n 19 env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_gemma.py --resume"
 )
-STAGES = ("dense", "oneshot", "depth", "width", "peer")
+STAGES = ("dense", "oneshot", "depth", "width", "peer", "latency")
 BEGIN, END = "<!-- llm_gemma:begin -->", "<!-- llm_gemma:end -->"
 
 #: (row name, method, allocation, unstructured pattern): each paper's own comparison group.
@@ -311,12 +314,15 @@ def depth_blocks(model: torch.nn.Module, target: float) -> int:
     return min(range(1, n_layers), key=lambda n: (abs(n * per - target), n))
 
 
-def width_prune(model: torch.nn.Module, batches: list, target: float, criterion: str) -> dict[str, Any]:
+def width_prune(
+    model: torch.nn.Module, batches: list, target: float, criterion: str, round_to: int = 1
+) -> dict[str, Any]:
     """Width pruning: ``target`` of the non-embedding parameters removed by ``secateur.llm.prune_decoder``
     (the structured driver): query heads evenly per KV group (Gemma 3 270M has one KV head, so MQA) and MLP
     channels, the same counts in every layer (``uniform=True``) so that ``config.json`` describes the result
     and plain transformers reloads it; among the (heads, MLP) splits reaching the target, the one with the
-    lowest loss on the calibration batches.
+    lowest loss on the calibration batches. ``round_to``: kept MLP widths in multiples of it (8 keeps them
+    on the channel blocks CPU kernels use; see the ``latency`` stage).
     """
     from secateur.llm import prune_decoder
 
@@ -331,6 +337,7 @@ def width_prune(model: torch.nn.Module, batches: list, target: float, criterion:
         gqa="query_heads",
         uniform=True,
         criterion=criterion,
+        round_to=round_to,
     )
     return {
         "heads_kept": model.config.num_attention_heads,
@@ -338,6 +345,7 @@ def width_prune(model: torch.nn.Module, batches: list, target: float, criterion:
         "intermediate_size": model.config.intermediate_size,
         "intermediate_size_dense": inter,
         "criterion": criterion,
+        "round_to": round_to,
         "prune_seconds": time.perf_counter() - t0,
     }
 
@@ -517,22 +525,23 @@ def _structural(
         del student
 
 
-def run_depth(ctx: dict[str, Any], res: Results, args: argparse.Namespace) -> None:
+def depth_prune(ctx: dict[str, Any], model: torch.nn.Module, target: float) -> dict[str, Any]:
+    """``prune_depth``'s rule (the ``n`` lowest Block Influence, ties to the earlier block), with the
+    influence computed once on the dense model for both targets (it does not depend on ``n``)."""
     from secateur.llm import block_influence, remove_blocks
 
-    def prune(model: torch.nn.Module, target: float) -> dict[str, Any]:
-        """``prune_depth``'s rule (the ``n`` lowest Block Influence, ties to the earlier block), with the
-        influence computed once on the dense model for both targets (it does not depend on ``n``)."""
-        t0 = time.perf_counter()
-        if "influence" not in ctx:
-            ctx["influence"] = block_influence(ctx["dense"], ctx["calib"])
-        bi = ctx["influence"]
-        n = depth_blocks(model, target)
-        removed = sorted(sorted(range(len(bi)), key=lambda i: (bi[i], i))[:n])
-        remove_blocks(model, removed)
-        return {"blocks_removed": removed, "block_influence": bi, "prune_seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    if "influence" not in ctx:
+        ctx["influence"] = block_influence(ctx["dense"], ctx["calib"])
+    bi = ctx["influence"]
+    n = depth_blocks(model, target)
+    removed = sorted(sorted(range(len(bi)), key=lambda i: (bi[i], i))[:n])
+    remove_blocks(model, removed)
+    return {"blocks_removed": removed, "block_influence": bi, "prune_seconds": time.perf_counter() - t0}
 
-    _structural("depth", ctx, res, args, prune)
+
+def run_depth(ctx: dict[str, Any], res: Results, args: argparse.Namespace) -> None:
+    _structural("depth", ctx, res, args, lambda model, target: depth_prune(ctx, model, target))
 
 
 def run_width(ctx: dict[str, Any], res: Results, args: argparse.Namespace) -> None:
@@ -540,6 +549,45 @@ def run_width(ctx: dict[str, Any], res: Results, args: argparse.Namespace) -> No
         return width_prune(model, ctx["width_calib"], target, args.width_criterion)
 
     _structural("width", ctx, res, args, prune)
+
+
+def run_latency(ctx: dict[str, Any], res: Results, args: argparse.Namespace) -> None:
+    """Prefill and decode speed of every structural architecture against dense, in one window (run it
+    alone on a quiet machine): width at 20/35% with the MLP widths as found (``round_to`` 1) and rounded to
+    multiples of 8, depth at 20/35%. Speed depends on the shapes only, so the models are pruned without
+    recovery; each is timed interleaved with dense (``--latency-repeats`` medians) and stored in
+    ``data["latency"]`` (not a perplexity row; the rounded width model's perplexity before recovery is
+    recorded with it, the cost of rounding)."""
+    from secateur.llm import perplexity
+
+    store = res.data.setdefault("latency", [])
+    variants = [("width", t, r) for t in TARGETS for r in (1, 8)] + [("depth", t, 1) for t in TARGETS]
+    timing = argparse.Namespace(**{**vars(args), "repeats": args.latency_repeats})
+    for kind, target, round_to in variants:
+        key = {"kind": kind, "sparsity": target, "round_to": round_to}
+        if any(all(e.get(k) == v for k, v in key.items()) for e in store):
+            continue
+        student = copy.deepcopy(ctx["dense"])
+        if kind == "width":
+            info = width_prune(student, ctx["width_calib"], target, args.width_criterion, round_to)
+        else:
+            info = depth_prune(ctx, student, target)
+        entry: dict[str, Any] = {**key, "loadavg_1min_at_start": os.getloadavg()[0]}
+        entry.update({k: info[k] for k in ("intermediate_size", "heads_kept", "blocks_removed") if k in info})
+        entry.update(_counts(student))
+        entry.update(_speed(ctx["dense"], student, timing))
+        entry["prefill_speedup"] = entry["dense_prefill_ms"] / entry["prefill_ms"]
+        entry["decode_speedup"] = entry["decode_tok_s"] / entry["dense_decode_tok_s"]
+        if kind == "width" and round_to > 1:
+            entry["ppl_no_recovery"] = perplexity(student, ctx["held"])
+        store.append(entry)
+        res.save()
+        _log(
+            f"latency {kind} {target} round_to={round_to}: prefill {entry['prefill_ms']:.0f} ms "
+            f"(dense {entry['dense_prefill_ms']:.0f}), decode {entry['decode_tok_s']:.1f} tok/s "
+            f"(dense {entry['dense_decode_tok_s']:.1f})"
+        )
+        del student
 
 
 def run_peer(ctx: dict[str, Any], res: Results, args: argparse.Namespace) -> None:
@@ -672,6 +720,31 @@ def markdown(data: dict[str, Any]) -> str:
             f"{r['nonembedding_params'] / 1e6:.1f} M | {r['prefill_ms']:.0f} ({r['dense_prefill_ms']:.0f}) | "
             f"{r['decode_tok_s']:.1f} ({r['dense_decode_tok_s']:.1f}) | {'; '.join(note)} |"
         )
+    lat = data.get("latency", [])
+    if lat:
+        lines += [
+            "",
+            "Speed of the structural architectures (`--only latency`, one window, each interleaved with "
+            "dense; no recovery, as speed depends on the shapes only):",
+            "",
+            "| kind | removed | MLP width / blocks | round_to | non-emb. params | prefill 1×512 ms (dense) | "
+            "prefill speed-up | decode tok/s (dense) | decode speed-up | ppl before recovery | load |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for e in lat:
+            shape = (
+                f"MLP {e['intermediate_size']}, {e['heads_kept']} heads"
+                if e["kind"] == "width"
+                else f"{len(e['blocks_removed'])} blocks removed"
+            )
+            ppl = f"{e['ppl_no_recovery']:.1f}" if "ppl_no_recovery" in e else ""
+            lines.append(
+                f"| {e['kind']} | {e['sparsity']:.0%} | {shape} | {e['round_to']} | "
+                f"{e['nonembedding_params'] / 1e6:.1f} M | "
+                f"{e['prefill_ms']:.0f} ({e['dense_prefill_ms']:.0f}) | "
+                f"{e['prefill_speedup']:.2f}x | {e['decode_tok_s']:.1f} ({e['dense_decode_tok_s']:.1f}) | "
+                f"{e['decode_speedup']:.2f}x | {ppl} | {e['loadavg_1min_at_start']:.1f} |"
+            )
     c = data.get("checks", {})
     if c:
         lines += [
@@ -744,6 +817,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--latency-repeats", type=int, default=7, help="timed repeats of the latency stage (medians)"
+    )
     ap.add_argument("--progress", action="store_true", help="tqdm bars of distillation")
     ap.add_argument(
         "--peer-python",
@@ -769,6 +845,7 @@ def main() -> None:
     if args.tiny:
         args.n_calib, args.n_heldout, args.kd_steps, args.width_calib = 16, 8, 20, 8
         args.kd_lr, args.prefill, args.decode, args.repeats = 3e-3, 128, 8, 1
+        args.latency_repeats = 1
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     dense, encode, bos, info = _tiny_model() if args.tiny else _real_model()
@@ -807,6 +884,7 @@ def main() -> None:
             "depth": run_depth,
             "width": run_width,
             "peer": run_peer,
+            "latency": run_latency,
         }[stage](ctx, res, args)
     _log(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {out}")
     print(json.dumps(res.data.get("checks", {}), indent=1))
