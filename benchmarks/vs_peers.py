@@ -233,17 +233,26 @@ class _TPRegularizer:
 
 def parse_best(spec: str) -> dict[str, Any]:
     """``--best`` = ``+``-joined parts: ``sparse`` (group-sparse training first), ``kd`` (fine-tune with
-    distillation), ``crit=<group criterion>``, ``alloc=<allocation>``."""
-    out: dict[str, Any] = {"sparse": False, "kd": False, "criterion": None, "allocation": None}
+    distillation), ``kd-sparse`` (distil during the sparse-learning steps too), ``crit=<group criterion>``,
+    ``alloc=<allocation>``."""
+    out: dict[str, Any] = {
+        "sparse": False,
+        "kd": False,
+        "kd-sparse": False,
+        "criterion": None,
+        "allocation": None,
+    }
     for part in filter(None, spec.split("+")):
-        if part in ("sparse", "kd"):
+        if part in ("sparse", "kd", "kd-sparse"):
             out[part] = True
         elif part.startswith("crit="):
             out["criterion"] = part[5:]
         elif part.startswith("alloc="):
             out["allocation"] = part[6:]
         else:
-            raise SystemExit(f"--best: unknown part {part!r} (sparse, kd, crit=<name>, alloc=<name>)")
+            raise SystemExit(
+                f"--best: unknown part {part!r} (sparse, kd, kd-sparse, crit=<name>, alloc=<name>)"
+            )
     return out
 
 
@@ -270,7 +279,10 @@ def point(
         best = parse_best(cfg["best"] if method == "secateur-best" else "sparse")
         crit = best["criterion"]
         if best["sparse"]:
-            sparse_s, model = secateur_sparse(bench, model, reduction, crit, seed, best["allocation"])
+            teacher = dense if best["kd-sparse"] else None
+            sparse_s, model = secateur_sparse(
+                bench, model, reduction, crit, seed, best["allocation"], teacher=teacher
+            )
         else:
             model = secateur_channels(model, example, reduction, crit, seed, allocation=best["allocation"])
         kd = bool(best.get("kd"))
@@ -326,10 +338,17 @@ def point(
 
 
 def secateur_sparse(
-    bench: Bench, model: nn.Module, reduction: float, criterion: str | None, seed: int, allocation: str | None
+    bench: Bench,
+    model: nn.Module,
+    reduction: float,
+    criterion: str | None,
+    seed: int,
+    allocation: str | None,
+    teacher: nn.Module | None = None,
 ):
     """GReg (Wang et al. 2021, ``secateur.GrowingRegularization``): the driver chooses the units at the MAC
-    target first, ``--sparse-steps`` steps grow an L2 penalty on exactly those, then they are removed."""
+    target first, ``--sparse-steps`` steps grow an L2 penalty on exactly those, then they are removed. With a
+    ``teacher``, those steps also distil from it (the same ``Distillation`` as the fine-tuning)."""
     import secateur  # noqa: PLC0415
 
     cfg = bench.cfg
@@ -343,7 +362,10 @@ def secateur_sparse(
     reg = secateur.GrowingRegularization(
         model, bench.example, target, delta=cfg["greg_delta"], every=cfg["greg_every"], **kw
     )
-    bench.train_steps(model, seed, cfg["sparse_steps"], cfg["sparse_lr"], [reg])
+    callbacks: list[Any] = [reg]
+    if teacher is not None:
+        callbacks.append(Distillation(teacher, temperature=cfg["kd_temperature"], alpha=cfg["kd_alpha"]))
+    bench.train_steps(model, seed, cfg["sparse_steps"], cfg["sparse_lr"], callbacks)
     sparse_s = time.perf_counter() - t0
     model, _ = reg.finalize()
     return sparse_s, model
