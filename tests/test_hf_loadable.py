@@ -246,3 +246,13 @@ def test_channel_pruner_finalize_refuses_a_plain_save_its_config_cannot_describe
     assert not (tmp_path / "plain").exists()
     sc.save_pretrained(pruned, tmp_path / "sc", pruner.plan)
     assert torch.equal(_logits(sc.from_pretrained(tmp_path / "sc"), x), _logits(pruned, x))
+
+
+def test_prune_heads_on_a_multi_query_model_names_the_way_in() -> None:
+    """One KV head serves every query head: prune_heads has no head unit to remove (it would be the whole
+    layer) and says to remove query heads with prune_decoder instead; the model is left as it was."""
+    model, x = _build("falcon")
+    before, config = _state(model), model.config.to_dict()
+    with pytest.raises(ConfigError, match=r"multi-query.*prune_decoder\(model, data, gqa='query_heads'\)"):
+        prune_heads(model, x, sparsity=0.5)
+    _assert_untouched(model, before, config)

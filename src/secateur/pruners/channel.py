@@ -156,6 +156,22 @@ def _buffers_restored(model: nn.Module) -> Iterator[None]:
                 b.copy_(v)
 
 
+def _one_kv_head_hint(model: nn.Module) -> str:
+    """The way in when heads are frozen because one key/value head serves every query head (multi-query
+    attention: removing that head would remove the whole layer's attention)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return ""
+    kv = getattr(cfg, "num_key_value_heads", None)
+    if not (getattr(cfg, "multi_query", False) or kv == 1):
+        return ""
+    return (
+        "; its attention is multi-query (one key/value head shared by every query head), so a head group "
+        "is the whole layer: remove query heads with secateur.llm.prune_decoder(model, data, "
+        "gqa='query_heads')"
+    )
+
+
 class ChannelPruner(PrunerBase):
     """Structured pruning over dependency-graph groups: score, allocate, then mask (driven by a schedule) or
     select for one-shot removal; :meth:`finalize` compacts.
@@ -346,7 +362,7 @@ class ChannelPruner(PrunerBase):
             if not ids:
                 raise ConfigError(
                     f"no prunable attention heads found in {type(self.model).__name__} "
-                    f"({len(heads)} head groups, all protected or frozen)"
+                    f"({len(heads)} head groups, all protected or frozen){_one_kv_head_hint(self.model)}"
                 )
         if groups is not None:
             chosen = list(groups(graph) if callable(groups) else groups)
