@@ -234,24 +234,30 @@ class _TPRegularizer:
 def parse_best(spec: str) -> dict[str, Any]:
     """``--best`` = ``+``-joined parts: ``sparse`` (group-sparse training first), ``kd`` (fine-tune with
     distillation), ``kd-sparse`` (distil during the sparse-learning steps too), ``crit=<group criterion>``,
-    ``alloc=<allocation>``."""
+    ``alloc=<allocation>``, and overrides of this recipe's settings: ``T=<kd temperature>``,
+    ``alpha=<kd weight>``, ``greg=<GReg penalty increment>`` (the step budget is never changed)."""
     out: dict[str, Any] = {
         "sparse": False,
         "kd": False,
         "kd-sparse": False,
         "criterion": None,
         "allocation": None,
+        "overrides": {},
     }
+    names = {"T": "kd_temperature", "alpha": "kd_alpha", "greg": "greg_delta"}
     for part in filter(None, spec.split("+")):
         if part in ("sparse", "kd", "kd-sparse"):
             out[part] = True
+        elif part.split("=")[0] in names and "=" in part:
+            out["overrides"][names[part.split("=")[0]]] = float(part.split("=", 1)[1])
         elif part.startswith("crit="):
             out["criterion"] = part[5:]
         elif part.startswith("alloc="):
             out["allocation"] = part[6:]
         else:
             raise SystemExit(
-                f"--best: unknown part {part!r} (sparse, kd, kd-sparse, crit=<name>, alloc=<name>)"
+                f"--best: unknown part {part!r} (sparse, kd, kd-sparse, crit=<name>, alloc=<name>, "
+                "T=<x>, alpha=<x>, greg=<x>)"
             )
     return out
 
@@ -262,6 +268,19 @@ def point(
 ) -> dict:
     """One pruned + fine-tuned model. ``target``: the nominal MAC reduction; ``aim``: the reduction to aim
     at (Torch-Pruning MagnitudePruner's achieved one at this target, or ``target``)."""
+    if method == "secateur-best":  # the recipe's own settings, for this point only
+        saved = bench.cfg
+        bench.cfg = {**saved, **parse_best(saved["best"])["overrides"]}
+        try:
+            return _point(bench, dense, dinfo, method, target, seed, aim)
+        finally:
+            bench.cfg = saved
+    return _point(bench, dense, dinfo, method, target, seed, aim)
+
+
+def _point(
+    bench: Bench, dense: nn.Module, dinfo: dict, method: str, target: float, seed: int, aim: float | None
+) -> dict:
     cfg, example = bench.cfg, bench.example
     reduction = target if aim is None or method == "tp-magnitude" else aim
     model = copy.deepcopy(dense).train()
