@@ -122,9 +122,9 @@ def faults(monkeypatch) -> Faults:
         Journal.record,
     )
 
-    def _sliced(t, dims):
+    def _sliced(t, dims, *scratch):
         f.step("slice")
-        return sliced(t, dims)
+        return sliced(t, dims, *scratch)
 
     def _set_data(self, t, new):
         set_data(self, t, new)

@@ -321,7 +321,7 @@ def test_an_exception_at_any_step_of_compaction_leaves_the_lstm_identical(monkey
             raise armed["exc"]
 
     sliced, set_data, set_attr = apply_mod._sliced, Journal.set_data, Journal.set_attr
-    monkeypatch.setattr(apply_mod, "_sliced", lambda t, d: (step("slice"), sliced(t, d))[1])
+    monkeypatch.setattr(apply_mod, "_sliced", lambda t, d, *s: (step("slice"), sliced(t, d, *s))[1])
     monkeypatch.setattr(Journal, "set_data", lambda self, t, new: (set_data(self, t, new), step("data")))
     monkeypatch.setattr(
         Journal, "set_attr", lambda self, o, n, v: (set_attr(self, o, n, v), step(f"attr {n}"))

@@ -367,9 +367,9 @@ def faults(monkeypatch) -> _Faults:
     f = _Faults()
     sliced, set_data, set_attr = apply_mod._sliced, Journal.set_data, Journal.set_attr
 
-    def _sliced(t, dims):
+    def _sliced(t, dims, *scratch):
         f.step("slice")
-        return sliced(t, dims)
+        return sliced(t, dims, *scratch)
 
     def _set_data(self, t, new):
         set_data(self, t, new)

@@ -9,6 +9,7 @@ and the Hugging Face config, all inside a :class:`~secateur.compact.transaction.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,6 +104,7 @@ def _apply_plan(model: nn.Module, plan: Mapping, journal: Journal) -> None:
     modules = ModuleLookup(model, walk.by_path)
     done: dict[int, Mapping] = {}
     touched_modules: dict[str, nn.Module] = {}
+    scratch: dict = {}  # one reused buffer for the intermediate of two-dim gathers
     for name, dims in plan["tensors"].items():
         if name not in named:
             raise CompactionError(f"plan names tensor {name!r}, which the model does not have")
@@ -112,7 +114,7 @@ def _apply_plan(model: nn.Module, plan: Mapping, journal: Journal) -> None:
                 raise CompactionError(f"tied tensor {name} is sliced two different ways")
             continue
         done[id(t)] = dims
-        journal.set_data(t, _sliced(t.data, dims))
+        journal.set_data(t, _sliced(t.data, dims, scratch))
         for other in paths_of[id(t)]:  # every module holding the tensor (a tied LM head too)
             path = other.rpartition(".")[0]
             touched_modules[path] = modules[path]
@@ -157,22 +159,44 @@ def _slice(t: torch.Tensor, dim: int, kept: np.ndarray) -> torch.Tensor:
     return t.index_select(dim, torch.from_numpy(kept).to(t.device))
 
 
-def _sliced(t: torch.Tensor, dims: Mapping) -> torch.Tensor:
+def _sliced(t: torch.Tensor, dims: Mapping, scratch: dict | None = None) -> torch.Tensor:
     """``t`` with only the kept indices of each listed dim (``{dim: kept indices}``), as a fresh contiguous
     tensor: what ``index_select`` dim after dim would give, with fewer copies. Contiguous ranges are narrowed
     first (views), then the other dims gathered in increasing dim order (each gather copies only what is
-    left, into a new contiguous tensor), and ``t`` is copied once at the end when no gather copied it."""
+    left, into a new contiguous tensor), and ``t`` is copied once at the end when no gather copied it.
+
+    ``scratch`` (a dict kept across the tensors of one compaction): the first of two or more gathers writes
+    into one reused buffer instead of a fresh tensor (its result is read once, by the next gather; a fresh
+    large tensor costs its page faults). The values are the same; the result is always a fresh tensor."""
     items = []
     for d, k in dims.items():
         kept = np.asarray(k, dtype=np.int64)
         items.append((not _is_range(kept), int(d), kept))
     items.sort(key=lambda item: item[:2])  # views first, then gathers by dim
     out = t
-    for _, d, kept in items:
-        out = _slice(out, d, kept)
+    first_gather = True
+    for i, (gather, d, kept) in enumerate(items):
+        if gather and first_gather and scratch is not None and i < len(items) - 1:
+            out = _gather_into(out, d, kept, scratch)
+        else:
+            out = _slice(out, d, kept)
+        first_gather = first_gather and not gather
     if not items or not items[-1][0]:  # no gather: only views of t so far
         return out.clone(memory_format=torch.contiguous_format)
     return out.contiguous()
+
+
+def _gather_into(t: torch.Tensor, dim: int, kept: np.ndarray, scratch: dict) -> torch.Tensor:
+    """``t.index_select(dim, kept)`` written into ``scratch``'s reused buffer (a view of it, contiguous)."""
+    shape = list(t.shape)
+    shape[dim] = kept.size
+    n = math.prod(shape)
+    key = (t.dtype, t.device)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = scratch[key] = torch.empty(n, dtype=t.dtype, device=t.device)
+    out = buf[:n].view(shape)
+    return torch.index_select(t, dim, torch.from_numpy(kept).to(t.device), out=out)
 
 
 def _is_range(kept: np.ndarray) -> bool:

@@ -89,11 +89,17 @@ def slice_sums(t: torch.Tensor, dim: int, p: float = 1.0) -> torch.Tensor:
     return slice_sums_many(t, (dim,), p)[dim]
 
 
-def slice_sums_many(t: torch.Tensor, dims: Sequence[int], p: float = 1.0) -> dict[int, torch.Tensor]:
+def slice_sums_many(
+    t: torch.Tensor, dims: Sequence[int], p: float = 1.0, scratch: dict | None = None
+) -> dict[int, torch.Tensor]:
     """``{d: slice_sums(t, d, p)}`` for every ``d`` in ``dims``, from one ``|t|^p`` (the full-size temporary
     is what costs: a weight read along its output dim in one group and its input dim in another pays it
-    once). Bit-identical to separate :func:`slice_sums` calls (same reductions of the same tensor)."""
-    a = t.abs() if p == 1.0 else t * t if p == 2.0 else t.abs().pow(p)
+    once). Bit-identical to separate :func:`slice_sums` calls (same reductions of the same tensor).
+
+    ``scratch``: a dict kept across calls (one model's weights): ``|t|^p`` is written into one reused buffer
+    instead of a fresh tensor per weight (a fresh large tensor costs its page faults, about as much as the
+    arithmetic on CPU); same values, same reductions."""
+    a = _power_abs(t, p, scratch)
     out = {}
     for dim in dims:
         size = t.shape[dim]
@@ -102,6 +108,21 @@ def slice_sums_many(t: torch.Tensor, dims: Sequence[int], p: float = 1.0) -> dic
         else:
             out[dim] = a.reshape(math.prod(t.shape[:dim]), size, math.prod(t.shape[dim + 1 :])).sum(0).sum(1)
     return out
+
+
+def _power_abs(t: torch.Tensor, p: float, scratch: dict | None) -> torch.Tensor:
+    """``|t|^p`` (``t·t`` for p = 2), into ``scratch``'s reused buffer when given (same dtype and device)."""
+    if scratch is None or not t.is_contiguous():
+        return t.abs() if p == 1.0 else t * t if p == 2.0 else t.abs().pow(p)
+    buf = scratch.get((t.dtype, t.device))
+    if buf is None or buf.numel() < t.numel():
+        buf = scratch[(t.dtype, t.device)] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+    out = buf[: t.numel()].view(t.shape)
+    if p == 1.0:
+        return torch.abs(t, out=out)
+    if p == 2.0:
+        return torch.mul(t, t, out=out)
+    return torch.abs(t, out=out).pow_(p)
 
 
 def lp_scores(
@@ -145,7 +166,8 @@ def lp_scores(
                 if t is None:  # parametrized (masked): named_parameters lists only "...original"
                     t = effective_tensor(model, m.name)
                 sides = {m.dim, 0, 1} if t.dim() >= 2 else {m.dim}  # the two sides groups read a weight by
-                got = sums[m.name] = slice_sums_many(t.detach(), sorted(sides), p)
+                scratch = cache.setdefault("__scratch__", {})
+                got = sums[m.name] = slice_sums_many(t.detach(), sorted(sides), p, scratch)
             red = got[m.dim].double().cpu().numpy()
             u = m.unit_of
             if u.size == n and (n < 2 or (u[0] == 0 and u[-1] == n - 1 and (np.diff(u) == 1).all())):
