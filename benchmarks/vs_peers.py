@@ -626,6 +626,44 @@ def plot(res: dict, img_dir: Path) -> list[str]:
     return [f"![secateur vs Torch-Pruning](img/{path.name})"]
 
 
+def superseded_lines(res: dict) -> list[str]:
+    """Rows replaced by a later run (kept in the JSON under ``superseded``), as mean accuracies."""
+    out = []
+    for entry in res.get("superseded", []):
+        s = summary({"rows": entry["rows"]})
+        recipes = sorted({r.get("recipe", "?") for r in entry["rows"]})
+        cells = ", ".join(
+            f"{model.split(':')[0]} {x:g}x {v['acc']:.1f}" for (model, _m, x), v in sorted(s.items())
+        )
+        out += [f"Superseded ({entry['why']}; recipe {', '.join(f'`{r}`' for r in recipes)}): {cells}.", ""]
+    return out
+
+
+def best_sweep_lines(best: str) -> list[str]:
+    """How ``--best`` was chosen: the means of ``benchmarks/vs_peers_best_sweep.py``'s recipes, if run."""
+    path = ROOT / "benchmarks" / "results" / "vs_peers_best_sweep.json"
+    if not path.exists():
+        return []
+    sweep = json.loads(path.read_text())
+    cells: dict[tuple[str, str, float], list[float]] = {}
+    for e in sweep["entries"]:
+        cells.setdefault((e["recipe"], e["model"], e["target_macs_x"]), []).append(100 * e["accuracy"])
+    lines = [
+        f"How secateur-best's recipe (`{best}`) was chosen: `{sweep['command'][-1]}` "
+        "(`benchmarks/results/vs_peers_best_sweep.json`), the same budget and seeds, secateur-best only. "
+        "These accuracies are on the test split (the benchmark has no validation split), so the choice is "
+        "selection on the test data of that one model and target; every other model and target above is "
+        "out of sample.",
+        "",
+        "| recipe | model | target | mean accuracy (%) | seeds |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for (recipe, model, x), accs in cells.items():
+        mark = " (chosen)" if recipe == best else ""
+        lines.append(f"| `{recipe}`{mark} | {model} | {x:g}x | {_mean(accs):.2f} | {len(accs)} |")
+    return [*lines, ""]
+
+
 def docs(res: dict, path: Path, img_dir: Path) -> None:
     s = summary(res)
     cfg = res["config"]
@@ -665,6 +703,8 @@ def docs(res: dict, path: Path, img_dir: Path) -> None:
                 )
         lines.append("")
     lines += ["Checks of issue 14 (computed from the rows):", "", *checks(res), ""]
+    lines += best_sweep_lines(cfg.get("best", ""))
+    lines += superseded_lines(res)
     if "speed" in res:
         sp = res["speed"]
         lines.append(
