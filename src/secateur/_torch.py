@@ -180,3 +180,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         for m, was in modes:
             if m.training is not was:
                 m.training = was
+
+
+def scratch_view(scratch: dict, shape: Iterable[int], like: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``shape`` view of one buffer kept in ``scratch`` per (dtype, device) of ``like``, grown
+    when too small. For temporaries of a loop over a model's weights: a fresh large tensor per weight costs
+    its page faults, about as much as the arithmetic on CPU. The view is overwritten by the next call."""
+    shape = tuple(shape)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    key = (like.dtype, like.device)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = scratch[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)

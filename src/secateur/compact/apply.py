@@ -9,7 +9,6 @@ and the Hugging Face config, all inside a :class:`~secateur.compact.transaction.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur._torch import scratch_view
 from secateur.errors import CompactionError
 from secateur.graph.rules_recurrent import GATES
 from secateur.graph.tracer import walk_model
@@ -190,12 +190,7 @@ def _gather_into(t: torch.Tensor, dim: int, kept: np.ndarray, scratch: dict) -> 
     """``t.index_select(dim, kept)`` written into ``scratch``'s reused buffer (a view of it, contiguous)."""
     shape = list(t.shape)
     shape[dim] = kept.size
-    n = math.prod(shape)
-    key = (t.dtype, t.device)
-    buf = scratch.get(key)
-    if buf is None or buf.numel() < n:
-        buf = scratch[key] = torch.empty(n, dtype=t.dtype, device=t.device)
-    out = buf[:n].view(shape)
+    out = scratch_view(scratch, shape, t)
     return torch.index_select(t, dim, torch.from_numpy(kept).to(t.device), out=out)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateur._torch import scratch_view
 from secateur.criteria.group.base import (
     NORM_TYPES,
     GroupCriterion,
@@ -114,10 +115,7 @@ def _power_abs(t: torch.Tensor, p: float, scratch: dict | None) -> torch.Tensor:
     """``|t|^p`` (``t·t`` for p = 2), into ``scratch``'s reused buffer when given (same dtype and device)."""
     if scratch is None or not t.is_contiguous():
         return t.abs() if p == 1.0 else t * t if p == 2.0 else t.abs().pow(p)
-    buf = scratch.get((t.dtype, t.device))
-    if buf is None or buf.numel() < t.numel():
-        buf = scratch[(t.dtype, t.device)] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
-    out = buf[: t.numel()].view(t.shape)
+    out = scratch_view(scratch, t.shape, t)
     if p == 1.0:
         return torch.abs(t, out=out)
     if p == 2.0:
