@@ -248,12 +248,16 @@ def test_compare_callables() -> None:
 
 
 def test_rss_figures_follow_an_allocation_and_the_peak_resets():
+    import gc
     import os
 
     from secateur.analysis.rss import reset_peak_rss, status_mib
 
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs Linux /proc")
+    # Earlier tests' garbage in reference cycles (models, tensors) would otherwise be freed by a collection
+    # that the allocation below may trigger, lowering RSS inside the measured interval (seen in the suite).
+    gc.collect()
     before = status_mib("VmRSS")
     big = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
     assert status_mib("VmRSS") - before > 48
